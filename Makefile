@@ -1,0 +1,45 @@
+# Two commands for a fresh machine: `make run` and `make test`. Each creates what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build by default. GPU users: make run TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: run test lint install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, so that nothing pulls a multi-GB CUDA build on a CPU machine
+	$(BIN)/pip install -q $(TORCH_FLAGS) torch==$(TORCH_VERSION)
+
+$(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install  ## train on the built-in demo shop (ARGS="--data ... --format ..." for your own)
+	$(BIN)/shoprank train $(ARGS)
+
+test: install-dev  ## the default test suite (slow and gpu tests excluded)
+	$(BIN)/pytest -q $(ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check flows tasks models tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs

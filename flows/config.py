@@ -1,0 +1,161 @@
+"""The typed configuration of the ``train`` flow: defaults in code, overrides from YAML and flags.
+
+The Prefect UI renders this model as the flow's parameter form; every field is documented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models.columns import EVENT_TYPES
+from models.errors import ConfigError
+from tasks.validate import ValidationSettings
+
+FORMATS = ("taobao", "rees46", "diginetica", "hm", "s3rec", "uci-retail", "rechorus", "csv", "parquet")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the shop's events and catalogue come from."""
+
+    path: str | None = Field(
+        None, description="File or folder of raw data; empty means the built-in demo shop."
+    )
+    format: str = Field("parquet", description=f"Format of `path`, one of {', '.join(FORMATS)}.")
+    column_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="For csv/parquet: canonical column name -> column name in the file.",
+    )
+    event_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="For csv/parquet: event name in the file -> view, cart, fav or purchase.",
+    )
+    name: str | None = Field(
+        None, description="Dataset name (the MLflow experiment); defaults to the format or 'demo'."
+    )
+    demo_events: int = Field(200_000, gt=0, description="Events in the built-in demo shop.")
+    demo_seed: int = Field(0, description="Seed of the built-in demo shop.")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; choose one of {', '.join(FORMATS)}")
+        return value
+
+
+class SplitConfig(_Strict):
+    """How events are cut into train, validation and test (see PROTOCOL in the README)."""
+
+    protocol: Literal["auto", "time", "leave_one_out"] = Field(
+        "auto", description="'auto': leave-one-out for ordered data without timestamps, else time."
+    )
+    valid_share: float = Field(0.1, description="Share of events (by time) in the validation window.")
+    test_share: float = Field(0.1, description="Share of events (by time) in the test window.")
+    valid_days: float | None = Field(None, description="Validation window in days (overrides share).")
+    test_days: float | None = Field(None, description="Test window in days (overrides share).")
+    target_event_types: list[str] | None = Field(
+        None, description="Event types that count as targets; empty means all types."
+    )
+
+    @field_validator("target_event_types")
+    @classmethod
+    def _known_types(cls, value: list[str] | None) -> list[str] | None:
+        unknown = set(value or ()) - set(EVENT_TYPES)
+        if unknown:
+            raise ValueError(f"unknown event types {sorted(unknown)}; allowed: {EVENT_TYPES}")
+        return value
+
+
+class EvalConfig(_Strict):
+    """Which metrics are computed and which one selects models."""
+
+    ks: list[int] = Field([10, 20], description="Cut-offs K of every ranking metric.")
+    exclude_seen: bool | None = Field(
+        None, description="Remove already seen items; empty means the protocol's default."
+    )
+    primary_metric: str = Field("ndcg@10", description="Metric that selects and promotes models.")
+
+
+class BaselineConfig(_Strict):
+    """Settings of the baselines every run reports next to the models."""
+
+    recent_days: float = Field(7.0, gt=0, description="Window of the recent-popularity baseline.")
+
+
+class TrainConfig(_Strict):
+    """Everything the ``train`` flow needs; the whole resolved object is logged with each run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    seed: int = Field(42, description="Seed of every stochastic step.")
+    output_dir: str = Field("outputs", description="Folder for canonical tables, splits, models.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; MLFLOW_TRACKING_URI or ./mlruns when empty."
+    )
+
+
+def data_name(config: TrainConfig) -> str:
+    """Name of the dataset (and of its MLflow experiment) before it is loaded."""
+    if config.data.name:
+        return config.data.name
+    if config.data.path is None:
+        return "demo"
+    return config.data.format if config.data.format not in ("csv", "parquet") else Path(
+        config.data.path).stem.split(".")[0]
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Build the config from defaults, an optional YAML file, then dotted-key overrides.
+
+    ``overrides`` use double underscores for nesting (``data__path="x"``); ``None`` values are
+    ignored so unset command-line flags keep the file's values.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist; give an existing YAML file.")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {file} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of settings at the top.")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node: dict[str, Any] = {}
+        keys = dotted.split("__")
+        cursor = node
+        for key in keys[:-1]:
+            cursor = cursor.setdefault(key, {})
+        cursor[keys[-1]] = value
+        raw = _merge(raw, node)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}.") from err

@@ -1,0 +1,100 @@
+"""Fit recommenders on a split and score them on validation and test with one metrics module."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from models.baselines import BuyAgain, CoVisitation, Popularity
+from models.columns import ITEM, USER
+from models.metrics import evaluate, metrics_table
+from tasks import tracking
+from tasks.prepare import read_split
+from tasks.split import Split
+
+
+def baseline_factories(recent_days: float) -> dict[str, Any]:
+    """The baselines every run reports, by name."""
+    return {
+        "popularity": lambda: Popularity(),
+        "recent_popularity": lambda: Popularity(window_days=recent_days),
+        "covisitation": lambda: CoVisitation(),
+        "buy_again": lambda: BuyAgain(),
+    }
+
+
+def item_counts(events: pl.DataFrame) -> pl.DataFrame:
+    """Interactions per item, the popularity that novelty is measured against."""
+    return events.group_by(ITEM).len("count")
+
+
+def score_model(
+    factory: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool
+) -> tuple[dict[str, dict[str, float]], Any]:
+    """Fit on train → score validation; refit on train+validation → score test.
+
+    Returns metrics per stage (``valid``, ``test``, with ``fit_seconds``) and the test model.
+    """
+    k = max(ks)
+    results: dict[str, dict[str, float]] = {}
+    model = None
+    for stage, history, targets in (
+        ("valid", split.train, split.valid_targets),
+        ("test", split.test_history, split.test_targets),
+    ):
+        start = time.perf_counter()
+        model = factory().fit(history)
+        fitted = time.perf_counter() - start
+        recs = model.recommend(targets[USER].unique(maintain_order=True), k=k,
+                               exclude_seen=exclude_seen)
+        metrics = evaluate(recs, targets, ks=ks, n_items=n_items,
+                           item_popularity=item_counts(history))
+        results[stage] = {**metrics, "fit_seconds": fitted}
+    return results, model
+
+
+@task(name="baselines")
+def evaluate_baselines(
+    split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
+    model_dir: Path, run_id: str | None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Fit, score and save every baseline; log each metric per model, stage and K."""
+    logger = get_run_logger()
+    split = read_split(split_dir)
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for name, factory in baseline_factories(recent_days).items():
+        scores[name], model = score_model(factory, split, ks, n_items, exclude_seen)
+        model.save(model_dir / name)
+        logger.info("%s: test %s", name, _brief(scores[name]["test"], ks))
+        if run_id:
+            for stage, metrics in scores[name].items():
+                tracking.log_metrics(run_id, name, stage, metrics)
+    return scores
+
+
+@task(name="report")
+def report_metrics(
+    scores: dict[str, dict[str, dict[str, float]]], protocol: str, run_id: str | None
+) -> str:
+    """Publish the test metrics table as a Prefect artifact and an MLflow artifact."""
+    table = metrics_table({name: stages["test"] for name, stages in scores.items()})
+    valid = metrics_table({name: stages["valid"] for name, stages in scores.items()})
+    markdown = (
+        f"## Test metrics ({protocol})\n\n{table}\n\n## Validation metrics\n\n{valid}\n"
+    )
+    create_markdown_artifact(markdown, key="metrics", description="Metrics per model")
+    if run_id:
+        tracking.log_text(run_id, markdown, "metrics.md")
+        tracking.log_json(run_id, scores, "metrics.json")
+    return markdown
+
+
+def _brief(metrics: dict[str, float], ks: list[int]) -> str:
+    k = min(ks)
+    return ", ".join(f"{m}@{k}={metrics.get(f'{m}@{k}', float('nan')):.4f}"
+                     for m in ("ndcg", "recall", "hitrate"))

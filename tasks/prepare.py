@@ -1,0 +1,149 @@
+"""Prefect tasks of the data half of the pipeline: load, validate, split.
+
+Tasks pass file paths, not frames: Prefect keeps task results in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from models.columns import ITEM
+from models.errors import ValidationFailedError
+from tasks import tracking
+from tasks.adapters import load_raw
+from tasks.demo_data import write_demo_shop
+from tasks.split import Split, cut_times, leave_one_out, time_split
+from tasks.validate import ValidationSettings, raise_on_failure, validate_tables
+
+
+@dataclass
+class DataPaths:
+    """Canonical tables of one run on disk, and what is known about their source."""
+
+    events: Path
+    items: Path | None
+    name: str
+    source: Path
+    fingerprint: str
+    ordered_only: bool = False
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def demo_source(root: Path, n_events: int, seed: int) -> Path:
+    """Folder of the built-in demo shop for ``(n_events, seed)``, generated on first use."""
+    folder = root / "demo" / f"shop-{n_events}-seed{seed}"
+    if not (folder / "events.parquet").is_file():
+        write_demo_shop(folder, n_events=n_events, seed=seed)
+    return folder
+
+
+@task(name="load")
+def load_data(
+    path: str | None, fmt: str, column_map: dict[str, str], event_map: dict[str, str],
+    name: str | None, workdir: Path, demo_events: int, demo_seed: int,
+) -> DataPaths:
+    """Read raw data (or the demo shop) into canonical Parquet tables under ``workdir``."""
+    logger = get_run_logger()
+    if path is None:
+        source = demo_source(workdir.parents[1], demo_events, demo_seed)
+        raw = load_raw(source, "parquet")
+        raw.name = "demo"
+    else:
+        source = Path(path)
+        raw = load_raw(source, fmt, column_map=column_map or None, event_map=event_map or None)
+    for note in raw.notes:
+        logger.warning(note)
+    workdir.mkdir(parents=True, exist_ok=True)
+    events_path = workdir / "events.parquet"
+    raw.events.write_parquet(events_path)
+    items_path = None
+    if raw.items is not None:
+        items_path = workdir / "items.parquet"
+        raw.items.write_parquet(items_path)
+    rows = {"events": raw.events.height, "items": 0 if raw.items is None else raw.items.height}
+    logger.info("loaded %s: %d events, %d items", raw.name, rows["events"], rows["items"])
+    return DataPaths(events_path, items_path, name or raw.name, source,
+                     tracking.fingerprint([source]), raw.ordered_only, rows)
+
+
+@task(name="validate")
+def validate_data(data: DataPaths, settings: ValidationSettings, run_id: str | None) -> DataPaths:
+    """Run the expectation suites; stop the run with a readable report when one fails."""
+    logger = get_run_logger()
+    events = pl.read_parquet(data.events)
+    items = pl.read_parquet(data.items) if data.items else None
+    report, clean = validate_tables(events, items, settings)
+    markdown = report.to_markdown()
+    (data.events.parent / "validation_report.md").write_text(markdown)
+    create_markdown_artifact(markdown, key="validation-report", description="Data validation")
+    if run_id:
+        tracking.log_text(run_id, markdown, "validation/report.md")
+    for warning in report.warnings:
+        logger.warning(warning)
+    if not report.success:
+        logger.error("data validation failed:\n%s", markdown)
+        raise_on_failure(report)
+    if clean.height != events.height:
+        clean.write_parquet(data.events)
+        data.rows["events"] = clean.height
+    return data
+
+
+def _choose_split(events: pl.DataFrame, protocol: str, ordered_only: bool, cfg: dict) -> Split:
+    if protocol == "leave_one_out" or (protocol == "auto" and ordered_only):
+        return leave_one_out(events)
+    t_valid, t_test = cut_times(
+        events, cfg["valid_share"], cfg["test_share"], cfg["valid_days"], cfg["test_days"]
+    )
+    types = tuple(cfg["target_event_types"] or ()) or None
+    return time_split(events, t_valid, t_test, types)
+
+
+@dataclass
+class SplitPaths:
+    """Where a split was written and under which protocol."""
+
+    folder: Path
+    protocol: str
+
+
+@task(name="split")
+def split_data(data: DataPaths, split_cfg: dict) -> SplitPaths:
+    """Cut the events into train/validation/test and write them beside the tables."""
+    events = pl.read_parquet(data.events)
+    split = _choose_split(events, split_cfg["protocol"], data.ordered_only, split_cfg)
+    folder = data.events.parent / "split"
+    write_split(split, folder)
+    get_run_logger().info("split: %s", split.summary())
+    return SplitPaths(folder, split.protocol)
+
+
+def write_split(split: Split, folder: Path) -> None:
+    """Write a split as four Parquet files and ``info.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "valid_targets", "test_history", "test_targets"):
+        getattr(split, name).write_parquet(folder / f"{name}.parquet")
+    (folder / "info.json").write_text(json.dumps(
+        {"protocol": split.protocol, "summary": split.summary()}, indent=2, default=str))
+
+
+def read_split(folder: Path) -> Split:
+    """Read a split written by :func:`write_split`."""
+    info = json.loads((folder / "info.json").read_text())
+    tables = {n: pl.read_parquet(folder / f"{n}.parquet")
+              for n in ("train", "valid_targets", "test_history", "test_targets")}
+    return Split(protocol=info["protocol"], info=info["summary"], **tables)
+
+
+def catalogue_size(data: DataPaths) -> int:
+    """Items that can be recommended: the catalogue joined with every item seen in events."""
+    ids = pl.read_parquet(data.events, columns=[ITEM])[ITEM]
+    if data.items:
+        ids = pl.concat([ids, pl.read_parquet(data.items, columns=[ITEM])[ITEM]])
+    return ids.n_unique()
