@@ -13,9 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
+from tasks.adapters import FORMATS
 from tasks.validate import ValidationSettings
-
-FORMATS = ("taobao", "rees46", "diginetica", "hm", "s3rec", "uci-retail", "rechorus", "csv", "parquet")
 
 
 class _Strict(BaseModel):
@@ -57,9 +56,9 @@ class SplitConfig(_Strict):
     protocol: Literal["auto", "time", "leave_one_out"] = Field(
         "auto", description="'auto': leave-one-out for ordered data without timestamps, else time."
     )
-    valid_share: float = Field(0.1, description="Share of events (by time) in the validation window.")
+    valid_share: float = Field(0.1, description="Share of events (by time) in the validation.")
     test_share: float = Field(0.1, description="Share of events (by time) in the test window.")
-    valid_days: float | None = Field(None, description="Validation window in days (overrides share).")
+    valid_days: float | None = Field(None, description="Validation window in days (not share).")
     test_days: float | None = Field(None, description="Test window in days (overrides share).")
     target_event_types: list[str] | None = Field(
         None, description="Event types that count as targets; empty means all types."

@@ -1,0 +1,1 @@
+"""Estimators and their math: no Prefect, MLflow, Great Expectations or Optuna here."""

@@ -1,0 +1,1 @@
+"""Pure pipeline steps and the Prefect tasks around them."""

@@ -14,7 +14,6 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from models.columns import ITEM
-from models.errors import ValidationFailedError
 from tasks import tracking
 from tasks.adapters import load_raw
 from tasks.demo_data import write_demo_shop

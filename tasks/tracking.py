@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,10 @@ def log_run_context(
     client.set_tag(run_id, "data.name", data_name)
     for table, count in rows.items():
         client.log_param(run_id, f"rows.{table}", count)
-    dataset = MetaDataset(resolve_dataset_source(str(source.resolve())), name=data_name,
-                          digest=digest[:36])
+    with warnings.catch_warnings():  # a local path matches two equivalent source classes
+        warnings.simplefilter("ignore", UserWarning)
+        dataset_source = resolve_dataset_source(str(source.resolve()))
+    dataset = MetaDataset(dataset_source, name=data_name, digest=digest[:36])
     context = InputTag(key="mlflow.data.context", value="training")
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [context])])
 

@@ -1,8 +1,9 @@
-"""Shared fixtures: real data folders, isolated Prefect and MLflow homes."""
+"""Shared fixtures: real data folders, an isolated Prefect server and MLflow store."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# Nothing a test does may touch the user's Prefect home.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="shoprank-prefect-home-")
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +24,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data samples not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real, temporary Prefect API for the whole test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A real MLflow SQLite store in a temporary folder, set as the tracking URI."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def demo_shop_dir(tmp_path_factory) -> Path:
+    """A small built-in demo shop written once for the session."""
+    from tasks.demo_data import write_demo_shop
+
+    folder = tmp_path_factory.mktemp("demo-shop")
+    write_demo_shop(folder, n_events=20_000, seed=1)
+    return folder

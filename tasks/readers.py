@@ -1,0 +1,424 @@
+"""Reading raw files and converting their columns to the canonical dtypes.
+
+Every failure a user can cause while reading (empty, corrupt or truncated files, text that is not
+UTF-8, missing columns, values of the wrong type, unknown event types) becomes a
+:class:`~models.errors.DataError` whose message names the file, the column, and the fix. Source
+files are read with every column as text, so ids keep their leading zeros and each conversion can
+count and show the values it cannot convert.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import logging
+import zlib
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+
+from models.columns import (
+    BRAND,
+    CATEGORY,
+    EVENT_DTYPES,
+    EVENT_OPTIONAL,
+    EVENT_REQUIRED,
+    EVENT_TYPE,
+    EVENT_TYPES,
+    ITEM,
+    ITEM_DTYPES,
+    ITEM_OPTIONAL,
+    ITEM_REQUIRED,
+    PRICE,
+    QUANTITY,
+    SESSION,
+    TIMESTAMP,
+    TITLE,
+    USER,
+)
+from models.errors import DataError, MissingColumnsError
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_EXAMPLES = 3
+_MAX_LISTED = 10
+_GZIP_WORDS = ("end of file", "end-of-stream", "deflate", "gzip", "compress", "crc", "corrupt")
+_POLARS_DTYPES: dict[str, pl.DataType] = {
+    "String": pl.String(), "Float64": pl.Float64(), "Int64": pl.Int64(),
+    "Datetime(us, UTC)": pl.Datetime("us", "UTC"), "List(String)": pl.List(pl.String()),
+}
+_EPOCH_UNITS = ((1e11, "s", 1e6), (1e14, "ms", 1e3), (1e17, "us", 1.0), (float("inf"), "ns", 1e-3))
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def find_files(folder: Path, patterns: Sequence[str], exclude: str = "") -> list[Path]:
+    """Return the files of ``folder`` matching the first of ``patterns`` that matches any."""
+    for pattern in patterns:
+        found = sorted(p for p in folder.glob(pattern) if p.is_file() and not (
+            exclude and exclude in p.name))
+        if found:
+            return found
+    return []
+
+
+def locate(path: Path, patterns: Sequence[str], expects: str, exclude: str = "") -> Path:
+    """Return ``path`` if it is a file, else the one file of the folder matching ``patterns``."""
+    if path.is_file():
+        return path
+    found = find_files(path, patterns, exclude)
+    if not found:
+        raise DataError(f"{path} holds no file named like {' or '.join(patterns)}. {expects}")
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise DataError(f"{path} holds several candidate files ({names}); pass one as the path.")
+    return found[0]
+
+
+def find_beside(path: Path, patterns: Sequence[str]) -> Path | None:
+    """Return the first file matching ``patterns`` in the folder ``path`` is or is in."""
+    found = find_files(path if path.is_dir() else path.parent, patterns)
+    return found[0] if found else None
+
+
+def is_gzip(path: Path) -> bool:
+    """Tell whether ``path`` starts with the gzip magic bytes (whatever its name)."""
+    with path.open("rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def first_line(path: Path) -> str:
+    """Return the first line of a text file, gzip or plain, without its line break."""
+    with reading(path), (gzip.open if is_gzip(path) else open)(
+        path, "rt", encoding="utf-8", errors="replace"
+    ) as fh:
+        return fh.readline().rstrip("\r\n")
+
+
+def utf8_error_position(path: Path) -> tuple[int, int] | None:
+    """Return ``(byte offset, line)`` of the first invalid UTF-8 byte of the (unpacked) text."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed, lines = 0, 1
+    try:
+        with (gzip.open if is_gzip(path) else open)(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                pending = decoder.getstate()[0]
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    head = (pending + chunk)[: err.start]
+                    return fed - len(pending) + err.start, lines + head.count(b"\n")
+                fed, lines = fed + len(chunk), lines + chunk.count(b"\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return fed, lines
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None
+
+
+def empty_error(path: Path) -> DataError:
+    """Build the error for a file without data rows."""
+    return DataError(f"{path} has no data rows (the file is empty or holds only a header). "
+                     "Check that the export finished and point to the complete file.")
+
+
+def _read_error(path: Path, kind: str, err: BaseException) -> DataError:
+    text = str(err).strip()
+    reason = text.splitlines()[0] if text else type(err).__name__
+    if "utf-8" in text.lower() or "utf8" in text.lower():
+        where = utf8_error_position(path)
+        at = f" (first bad byte at offset {where[0]:,}, line {where[1]:,})" if where else ""
+        return DataError(
+            f"{path} is not UTF-8 text{at}. Re-encode it to UTF-8, for example `iconv -f latin1 "
+            f"-t utf-8 {path.name} > fixed.csv`, or export it again as UTF-8.")
+    if any(word in text.lower() for word in _GZIP_WORDS) and path.exists() and is_gzip(path):
+        return DataError(f"{path} is a corrupt or truncated gzip file ({reason}). Download or "
+                         "copy it again; `gzip -t` checks a file.")
+    fix = ("check the separator, the quoting and that every line has the same number of fields"
+           if kind == "CSV" else f"write the file again as valid {kind}")
+    return DataError(f"{path} could not be read as {kind}: {reason}. Fix: {fix}.")
+
+
+@contextmanager
+def reading(path: Path, kind: str = "CSV") -> Iterator[None]:
+    """Turn the errors of reading ``path`` into :class:`DataError` messages."""
+    try:
+        yield
+    except pl.exceptions.NoDataError as err:
+        raise empty_error(path) from err
+    except (pl.exceptions.PolarsError, OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
+        raise _read_error(path, kind, err) from err
+
+
+def require(present: Sequence[str], required: Iterable[str], table: str, hint: str = "") -> None:
+    """Raise :class:`MissingColumnsError` (with ``hint`` appended) if a column is missing."""
+    missing = [column for column in required if column not in present]
+    if missing:
+        err = MissingColumnsError(table, missing, present)
+        if hint:
+            err.args = (f"{err.args[0]} {hint}",)
+        raise err
+
+
+def read_csv(
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+    *,
+    separator: str = ",",
+    new_columns: Sequence[str] | None = None,
+    null_values: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """Read the ``required`` and present ``optional`` columns of a CSV file, all as text."""
+    with reading(path):
+        lazy = pl.scan_csv(
+            path, separator=separator, has_header=new_columns is None, infer_schema=False,
+            new_columns=list(new_columns) if new_columns else None,
+            null_values=list(null_values) if null_values else None,
+        )
+        present = lazy.collect_schema().names()
+        require(present, required, str(path))
+        keep = list(dict.fromkeys([*required, *(c for c in optional if c in present)]))
+        frame = lazy.select(keep).collect()
+    if frame.is_empty():
+        raise empty_error(path)
+    return frame
+
+
+def read_table(path: Path) -> pl.DataFrame:
+    """Read a whole Parquet file (by its suffix) or CSV file (text columns, separator sniffed)."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        with reading(path, "Parquet"):
+            frame = pl.read_parquet(path)
+    else:
+        header = first_line(path)
+        separator = max((",", ";", "\t", "|"), key=header.count)
+        with reading(path):
+            frame = pl.scan_csv(path, separator=separator, infer_schema=False).collect()
+    if frame.is_empty():
+        raise empty_error(path)
+    return frame
+
+
+def apply_column_map(
+    frame: pl.DataFrame, column_map: Mapping[str, str], keys: Sequence[str], file: Path
+) -> pl.DataFrame:
+    """Rename the mapped source columns among ``keys`` to their canonical names.
+
+    A mapped column must exist unless its canonical name also belongs to the other table
+    (``price``), so one map serves both the events and the items file.
+    """
+    mapped = {canon: column for canon, column in column_map.items() if canon in keys}
+    shared = set(EVENT_DTYPES) & set(ITEM_DTYPES) - {ITEM}
+    absent = [c for canon, c in mapped.items() if c not in frame.columns and canon not in shared]
+    require(frame.columns, absent, str(file),
+            "The column_map names them, so they must be in the file: fix the map or the file.")
+    renames = {column: canon for canon, column in mapped.items()
+               if column != canon and column in frame.columns}
+    replaced = [c for c in renames.values() if c in frame.columns and c not in renames]
+    return frame.drop(replaced).rename(renames)
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+def _bad_values(source: str, bad: pl.Series, total: int, expected: str, fix: str) -> DataError:
+    examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(_EXAMPLES))
+    return DataError(f"Column '{bad.name}' of {source} has {bad.len():,} of {total:,} values that "
+                     f"are not {expected}, e.g. {examples}. {fix}")
+
+
+def to_id(values: pl.Series) -> pl.Series:
+    """Return ids as text; whole-number floats (ids read through a float column) lose ``.0``."""
+    if values.dtype.is_float() and (values.drop_nulls() % 1 == 0).all():
+        return values.cast(pl.Int64).cast(pl.String)
+    return values.cast(pl.String)
+
+
+def to_float(values: pl.Series, source: str) -> pl.Series:
+    """Return numbers as Float64; text that is not a number raises :class:`DataError`."""
+    if values.dtype.is_numeric():
+        return values.cast(pl.Float64)
+    text = values.cast(pl.String).str.strip_chars()
+    out = text.cast(pl.Float64, strict=False)
+    bad = text.filter(out.is_null() & text.is_not_null())
+    if bad.len():
+        fix = "Fix or blank those cells (blank means unknown), or leave the column out."
+        raise _bad_values(source, bad, values.len(), "numbers", fix)
+    return out
+
+
+def to_int(values: pl.Series, source: str) -> pl.Series:
+    """Return whole numbers as Int64; fractions or text raise :class:`DataError`."""
+    numbers = to_float(values, source)
+    bad = values.filter(numbers.is_not_null() & (numbers % 1 != 0))
+    if bad.len():
+        fix = "Give whole numbers, or leave the column out."
+        raise _bad_values(source, bad, values.len(), "whole numbers", fix)
+    return numbers.cast(pl.Int64)
+
+
+def _from_epoch(numbers: pl.Series) -> pl.Series:
+    """Read unix time in s, ms, us or ns (told apart by the median magnitude) as UTC."""
+    present = numbers.drop_nulls()
+    sample = present.gather_every(max(1, present.len() // 100_000))  # enough to tell the unit
+    magnitude = sample.abs().median() or 0.0
+    unit, per_us = next((u, f) for limit, u, f in _EPOCH_UNITS if magnitude < limit)
+    if numbers.dtype.is_integer():
+        stamps = pl.from_epoch(numbers, time_unit=unit)  # type: ignore[arg-type]
+    else:
+        stamps = pl.from_epoch((numbers * per_us).round(0).cast(pl.Int64), time_unit="us")
+    return stamps.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+
+
+def _parse_text(text: pl.Series, formats: Sequence[str]) -> pl.Series:
+    """Parse with the first of ``formats`` (then an inferred one) that reads every value."""
+    cleaned = text.str.strip_suffix(" UTC").str.strip_suffix(" GMT")
+    best = pl.Series(text.name, [None] * text.len(), dtype=pl.Datetime("us", "UTC"))
+    for fmt in [*formats, None]:
+        try:
+            parsed = cleaned.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        except pl.exceptions.PolarsError:
+            continue
+        best = parsed if parsed.null_count() < best.null_count() else best
+        if best.null_count() == text.null_count():
+            break
+    return best
+
+
+def to_timestamp(values: pl.Series, source: str, formats: Sequence[str] = ()) -> pl.Series:
+    """Return UTC datetimes from datetimes, dates, unix s/ms numbers or text.
+
+    Text is ISO 8601 (a UTC offset or a trailing ``UTC`` allowed), or one of ``formats``.
+
+    Raises:
+        DataError: some non-empty values are not timestamps (count and examples given).
+    """
+    if isinstance(values.dtype, pl.Datetime | pl.Date):
+        stamps = values.cast(pl.Datetime("us")) if values.dtype == pl.Date else values
+        if stamps.dtype.time_zone is None:  # type: ignore[union-attr]
+            stamps = stamps.dt.replace_time_zone("UTC")
+        return stamps.dt.convert_time_zone("UTC").cast(pl.Datetime("us", "UTC"))
+    if values.dtype.is_numeric():
+        return _from_epoch(values)
+    text = values.cast(pl.String).str.strip_chars()
+    present = text.drop_nulls()
+    sample = present.gather_every(max(1, present.len() // 10_000))
+    if sample.len() and 2 * sample.cast(pl.Float64, strict=False).count() >= sample.len():
+        numbers = text.cast(pl.Int64, strict=False)  # mostly numbers: unix time
+        if numbers.count() < present.len():
+            numbers = text.cast(pl.Float64, strict=False)
+        parsed = _from_epoch(numbers)
+        expected = "unix timestamps"
+    else:
+        parsed = _parse_text(text, formats)
+        expected = "timestamps" + (f" in the format {formats[0]!r}" if formats else "")
+    bad = text.filter(parsed.is_null() & text.is_not_null())
+    if bad.len():
+        fix = ("Give datetimes, ISO 8601 text (2024-05-01T13:45:00, a UTC offset is allowed) or "
+               "unix seconds or milliseconds, one kind per column; fix or blank the bad cells.")
+        raise _bad_values(source, bad, values.len(), expected, fix)
+    return parsed
+
+
+def to_attributes(values: pl.Series) -> pl.Series:
+    """Return attributes as lists of text: lists are kept, text is split on ``|``."""
+    if isinstance(values.dtype, pl.List):
+        return values.cast(pl.List(pl.String))
+    parts = values.cast(pl.String).str.split("|").list.eval(pl.element().str.strip_chars())
+    return parts.list.eval(pl.element().filter(pl.element() != ""))
+
+
+def convert(
+    raw: pl.DataFrame, source: str, spec: Mapping[str, str], formats: Sequence[str] = ()
+) -> pl.DataFrame:
+    """Build canonical columns from the source columns ``spec`` names (absent ones skipped).
+
+    Other names in ``spec`` are copied as they are.
+    """
+    columns = []
+    for canon, column in ((c, s) for c, s in spec.items() if s in raw.columns):
+        values = raw[column]
+        if canon in (USER, ITEM, SESSION, CATEGORY):
+            values = to_id(values)
+        elif canon in (PRICE, QUANTITY):
+            values = (to_float if canon == PRICE else to_int)(values, source)
+        elif canon == TIMESTAMP:
+            values = to_timestamp(values, source, formats)
+        elif canon in (EVENT_TYPE, BRAND, TITLE):
+            values = values.cast(pl.String)
+        columns.append(values.alias(canon))
+    return pl.DataFrame(columns)
+
+
+def map_event_types(
+    frame: pl.DataFrame,
+    mapping: Mapping[str, str],
+    source: str,
+    drop: Collection[str] = (),
+) -> tuple[pl.DataFrame, list[str]]:
+    """Map the source event names of ``event_type`` to canonical ones; drop the ``drop`` names.
+
+    Canonical names map to themselves unless ``mapping`` says otherwise. Missing values stay
+    missing (validation reports them).
+
+    Returns:
+        The mapped frame and notes on the dropped rows.
+
+    Raises:
+        DataError: the column holds names that are neither canonical, mapped nor dropped.
+    """
+    full = {**{name: name for name in EVENT_TYPES}, **mapping}
+    counts = frame[EVENT_TYPE].drop_nulls().value_counts(sort=True)
+    unknown = counts.filter(~pl.col(EVENT_TYPE).is_in([*full, *drop]))
+    if unknown.height:
+        rows = unknown.head(_MAX_LISTED).rows()
+        listed = ", ".join(f"'{name}' ({count:,})" for name, count in rows)
+        more = f" and {unknown.height - len(rows)} more" if unknown.height > len(rows) else ""
+        example = ", ".join(f"'{name}': '...'" for name, _ in rows[:3])
+        raise DataError(
+            f"The event types of {source} include names shoprank does not know: {listed}{more}. "
+            f"Map each to one of {', '.join(EVENT_TYPES)} with event_map, e.g. "
+            f"event_map={{{example}}}.")
+    dropped = counts.filter(pl.col(EVENT_TYPE).is_in(list(drop)))
+    notes = [f"dropped {count:,} '{name}' events of {source} (no canonical event type)"
+             for name, count in dropped.iter_rows()]
+    if dropped.height:
+        frame = frame.filter(pl.col(EVENT_TYPE).is_in(list(drop)).not_().fill_null(True))
+    mapped = pl.col(EVENT_TYPE).replace_strict(full, default=None, return_dtype=pl.String)
+    return frame.with_columns(mapped), notes
+
+
+# --- canonical tables -------------------------------------------------------------------------
+
+
+def latest_per_item(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep one row per item: the last non-missing value of every other column."""
+    others = [column for column in frame.columns if column != ITEM]
+    return frame.group_by(ITEM, maintain_order=True).agg(pl.col(others).drop_nulls().last())
+
+
+def _select_cast(frame: pl.DataFrame, columns: Sequence[str], dtypes: Mapping[str, str]
+                 ) -> pl.DataFrame:
+    present = [column for column in columns if column in frame.columns]
+    return frame.select(pl.col(c).cast(_POLARS_DTYPES[dtypes[c]]) for c in present)
+
+
+def finish_events(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep the canonical columns and dtypes, sorted by timestamp then original order."""
+    events = _select_cast(frame, (*EVENT_REQUIRED, *EVENT_OPTIONAL), EVENT_DTYPES)
+    stamps = events[TIMESTAMP]
+    if stamps.null_count() == 0 and stamps.is_sorted():  # many logs are already in time order
+        return events
+    return events.sort(TIMESTAMP, maintain_order=True, nulls_last=True)
+
+
+def finish_items(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep the canonical columns and dtypes, one row per item (the first one given)."""
+    items = _select_cast(frame, (*ITEM_REQUIRED, *ITEM_OPTIONAL), ITEM_DTYPES)
+    return items.filter(pl.col(ITEM).is_first_distinct())

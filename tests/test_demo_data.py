@@ -1,0 +1,271 @@
+"""Tests of the built-in synthetic shop: schema, determinism and the realism models rely on."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+
+from models.columns import (
+    CATEGORY,
+    EVENT_DTYPES,
+    EVENT_TYPE,
+    ITEM,
+    ITEM_DTYPES,
+    PRICE,
+    QUANTITY,
+    SESSION,
+    TIMESTAMP,
+    USER,
+)
+from models.errors import ConfigError
+from tasks.demo_data import DEFAULT_END, DemoShop, generate_shop, write_demo_shop
+
+N_EVENTS = 30_000
+
+DTYPES = {
+    "String": pl.String,
+    "Float64": pl.Float64,
+    "Int64": pl.Int64,
+    "Datetime(us, UTC)": pl.Datetime("us", "UTC"),
+}
+
+
+@pytest.fixture(scope="module")
+def shop() -> tuple[pl.DataFrame, pl.DataFrame]:
+    return generate_shop(N_EVENTS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def events(shop: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    return shop[0]
+
+
+@pytest.fixture(scope="module")
+def items(shop: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
+    return shop[1]
+
+
+@pytest.fixture(scope="module")
+def views(events: pl.DataFrame) -> pl.DataFrame:
+    return events.filter(pl.col(EVENT_TYPE) == "view")
+
+
+def _counts(events: pl.DataFrame) -> dict[str, int]:
+    return dict(events[EVENT_TYPE].value_counts().iter_rows())
+
+
+# ---------------------------------------------------------------- schema and determinism
+
+
+def test_tables_have_the_canonical_columns_and_dtypes(events, items):
+    assert events.columns == [USER, ITEM, EVENT_TYPE, TIMESTAMP, SESSION, PRICE, QUANTITY]
+    assert {c: events.schema[c] for c in events.columns} == {
+        c: DTYPES[EVENT_DTYPES[c]] for c in events.columns
+    }
+    assert set(items.columns) <= set(ITEM_DTYPES)
+    assert {c: items.schema[c] for c in items.columns} == {
+        c: DTYPES[ITEM_DTYPES[c]] for c in items.columns
+    }
+    assert events.null_count().sum_horizontal().item() == 0
+    assert items.null_count().sum_horizontal().item() == 0
+
+
+def test_ids_have_their_documented_form(events, items):
+    assert events[USER].str.contains(r"^u\d{6}$").all()
+    assert events[ITEM].str.contains(r"^i\d{5}$").all()
+    assert events[SESSION].str.contains(r"^s\d{7}$").all()
+    assert items[CATEGORY].str.contains(r"^c(\d)/c\d\.\d+$").all()
+    parts = items[CATEGORY].str.split("/")
+    assert (parts.list.last().str.split(".").list.first() == parts.list.first()).all()
+
+
+def test_same_seed_gives_identical_frames_and_another_seed_differs(events, items):
+    again_events, again_items = generate_shop(N_EVENTS, seed=0)
+    assert again_events.equals(events)
+    assert again_items.equals(items)
+    other_events, other_items = generate_shop(N_EVENTS, seed=1)
+    assert not other_events.equals(events)
+    assert not other_items.equals(items)
+
+
+@pytest.mark.parametrize("n_events", [2_000, 30_000, 120_000])
+def test_event_count_is_close_to_the_request(n_events):
+    events, _ = generate_shop(n_events, seed=3)
+    assert abs(events.height - n_events) / n_events < 0.03
+
+
+def test_users_and_items_scale_with_the_number_of_events(events, items):
+    assert items.height == N_EVENTS // 60
+    assert 0.6 * N_EVENTS / 40 < events[USER].n_unique() <= N_EVENTS / 40
+    assert items[ITEM].is_unique().all()
+    assert items[ITEM].is_sorted()
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+def test_every_event_item_is_in_the_catalogue_with_its_price(events, items):
+    joined = events.join(items.select(ITEM, pl.col(PRICE).alias("list_price")), on=ITEM, how="left")
+    assert joined["list_price"].null_count() == 0
+    assert (joined[PRICE] == joined["list_price"]).all()
+
+
+def test_prices_are_positive_and_differ_by_category(items):
+    assert (items[PRICE] > 0).all()
+    by_top = items.group_by(pl.col(CATEGORY).str.split("/").list.first().alias("top")).agg(
+        pl.col(PRICE).median()
+    )
+    assert by_top[PRICE].max() / by_top[PRICE].min() > 5
+
+
+def test_categories_form_a_tree_and_titles_name_brand_and_item(items):
+    assert items[CATEGORY].str.split("/").list.first().n_unique() == 8
+    assert items[CATEGORY].n_unique() >= 16
+    assert items["brand"].n_unique() >= 8
+    assert all(
+        title.startswith(brand) for title, brand in zip(items["title"], items["brand"], strict=True)
+    )
+
+
+# ---------------------------------------------------------------- behaviour
+
+
+def test_funnel_rates_are_realistic(events):
+    counts = _counts(events)
+    assert 0.05 <= counts["cart"] / counts["view"] <= 0.10
+    assert 0.30 <= counts["purchase"] / counts["cart"] <= 0.50
+    assert 0.015 <= counts["fav"] / counts["view"] <= 0.035
+
+
+@pytest.mark.parametrize("event_type", ["cart", "fav", "purchase"])
+def test_each_action_follows_a_view_of_the_same_item_by_the_same_user(events, views, event_type):
+    first_view = views.group_by(USER, ITEM).agg(pl.col(TIMESTAMP).min().alias("first_view"))
+    acts = events.filter(pl.col(EVENT_TYPE) == event_type).join(
+        first_view, on=[USER, ITEM], how="left"
+    )
+    assert acts.height > 0
+    assert acts["first_view"].null_count() == 0
+    assert (acts["first_view"] < acts[TIMESTAMP]).all()
+
+
+def test_quantities_are_one_except_for_purchases(events):
+    others = events.filter(pl.col(EVENT_TYPE) != "purchase")
+    assert (others[QUANTITY] == 1).all()
+    bought = events.filter(pl.col(EVENT_TYPE) == "purchase")[QUANTITY]
+    assert bought.min() >= 1
+    assert bought.max() > 1
+
+
+def test_item_and_user_activity_is_heavy_tailed(views, items):
+    per_item = np.sort(views[ITEM].value_counts()["count"].to_numpy())[::-1]
+    assert per_item[: items.height // 10].sum() / per_item.sum() > 0.4
+    per_user = np.sort(views[USER].value_counts()["count"].to_numpy())[::-1]
+    assert per_user[: len(per_user) // 10].sum() / per_user.sum() > 0.3
+    assert per_user[0] > 10 * np.median(per_user)
+
+
+def test_consumables_are_bought_again_by_the_same_user(events, items):
+    top = pl.col(CATEGORY).str.split("/").list.first()
+    buys = events.filter(pl.col(EVENT_TYPE) == "purchase").join(items, on=ITEM)
+    buys = buys.with_columns(top.is_in(["c0", "c1", "c2"]).alias("consumable"))
+    repeats = buys.group_by(USER, ITEM).agg(
+        pl.col(SESSION).n_unique().alias("sessions"), pl.col("consumable").first()
+    ).filter(pl.col("sessions") > 1)
+    assert repeats.height >= 20
+    assert repeats["consumable"].mean() > 1.5 * buys["consumable"].mean()
+
+
+def test_consecutive_views_in_a_session_share_a_category_far_more_than_random_pairs(views, items):
+    ordered = views.join(items.select(ITEM, CATEGORY), on=ITEM).sort(SESSION, TIMESTAMP)
+    same_session = ordered[SESSION] == ordered[SESSION].shift(1)
+    same_category = ordered[CATEGORY] == ordered[CATEGORY].shift(1)
+    different_item = ordered[ITEM] != ordered[ITEM].shift(1)
+    pairs = same_session & different_item
+    consecutive = (same_category & pairs).sum() / pairs.sum()
+    categories = ordered[CATEGORY].to_numpy()
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, len(categories), (2, 20_000))
+    assert consecutive > 0.5
+    assert consecutive > 4 * (categories[a] == categories[b]).mean()
+
+
+def test_sessions_focus_on_one_or_two_categories(views, items):
+    per_session = views.join(items.select(ITEM, CATEGORY), on=ITEM).group_by(SESSION).agg(
+        pl.col(CATEGORY).n_unique().alias("categories"), pl.len().alias("views")
+    )
+    long_sessions = per_session.filter(pl.col("views") >= 5)
+    assert (long_sessions["categories"] <= 2).mean() > 0.6
+
+
+# ---------------------------------------------------------------- time
+
+
+def test_timestamps_are_sorted_and_inside_the_window():
+    end = dt.datetime(2024, 3, 10, 15, 30)  # naive: read as UTC
+    events, _ = generate_shop(5_000, seed=2, n_days=14, end=end)
+    end_utc = end.replace(tzinfo=dt.UTC)
+    assert events[TIMESTAMP].is_sorted()
+    assert events[TIMESTAMP].max() < end_utc
+    assert events[TIMESTAMP].min() >= end_utc - dt.timedelta(days=14)
+    assert events[TIMESTAMP].max() > end_utc - dt.timedelta(days=1)
+
+
+def test_default_window_ends_at_the_fixed_end_date(events):
+    assert events[TIMESTAMP].max() < DEFAULT_END
+    assert events[TIMESTAMP].min() >= DEFAULT_END - dt.timedelta(days=60)
+
+
+def test_evenings_and_weekends_are_busier(events):
+    hour = events[TIMESTAMP].dt.hour()
+    assert (hour.is_between(18, 22)).sum() / 5 > 2 * (hour.is_between(6, 10)).sum() / 5
+    daily = events.group_by(pl.col(TIMESTAMP).dt.date().alias("day")).len()
+    weekend = daily["day"].dt.weekday() >= 6
+    assert daily.filter(weekend)["len"].mean() > 1.15 * daily.filter(~weekend)["len"].mean()
+
+
+def test_recent_popularity_predicts_the_next_week_better_than_all_time():
+    events, items = generate_shop(40_000, seed=0)
+    views = events.filter(pl.col(EVENT_TYPE) == "view")
+    cut = DEFAULT_END - dt.timedelta(days=7)
+    history, future = views.filter(pl.col(TIMESTAMP) < cut), views.filter(pl.col(TIMESTAMP) >= cut)
+    recent = history.filter(pl.col(TIMESTAMP) >= cut - dt.timedelta(days=7))
+
+    def top(frame: pl.DataFrame) -> pl.Series:
+        counts = frame[ITEM].value_counts().sort("count", ITEM, descending=[True, False])
+        return counts[ITEM].head(items.height // 10)
+
+    all_time_hits = future[ITEM].is_in(top(history).implode()).mean()
+    recent_hits = future[ITEM].is_in(top(recent).implode()).mean()
+    assert recent_hits > all_time_hits + 0.02
+
+
+# ---------------------------------------------------------------- writing and errors
+
+
+def test_write_demo_shop_writes_parquet_that_reads_back(tmp_path):
+    shop = write_demo_shop(tmp_path / "demo", n_events=3_000, seed=5)
+    assert shop == DemoShop(
+        events=tmp_path / "demo" / "events.parquet", items=tmp_path / "demo" / "items.parquet"
+    )
+    events, items = generate_shop(3_000, seed=5)
+    assert pl.read_parquet(shop.events).equals(events)
+    assert pl.read_parquet(shop.items).equals(items)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"n_events": 10}, "n_events=10"), ({"n_days": 0}, "n_days=0"), ({"seed": -1}, "seed=-1")],
+)
+def test_out_of_range_arguments_raise_a_config_error(kwargs, named):
+    with pytest.raises(ConfigError, match=named):
+        generate_shop(**kwargs)
+
+
+def test_unwritable_folder_raises_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot write the demo shop"):
+        write_demo_shop(blocker / "demo", n_events=1_000)

@@ -1,0 +1,108 @@
+"""The train flow end to end: real Prefect server (test harness), real MLflow store, real data."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import run
+from flows.config import TrainConfig, load_config
+from flows.train import train
+
+BASELINES = ("popularity", "recent_popularity", "covisitation", "buy_again")
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    return load_config(None, output_dir=str(tmp_path / "outputs"), **overrides)
+
+
+def test_train_on_demo_shop_logs_everything(tmp_path, mlflow_store, demo_shop_dir):
+    config = _config(tmp_path, data__path=str(demo_shop_dir), data__format="parquet",
+                     data__name="demo")
+    result = train(config)
+
+    client = MlflowClient(mlflow_store)
+    mlrun = client.get_run(result["run_id"])
+    assert mlrun.info.status == "FINISHED"
+    metrics = mlrun.data.metrics
+    for name in BASELINES:
+        for stage in ("valid", "test"):
+            for metric in ("ndcg_at_10", "recall_at_20", "hitrate_at_10", "map_at_10",
+                           "mrr_at_10", "coverage_at_10", "novelty_at_10"):
+                assert f"{name}.{stage}.{metric}" in metrics
+    assert mlrun.data.tags["protocol"] == "time"
+    assert len(mlrun.data.tags["data.fingerprint"]) == 64
+    assert mlrun.data.params["data.format"] == "parquet"
+    assert mlrun.inputs.dataset_inputs[0].dataset.name == "demo"
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"config.json", "package_versions.json", "metrics.md", "validation"} <= artifacts
+    # the demo shop's items trend and fade: recent popularity beats all-time popularity
+    assert metrics["recent_popularity.test.ndcg_at_10"] > metrics["popularity.test.ndcg_at_10"]
+    assert metrics["covisitation.test.coverage_at_10"] > metrics["popularity.test.coverage_at_10"]
+
+
+def test_same_seed_gives_same_metrics(tmp_path, mlflow_store, demo_shop_dir):
+    config = _config(tmp_path, data__path=str(demo_shop_dir), data__format="parquet")
+    first, second = train(config)["scores"], train(config)["scores"]
+    for model in BASELINES:
+        for key, value in first[model]["test"].items():
+            if key != "fit_seconds":
+                assert second[model]["test"][key] == value
+
+
+def test_train_on_taobao_sample(tmp_path, mlflow_store, shared_data):
+    config = _config(tmp_path, data__path=str(shared_data / "taobao_userbehavior_sample"),
+                     data__format="taobao")
+    result = train(config)
+    assert result["protocol"] == "time"
+    scores = result["scores"]
+    assert set(scores) == set(BASELINES)
+    assert all(0 <= s["test"]["ndcg@10"] <= 1 for s in scores.values())
+    experiment = MlflowClient(mlflow_store).get_experiment(result["experiment_id"])
+    assert experiment.name == "taobao"
+
+
+def test_cli_train_with_failing_validation_leaves_no_model(tmp_path, mlflow_store, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "user_id,item_id,event_type,timestamp,price\n"
+        "u1,i1,view,2024-01-01T10:00:00,5.0\n"
+        "u1,i2,purchase,2024-01-02T10:00:00,-3.0\n"
+        "u2,i1,view,2024-01-03T10:00:00,4.0\n"
+    )
+    code = run(["train", "--data", str(bad), "--format", "csv",
+                "--output-dir", str(tmp_path / "outputs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "price" in err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "outputs").rglob("models"))
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "report.md" in {a.path.split("/")[-1]
+                           for a in client.list_artifacts(runs[0].info.run_id, "validation")}
+
+
+def test_cli_train_on_missing_path_is_one_clear_paragraph(tmp_path, mlflow_store, capsys):
+    code = run(["train", "--data", str(tmp_path / "nope.csv"), "--format", "csv",
+                "--output-dir", str(tmp_path / "outputs")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "does not exist" in err
+    assert "Traceback" not in err
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not list(outputs.rglob("*.parquet"))
+
+
+def test_config_file_and_flags(tmp_path):
+    file = tmp_path / "cfg.yaml"
+    file.write_text("split: {protocol: time, valid_days: 2, test_days: 1}\nseed: 7\n")
+    config = load_config(file, seed=9)
+    assert config.split.valid_days == 2
+    assert config.seed == 9
+    file.write_text("split: {protocl: time}\n")
+    with pytest.raises(Exception, match="protocl"):
+        load_config(file)
+
