@@ -13,10 +13,13 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-TELEMETRY_OFF = {
+DEFAULT_ENV = {
+    # no telemetry leaves the machine
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "true",
+    # the temporary local Prefect API can take longer than 20 s to start on a busy laptop
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 FORMATS_HELP = (
     "taobao, rees46, diginetica, hm, s3rec, uci-retail, rechorus, csv (generic, with --map), "
@@ -143,37 +146,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _HideUserErrorTraceback(logging.Filter):
-    """Drop tracebacks of errors a user caused from console logs; the message says it all."""
+class _CondenseUserErrors(logging.Filter):
+    """Keep errors a user caused to one line in run logs: the final message says it all.
+
+    Prefect logs a failing task's exception with its traceback, then the task's and the flow's
+    final states, each repeating the whole message. For a :class:`ShoprankError` these are noise.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         from models.errors import ShoprankError
 
-        if record.exc_info and isinstance(record.exc_info[1], ShoprankError):
-            record.exc_info = None
-            record.exc_text = None
+        error = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        names = {cls.__name__ for cls in _subclasses(ShoprankError)}
+        if isinstance(error, ShoprankError) or (
+            record.levelno >= logging.ERROR or "Failed(" in message
+        ) and any(name in message for name in names):
+            record.msg = message.splitlines()[0][:160] + " ..."
+            record.args = ()
+            record.exc_info = record.exc_text = None
         return True
 
 
-def _quiet_user_errors() -> None:
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_HideUserErrorTraceback())
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _subclasses(sub)
+    return found
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("shoprank", "flows", "tasks", "models"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_CondenseUserErrors())
 
 
 def run(argv: Sequence[str] | None, handler: Callable[[argparse.Namespace], int] | None = None
         ) -> int:
     """Parse ``argv`` and run the command; user errors become a message and exit code 2."""
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     from models.errors import ShoprankError
 
-    if args.command == "train":
-        import prefect.logging  # noqa: F401  (configures Prefect's handlers first)
-
-        _quiet_user_errors()
     try:
         return (handler or args.func)(args)
     except ShoprankError as err:

@@ -86,7 +86,8 @@ def validate_data(data: DataPaths, settings: ValidationSettings, run_id: str | N
     for warning in report.warnings:
         logger.warning(warning)
     if not report.success:
-        logger.error("data validation failed:\n%s", markdown)
+        logger.error("data validation failed: %d failed expectation(s); report in %s and in the "
+                     "run's artifacts", len(report.failures), data.events.parent)
         raise_on_failure(report)
     if clean.height != events.height:
         clean.write_parquet(data.events)

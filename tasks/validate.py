@@ -1,0 +1,469 @@
+"""Data contracts on the canonical events and items tables, checked with Great Expectations.
+
+The suites are the JSON files ``expectations/events.json`` and ``expectations/items.json``, run
+on an in-memory pandas batch of an ephemeral GX context. Around them this module checks column
+types against the canonical polars types of :mod:`models.columns`, adds the derived columns
+``_is_duplicate`` and ``_item_in_catalogue``, fills the ``$PARAMETER`` bounds from
+:class:`ValidationSettings`, skips what cannot run (mistyped columns, absent optional columns,
+column values of an empty table) and turns failed results into :class:`ExpectationFailure`
+records with row counts, examples and the ``meta.fix`` hint. ``great_expectations`` is imported
+only where a suite runs: the import takes seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.columns import EVENT_DTYPES, EVENT_REQUIRED, ITEM, ITEM_DTYPES
+from models.errors import ConfigError, ValidationFailedError
+
+logger = logging.getLogger(__name__)
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "expectations"
+IS_DUPLICATE = "_is_duplicate"
+IN_CATALOGUE = "_item_in_catalogue"
+DERIVED = (IS_DUPLICATE, IN_CATALOGUE)
+EXIST = "expect_column_to_exist"
+OF_TYPE = "expect_column_values_to_be_of_type"
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class ExpectationFailure:
+    """One failed expectation, with what a person needs to find and fix the offending rows.
+
+    Attributes:
+        suite: ``events`` or ``items``.
+        expectation: The GX expectation type (``expect_column_values_to_be_of_type`` for types).
+        column: The column checked; None for table-level expectations.
+        unexpected_count: Rows that break the expectation, when countable.
+        unexpected_percent: Those rows as a percentage (0-100) of the table.
+        examples: Offending values, or offending rows as dicts (null ids, duplicates).
+        detail: One sentence saying what was found.
+        hint: How to fix it, from the expectation's ``meta.fix`` in the suite file.
+    """
+
+    suite: str
+    expectation: str
+    column: str | None
+    unexpected_count: int | None
+    unexpected_percent: float | None
+    examples: list[Any]
+    detail: str
+    hint: str = ""
+
+    def to_markdown(self) -> str:
+        """Render the failure as a Markdown list item: where, what, how many, examples, the fix."""
+        where = f"`{self.column}`" if self.column else "table"
+        lines = [f"- **{self.suite}: {where}**, `{self.expectation}`", f"  - found: {self.detail}"]
+        if self.unexpected_count is not None:
+            share = f" ({_percent(self.unexpected_percent)})" if self.unexpected_percent else ""
+            lines.append(f"  - rows: {self.unexpected_count:,}{share}")
+        if self.examples:
+            lines.append(f"  - examples: {', '.join(_example(x) for x in self.examples)}")
+        if self.hint:
+            lines.append(f"  - fix: {self.hint}")
+        return "\n".join(lines)
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of both suites.
+
+    Attributes:
+        success: True when no expectation failed.
+        rows: Row count per table validated.
+        failures: The failed expectations, per suite in the suite's order (type checks first).
+        evaluated: Expectations and type checks evaluated.
+        dropped_duplicates: Exact duplicate events removed from the returned events.
+        warnings: Things a person should know that did not fail the run.
+    """
+
+    success: bool
+    rows: dict[str, int]
+    failures: list[ExpectationFailure] = field(default_factory=list)
+    evaluated: int = 0
+    dropped_duplicates: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        """Render the report as Markdown: a verdict, one entry per failure, then the warnings."""
+        tables = ", ".join(f"{name} ({n:,} rows)" for name, n in self.rows.items())
+        if self.success:
+            head = f"## Data validation passed: {self.evaluated} checks on {tables}"
+        else:
+            head = (
+                f"## Data validation failed: {len(self.failures)} of {self.evaluated} checks "
+                f"failed on {tables}"
+            )
+        parts = [head]
+        if self.failures:
+            parts += ["### Failures", "\n".join(f.to_markdown() for f in self.failures)]
+        if self.warnings:
+            parts += ["### Warnings", "\n".join(f"- {w}" for w in self.warnings)]
+        return "\n\n".join(parts) + "\n"
+
+
+class ValidationSettings(BaseModel):
+    """Thresholds of the data contracts on events and items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_catalogue_share: float = Field(
+        0.9, ge=0, le=1, description="Least share of events whose item is in the items table."
+    )
+    max_duplicate_share: float = Field(
+        0.05, ge=0, le=1, description="Largest share of events that are exact copies of another."
+    )
+    earliest: dt.datetime = Field(
+        dt.datetime(1990, 1, 1, tzinfo=dt.UTC),
+        description="No event may be older than this (naive values are read as UTC).",
+    )
+    future_tolerance_minutes: float = Field(
+        60, ge=0, description="How far past the current time an event may lie (clock skew)."
+    )
+    drop_duplicates: bool = Field(
+        True, description="Drop exact duplicate events when their share is within the maximum."
+    )
+    suites_dir: Path | None = Field(
+        None, description="Folder of events.json and items.json; default: the bundled suites."
+    )
+
+    @field_validator("earliest")
+    @classmethod
+    def _as_utc(cls, value: dt.datetime) -> dt.datetime:
+        return _utc(value)
+
+
+def validate_tables(
+    events: pl.DataFrame,
+    items: pl.DataFrame | None,
+    settings: ValidationSettings | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[ValidationReport, pl.DataFrame]:
+    """Run the events suite and, when ``items`` is given, the items suite.
+
+    Args:
+        events: The canonical events table.
+        items: The canonical items table, or None when the shop has no catalogue.
+        settings: Thresholds; defaults to ``ValidationSettings()``.
+        now: The reference time for "no event in the future"; defaults to the current UTC time.
+
+    Returns:
+        The report and the events with exact duplicates dropped (when allowed and their share is
+        within the maximum; the report's warnings give their count). Failed expectations never
+        raise: the caller decides, for example with :func:`raise_on_failure`.
+
+    Raises:
+        ConfigError: A suite file cannot be read or holds an invalid expectation.
+    """
+    settings = settings or ValidationSettings()
+    now = _utc(now or dt.datetime.now(dt.UTC))
+    params = {
+        "earliest_timestamp": settings.earliest,
+        "latest_timestamp": now + dt.timedelta(minutes=settings.future_tolerance_minutes),
+        "min_catalogue_share": settings.min_catalogue_share,
+        "min_distinct_share": 1 - settings.max_duplicate_share,
+    }
+    report = ValidationReport(success=True, rows={"events": events.height})
+    derived = _derive_events(events, items)
+    _run_suite("events", derived, EVENT_DTYPES, params, settings, report)
+    if items is not None:
+        report.rows["items"] = items.height
+        _run_suite("items", items, ITEM_DTYPES, params, settings, report)
+    if IS_DUPLICATE in derived:
+        events = _drop_duplicates(events, derived[IS_DUPLICATE], settings, report)
+    report.success = not report.failures
+    for warning in report.warnings:
+        logger.warning(warning)
+    logger.info("validation %s: %d checks, %d failed", "passed" if report.success else "failed",
+                report.evaluated, len(report.failures))
+    return report, events
+
+
+def raise_on_failure(report: ValidationReport) -> None:
+    """Raise :class:`ValidationFailedError` carrying the Markdown report when a check failed."""
+    if not report.success:
+        raise ValidationFailedError(report.to_markdown())
+
+
+def load_suite_spec(name: str, suites_dir: Path | None = None) -> dict[str, Any]:
+    """Read ``<suites_dir>/<name>.json`` and check that GX accepts every expectation in it.
+
+    Raises:
+        ConfigError: The file is missing, is not JSON, or holds an invalid expectation.
+    """
+    path = (suites_dir or SUITES_DIR) / f"{name}.json"
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"Cannot read the expectation suite {path}: {err}. Restore the file, "
+                          "fix its JSON, or set ValidationSettings.suites_dir.") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("expectations"), list):
+        raise ConfigError(f"The expectation suite {path} must be a JSON object with a list "
+                          "'expectations' (and a 'name'). Fix the file's structure.")
+    _build_suite(spec, spec["expectations"], path)
+    return spec
+
+
+def _build_suite(spec: dict[str, Any], expectations: list[dict[str, Any]], path: Path) -> Any:
+    """Build a ``gx.ExpectationSuite`` from ``spec`` with only ``expectations`` in it."""
+    import great_expectations as gx
+    from great_expectations.exceptions import GreatExpectationsError
+
+    try:  # GX reports unknown keys as pydantic.v1 ValidationError, a ValueError
+        suite = gx.ExpectationSuite(**{**spec, "expectations": expectations})
+    except (GreatExpectationsError, ValueError, TypeError) as err:
+        raise ConfigError(f"The expectation suite {path} holds an invalid entry: {err}. "
+                          "Fix the expectation's type or kwargs (see the GX gallery).") from err
+    if len(suite.expectations) != len(expectations):  # GX logs and skips some invalid entries
+        raise ConfigError(f"The expectation suite {path} holds expectations GX rejected (see "
+                          "the log above). Fix the expectation's type or kwargs.")
+    return suite
+
+
+def _derive_events(events: pl.DataFrame, items: pl.DataFrame | None) -> pl.DataFrame:
+    """Add ``_is_duplicate`` and ``_item_in_catalogue`` when they can be computed."""
+    derived = events
+    if all(c in events for c in EVENT_REQUIRED):  # without them duplicates mean little
+        is_dup = pl.struct(events.columns).is_first_distinct().not_()
+        derived = events.with_columns(is_dup.alias(IS_DUPLICATE))
+    if items is None:
+        return derived
+    if all(table.schema.get(ITEM) == pl.String for table in (events, items)):
+        in_catalogue = pl.col(ITEM).is_in(items[ITEM].drop_nulls().unique().implode())
+        derived = derived.with_columns(in_catalogue.fill_null(False).alias(IN_CATALOGUE))
+    return derived
+
+
+def _run_suite(name: str, frame: pl.DataFrame, dtypes: dict[str, str], params: dict[str, Any],
+               settings: ValidationSettings, report: ValidationReport) -> None:
+    """Check types, run the active expectations of suite ``name`` and record the failures."""
+    spec = load_suite_spec(name, settings.suites_dir)
+    type_failures = _check_dtypes(name, frame, dtypes)
+    mistyped = {f.column for f in type_failures}
+    active = _active_expectations(spec["expectations"], frame, mistyped)
+    columns = [c for c in dict.fromkeys(e["kwargs"].get("column") for e in active) if c in frame]
+    suite = _build_suite(spec, active, (settings.suites_dir or SUITES_DIR) / f"{name}.json")
+    results = _run_gx(name, suite, frame.select(columns).to_pandas(), params)
+    order = {(e["type"], e["kwargs"].get("column")): i for i, e in enumerate(active)}
+    results.sort(key=lambda r: order.get((r.expectation_config.type,
+                                          r.expectation_config.kwargs.get("column")), 0))
+    report.evaluated += len(results) + sum(c in frame for c in dtypes)
+    report.failures += type_failures
+    report.failures += [_failure(name, r, frame) for r in results if not r.success]
+
+
+def _active_expectations(
+    expectations: list[dict[str, Any]], frame: pl.DataFrame, mistyped: set[str | None]
+) -> list[dict[str, Any]]:
+    """Select the expectations that can run; a missing required column gets an existence check."""
+    active, needed = [], set()
+    for exp in expectations:
+        column = exp.get("kwargs", {}).get("column")
+        if column is None or exp["type"] == EXIST:
+            active.append(exp)
+        elif column not in frame:
+            if not exp.get("meta", {}).get("optional", False):
+                needed.add(column)
+        elif frame.height and column not in mistyped:
+            active.append(exp)
+    existing = {e["kwargs"]["column"] for e in active if e["type"] == EXIST}
+    return active + [{"type": EXIST, "kwargs": {"column": c}} for c in sorted(needed - existing)]
+
+
+def _run_gx(name: str, suite: Any, frame: Any, params: dict[str, Any]) -> list[Any]:
+    """Validate a pandas frame against ``suite`` in an ephemeral GX context."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    asset = context.data_sources.add_pandas(f"shoprank_{name}").add_dataframe_asset(name)
+    definition = gx.ValidationDefinition(  # fetches the batch once; Batch.validate fetches twice
+        name=name, data=asset.add_batch_definition_whole_dataframe("whole"),
+        suite=context.suites.add(suite),
+    )
+    result = context.validation_definitions.add(definition).run(
+        batch_parameters={"dataframe": frame}, expectation_parameters=params
+    )
+    return list(result.results)
+
+
+def _check_dtypes(
+    name: str, frame: pl.DataFrame, dtypes: dict[str, str]
+) -> list[ExpectationFailure]:
+    """Report each present canonical column whose polars type is not the canonical one."""
+    failures = []
+    for column, expected in dtypes.items():
+        if column not in frame or (found := _dtype_name(frame.schema[column])) == expected:
+            continue
+        failures.append(ExpectationFailure(
+            suite=name, expectation=OF_TYPE, column=column,
+            unexpected_count=frame.height or None,
+            unexpected_percent=100.0 if frame.height else None,
+            examples=frame[column].drop_nulls().unique(maintain_order=True).head(3).to_list(),
+            detail=f"column `{column}` has type {found}; expected {expected}",
+            hint=_cast_hint(column, expected, found),
+        ))
+    return failures
+
+
+def _dtype_name(dtype: pl.DataType) -> str:
+    """Spell ``dtype`` as :mod:`models.columns` does (``Datetime(us, UTC)``, ``List(String)``)."""
+    if isinstance(dtype, pl.Datetime):
+        return f"Datetime({dtype.time_unit}, {dtype.time_zone})"
+    if isinstance(dtype, pl.List):
+        return f"List({_dtype_name(dtype.inner)})"
+    return str(dtype)
+
+
+def _cast_hint(column: str, expected: str, found: str) -> str:
+    """Suggest the polars expression that converts ``column`` to its canonical type."""
+    col = f'pl.col("{column}")'
+    if expected.startswith("Datetime"):
+        if found == "String":
+            return f'Parse the text in the loader: {col}.str.to_datetime(time_zone="UTC").'
+        if found.startswith(("Int", "UInt")):
+            return (f'Convert unix times in the loader: pl.from_epoch("{column}", time_unit="s")'
+                    '.dt.replace_time_zone("UTC") (time_unit "ms" for milliseconds).')
+        return (f'Convert it in the loader: {col}.dt.cast_time_unit("us")'
+                '.dt.replace_time_zone("UTC") for naive times, .dt.convert_time_zone("UTC") '
+                "for times in another zone.")
+    target = "pl.List(pl.String)" if expected == "List(String)" else f"pl.{expected}"
+    return f"Cast it in the loader: {col}.cast({target})."
+
+
+def _failure(suite: str, result: Any, frame: pl.DataFrame) -> ExpectationFailure:
+    """Turn a failed GX result into an :class:`ExpectationFailure`, with counts from ``frame``."""
+    config, res = result.expectation_config, result.result or {}
+    failure = ExpectationFailure(
+        suite=suite, expectation=config.type, column=config.kwargs.get("column"),
+        unexpected_count=res.get("unexpected_count"),
+        unexpected_percent=res.get("unexpected_percent"),
+        examples=[c["value"] for c in res.get("partial_unexpected_counts", [])][:MAX_EXAMPLES],
+        detail=_describe(config.type, config.kwargs, res, frame), hint=config.meta.get("fix", ""),
+    )
+    error = result.exception_info or {}
+    if error.get("raised_exception"):
+        failure.detail = f"could not be evaluated: {error.get('exception_message')}"
+    elif failure.column in frame and frame.height:
+        _count_rows(failure, config.kwargs, frame)
+    return failure
+
+
+_FOUND = {
+    "expect_column_values_to_not_be_null": "no `{column}` in {rows}",
+    "expect_column_values_to_be_in_set": "a value outside {value_set} in {rows}",
+    "expect_column_values_to_be_unique": "a duplicated `{column}` in {rows}",
+    "expect_column_values_to_be_between": "a value not {bounds} in {rows}",
+    "expect_column_min_to_be_between": "the smallest value is {observed}; all must be {bounds}",
+    "expect_column_max_to_be_between": "the largest value is {observed}; all must be {bounds}",
+    "expect_table_row_count_to_be_between": "{observed} rows; expected {bounds}",
+}
+
+
+def _describe(kind: str, kwargs: dict[str, Any], res: dict[str, Any], frame: pl.DataFrame) -> str:
+    """Say in one sentence what the expectation found."""
+    column, observed = kwargs.get("column"), res.get("observed_value")
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if kind == EXIST:
+        found = ", ".join(c for c in frame.columns if c not in DERIVED) or "(none)"
+        return f"column `{column}` is missing; found columns: {found}"
+    if kind == "expect_table_row_count_to_be_between" and observed == 0:
+        return "no rows"
+    bad_share, mostly = (res.get("unexpected_percent") or 0) / 100, kwargs.get("mostly", 1)
+    if column == IN_CATALOGUE:
+        return (f"only {1 - bad_share:.1%} of events refer to an item of the items table; "
+                f"at least {_share(mostly)} required")
+    if column == IS_DUPLICATE:
+        return (f"{bad_share:.1%} of events are exact duplicates of another; "
+                f"at most {_share(1 - mostly)} allowed")
+    strict = kwargs.get("strict_min")
+    bounds = " and ".join(f"{sign} {_example(v)}" for sign, v in
+                          ((">" if strict else ">=", low), ("<=", high)) if v is not None)
+    value_set = ", ".join(map(str, kwargs.get("value_set") or []))
+    template = _FOUND.get(kind, "observed {observed}; expected {kwargs}")
+    count = res.get("unexpected_count") or 0
+    rows = f"{count:,} row{'' if count == 1 else 's'}"
+    return template.format(rows=rows, column=column, bounds=bounds, observed=_example(observed),
+                           value_set=value_set, kwargs=kwargs)
+
+
+def _count_rows(failure: ExpectationFailure, kwargs: dict[str, Any], frame: pl.DataFrame) -> None:
+    """Fill the row counts and examples GX does not give: nulls, derived columns, min and max."""
+    col, kind = pl.col(failure.column), failure.expectation
+    if kind == "expect_column_values_to_not_be_null":
+        failure.examples = _rows(frame.with_row_index("row").filter(col.is_null()))
+        return
+    if failure.column == IS_DUPLICATE:
+        bad, examples = col, _rows(frame.filter(col))
+    elif failure.column == IN_CATALOGUE:
+        bad = col.not_()
+        examples = frame.filter(bad)[ITEM].unique(maintain_order=True).head(MAX_EXAMPLES).to_list()
+    elif kind in ("expect_column_min_to_be_between", "expect_column_max_to_be_between"):
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        bad = (col < low) if "min" in kind else (col > high)
+        worst = frame.filter(bad)[failure.column].unique().sort(descending="max" in kind)
+        examples = worst.head(MAX_EXAMPLES).to_list()
+    else:
+        return
+    count = frame.select(bad.sum()).item()
+    failure.unexpected_count, failure.unexpected_percent = count, 100 * count / frame.height
+    failure.examples = examples
+
+
+def _rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Return the first rows of ``frame`` as dicts, without the derived columns."""
+    return frame.drop(DERIVED, strict=False).head(3).to_dicts()
+
+
+def _drop_duplicates(
+    events: pl.DataFrame, is_dup: pl.Series, settings: ValidationSettings, report: ValidationReport
+) -> pl.DataFrame:
+    """Drop exact duplicate events when allowed and within the maximum share, with a warning."""
+    count = int(is_dup.sum())
+    if not count:
+        return events
+    share = count / events.height
+    what = f"{count:,} exact duplicate event rows ({share:.2%} of {events.height:,})"
+    if share > settings.max_duplicate_share:
+        report.warnings.append(f"{what} were kept: more than max_duplicate_share "
+                               f"({_share(settings.max_duplicate_share)}).")
+        return events
+    if not settings.drop_duplicates:
+        report.warnings.append(f"{what} were kept: drop_duplicates is off.")
+        return events
+    report.dropped_duplicates = count
+    report.warnings.append(f"dropped {what}; the first copy of each row is kept.")
+    return events.filter(is_dup.not_())
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """``value`` in UTC; a naive value is read as UTC."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _share(value: float) -> str:
+    return f"{100 * value:.4g}%"
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.2g}%" if value < 1 else f"{value:.1f}%"
+
+
+def _example(value: Any) -> str:
+    """Format a value for the report: ISO times, rows as ``key=value`` lists."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_example(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "isoformat"):
+        return f"`{value.isoformat()}`"
+    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
