@@ -1,0 +1,338 @@
+"""Baseline recommenders every model is reported beside: popularity, co-visitation, buy-again.
+
+All three learn from canonical events, rank the full catalogue of the fitted data and answer
+unknown users with popularity. Event types weigh differently (:data:`DEFAULT_EVENT_WEIGHTS`, a
+rough ordering of purchase intent); "recent" is always relative to the latest timestamp of the
+fitted events, never to the wall clock, so a model fitted on a past window behaves the same
+whenever it is run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Self
+
+import polars as pl
+
+from models.base import (
+    Recommender,
+    check_event_weights,
+    check_events,
+    event_weight_expr,
+    popularity_table,
+)
+from models.columns import ITEM, SCORE, SESSION, TIMESTAMP, USER
+from models.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"view": 1.0, "fav": 2.0, "cart": 3.0, "purchase": 4.0}
+"""A view is the weakest signal of intent, a purchase the strongest; favourites sit below carts
+because they are cheap to give and often never followed up."""
+
+_SECONDS_PER_DAY = 86_400.0
+_POS = "__pos"
+
+
+def _weights(given: Mapping[str, float] | None, name: str = "event_weights") -> dict[str, float]:
+    weights = dict(DEFAULT_EVENT_WEIGHTS if given is None else given)
+    check_event_weights(weights, name)
+    return weights
+
+
+def _positive(name: str, value: float | None, allow_none: bool = True) -> None:
+    if (value is None and not allow_none) or (value is not None and not value > 0):
+        raise ConfigError(f"{name} must be > 0{' or None' if allow_none else ''}; got {value}.")
+
+
+def _age_decay(half_life_days: float | None, t_max: object) -> pl.Expr:
+    """Weight ``0.5 ** (age / half_life)`` of each event, age measured back from ``t_max``."""
+    if half_life_days is None:
+        return pl.lit(1.0)
+    age_days = (pl.lit(t_max) - pl.col(TIMESTAMP)).dt.total_microseconds() / (
+        _SECONDS_PER_DAY * 1e6
+    )
+    return pl.lit(0.5).pow(age_days / half_life_days)
+
+
+def _history(events: pl.DataFrame) -> pl.DataFrame:
+    return events.select(USER, ITEM).unique().sort(USER, ITEM)
+
+
+def _weighted_popularity(events: pl.DataFrame, weights: Mapping[str, float]) -> pl.DataFrame:
+    """``item_id, score, pop_rank``: all-time weighted event counts."""
+    counts = (
+        events.with_columns(event_weight_expr(weights))
+        .group_by(ITEM)
+        .agg(pl.col("weight").sum().alias(SCORE))
+    )
+    return popularity_table(counts)
+
+
+def _ordered(events: pl.DataFrame) -> pl.DataFrame:
+    """Events sorted by user (and session when present) then time, ties in input order."""
+    keys = [USER, SESSION] if SESSION in events.columns else [USER]
+    return events.with_row_index("__row").sort([*keys, TIMESTAMP, "__row"]).drop("__row")
+
+
+class Popularity(Recommender):
+    """The most interacted-with items, all-time or over a recent window.
+
+    Args:
+        window_days: Count only events in the last ``window_days`` before the latest fitted
+            timestamp; None counts everything. Items without events in the window follow, in
+            all-time order.
+        event_weights: Weight per event type; types left out are ignored. Default
+            :data:`DEFAULT_EVENT_WEIGHTS`.
+    """
+
+    _state_tables = ("popularity_", "history_")
+    _fill_below = False
+
+    def __init__(
+        self, window_days: float | None = None, event_weights: dict[str, float] | None = None
+    ) -> None:
+        self.window_days = window_days
+        self.event_weights = event_weights
+
+    def fit(self, events: pl.DataFrame) -> Self:
+        """Count weighted events per item; returns ``self``."""
+        check_events(events)
+        _positive("window_days", self.window_days)
+        weights = _weights(self.event_weights)
+        weighted = events.with_columns(event_weight_expr(weights))
+        in_window = pl.lit(True)
+        if self.window_days is not None:
+            start = events[TIMESTAMP].max() - pl.duration(days=self.window_days)
+            in_window = pl.col(TIMESTAMP) > start
+        counts = weighted.group_by(ITEM).agg(
+            pl.col("weight").filter(in_window).sum().alias(SCORE),
+            pl.col("weight").sum().alias("all_time"),
+        )
+        self.popularity_ = popularity_table(counts, tiebreak="all_time")
+        self.history_ = _history(events)
+        return self
+
+    def _score(self, users: pl.DataFrame) -> pl.DataFrame | None:
+        return None
+
+
+class BuyAgain(Recommender):
+    """The user's own items, by weighted and recency-decayed counts of their events.
+
+    Shoppers return to what they viewed and re-buy consumables; this ranks a user's past items by
+    ``sum(event weight * 0.5 ** (age / half_life))`` and fills the list with popular items. With
+    ``exclude_seen=True`` every personal item is removed, so it degenerates to popularity.
+
+    Args:
+        event_weights: Weight per event type (default :data:`DEFAULT_EVENT_WEIGHTS`, purchases
+            highest, so repeat purchases dominate).
+        half_life_days: Age at which an event counts half; None for no decay.
+    """
+
+    _state_tables = ("user_scores_", "popularity_", "history_")
+
+    def __init__(
+        self, event_weights: dict[str, float] | None = None, half_life_days: float | None = 30.0
+    ) -> None:
+        self.event_weights = event_weights
+        self.half_life_days = half_life_days
+
+    def fit(self, events: pl.DataFrame) -> Self:
+        """Score every fitted (user, item) pair; returns ``self``."""
+        check_events(events)
+        _positive("half_life_days", self.half_life_days)
+        weights = _weights(self.event_weights)
+        decay = _age_decay(self.half_life_days, events[TIMESTAMP].max())
+        self.user_scores_ = (
+            events.with_columns(event_weight_expr(weights), decay.alias("decay"))
+            .group_by(USER, ITEM)
+            .agg((pl.col("weight") * pl.col("decay")).sum().alias(SCORE))
+            .filter(pl.col(SCORE) > 0)
+            .sort(USER, ITEM)
+        )
+        self.popularity_ = _weighted_popularity(events, weights)
+        self.history_ = _history(events)
+        return self
+
+    def _score(self, users: pl.DataFrame) -> pl.DataFrame | None:
+        return self.user_scores_.join(users, on=USER, how="semi")
+
+
+class CoVisitation(Recommender):
+    """Item-to-item co-visitation scored from each user's most recent items.
+
+    Two kinds of evidence link item ``i`` to item ``j`` inside one user's sequence (one session
+    when the events carry ``session_id``), counting only pairs at most ``time_window_hours``
+    apart:
+
+    * transitions: ``j`` follows ``i`` within ``max_gap`` positions, weighted ``1 / gap``;
+    * co-occurrence: ``i`` and ``j`` lie within ``window`` positions of each other, both ways.
+
+    Each pair weighs the event weight of ``j``'s event times ``0.5 ** (age / half_life_days)``.
+    Both sums are divided by ``pop(i) ** source_alpha * pop(j) ** alpha`` (weighted event counts),
+    combined as ``transitions + cooc_weight * co-occurrence`` and the best ``n_neighbours`` kept
+    per item. A user's score for ``j`` is ``sum_i w_i * S(i, j)`` over its last ``n_recent``
+    distinct items, ``w_i = recency_decay ** r * event weight`` (``r = 0`` for the newest item).
+    Lists are filled with popular items.
+
+    The defaults were tuned on the validation targets of Amazon Beauty (leave-one-out); see
+    ``benchmarks/beauty_baselines.py``.
+
+    Args:
+        max_gap: Transition reach in positions.
+        window: Co-occurrence reach in positions.
+        cooc_weight: Weight of co-occurrence against transitions.
+        alpha: Exponent of the neighbour's popularity in the normalisation (higher favours rarer
+            items).
+        source_alpha: Exponent of the source item's popularity in the normalisation.
+        n_neighbours: Neighbours kept per item.
+        n_recent: Distinct recent items of a user that vote.
+        recency_decay: Factor applied per step back in the user's recent items.
+        time_window_hours: Largest time between the two events of a pair.
+        half_life_days: Age at which a pair counts half; None for no decay.
+        event_weights: Weight per event type (default :data:`DEFAULT_EVENT_WEIGHTS`).
+    """
+
+    _state_tables = ("neighbours_", "recent_", "popularity_", "history_")
+
+    def __init__(
+        self,
+        max_gap: int = 5,
+        window: int = 10,
+        cooc_weight: float = 0.25,
+        alpha: float = 0.25,
+        source_alpha: float = 0.0,
+        n_neighbours: int = 200,
+        n_recent: int = 20,
+        recency_decay: float = 0.5,
+        time_window_hours: float | None = 24.0,
+        half_life_days: float | None = None,
+        event_weights: dict[str, float] | None = None,
+    ) -> None:
+        self.max_gap = max_gap
+        self.window = window
+        self.cooc_weight = cooc_weight
+        self.alpha = alpha
+        self.source_alpha = source_alpha
+        self.n_neighbours = n_neighbours
+        self.n_recent = n_recent
+        self.recency_decay = recency_decay
+        self.time_window_hours = time_window_hours
+        self.half_life_days = half_life_days
+        self.event_weights = event_weights
+
+    def fit(self, events: pl.DataFrame) -> Self:
+        """Build the neighbour table and each user's recent items; returns ``self``."""
+        check_events(events)
+        self._check_params()
+        weights = _weights(self.event_weights)
+        ordered = _ordered(events).with_columns(
+            event_weight_expr(weights),
+            _age_decay(self.half_life_days, events[TIMESTAMP].max()).alias("decay"),
+        )
+        self.popularity_ = _weighted_popularity(events, weights)
+        self.neighbours_ = self._neighbours(ordered)
+        self.recent_ = self._recent(ordered)
+        self.history_ = _history(events)
+        logger.info(
+            "co-visitation: %d items with neighbours, %d pairs kept",
+            self.neighbours_[ITEM].n_unique(),
+            self.neighbours_.height,
+        )
+        return self
+
+    def _check_params(self) -> None:
+        for name in ("max_gap", "window", "n_neighbours", "n_recent"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name != "window" else 0):
+                raise ConfigError(f"CoVisitation.{name} must be a positive integer; got {value}.")
+        if self.cooc_weight < 0 or not 0 < self.recency_decay <= 1:
+            raise ConfigError(
+                "CoVisitation.cooc_weight must be >= 0 and recency_decay in (0, 1]; got "
+                f"{self.cooc_weight} and {self.recency_decay}."
+            )
+        _positive("CoVisitation.time_window_hours", self.time_window_hours)
+        _positive("CoVisitation.half_life_days", self.half_life_days)
+
+    def _pairs_at(self, ordered: pl.DataFrame, gap: int) -> pl.DataFrame:
+        """``src, dst, w_fwd, w_back`` for events ``gap`` positions apart in one sequence."""
+        same = pl.col(USER).shift(-gap) == pl.col(USER)
+        if SESSION in ordered.columns:
+            same = same & (pl.col(SESSION).shift(-gap) == pl.col(SESSION)).fill_null(True)
+        if self.time_window_hours is not None:
+            limit = pl.duration(seconds=self.time_window_hours * 3600)
+            same = same & ((pl.col(TIMESTAMP).shift(-gap) - pl.col(TIMESTAMP)) <= limit)
+        return ordered.select(
+            pl.col(ITEM).alias("src"),
+            pl.col(ITEM).shift(-gap).alias("dst"),
+            # forward pair weighs the later event, backward pair the earlier; both the later decay
+            (pl.col("weight").shift(-gap) * pl.col("decay").shift(-gap)).alias("w_fwd"),
+            (pl.col("weight") * pl.col("decay").shift(-gap)).alias("w_back"),
+            same.alias("keep"),
+        ).filter(pl.col("keep") & (pl.col("src") != pl.col("dst")))
+
+    def _neighbours(self, ordered: pl.DataFrame) -> pl.DataFrame:
+        """``item_id, neighbour, score``: the best ``n_neighbours`` per item."""
+        parts = []
+        for gap in range(1, max(self.max_gap, self.window) + 1):
+            pairs = self._pairs_at(ordered, gap)
+            trans = 1.0 / gap if gap <= self.max_gap else 0.0
+            cooc = self.cooc_weight if gap <= self.window else 0.0
+            fwd = pairs.select("src", "dst", (pl.col("w_fwd") * (trans + cooc)).alias("w"))
+            back = pairs.select(
+                pl.col("dst").alias("src"),
+                pl.col("src").alias("dst"),
+                (pl.col("w_back") * cooc).alias("w"),
+            )
+            parts.append(
+                pl.concat([fwd, back])
+                .filter(pl.col("w") > 0)
+                .group_by("src", "dst")
+                .agg(pl.col("w").sum())
+            )
+        pop = self.popularity_.select(ITEM, pl.col(SCORE).clip(lower_bound=1e-12).alias("pop"))
+        return (
+            pl.concat(parts)
+            .group_by("src", "dst")
+            .agg(pl.col("w").sum())
+            .join(pop.rename({ITEM: "src", "pop": "pop_src"}), on="src")
+            .join(pop.rename({ITEM: "dst", "pop": "pop_dst"}), on="dst")
+            .with_columns(
+                (
+                    pl.col("w")
+                    / pl.col("pop_src").pow(self.source_alpha)
+                    / pl.col("pop_dst").pow(self.alpha)
+                ).alias(SCORE)
+            )
+            .sort(["src", SCORE, "dst"], descending=[False, True, False])
+            .filter(pl.int_range(pl.len()).over("src") < self.n_neighbours)
+            .select(pl.col("src").alias(ITEM), pl.col("dst").alias("neighbour"), SCORE)
+        )
+
+    def _recent(self, ordered: pl.DataFrame) -> pl.DataFrame:
+        """``user_id, item_id, weight``: each user's last ``n_recent`` distinct items."""
+        return (
+            ordered.with_row_index(_POS)
+            .group_by(USER, ITEM)
+            .agg(pl.col(TIMESTAMP).max(), pl.col(_POS).max(), pl.col("weight").max())
+            .filter(pl.col("weight") > 0)
+            .sort([USER, TIMESTAMP, _POS], descending=[False, True, True])
+            .with_columns(pl.int_range(pl.len()).over(USER).alias("r"))
+            .filter(pl.col("r") < self.n_recent)
+            .select(
+                USER,
+                ITEM,
+                (pl.col("weight") * pl.lit(self.recency_decay).pow(pl.col("r"))).alias("weight"),
+            )
+        )
+
+    def _score(self, users: pl.DataFrame) -> pl.DataFrame | None:
+        return (
+            self.recent_.join(users, on=USER, how="semi")
+            .join(self.neighbours_, on=ITEM)
+            .group_by(USER, "neighbour")
+            .agg((pl.col("weight") * pl.col(SCORE)).sum().alias(SCORE))
+            .rename({"neighbour": ITEM})
+        )

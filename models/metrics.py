@@ -1,0 +1,202 @@
+"""Top-K ranking metrics, exactly as the evaluation protocol defines them.
+
+Inputs are two tables: recommendations ``user_id, item_id, rank`` (rank 1 is the best; ``score``
+is optional and ignored) and targets ``user_id, item_id`` (one or more relevant items per user).
+The evaluated users are the users of ``targets``; a user without recommendations scores 0.
+Everything is computed with one join of the recommendations with the targets and per-user
+aggregations, so scoring 100k users takes about a second.
+
+Per user with target set ``T`` and hit ranks ``r_1 < r_2 < ...`` within the top ``K``:
+
+* ``ndcg@K``: ``sum_j 1 / log2(r_j + 1)`` divided by the ideal ``sum_{i <= min(K, |T|)} 1 /
+  log2(i + 1)`` (binary gains);
+* ``recall@K``: ``hits / min(K, |T|)``; ``recall_plain@K``: ``hits / |T|``;
+* ``hitrate@K``: 1 if any hit;
+* ``map@K``: ``sum_j (j / r_j) / min(K, |T|)``;
+* ``mrr@K``: ``1 / r_1``.
+
+Over all evaluated users' top-``K`` lists:
+
+* ``coverage@K``: distinct recommended items / ``n_items``;
+* ``novelty@K``: mean of ``-log2(p(item))`` over recommended (user, item) pairs, ``p`` the item's
+  share of the interaction counts in ``item_popularity`` (an item missing there counts 1).
+
+With one target per user (leave-one-out) recall, plain recall and hit rate coincide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from models.columns import ITEM, RANK, USER
+from models.errors import ConfigError, DataError, require_columns
+
+COUNT = "count"
+ACCURACY_METRICS: tuple[str, ...] = ("ndcg", "recall", "recall_plain", "hitrate", "map", "mrr")
+
+
+def _check_inputs(recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int]) -> None:
+    require_columns(recs.columns, (USER, ITEM, RANK), "recommendations")
+    require_columns(targets.columns, (USER, ITEM), "targets")
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ConfigError(f"ks must be a non-empty list of positive integers; got {list(ks)}.")
+    if recs.height and recs[RANK].min() < 1:
+        raise DataError(
+            f"recommendations have rank values below 1 (min {recs[RANK].min()}); ranks are "
+            "1-based positions in each user's list."
+        )
+    dupes = recs.filter(pl.struct(USER, ITEM).is_duplicated())
+    if dupes.height:
+        example = dupes.row(0, named=True)
+        raise DataError(
+            f"recommendations list the same item twice for a user ({dupes.height} rows, e.g. "
+            f"user {example[USER]!r}, item {example[ITEM]!r}); each list must hold distinct items."
+        )
+
+
+def per_user_metrics(
+    recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int] = (10, 20)
+) -> pl.DataFrame:
+    """Accuracy metrics per evaluated user (for paired tests and error analysis).
+
+    Args:
+        recs: ``user_id, item_id, rank`` (1-based).
+        targets: ``user_id, item_id``; duplicates are counted once.
+        ks: Cut-offs.
+
+    Returns:
+        ``user_id, n_targets`` and one column per metric and cut-off (``ndcg@10``, ...), one row
+        per user of ``targets``, sorted by user.
+    """
+    _check_inputs(recs, targets, ks)
+    k_max = max(ks)
+    targets = targets.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String)).unique()
+    users = targets.group_by(USER).agg(pl.len().alias("n_targets")).sort(USER)
+    hits = (
+        recs.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String), RANK)
+        .filter(pl.col(RANK) <= k_max)
+        .join(targets, on=[USER, ITEM], how="inner")
+        .sort(USER, RANK)
+        # j = 1 for a user's best-ranked hit, 2 for the next, ...; used by AP
+        .with_columns(pl.int_range(1, pl.len() + 1).over(USER).alias("j"))
+    )
+    n_targets = users["n_targets"].to_numpy()
+    columns: dict[str, np.ndarray] = {}
+    for k in sorted(set(ks)):
+        agg = (
+            hits.filter(pl.col(RANK) <= k)
+            .group_by(USER)
+            .agg(
+                pl.len().alias("hits"),
+                (1.0 / (pl.col(RANK) + 1).log(2)).sum().alias("dcg"),
+                (pl.col("j") / pl.col(RANK)).sum().alias("ap_sum"),
+                (1.0 / pl.col(RANK).min()).alias("rr"),
+            )
+        )
+        per = users.join(agg, on=USER, how="left", maintain_order="left").fill_null(0)
+        n_hits = per["hits"].to_numpy().astype(np.float64)
+        denom = np.minimum(k, n_targets)
+        columns[f"ndcg@{k}"] = per["dcg"].to_numpy() / _ideal_dcg(k)[denom]
+        columns[f"recall@{k}"] = n_hits / denom
+        columns[f"recall_plain@{k}"] = n_hits / n_targets
+        columns[f"hitrate@{k}"] = (n_hits > 0).astype(np.float64)
+        columns[f"map@{k}"] = per["ap_sum"].to_numpy() / denom
+        columns[f"mrr@{k}"] = per["rr"].to_numpy().astype(np.float64)
+    return users.with_columns(pl.Series(name, values) for name, values in columns.items())
+
+
+def _ideal_dcg(k: int) -> np.ndarray:
+    """``out[m]`` = DCG of ``m`` hits at ranks 1..m, for ``m`` in ``0..k``."""
+    return np.concatenate([[1.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
+
+
+def evaluate(
+    recs: pl.DataFrame,
+    targets: pl.DataFrame,
+    ks: Sequence[int] = (10, 20),
+    n_items: int | None = None,
+    item_popularity: pl.DataFrame | None = None,
+) -> dict[str, float]:
+    """Mean metrics over the users of ``targets`` (see the module docstring for formulas).
+
+    Args:
+        recs: ``user_id, item_id, rank`` (1-based, distinct items per user).
+        targets: ``user_id, item_id``.
+        ks: Cut-offs.
+        n_items: Catalogue size for ``coverage@K``; without it coverage is left out.
+        item_popularity: ``item_id, count`` for ``novelty@K``; without it novelty is left out.
+
+    Returns:
+        Flat ``{"ndcg@10": ..., "recall@10": ..., ..., "users": n}``.
+    """
+    per_user = per_user_metrics(recs, targets, ks)
+    result: dict[str, float] = {}
+    for k in sorted(set(ks)):
+        for metric in ACCURACY_METRICS:
+            result[f"{metric}@{k}"] = float(per_user[f"{metric}@{k}"].mean() or 0.0)
+    top = recs.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String), RANK).join(
+        per_user.select(USER), on=USER, how="semi"
+    )
+    for k in sorted(set(ks)):
+        top_k = top.filter(pl.col(RANK) <= k)
+        if n_items is not None:
+            if n_items < 1:
+                raise ConfigError(f"n_items must be a positive integer; got {n_items}.")
+            result[f"coverage@{k}"] = top_k[ITEM].n_unique() / n_items
+        if item_popularity is not None:
+            result[f"novelty@{k}"] = _novelty(top_k, item_popularity)
+    result["users"] = float(per_user.height)
+    return result
+
+
+def _novelty(top_k: pl.DataFrame, item_popularity: pl.DataFrame) -> float:
+    """Mean self-information ``-log2(count / total)`` of the recommended (user, item) pairs."""
+    require_columns(item_popularity.columns, (ITEM, COUNT), "item_popularity")
+    if top_k.is_empty():
+        return 0.0
+    counts = item_popularity.select(pl.col(ITEM).cast(pl.String), pl.col(COUNT).cast(pl.Float64))
+    total = float(counts[COUNT].sum())
+    if total <= 0:
+        raise DataError("item_popularity counts sum to zero; give positive interaction counts.")
+    info = top_k.join(counts, on=ITEM, how="left").select(
+        -(pl.col(COUNT).fill_null(1.0).clip(lower_bound=1.0) / total).log(2)
+    )
+    return float(info.to_series().mean())
+
+
+def metrics_table(
+    results: Mapping[str, Mapping[str, float]], digits: int = 4, metrics: Sequence[str] = ()
+) -> str:
+    """Format results as a markdown table: one row per model, one column per metric key.
+
+    Args:
+        results: ``{model name: evaluate(...) output}``.
+        digits: Decimals shown.
+        metrics: Columns to show, in order; default every key seen, in first-seen order with
+            ``users`` last.
+
+    Returns:
+        The table as a markdown string (empty cells for metrics a model lacks).
+    """
+    if not metrics:
+        seen: dict[str, None] = {}
+        for values in results.values():
+            seen.update(dict.fromkeys(values))
+        metrics = [m for m in seen if m != "users"] + (["users"] if "users" in seen else [])
+    lines = [
+        "| model | " + " | ".join(metrics) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
+    for name, values in results.items():
+        cells = [_format(values.get(m), digits, m == "users") for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _format(value: float | None, digits: int, integer: bool) -> str:
+    if value is None:
+        return ""
+    return f"{int(value)}" if integer else f"{value:.{digits}f}"
