@@ -113,13 +113,17 @@ class Recommender:
         exclude = None
         if exclude_seen:
             exclude = self.history_.join(user_frame, on=USER, how="semi")
-        personal = self._score(user_frame)
+        personal = self._score(list_depth(user_frame, exclude, k))
         return top_k_with_fallback(
             user_frame, personal, self.popularity_, k, exclude, fill_below=self._fill_below
         )
 
     def _score(self, users: pl.DataFrame) -> pl.DataFrame | None:
-        """Personal ``user_id, item_id, score`` (score > 0) for ``users``; None for none."""
+        """Personal ``user_id, item_id, score`` (score > 0) for ``users``; None for none.
+
+        ``users`` has ``user_id`` and ``depth``: returning each user's best ``depth`` items
+        (ties included) is enough, as at most ``depth - k`` of them are excluded.
+        """
         raise NotImplementedError
 
     def get_params(self) -> dict[str, Any]:
@@ -222,6 +226,22 @@ def popularity_table(scores: pl.DataFrame, tiebreak: str | None = None) -> pl.Da
     )
 
 
+def list_depth(users: pl.DataFrame, exclude: pl.DataFrame | None, k: int) -> pl.DataFrame:
+    """``user_id, depth``: how far down any ranking to read to find ``k`` allowed items.
+
+    A user with ``n`` excluded items finds ``k`` allowed ones among the first ``k + n`` of any
+    ranking of distinct items (if it holds that many).
+    """
+    if exclude is None:
+        return users.select(USER, pl.lit(k, dtype=pl.Int64).alias("depth"))
+    counts = exclude.select(USER, ITEM).unique().group_by(USER).agg(pl.len().alias("n"))
+    return (
+        users.select(USER)
+        .join(counts, on=USER, how="left")
+        .select(USER, (pl.col("n").fill_null(0).cast(pl.Int64) + k).alias("depth"))
+    )
+
+
 def top_k_with_fallback(
     users: pl.DataFrame,
     personal: pl.DataFrame | None,
@@ -251,11 +271,8 @@ def top_k_with_fallback(
     exclude = empty_pairs if exclude is None else exclude.select(USER, ITEM).unique()
     top = _top_personal(users, personal, exclude, k)
     blocked = pl.concat([exclude, top.select(USER, ITEM)])
-    # A user needs at most k + |excluded| popular items to find k - |personal| allowed ones.
-    need = users.join(
-        exclude.group_by(USER).agg(pl.len().alias("n_excl")), on=USER, how="left"
-    ).with_columns(
-        pl.min_horizontal(pl.col("n_excl").fill_null(0) + k, popularity.height).alias("depth")
+    need = list_depth(users, exclude, k).with_columns(
+        pl.col("depth").clip(upper_bound=popularity.height)
     )
     max_pop = popularity[SCORE].max() if popularity.height else None
     scale, shift = 1.0, 0.0

@@ -48,6 +48,9 @@ def _check_inputs(recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int]) 
             f"recommendations have rank values below 1 (min {recs[RANK].min()}); ranks are "
             "1-based positions in each user's list."
         )
+    # hashing the pairs is a cheap first test; the exact search runs only when it fails
+    if recs.select(pl.struct(USER, ITEM).hash().n_unique()).item() == recs.height:
+        return
     dupes = recs.filter(pl.struct(USER, ITEM).is_duplicated())
     if dupes.height:
         example = dupes.row(0, named=True)
