@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test lint install install-dev browser-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: install  ## train on the built-in demo shop (ARGS="--data ... --format ..."
 
 test: install-dev  ## the default test suite (slow and gpu tests excluded)
 	$(BIN)/pytest -q $(ARGS)
+
+browser-deps:  ## Debian's Chromium and ChromeDriver for the browser tests (needs root)
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
 lint: install-dev
 	$(BIN)/ruff check flows tasks models tests benchmarks

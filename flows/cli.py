@@ -94,6 +94,76 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\nMLflow run {result['run_id']} ({result['tracking_uri']}); outputs in "
         f"{result['workdir']}.\nSee it with: mlflow ui --backend-store-uri {result['tracking_uri']}"
     )
+    release = result.get("release")
+    if release:
+        outcome = release["decision"] or "promotion left to the promote flow"
+        if release.get("reason"):
+            outcome += f": {release['reason']}"
+        print(f"Registered {release['model']} version {release['version']} "  # noqa: T201
+              f"({release['family']}), {outcome}.")
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace, config: object) -> str:
+    """``--tracking-uri``, else MLFLOW_TRACKING_URI, else the config's, else ``./mlruns``."""
+    from tasks.tracking import tracking_uri
+
+    return args.tracking_uri or tracking_uri(getattr(config, "tracking_uri", None))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Run the promotion flow for one registered version."""
+    from flows.config import load_config
+    from flows.promote import promote
+
+    config = load_config(args.config)
+    result = promote(version=args.version, model_name=args.model_name or
+                     config.registry.model_name, registry=config.registry,
+                     tracking_uri=_tracking_uri(args, config), split_dir=args.split,
+                     force=args.force)
+    print(f"\n{result['model']} version {result['version']}: {result['decision']} "  # noqa: T201
+          f"({result['reason']})")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """Run the batch recommendation flow."""
+    from flows.recommend import recommend
+
+    result = recommend(users_file=args.users, k=args.k, out=args.out, model_uri=args.model_uri,
+                       tracking_uri=args.tracking_uri)
+    print(f"\nwrote {result['rows']} rows for {result['users']} users from "  # noqa: T201
+          f"{result['model']} version {result['version']} to {result['path']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a registered model over HTTP (replaces this process with the MLflow server)."""
+    from flows.config import load_config
+    from flows.serve import serve
+
+    config = load_config(args.config)
+    serve(model_uri=args.model_uri or config.serve.model_uri, host=args.host or config.serve.host,
+          port=args.port or config.serve.port, tracking_uri=_tracking_uri(args, config),
+          workers=args.workers or config.serve.workers)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Create the Prefect deployments and serve them."""
+    from flows.config import load_config
+    from flows.deploy import deploy
+
+    config = load_config(
+        args.config, data__path=args.data, data__format=args.format,
+        data__column_map=_pairs(args.map, "--map"),
+        data__event_map=_pairs(args.event_map, "--event-map"), output_dir=args.output_dir,
+    )
+    config.tracking_uri = _tracking_uri(args, config)
+    names = deploy(config, cron=args.cron, timezone=args.timezone,
+                   promote_in_train=args.promote_in_train, recommend_k=args.k,
+                   recommend_out=args.out, serve_them=not args.no_serve, limit=args.limit)
+    print(f"\ndeployments: {', '.join(names)}")  # noqa: T201
     return 0
 
 
@@ -111,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
               shoprank train                                   # the built-in demo shop
               shoprank train --data data/UserBehavior.csv.gz --format taobao
               shoprank validate --data events.csv --format csv --map user_id=visitorid
-              shoprank demo-data --out shop/ --events 1000000"""),
+              shoprank demo-data --out shop/ --events 1000000
+              shoprank promote --version 2                     # promote if it beats @champion
+              shoprank recommend --k 20 --out recs.parquet     # batch lists of the champion
+              shoprank serve --port 5001                       # HTTP /invocations on localhost
+              shoprank deploy --cron "0 3 * * *"               # Prefect deployments, served"""),
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,6 +217,81 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, help="seed of every stochastic step (42)")
     tr.add_argument("--output-dir", metavar="DIR", help="folder for tables and models (outputs)")
     tr.set_defaults(func=cmd_train)
+
+    tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"
+    pro = sub.add_parser(
+        "promote", help="promote a registered version if it beats the champion",
+        description="Run the Prefect flow `promote`: score the version (default: the one with "
+        "alias challenger) and the current champion on the version's test window; move the "
+        "alias champion only if the primary metric wins by registry.margin and coverage@10 and "
+        "p99 latency stay within their guardrails. The decision is written on the version.")
+    pro.add_argument("--version", metavar="N", help="model version (default: @challenger)")
+    pro.add_argument("--model-name", metavar="NAME", help="registered model (shoprank)")
+    pro.add_argument("--split", metavar="DIR",
+                     help="test split folder (default: the one recorded on the version)")
+    pro.add_argument("--force", action="store_true", help="decide again on a decided version")
+    pro.add_argument("--config", metavar="FILE", help="YAML file of settings (registry: ...)")
+    pro.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    pro.set_defaults(func=cmd_promote)
+
+    rec = sub.add_parser(
+        "recommend", help="write batch top-K recommendations to Parquet",
+        description="Run the Prefect flow `recommend`: top-K items for every user the model "
+        "knows (or those in --users) from the champion, written to Parquet with a "
+        "model_version column and the model in the file's metadata.")
+    rec.add_argument("--users", metavar="FILE",
+                     help="user ids: Parquet/CSV with a user_id column or a text file, one a line")
+    rec.add_argument("--k", type=int, default=10, help="items per user (10)")
+    rec.add_argument("--out", metavar="PATH",
+                     help="output file (outputs/recommendations/shoprank-vN.parquet)")
+    rec.add_argument("--model-uri", metavar="URI", default="models:/shoprank@champion",
+                     help="registered model to use (models:/shoprank@champion)")
+    rec.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    rec.set_defaults(func=cmd_recommend)
+
+    srv = sub.add_parser(
+        "serve", help="serve the champion over HTTP (MLflow scoring server)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Serve a registered model with `mlflow models serve --env-manager local`
+            (one worker, localhost by default). Ask it for recommendations:
+
+              curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+                -d '{"dataframe_records": [{"user_id": "u000036", "k": 5},
+                     {"user_id": "new", "recent_items": ["i00010", "i00042"], "exclude": []}]}'
+
+            Each record: user_id, optional k (10), recent_items (newest last) and exclude.
+            Unknown users get trending items or neighbours of their recent items; malformed
+            records get HTTP 400 naming the field."""))
+    srv.add_argument("--host", help="address to bind (127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (5001)")
+    srv.add_argument("--model-uri", metavar="URI",
+                     help="registered model to serve (models:/shoprank@champion)")
+    srv.add_argument("--workers", type=int, help="server worker processes (1)")
+    srv.add_argument("--config", metavar="FILE", help="YAML file of settings (serve: ...)")
+    srv.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    srv.set_defaults(func=cmd_serve)
+
+    dep = sub.add_parser(
+        "deploy", help="create and serve the Prefect deployments (nightly train, triggers)",
+        description="On the Prefect API (PREFECT_API_URL, e.g. a `prefect server start`): "
+        "create `train/train` on a cron schedule, `promote/promote` triggered by the event "
+        "shoprank.model.evaluated and `recommend/recommend` triggered by "
+        "shoprank.model.promoted, then serve them from this process until Ctrl-C.")
+    _add_data_flags(dep)
+    dep.add_argument("--config", metavar="FILE", help="YAML file of the nightly training run")
+    dep.add_argument("--cron", default="0 3 * * *", help="schedule of train ('0 3 * * *')")
+    dep.add_argument("--timezone", default="UTC", help="timezone of the schedule (UTC)")
+    dep.add_argument("--promote-in-train", action="store_true",
+                     help="promote inside train instead of in the promote deployment")
+    dep.add_argument("--k", type=int, default=10, help="items per user of recommend (10)")
+    dep.add_argument("--out", metavar="PATH", help="output file of recommend")
+    dep.add_argument("--output-dir", metavar="DIR", help="folder of the training outputs")
+    dep.add_argument("--limit", type=int, help="most flow runs at once (no limit)")
+    dep.add_argument("--no-serve", action="store_true",
+                     help="only create the deployments; a later `shoprank deploy` serves them")
+    dep.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    dep.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -89,6 +89,54 @@ class BaselineConfig(_Strict):
     recent_days: float = Field(7.0, gt=0, description="Window of the recent-popularity baseline.")
 
 
+class RegistryConfig(_Strict):
+    """How the best model is registered and when it replaces the champion."""
+
+    enabled: bool = Field(
+        True, description="Package the best model on validation and register it as challenger."
+    )
+    promote: bool = Field(
+        True, description="Promote inside `train`; false leaves it to the `promote` flow, which "
+        "a deployment runs on the event shoprank.model.evaluated.",
+    )
+    model_name: str = Field("shoprank", description="Name of the registered model in MLflow.")
+    families: list[str] | None = Field(
+        None, description="Model families that may be chosen; empty means every servable one."
+    )
+    margin: float = Field(
+        0.0, ge=0, description="Relative gain of the primary metric the challenger needs over "
+        "the champion (0.01: 1% better).",
+    )
+    coverage_tolerance: float = Field(
+        0.1, ge=0, le=1, description="Largest relative drop of coverage@10 a challenger may have."
+    )
+    latency_tolerance: float = Field(
+        0.5, ge=0, description="Largest relative growth of the p99 latency of one-user requests."
+    )
+    latency_slack_ms: float = Field(
+        5.0, ge=0, description="Latency growth in ms always tolerated (timing noise)."
+    )
+    latency_requests: int = Field(
+        200, gt=0, description="Single-user requests timed per model for the latency guardrail."
+    )
+
+
+class ServeConfig(_Strict):
+    """How the packaged model answers requests and where `shoprank serve` listens."""
+
+    host: str = Field("127.0.0.1", description="Address the model server binds to.")
+    port: int = Field(5001, gt=0, lt=65536, description="Port of the model server.")
+    model_uri: str = Field(
+        "models:/shoprank@champion", description="Registered model (or alias) to serve."
+    )
+    workers: int = Field(1, gt=0, description="Server worker processes (1 on a small machine).")
+    default_k: int = Field(10, gt=0, description="List length when a request gives no k.")
+    max_k: int = Field(1000, gt=0, description="Largest k a request may ask for.")
+    session_items: int = Field(
+        5, gt=0, description="Newest recent_items of an unknown user that the session model uses."
+    )
+
+
 class TrainConfig(_Strict):
     """Everything the ``train`` flow needs; the whole resolved object is logged with each run."""
 
@@ -97,6 +145,8 @@ class TrainConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     seed: int = Field(42, description="Seed of every stochastic step.")
     output_dir: str = Field("outputs", description="Folder for canonical tables, splits, models.")
     tracking_uri: str | None = Field(

@@ -10,9 +10,11 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows.config import TrainConfig, data_name
+from flows.promote import release_best_model
 from models.seed import seed_everything
 from tasks import tracking
 from tasks.evaluate import evaluate_baselines, report_metrics
+from tasks.packaging import ReleaseRun
 from tasks.prepare import catalogue_size, load_data, split_data, validate_data
 
 
@@ -55,11 +57,20 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
             config.baselines.recent_days, workdir / "models", run_id,
         )
         report = report_metrics(scores, protocol, run_id)
+
+        # ---- release: the best model on validation is packaged, registered and promoted ----
+        release = None
+        if config.registry.enabled:
+            release = release_best_model(scores, config, ReleaseRun(
+                run_id, uri, split.folder, workdir / "models", data.name, data.fingerprint,
+                protocol, exclude_seen, config.model_dump(mode="json")))
+        # ---- end of release ----
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     logger.info("run finished; outputs in %s\n%s", workdir, report)
     return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-            "workdir": str(workdir), "protocol": protocol, "scores": scores}
+            "workdir": str(workdir), "protocol": protocol, "scores": scores,
+            "release": release}
 

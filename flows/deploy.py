@@ -1,0 +1,108 @@
+"""``shoprank deploy``: the Prefect deployments that keep a shop's recommender fresh.
+
+* ``train/train``: nightly on a cron schedule; it registers the best model as challenger and
+  announces it with the event ``shoprank.model.evaluated`` (promotion is left to ``promote``
+  unless ``promote_in_train``);
+* ``promote/promote``: triggered by ``shoprank.model.evaluated``, for the version in the event;
+* ``recommend/recommend``: triggered by ``shoprank.model.promoted``, writes the batch lists of
+  the new champion.
+
+By default the deployments are created and then served from this process (``prefect.serve``:
+blocking, each run a subprocess); with ``serve=False`` they are only created, and a later
+``shoprank deploy`` serves them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
+from prefect.types.entrypoint import EntrypointType
+
+from flows.config import TrainConfig
+from flows.promote import promote
+from flows.recommend import recommend
+from flows.train import train
+from tasks import tracking
+from tasks.registry import EVALUATED, PROMOTED
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CRON = "0 3 * * *"
+VERSION_FROM_EVENT = "{{ event.resource['shoprank.model.version'] }}"
+
+
+def _model_events(event: str, model_name: str) -> dict[str, Any]:
+    return {"expect": {event},
+            "match": {"prefect.resource.id": f"mlflow.model-version.{model_name}.*"}}
+
+
+def build_deployments(
+    config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
+    promote_in_train: bool = False, recommend_k: int = 10, recommend_out: str | None = None,
+) -> list[RunnerDeployment]:
+    """The three deployments, with absolute paths and the tracking URI baked in.
+
+    The URI is ``config.tracking_uri``, else MLFLOW_TRACKING_URI, else ``./mlruns``.
+    """
+    uri = config.tracking_uri or tracking.tracking_uri()
+    name = config.registry.model_name
+    nightly = config.model_copy(deep=True)
+    nightly.tracking_uri = uri
+    nightly.output_dir = str(Path(config.output_dir).resolve())
+    nightly.registry.promote = promote_in_train
+    common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["shoprank"]}
+    return [
+        train.to_deployment(
+            name="train", schedules=[Cron(cron, timezone=timezone)],
+            parameters={"config": nightly.model_dump(mode="json")},
+            description=f"Retrain nightly ({cron} {timezone}) and register the best model.",
+            **common),
+        promote.to_deployment(
+            name="promote",
+            parameters={"model_name": name, "tracking_uri": uri,
+                        "registry": config.registry.model_dump(mode="json")},
+            triggers=[DeploymentEventTrigger(
+                name="promote-on-evaluation", **_model_events(EVALUATED, name),
+                parameters={"version": VERSION_FROM_EVENT})],
+            description="Promote a registered version when its evaluation event arrives.",
+            **common),
+        recommend.to_deployment(
+            name="recommend",
+            parameters={"model_uri": f"models:/{name}@champion", "tracking_uri": uri,
+                        "k": recommend_k, "out": recommend_out},
+            triggers=[DeploymentEventTrigger(
+                name="recommend-after-promotion", **_model_events(PROMOTED, name))],
+            description="Write batch recommendations of the champion after each promotion.",
+            **common),
+    ]
+
+
+def deploy(config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
+           promote_in_train: bool = False, recommend_k: int = 10,
+           recommend_out: str | None = None, serve_them: bool = True,
+           limit: int | None = None) -> list[str]:
+    """Create the deployments on the Prefect API and (by default) serve them until stopped.
+
+    Returns:
+        The deployment names (``flow/deployment``) once created (or when serving stops).
+    """
+    deployments = build_deployments(config, cron, timezone, promote_in_train, recommend_k,
+                                    recommend_out)
+    # the flow runs of served deployments are subprocesses: they read the store from here
+    os.environ["MLFLOW_TRACKING_URI"] = config.tracking_uri or tracking.tracking_uri()
+    names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    if not serve_them:
+        for deployment in deployments:
+            deployment.apply()
+        logger.info("created %s; run `shoprank deploy` to serve them", ", ".join(names))
+        return names
+    logger.info("serving %s (Ctrl-C stops)", ", ".join(names))
+    serve(*deployments, limit=limit)
+    return names

@@ -1,0 +1,294 @@
+"""Package a trained model as one self-contained MLflow pyfunc and register it.
+
+The pyfunc holds a serving bundle (:mod:`models.serving`): the chosen model's saved folder, the
+trending fallback, the co-visitation session model, the known users and items and the resolved
+config. It is saved with a signature, an input example, explicit pip requirements (so logging does
+not spend seconds inferring them) and the project's ``models`` and ``tasks`` code, then logged to
+the training run and registered as a new version of the registered model with alias
+``challenger``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import mlflow
+import pandas as pd
+import polars as pl
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    ErrorCode,
+)
+from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
+
+from models.baselines import CoVisitation, Popularity
+from models.columns import ITEM, TIMESTAMP, USER
+from models.errors import ConfigError
+from models.serving import FAMILIES, RequestError, ServingModel, family_class
+from tasks.tracking import PROJECT_ROOT
+
+logger = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+ARTIFACT_PATH = "model"
+BASE_REQUIREMENTS = ("mlflow", "polars", "pandas", "numpy", "pyarrow", "pydantic")
+OPTIONAL_REQUIREMENTS = ("torch", "lightgbm")
+SPLIT_DIR_TAG = "shoprank.split_dir"
+
+
+class ShoprankPyfunc(mlflow.pyfunc.PythonModel):
+    """The served model: request records in, ranked items out (see :mod:`models.serving`)."""
+
+    def load_context(self, context: Any) -> None:
+        """Load the serving bundle stored as the artifact ``bundle``."""
+        self.serving = ServingModel.load(Path(context.artifacts["bundle"]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Answer request records (a DataFrame, or a list of dicts when called directly).
+
+        Returns:
+            ``user_id, item_id, score, rank``, one row per recommended item.
+
+        Raises:
+            MlflowException: ``INVALID_PARAMETER_VALUE`` (HTTP 400) naming the malformed field.
+        """
+        if isinstance(model_input, pd.DataFrame):  # column-wise: faster than to_dict("records")
+            columns = {name: model_input[name].tolist() for name in model_input.columns}
+            rows = zip(*columns.values(), strict=True)
+            records = [dict(zip(columns, row, strict=True)) for row in rows]
+        elif isinstance(model_input, dict):
+            records = [model_input]
+        else:
+            records = list(model_input)
+        try:
+            return pd.DataFrame(self.serving.predict(records).to_dict(as_series=False))
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from err
+
+
+def model_signature() -> ModelSignature:
+    """Input: ``user_id`` (required), ``k``, ``recent_items``, ``exclude``; output: ranked items.
+
+    The optional fields are typed ``Any`` so that records may leave them out (MLflow would turn a
+    missing integer into NaN and reject it); the model validates them and names the field.
+    """
+    inputs = Schema([
+        ColSpec(DataType.string, USER),
+        ColSpec(AnyType(), "k", required=False),
+        ColSpec(AnyType(), "recent_items", required=False),
+        ColSpec(AnyType(), "exclude", required=False),
+    ])
+    outputs = Schema([ColSpec(DataType.string, USER), ColSpec(DataType.string, ITEM),
+                      ColSpec(DataType.double, "score"), ColSpec(DataType.long, "rank")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pip_requirements(family: str) -> list[str]:
+    """Pinned requirements of the pyfunc: the base stack plus what the family's module imports."""
+    module = __import__(family_class(family).__module__, fromlist=["_"])
+    imported = {value.__name__.split(".")[0] for value in vars(module).values()
+                if isinstance(value, ModuleType)}
+    names = list(BASE_REQUIREMENTS) + [n for n in OPTIONAL_REQUIREMENTS if n in imported]
+    return [f"{name}=={metadata.version(name)}" for name in names]
+
+
+def _load_or_fit(folder: Path, factory: Any, history: pl.DataFrame) -> Any:
+    if (folder / "params.json").is_file():
+        return type(factory).load(folder)
+    logger.info("%s not found; fitting %s on the test history", folder, type(factory).__name__)
+    return factory.fit(history)
+
+
+def build_bundle(
+    folder: Path, *, family: str, model_dir: Path, model_root: Path, split_dir: Path,
+    config: dict[str, Any], exclude_seen: bool, **settings: Any,
+) -> Path:
+    """Write the serving bundle of the model saved in ``model_dir`` (fitted on the test history).
+
+    The fallback and session models are the run's ``recent_popularity`` and ``covisitation``
+    baselines under ``model_root`` (fitted on the test history when missing); the known users
+    and items come from the test history and the catalogue beside the split.
+    """
+    history = pl.read_parquet(split_dir / "test_history.parquet")
+    recent_days = config.get("baselines", {}).get("recent_days", 7.0)
+    trending = _load_or_fit(model_root / "recent_popularity", Popularity(window_days=recent_days),
+                            history).popularity_
+    neighbours = _load_or_fit(model_root / "covisitation", CoVisitation(), history).neighbours_
+    items = history[ITEM]
+    catalogue = split_dir.parent / "items.parquet"
+    if catalogue.is_file():
+        items = pl.concat([items, pl.read_parquet(catalogue, columns=[ITEM])[ITEM]])
+    serve = config.get("serve", {})
+    return ServingModel.build(
+        folder, family=family, model_dir=model_dir, trending=trending, neighbours=neighbours,
+        users=history[USER], items=items, config=config, exclude_seen=exclude_seen,
+        default_k=serve.get("default_k", 10), max_k=serve.get("max_k", 1000),
+        session_items=serve.get("session_items", 5), **settings)
+
+
+def input_example(split_dir: Path, n_recent: int = 3) -> pd.DataFrame:
+    """Two request records: a known user, and an unknown user with a live session."""
+    history = pl.read_parquet(split_dir / "test_history.parquet", columns=[USER, ITEM, TIMESTAMP])
+    last = history.sort(TIMESTAMP).tail(n_recent)
+    return pd.DataFrame([
+        {USER: last[USER][-1], "k": 10, "recent_items": None, "exclude": None},
+        {USER: "a-new-visitor", "k": 5, "recent_items": last[ITEM].to_list(), "exclude": []},
+    ])
+
+
+@dataclass
+class PackagedModel:
+    """A registered version and what it costs to ship."""
+
+    name: str
+    version: str
+    model_uri: str
+    artifact_bytes: int
+    load_seconds: float
+
+
+def save_pyfunc(bundle: Path, path: Path, family: str, example: pd.DataFrame) -> None:
+    """Save the bundle as an MLflow pyfunc model in the new folder ``path``."""
+    mlflow.pyfunc.save_model(
+        path=str(path), python_model=ShoprankPyfunc(), artifacts={"bundle": str(bundle)},
+        signature=model_signature(), input_example=example,
+        pip_requirements=pip_requirements(family),
+        code_paths=[str(PROJECT_ROOT / "models"), str(PROJECT_ROOT / "tasks")],
+    )
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model ``name`` unless it exists (safe against a concurrent create)."""
+    try:
+        client.create_registered_model(
+            name, description="shoprank top-K recommender; aliases champion and challenger.")
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def package_and_register(
+    run_id: str, bundle: Path, split_dir: Path, *, family: str, model_name: str,
+    tracking_uri: str, tags: dict[str, str], description: str,
+) -> PackagedModel:
+    """Save, log (to ``run_id``) and register the bundle; point alias ``challenger`` at it."""
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="shoprank-pyfunc-") as tmp:
+        local = Path(tmp) / ARTIFACT_PATH
+        save_pyfunc(bundle, local, family, input_example(split_dir))
+        size = folder_bytes(local)
+        start = time.perf_counter()
+        mlflow.pyfunc.load_model(str(local))
+        load_seconds = time.perf_counter() - start
+        client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
+    client.log_metric(run_id, "serving.artifact_bytes", size)
+    client.log_metric(run_id, "serving.load_seconds", load_seconds)
+    ensure_registered_model(client, model_name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
+    version = client.create_model_version(
+        model_name, source, run_id=run_id, description=description,
+        tags={**tags, "serving.artifact_bytes": str(size),
+              "serving.load_seconds": f"{load_seconds:.3f}", SPLIT_DIR_TAG: str(split_dir)},
+    ).version
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    logger.info("registered %s version %s (%s, %.1f MB, loads in %.2f s)", model_name, version,
+                family, size / 1e6, load_seconds)
+    return PackagedModel(model_name, str(version), f"models:/{model_name}/{version}", size,
+                         load_seconds)
+
+
+def load_serving(model_uri: str, tracking_uri: str) -> tuple[Any, ServingModel]:
+    """Load ``models:/NAME/N`` or ``models:/NAME@ALIAS`` from the store at ``tracking_uri``.
+
+    Returns the pyfunc and the :class:`ServingModel` inside it. The global MLflow tracking URI is
+    left alone.
+    """
+    from tasks.registry import load_version, resolve_model
+
+    client = MlflowClient(tracking_uri)
+    name, version = resolve_model(model_uri, client)
+    pyfunc = load_version(client, name, version)
+    return pyfunc, pyfunc.unwrap_python_model().serving
+
+
+@dataclass
+class ReleaseRun:
+    """What the release step needs to know about the training run that produced the models."""
+
+    run_id: str
+    tracking_uri: str
+    split_dir: Path
+    model_root: Path
+    data_name: str
+    fingerprint: str
+    protocol: str
+    exclude_seen: bool
+    config: dict[str, Any]
+
+
+def select_best(scores: dict[str, dict[str, dict[str, float]]], metric: str,
+                families: list[str] | None = None) -> str:
+    """The servable model with the best validation ``metric`` (the first one on ties)."""
+    unknown = [name for name in scores if name not in FAMILIES]
+    if unknown:
+        logger.warning("not servable, left out of the selection: %s (register them with "
+                       "models.serving.register_family)", ", ".join(unknown))
+    allowed = [n for n in scores if n in FAMILIES and (families is None or n in families)]
+    if not allowed:
+        raise ConfigError(
+            f"no servable model to register among {', '.join(scores) or '(none)'} "
+            f"(registry.families = {families}). Allow one of {', '.join(sorted(FAMILIES))}.")
+    missing = [n for n in allowed if metric not in scores[n].get("valid", {})]
+    if missing:
+        known = ", ".join(scores[missing[0]].get("valid", {}))
+        raise ConfigError(f"evaluation.primary_metric {metric!r} was not computed for "
+                          f"{', '.join(missing)}; choose one of {known}.")
+    return max(allowed, key=lambda name: scores[name]["valid"][metric])
+
+
+def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRun
+                  ) -> tuple[str, PackagedModel]:
+    """Package the best model on validation and register it; returns its family and version."""
+    cfg = run.config
+    metric = cfg.get("evaluation", {}).get("primary_metric", "ndcg@10")
+    registry = cfg.get("registry", {})
+    family = select_best(scores, metric, registry.get("families"))
+    bundle = build_bundle(
+        run.split_dir.parent / f"serving-bundle-{run.run_id[:12]}", family=family,
+        model_dir=run.model_root / family, model_root=run.model_root, split_dir=run.split_dir,
+        config=cfg,
+        exclude_seen=run.exclude_seen, model_name=family, run_id=run.run_id)
+    key = metric.replace("@", "_at_")
+    tags = {"model.family": family, "data.name": run.data_name,
+            "data.fingerprint": run.fingerprint, "protocol": run.protocol,
+            "primary_metric": metric, f"valid.{key}": f"{scores[family]['valid'][metric]:.6g}",
+            f"test.{key}": f"{scores[family]['test'][metric]:.6g}",
+            "ks": ",".join(str(k) for k in cfg.get("evaluation", {}).get("ks", [10, 20])),
+            "exclude_seen": str(run.exclude_seen).lower()}
+    description = (
+        f"{family} chosen on validation {metric} = {scores[family]['valid'][metric]:.4f} "
+        f"(test {scores[family]['test'][metric]:.4f}) among {', '.join(scores)}; data "
+        f"{run.data_name} ({run.fingerprint[:12]}), protocol {run.protocol}, run {run.run_id}.")
+    packaged = package_and_register(
+        run.run_id, bundle, run.split_dir, family=family,
+        model_name=registry.get("model_name", "shoprank"), tracking_uri=run.tracking_uri,
+        tags=tags, description=description)
+    return family, packaged

@@ -1,0 +1,230 @@
+"""Registration and metric-gated promotion: real MLflow store, real pyfuncs, real locks.
+
+``register_version`` (also used by the serving, deployment and browser tests) registers a baseline
+the way ``train`` does, without the Prefect flow: split the demo shop, fit the models on the test
+history, package and register.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+
+from flows.config import load_config
+from models.errors import ConfigError, ShoprankError
+from tasks import tracking
+from tasks.evaluate import baseline_factories, score_model
+from tasks.packaging import ReleaseRun, register_best, select_best
+from tasks.prepare import read_split, write_split
+from tasks.registry import (
+    DECISION_TAG,
+    PromotionPolicy,
+    alias_version,
+    decide,
+    lock_path,
+    promote_version,
+    registry_lock,
+)
+from tasks.split import cut_times, time_split
+
+FAST = PromotionPolicy(latency_requests=20, latency_tolerance=5.0, latency_slack_ms=50.0)
+
+
+def prepare_run(root: Path, shop_dir: Path, families: tuple[str, ...]
+                ) -> tuple[Path, dict[str, dict[str, dict[str, float]]]]:
+    """Split the shop under ``root``, score and save ``families`` and the fallback models."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "split" / "info.json").is_file():
+        shutil.copy(shop_dir / "events.parquet", root / "events.parquet")
+        shutil.copy(shop_dir / "items.parquet", root / "items.parquet")
+        events = pl.read_parquet(root / "events.parquet")
+        write_split(time_split(events, *cut_times(events)), root / "split")
+    split = read_split(root / "split")
+    factories = baseline_factories(7.0)
+    n_items = pl.read_parquet(root / "events.parquet")["item_id"].n_unique()
+    scores = {}
+    for name in {*families, "recent_popularity", "covisitation"}:
+        scores[name], model = score_model(factories[name], split, [10, 20], n_items, False)
+        model.save(root / "models" / name)
+    return root / "split", scores
+
+
+def register_version(root: Path, shop_dir: Path, uri: str, family: str,
+                     model_name: str = "shoprank") -> str:
+    """Register ``family`` fitted on the shop as train's release step does; returns the version."""
+    run_root = root / family
+    split_dir, scores = prepare_run(run_root, shop_dir, (family,))
+    client = MlflowClient(uri)  # no mlflow.set_tracking_uri: nothing leaks into other tests
+    found = client.get_experiment_by_name("demo")
+    experiment = found.experiment_id if found else client.create_experiment(
+        "demo", artifact_location=f"{tracking.artifact_root(uri)}/demo")
+    run_id = client.create_run(experiment).info.run_id
+    config = load_config(None, registry__model_name=model_name,
+                         registry__families=[family]).model_dump(mode="json")
+    _, packaged = register_best(scores, ReleaseRun(
+        run_id, uri, split_dir, run_root / "models", "demo", "f" * 64, "time", False, config))
+    client.set_terminated(run_id, "FINISHED")
+    return packaged.version
+
+
+def test_decide_applies_margin_and_guardrails():
+    champion = {"ndcg@10": 0.20, "coverage@10": 0.50, "latency_p99_ms": 10.0}
+    policy = PromotionPolicy(margin=0.05, coverage_tolerance=0.1, latency_tolerance=0.5,
+                             latency_slack_ms=0.0)
+    assert decide(champion, None, policy)[0]
+    assert decide({**champion, "ndcg@10": 0.22}, champion, policy)[0]
+    promote, reason = decide({**champion, "ndcg@10": 0.205}, champion, policy)
+    assert not promote
+    assert "margin" in reason
+    promote, reason = decide({**champion, "ndcg@10": 0.3, "coverage@10": 0.40}, champion, policy)
+    assert not promote
+    assert "coverage@10" in reason
+    promote, reason = decide({**champion, "ndcg@10": 0.3, "latency_p99_ms": 16.0}, champion,
+                             policy)
+    assert not promote
+    assert "latency" in reason
+    assert decide({**champion, "ndcg@10": 0.3, "latency_p99_ms": 14.9}, champion, policy)[0]
+
+
+def test_select_best_uses_validation_and_skips_unservable():
+    scores = {"popularity": {"valid": {"ndcg@10": 0.1}}, "buy_again": {"valid": {"ndcg@10": 0.3}},
+              "mystery": {"valid": {"ndcg@10": 0.9}}}
+    assert select_best(scores, "ndcg@10") == "buy_again"
+    assert select_best(scores, "ndcg@10", ["popularity"]) == "popularity"
+    with pytest.raises(ConfigError, match="primary_metric"):
+        select_best(scores, "mrr@5")
+    with pytest.raises(ConfigError, match="no servable model"):
+        select_best({"mystery": scores["mystery"]}, "ndcg@10")
+
+
+def test_lock_is_exclusive_and_lives_beside_the_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert lock_path(uri, "shoprank").parent == tmp_path
+    assert lock_path("http://127.0.0.1:5000", "shoprank").name.startswith("shoprank-registry-")
+    inside: list[tuple[str, float, float]] = []
+
+    def hold(name: str) -> None:
+        with registry_lock(uri, "shoprank"):
+            start = time.monotonic()
+            time.sleep(0.3)
+            inside.append((name, start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (_, s1, e1), (_, s2, _) = sorted(inside, key=lambda x: x[1])
+    assert s2 >= e1  # the second holder entered only after the first left
+    with (registry_lock(uri, "shoprank"), pytest.raises(ShoprankError, match="could not lock"),
+          registry_lock(uri, "shoprank", timeout_s=0.2)):
+        pass
+
+
+def test_first_model_becomes_champion_and_better_one_replaces_it(tmp_path, mlflow_store,
+                                                                demo_shop_dir):
+    client = MlflowClient(mlflow_store)
+    v1 = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
+    assert alias_version(client, "shoprank", "challenger") == v1
+    first = promote_version("shoprank", None, mlflow_store, FAST)
+    assert (first.version, first.decision) == (v1, "promoted")
+    assert alias_version(client, "shoprank", "champion") == v1
+
+    v2 = register_version(tmp_path, demo_shop_dir, mlflow_store, "buy_again")
+    second = promote_version("shoprank", v2, mlflow_store, FAST)
+    assert second.decision == "promoted", second.reason
+    assert second.challenger["ndcg@10"] > second.champion["ndcg@10"]
+    assert alias_version(client, "shoprank", "champion") == v2
+    tags = client.get_model_version("shoprank", v2).tags
+    assert tags[DECISION_TAG] == "promoted"
+    assert tags["promotion.champion_version"] == v1
+    assert float(tags["promotion.challenger.ndcg_at_10"]) > float(
+        tags["promotion.champion.ndcg_at_10"])
+    assert "PROMOTED against champion 1" in client.get_model_version("shoprank", v2).description
+    assert client.get_model_version("shoprank", v1).tags["promotion.replaced_by"] == v2
+
+    v3 = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
+    third = promote_version("shoprank", v3, mlflow_store, FAST)
+    assert third.decision == "rejected"
+    assert alias_version(client, "shoprank", "champion") == v2
+    assert alias_version(client, "shoprank", "challenger") == v3
+    assert client.get_model_version("shoprank", v3).tags[DECISION_TAG] == "rejected"
+    again = promote_version("shoprank", v3, mlflow_store, FAST)
+    assert again.decision == "unchanged"
+
+
+def test_concurrent_promotions_leave_consistent_aliases(tmp_path, mlflow_store, demo_shop_dir):
+    worse = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
+    better = register_version(tmp_path, demo_shop_dir, mlflow_store, "buy_again")
+    barrier = threading.Barrier(2)
+    decisions, errors = {}, []
+
+    def run(version: str) -> None:
+        barrier.wait()
+        try:
+            decisions[version] = promote_version("shoprank", version, mlflow_store, FAST)
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in (worse, better)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors
+    client = MlflowClient(mlflow_store)
+    assert alias_version(client, "shoprank", "champion") == better
+    tags = {v: client.get_model_version("shoprank", v).tags for v in (worse, better)}
+    assert tags[better][DECISION_TAG] == "promoted"
+    # whichever ran first: the worse one was either first (promoted, then replaced) or rejected
+    if tags[worse][DECISION_TAG] == "promoted":
+        assert tags[worse]["promotion.replaced_by"] == better
+        assert tags[better]["promotion.champion_version"] == worse
+    else:
+        assert tags[worse][DECISION_TAG] == "rejected"
+        assert tags[worse]["promotion.champion_version"] == better
+
+
+def test_promote_without_any_model_is_a_clear_error(tmp_path, mlflow_store):
+    with pytest.raises(ConfigError, match="no version with alias 'challenger'"):
+        promote_version("shoprank", None, mlflow_store, FAST)
+    with pytest.raises(ConfigError, match="no version 9"):
+        promote_version("shoprank", "9", mlflow_store, FAST)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_second_training_run_registers_v2_and_promotes_only_if_it_wins(tmp_path, mlflow_store,
+                                                                     demo_shop_dir):
+    from flows.train import train
+    from tasks.demo_data import write_demo_shop
+
+    changed = tmp_path / "changed-shop"
+    write_demo_shop(changed, n_events=20_000, seed=2)
+    common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
+              "data__name": "demo", "registry__latency_requests": 20}
+    first = train(load_config(None, data__path=str(demo_shop_dir), **common))["release"]
+    assert (first["version"], first["decision"]) == ("1", "promoted")
+    second = train(load_config(None, data__path=str(changed), **common))["release"]
+    assert second["version"] == "2"
+
+    client = MlflowClient(mlflow_store)
+    tags = client.get_model_version("shoprank", "2").tags
+    assert tags[DECISION_TAG] == second["decision"]
+    assert tags["data.fingerprint"] != client.get_model_version("shoprank", "1").tags[
+        "data.fingerprint"]
+    ours = float(tags["promotion.challenger.ndcg_at_10"])
+    theirs = float(tags["promotion.champion.ndcg_at_10"])
+    if second["decision"] == "promoted":
+        assert ours > theirs
+        assert alias_version(client, "shoprank", "champion") == "2"
+    else:
+        assert second["decision"] == "rejected"
+        assert alias_version(client, "shoprank", "champion") == "1"
+    assert alias_version(client, "shoprank", "challenger") == "2"
+    assert second["decision"].upper() in client.get_model_version("shoprank", "2").description

@@ -1,0 +1,317 @@
+"""Serving: the pure answering logic, the pyfunc, and the real HTTP server on localhost.
+
+The process helpers here (free port, process groups, waiting for HTTP) are shared with the
+deployment and browser tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from flows.cli import run
+from flows.recommend import MODEL_VERSION, batch_recommend
+from models.baselines import CoVisitation, Popularity
+from models.errors import ConfigError
+from models.serving import (
+    FAMILIES,
+    RequestError,
+    ServingModel,
+    family_class,
+    parse_requests,
+    register_family,
+)
+from tasks.packaging import load_serving
+from tests.test_registry import register_version
+
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------- process helpers (shared)
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_group(command: list[str], log: Path, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``command`` in a new session (its own process group), output to ``log``."""
+    handle = log.open("wb")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop the whole process group of ``proc``: SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+            time.sleep(0.2)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # children may outlive the leader for a moment
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    """Wait until ``url`` answers 200; fail with the log if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"process exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def post(url: str, body: bytes | dict) -> tuple[int, dict | str]:
+    """POST JSON; returns the status and the decoded answer."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+# ---------------------------------------------------------------- the pure serving logic
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory, demo_shop_dir) -> ServingModel:
+    events = pl.read_parquet(demo_shop_dir / "events.parquet")
+    root = tmp_path_factory.mktemp("bundle")
+    covis = CoVisitation().fit(events)
+    covis.save(root / "covisitation")
+    bundle = ServingModel.build(
+        root / "bundle", family="covisitation", model_dir=root / "covisitation",
+        trending=Popularity(window_days=7).fit(events).popularity_,
+        neighbours=covis.neighbours_, users=events["user_id"], items=events["item_id"],
+        config={"seed": 1}, exclude_seen=False, max_k=50)
+    return ServingModel.load(bundle)
+
+
+def _items(frame: pl.DataFrame, user: str) -> list[str]:
+    return frame.filter(pl.col("user_id") == user).sort("rank")["item_id"].to_list()
+
+
+def test_known_user_gets_the_model_list(serving):
+    user = serving.users[0]
+    answer = serving.predict([{"user_id": user}])
+    expected = serving.model.recommend([user], k=10)
+    assert answer["rank"].to_list() == list(range(1, 11))
+    assert _items(answer, user) == _items(expected, user)
+
+
+def test_unknown_user_gets_trending_items_or_session_neighbours(serving):
+    answer = serving.predict([{"user_id": "never-seen", "k": 5}])
+    assert _items(answer, "never-seen") == serving.trending["item_id"].head(5).to_list()
+    item = serving.neighbours["item_id"][0]
+    session = serving.predict([{"user_id": "visitor", "recent_items": ["not-an-item", item]}])
+    top = serving.neighbours.filter(pl.col("item_id") == item).sort(
+        ["score", "neighbour"], descending=[True, False])["neighbour"].head(1).to_list()
+    assert _items(session, "visitor")[:1] == top
+    assert session.height == 10
+
+
+def test_k_exclude_and_monotone_scores(serving):
+    user = serving.users[1]
+    first = _items(serving.predict([{"user_id": user, "k": 5}]), user)
+    answer = serving.predict([{"user_id": user, "k": 5, "exclude": first[:3]},
+                              {"user_id": "new", "k": 3, "exclude": serving.trending[
+                                  "item_id"].head(2).to_list()}])
+    assert not set(_items(answer, user)) & set(first[:3])
+    assert len(_items(answer, user)) == 5
+    assert _items(answer, "new") == serving.trending["item_id"][2:5].to_list()
+    for _, group in answer.group_by("user_id"):
+        scores = group.sort("rank")["score"].to_list()
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_cached_and_live_model_lists_agree(serving):
+    item = serving.neighbours["item_id"][0]
+    records = [{"user_id": serving.users[0], "k": 4, "exclude": [serving.trending["item_id"][0]]},
+               {"user_id": serving.users[2], "k": 30},  # deeper than the cache: asks the model
+               {"user_id": "nobody", "k": 12, "recent_items": [item]},
+               {"user_id": "no-one", "k": 3, "exclude": serving.trending["item_id"].head(2)
+                .to_list()}]
+    cached = serving.predict(records)
+    lists, serving._lists = serving._lists, {}
+    try:
+        live = serving.predict(records)
+    finally:
+        serving._lists = lists
+    assert len(lists) == serving.users.len()
+    assert cached.equals(live)
+
+
+def test_batch_lists_cover_every_user(serving):
+    frame = serving.recommend_users(serving.users, k=7)
+    assert frame["user_id"].n_unique() == serving.users.len()
+    assert frame.height == 7 * serving.users.len()
+
+
+@pytest.mark.parametrize(("records", "field"), [
+    ([{"k": 3}], "user_id"),
+    ([{"user_id": None}], "user_id"),
+    ([{"user_id": "u", "k": -1}], "k"),
+    ([{"user_id": "u", "k": "abc"}], "k"),
+    ([{"user_id": "u", "k": 2.5}], "k"),
+    ([{"user_id": "u", "k": True}], "k"),
+    ([{"user_id": "u", "k": 51}], "k"),
+    ([{"user_id": "u", "recent_items": "i1"}], "recent_items"),
+    ([{"user_id": "u", "exclude": {"a": 1}}], "exclude"),
+    ([{"user_id": "u", "exclude": [None]}], "exclude item"),
+    ([{"user_id": "u"}, {"user_id": "u"}], "user_id"),
+    ([], "user_id"),
+    (["just a string"], "user_id"),
+])
+def test_malformed_records_name_the_field(serving, records, field):
+    with pytest.raises(RequestError) as caught:
+        serving.predict(records)
+    assert caught.value.field == field
+    assert field.split()[0] in str(caught.value)
+
+
+def test_missing_optional_fields_take_defaults():
+    parsed = parse_requests([{"user_id": 7, "k": float("nan"), "recent_items": None,
+                              "exclude": float("nan")}, {"user_id": "b", "k": 3.0}])
+    assert parsed[0].user_id == "7"
+    assert (parsed[0].k, parsed[0].recent_items, parsed[0].exclude) == (10, (), ())
+    assert parsed[1].k == 3
+
+
+def test_families_plug_in_by_name():
+    with pytest.raises(ConfigError, match="register_family"):
+        family_class("no-such-family")
+    register_family("my-popularity", Popularity)
+    try:
+        assert family_class("my-popularity") is Popularity
+        assert family_class("covisitation") is CoVisitation
+    finally:
+        FAMILIES.pop("my-popularity")
+
+
+# ---------------------------------------------------------------- the pyfunc and the server
+@pytest.fixture(scope="module")
+def champion_store(tmp_path_factory, demo_shop_dir) -> str:
+    root = tmp_path_factory.mktemp("serving-store")
+    (root / "mlruns").mkdir()
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    version = register_version(root, demo_shop_dir, uri, "buy_again")
+    MlflowClient(uri).set_registered_model_alias("shoprank", "champion", version)
+    return uri
+
+
+def test_pyfunc_answers_and_rejects_with_400(champion_store):
+    pyfunc, serving = load_serving("models:/shoprank@champion", champion_store)
+    user = serving.users[0]
+    answer = pyfunc.predict(pd.DataFrame([{"user_id": user, "k": 4}]))
+    assert list(answer.columns) == ["user_id", "item_id", "score", "rank"]
+    assert answer["rank"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(MlflowException, match="k must be an integer") as caught:
+        pyfunc.predict(pd.DataFrame([{"user_id": user, "k": 0}]))
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_batch_recommend_for_a_users_file(champion_store, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("u000036\nsomeone-new\n\nu000036\n")
+    out = tmp_path / "recs.parquet"
+    result = batch_recommend.fn("models:/shoprank@champion", champion_store, str(users), 5,
+                                str(out))
+    frame = pl.read_parquet(out)
+    assert (result["users"], result["rows"], frame.height) == (2, 10, 10)
+    assert set(frame[MODEL_VERSION]) == {result["version"]}
+    with pytest.raises(ConfigError, match="no version with alias 'nope'"):
+        batch_recommend.fn("models:/shoprank@nope", champion_store, None, 5, str(out))
+
+
+def test_serve_without_a_model_is_one_clear_message(tmp_path, capsys, monkeypatch, mlflow_store):
+    def no_exec(*args: object) -> None:
+        raise AssertionError(f"the server would have started: {args}")
+
+    monkeypatch.setattr(os, "execvpe", no_exec)  # never replace the test process
+    code = run(["serve", "--tracking-uri", f"sqlite:///{tmp_path / 'empty.db'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "alias 'champion'" in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, champion_store):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    proc = start_group([str(BIN / "shoprank"), "serve", "--host", "127.0.0.1", "--port",
+                        str(port), "--tracking-uri", champion_store], log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
+
+
+def test_server_answers_good_requests(server, champion_store):
+    _, serving = load_serving("models:/shoprank@champion", champion_store)
+    known, item = serving.users[0], serving.neighbours["item_id"][0]
+    records = [{"user_id": known}, {"user_id": "stranger", "k": 3},
+               {"user_id": "visitor", "k": 5, "recent_items": [item]},
+               {"user_id": serving.users[1], "k": 4, "exclude": [serving.trending["item_id"][0]]}]
+    status, body = post(f"{server}/invocations", {"dataframe_records": records})
+    assert status == 200, body
+    got = pl.DataFrame(body["predictions"])
+    expected = serving.predict(records)
+    assert got.select("user_id", "item_id", "rank").equals(
+        expected.select("user_id", "item_id", "rank"))
+    assert len(_items(got, known)) == 10
+    assert _items(got, "stranger") == serving.trending["item_id"].head(3).to_list()
+    assert serving.trending["item_id"][0] not in _items(got, serving.users[1])
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ({"dataframe_records": [{"k": 3}]}, "user_id"),
+    ({"dataframe_records": [{"user_id": "u", "k": -1}]}, "k must be an integer"),
+    ({"dataframe_records": [{"user_id": "u", "k": "abc"}]}, "k must be an integer"),
+    ({"dataframe_records": [{"user_id": "u", "k": 10**9}]}, "k must be an integer"),
+    ({"dataframe_records": [{"user_id": "u", "recent_items": "i1"}]}, "recent_items"),
+    (b"this is not json", "JSON"),
+    ({"records": [{"user_id": "u"}]}, "dataframe_records"),
+])
+def test_server_rejects_bad_requests_with_4xx(server, body, needle):
+    status, answer = post(f"{server}/invocations", body)
+    assert 400 <= status < 500, answer
+    assert needle in json.dumps(answer)
+    status, _ = post(f"{server}/invocations", {"dataframe_records": [{"user_id": "still-up"}]})
+    assert status == 200
