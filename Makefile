@@ -35,12 +35,15 @@ install-dev: $(VENV)/.installed-dev
 run: install  ## train on the built-in demo shop (ARGS="--data ... --format ..." for your own)
 	$(BIN)/shoprank train $(ARGS)
 
-test: install-dev  ## the default test suite (slow and gpu tests excluded)
+test: install-dev browser-deps  ## the default test suite (slow and gpu tests excluded)
 	$(BIN)/pytest -q $(ARGS)
 
-browser-deps:  ## Debian's Chromium and ChromeDriver for the browser tests (needs root)
-	apt-get update
-	DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+browser-deps:  ## Debian's Chromium and ChromeDriver for the browser tests, when missing
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; \
+	fi
 
 lint: install-dev
 	$(BIN)/ruff check flows tasks models tests benchmarks
