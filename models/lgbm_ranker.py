@@ -1,0 +1,286 @@
+"""A LightGBM LambdaRank ranker over candidate groups.
+
+Input frames hold one row per (user, candidate) pair: ``user_id``, ``item_id``, numeric feature
+columns and, for training, an integer ``label`` (1 for a target, 0 otherwise). Rows of one user
+form one query group; the booster learns to order each group with the ``lambdarank`` objective
+and stops early on the validation groups' NDCG@``eval_at``.
+
+Groups without any positive carry no ranking signal (every order is equally good), so ``fit``
+drops them from both the training and the validation groups; LightGBM would otherwise count them
+as perfect and flatten the early-stopping curve.
+
+Saved as two files: the booster as LightGBM's text model (``booster.txt``) and ``ranker.json``
+with the feature names, parameters and training summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from models.columns import ITEM, RANK, SCORE, USER
+from models.errors import ConfigError, DataError, ShoprankError, require_columns
+
+logger = logging.getLogger(__name__)
+
+LABEL = "label"
+BOOSTER_FILE = "booster.txt"
+META_FILE = "ranker.json"
+VALID = "valid"
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "learning_rate": 0.05,
+    "num_leaves": 63,
+    "min_data_in_leaf": 50,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+}
+"""Hyper-parameters used when none are given (a sensible start for a few dozen features)."""
+
+_FIXED: dict[str, Any] = {
+    "objective": "lambdarank",
+    "metric": "ndcg",
+    "verbosity": -1,
+    "deterministic": True,
+    "force_row_wise": True,
+}
+
+
+class NotFittedError(ShoprankError):
+    """The ranker was used before ``fit`` or ``load``."""
+
+
+def group_sizes(users: pl.Series) -> np.ndarray:
+    """Sizes of the runs of equal consecutive user ids (the query groups, in order)."""
+    if users.is_empty():
+        return np.zeros(0, dtype=np.int64)
+    return users.rle().struct.field("len").to_numpy().astype(np.int64)
+
+
+def positive_groups(frame: pl.DataFrame, group: str = USER) -> pl.DataFrame:
+    """Only the rows of groups (users) with at least one positive ``label``."""
+    return frame.filter(pl.col(LABEL).max().over(group) > 0)
+
+
+class LightGBMRanker:
+    """LambdaRank gradient-boosted trees over candidate groups.
+
+    Args:
+        params: LightGBM parameters (merged over :data:`DEFAULT_PARAMS`; ``objective``,
+            ``metric`` and determinism switches are fixed).
+        num_boost_round: Largest number of boosting rounds.
+        early_stopping_rounds: Stop when validation NDCG has not improved for this many rounds
+            (only with validation groups).
+        eval_at: The cut-off ``k`` of the validation NDCG.
+        features: Feature columns; None uses every numeric column except ids and ``label``.
+        seed: Seed of LightGBM's bagging and feature sampling.
+        num_threads: LightGBM threads (0: OpenMP's default, all cores; on a machine shared
+            with other jobs 1 is often much faster).
+        group: Column whose runs of equal values form the query groups (default ``user_id``;
+            frames holding several training windows per user give each window its own key).
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Any] | None = None,
+        num_boost_round: int = 500,
+        early_stopping_rounds: int = 30,
+        eval_at: int = 10,
+        features: list[str] | None = None,
+        seed: int = 0,
+        num_threads: int = 0,
+        group: str = USER,
+    ) -> None:
+        self.params = params
+        self.num_boost_round = num_boost_round
+        self.early_stopping_rounds = early_stopping_rounds
+        self.eval_at = eval_at
+        self.features = features
+        self.seed = seed
+        self.num_threads = num_threads
+        self.group = group
+
+    def _lgb_params(self) -> dict[str, Any]:
+        return {
+            **DEFAULT_PARAMS,
+            **(self.params or {}),
+            **_FIXED,
+            "eval_at": [self.eval_at],
+            "seed": self.seed,
+            "num_threads": self.num_threads,
+        }
+
+    def _dataset(self, frame: pl.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+        frame = frame.sort(self.group, maintain_order=True)
+        x = frame.select(self.features_).to_numpy().astype(np.float32)
+        y = frame[LABEL].to_numpy()
+        return lgb.Dataset(
+            x,
+            y,
+            group=group_sizes(frame[self.group]),
+            feature_name=self.features_,
+            reference=reference,
+            free_raw_data=True,
+        )
+
+    def fit(
+        self,
+        train_groups: pl.DataFrame,
+        valid_groups: pl.DataFrame | None = None,
+        callbacks: Sequence[Callable[..., Any]] = (),
+    ) -> Self:
+        """Train on ``train_groups``, stopping early on ``valid_groups``; returns ``self``.
+
+        Args:
+            train_groups: ``user_id, item_id, label`` and the features.
+            valid_groups: Same columns, other users; None trains ``num_boost_round`` rounds.
+            callbacks: Extra LightGBM callbacks (for example a pruning callback that reads
+                ``env.evaluation_result_list``).
+        """
+        self._check_params()
+        require_columns(train_groups.columns, (self.group, ITEM, LABEL), "training groups")
+        self.features_ = list(self.features or _numeric_features(train_groups, self.group))
+        require_columns(train_groups.columns, self.features_, "training groups")
+        train = positive_groups(train_groups, self.group)
+        if train.is_empty():
+            raise DataError(
+                f"none of the {train_groups[self.group].n_unique()} training groups has a positive "
+                "candidate: the candidates miss every target. Raise the candidate quotas or "
+                "check that the targets follow the history."
+            )
+        dtrain = self._dataset(train)
+        sets, names, stop = [dtrain], ["train"], []
+        valid = None if valid_groups is None else positive_groups(valid_groups, self.group)
+        if valid is not None and not valid.is_empty():
+            sets, names = [*sets, self._dataset(valid, reference=dtrain)], [*names, VALID]
+            stop = [
+                lgb.early_stopping(
+                    self.early_stopping_rounds, first_metric_only=True, verbose=False
+                )
+            ]
+        self.evals_result_: dict[str, Any] = {}
+        self.booster_ = lgb.train(
+            self._lgb_params(),
+            dtrain,
+            num_boost_round=self.num_boost_round,
+            valid_sets=sets,
+            valid_names=names,
+            callbacks=[*stop, lgb.record_evaluation(self.evals_result_), *callbacks],
+        )
+        booster = self.booster_
+        self.best_iteration_ = int(booster.best_iteration or booster.current_iteration())
+        curve = self.evals_result_.get(VALID, {}).get(f"ndcg@{self.eval_at}", [])
+        self.best_score_ = float(curve[self.best_iteration_ - 1]) if curve else None
+        logger.info(
+            "lambdarank: %d rows, %d groups, best iteration %d, valid ndcg@%d %s",
+            train.height,
+            train[self.group].n_unique(),
+            self.best_iteration_,
+            self.eval_at,
+            self.best_score_,
+        )
+        return self
+
+    def _check_params(self) -> None:
+        for name in ("num_boost_round", "early_stopping_rounds", "eval_at"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"LightGBMRanker.{name} must be a positive integer; got {value}.")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "booster_"):
+            raise NotFittedError(
+                "this LightGBMRanker is not fitted: call fit() or LightGBMRanker.load(path) first."
+            )
+
+    def predict(self, frame: pl.DataFrame) -> np.ndarray:
+        """Scores of the rows of ``frame`` (higher ranks first), in row order."""
+        self._check_fitted()
+        require_columns(frame.columns, self.features_, "feature frame")
+        x = frame.select(self.features_).to_numpy().astype(np.float32)
+        return self.booster_.predict(x, num_iteration=self.best_iteration_)
+
+    def recommend(self, frame: pl.DataFrame, k: int = 10) -> pl.DataFrame:
+        """Each user's ``k`` best candidates of ``frame`` as ``user_id, item_id, score, rank``."""
+        if k < 1:
+            raise ConfigError(f"k must be a positive integer; got {k}.")
+        scored = frame.select(USER, ITEM).with_columns(pl.Series(SCORE, self.predict(frame)))
+        return (
+            scored.filter(pl.col(SCORE).rank("ordinal", descending=True).over(USER) <= k)
+            .sort([USER, SCORE, ITEM], descending=[False, True, False])
+            .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(USER).alias(RANK))
+        )
+
+    def feature_importance(self) -> pl.DataFrame:
+        """``feature, gain, split`` per feature, highest total gain first."""
+        self._check_fitted()
+        return pl.DataFrame(
+            {
+                "feature": self.features_,
+                "gain": self.booster_.feature_importance("gain", self.best_iteration_),
+                "split": self.booster_.feature_importance("split", self.best_iteration_),
+            }
+        ).sort(["gain", "feature"], descending=[True, False])
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments."""
+        return {
+            name: getattr(self, name)
+            for name in (
+                "params",
+                "num_boost_round",
+                "early_stopping_rounds",
+                "eval_at",
+                "features",
+                "seed",
+                "num_threads",
+                "group",
+            )
+        }
+
+    def save(self, path: Path) -> None:
+        """Write ``booster.txt`` and ``ranker.json`` into the folder ``path``."""
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.booster_.save_model(str(path / BOOSTER_FILE), num_iteration=self.best_iteration_)
+        meta = {
+            "class": type(self).__name__,
+            "params": self.get_params(),
+            "features": self.features_,
+            "best_iteration": self.best_iteration_,
+            "best_score": self.best_score_,
+        }
+        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        """Read a ranker written by :meth:`save`."""
+        path = Path(path)
+        if not (path / META_FILE).is_file() or not (path / BOOSTER_FILE).is_file():
+            raise DataError(
+                f"{path} is not a saved LightGBMRanker: {META_FILE} or "
+                f"{BOOSTER_FILE} is missing. Give the folder that save() wrote."
+            )
+        meta = json.loads((path / META_FILE).read_text())
+        ranker = cls(**meta["params"])
+        ranker.booster_ = lgb.Booster(model_file=str(path / BOOSTER_FILE))
+        ranker.features_ = list(meta["features"])
+        ranker.best_iteration_ = int(meta["best_iteration"])
+        ranker.best_score_ = meta["best_score"]
+        ranker.evals_result_ = {}
+        return ranker
+
+
+def _numeric_features(frame: pl.DataFrame, group: str) -> list[str]:
+    skip = {USER, ITEM, LABEL, group}
+    return [c for c, t in frame.schema.items() if c not in skip and t.is_numeric()]

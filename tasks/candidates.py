@@ -1,0 +1,388 @@
+"""Candidate generation: the few hundred items per user that a ranker re-orders.
+
+Every source proposes, per user, its best items with a rank (1 = best):
+
+* ``covis``: co-visitation from the user's recent items, read from a fitted
+  :class:`~models.baselines.CoVisitation` model (its neighbour table and recent items);
+* ``pop``: the most popular items of the history (over the last ``popular_days`` when timestamps
+  are real, else all of it);
+* ``category``: the most popular items of the user's favourite categories (items table
+  ``category_id``; skipped without it);
+* ``recent`` and ``repeat``: the user's own items, by last interaction and by weighted count;
+* external sources: any ``user_id, item_id, score`` frame (for example a transformer's nearest
+  items), ranked by score.
+
+The merged list keeps each user's ``n_candidates`` best items, ordered by the best relative rank
+``rank / quota`` over the sources that propose the item (so every source keeps a share of the list
+proportional to its quota). Each candidate keeps ``rank_<source>`` (null when that source did not
+propose it), ``n_sources``, its merged position ``cand_rank`` and its co-visitation evidence
+(``covis_sum``, ``covis_max``, ``covis_n``). Everything is columnar: no Python loop over users.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.base import event_weight_expr
+from models.baselines import DEFAULT_EVENT_WEIGHTS, CoVisitation
+from models.columns import CATEGORY, EVENT_REQUIRED, ITEM, RANK, SCORE, TIMESTAMP, USER
+from models.errors import ConfigError, DataError, require_columns
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SOURCES: tuple[str, ...] = ("covis", "pop", "category", "recent", "repeat")
+RANK_PREFIX = "rank_"
+EXTERNAL_SCORE_PREFIX = "score_"
+CAND_RANK = "cand_rank"
+N_SOURCES = "n_sources"
+COVIS_COLUMNS: tuple[str, ...] = ("covis_sum", "covis_max", "covis_n")
+LABEL = "label"
+POS = "pos"
+WEIGHT = "weight"
+_KEY = "__key"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+class CandidateConfig(BaseModel):
+    """How many items each candidate source proposes and how many are kept per user."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_candidates: int = Field(150, gt=0, description="Candidates kept per user after merging.")
+    n_covis: int = Field(100, ge=0, description="Quota of co-visitation candidates.")
+    n_popular: int = Field(20, ge=0, description="Quota of popular items.")
+    n_category: int = Field(20, ge=0, description="Quota of popular items of user categories.")
+    n_recent: int = Field(100, ge=0, description="Quota of the user's most recent own items.")
+    n_repeat: int = Field(30, ge=0, description="Quota of the user's most interacted own items.")
+    n_external: int = Field(50, ge=0, description="Quota of each external source.")
+    user_categories: int = Field(3, gt=0, description="A user's favourite categories used.")
+    popular_days: float | None = Field(
+        7.0, gt=0, description="Window of the popularity source (real timestamps); None: all."
+    )
+    exclude_seen: bool = Field(
+        False, description="Drop the items of each user's history (leave-one-out protocol)."
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type in popularity and repeat counts.",
+    )
+
+    def quota(self, source: str) -> int:
+        """The configured number of candidates of ``source`` (external ones share one quota)."""
+        return {
+            "covis": self.n_covis, "pop": self.n_popular, "category": self.n_category,
+            "recent": self.n_recent, "repeat": self.n_repeat,
+        }.get(source, self.n_external)
+
+
+def prepare_history(history: pl.DataFrame, event_weights: Mapping[str, float]) -> pl.DataFrame:
+    """Events sorted by user then time (ties keep input order) with ``pos`` and ``weight``.
+
+    ``pos`` counts a user's events from 0 (the oldest); ``weight`` is the event type's weight.
+    """
+    require_columns(history.columns, EVENT_REQUIRED, "history")
+    if history.is_empty():
+        raise DataError("the history has no events: candidates need at least one past event.")
+    return (
+        history.with_row_index("__row")
+        .sort([USER, TIMESTAMP, "__row"])
+        .drop("__row")
+        .with_columns(
+            pl.int_range(pl.len(), dtype=pl.Int64).over(USER).alias(POS),
+            event_weight_expr(event_weights),
+        )
+    )
+
+
+def user_frame(users: pl.Series | list[str] | pl.DataFrame) -> pl.DataFrame:
+    """One distinct, sorted ``user_id`` column from a series, list or frame."""
+    if isinstance(users, pl.DataFrame):
+        require_columns(users.columns, (USER,), "users")
+        users = users[USER]
+    return pl.DataFrame({USER: pl.Series(users, dtype=pl.String)}).unique().sort(USER)
+
+
+def covisitation_scores(covis: CoVisitation, users: pl.DataFrame) -> pl.DataFrame:
+    """Co-visitation evidence of every item linked to each user's recent items.
+
+    Returns:
+        ``user_id, item_id, covis_sum, covis_max, covis_n``: the recency-weighted score sum (the
+        :class:`CoVisitation` score), the best single link and the number of recent items that
+        link to the item.
+    """
+    if not hasattr(covis, "neighbours_"):
+        raise ConfigError("the CoVisitation model is not fitted: call fit(history) first.")
+    return (
+        covis.recent_.join(users, on=USER, how="semi")
+        .join(covis.neighbours_, on=ITEM)
+        .group_by(USER, "neighbour")
+        .agg(
+            (pl.col(WEIGHT) * pl.col(SCORE)).sum().alias("covis_sum"),
+            pl.col(SCORE).max().alias("covis_max"),
+            pl.len().cast(pl.Float64).alias("covis_n"),
+        )
+        .rename({"neighbour": ITEM})
+    )
+
+
+def top_per_user(
+    frame: pl.DataFrame, n: int, by: list[str], descending: list[bool], rank: str = RANK
+) -> pl.DataFrame:
+    """Each user's first ``n`` rows ordered by ``by``, with ``rank`` 1..n, sorted by user and rank.
+
+    A per-user rank on the first key drops most rows before the full sort.
+    """
+    keep = pl.col(by[0]).rank("min", descending=descending[0]).over(USER) <= n
+    return (
+        frame.filter(keep)
+        .sort([USER, *by], descending=[False, *descending])
+        .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(USER).alias(rank))
+        .filter(pl.col(rank) <= n)
+    )
+
+
+def _ranked(frame: pl.DataFrame, n: int, score: str = SCORE) -> pl.DataFrame:
+    """``user_id, item_id, score, rank``: each user's best ``n`` rows by ``score`` (ties by id)."""
+    frame = frame.select(USER, ITEM, pl.col(score).cast(pl.Float64).alias(SCORE))
+    return top_per_user(frame, n, [SCORE, ITEM], [True, False])
+
+
+def _drop_seen(frame: pl.DataFrame, seen: pl.DataFrame | None) -> pl.DataFrame:
+    return frame if seen is None else frame.join(seen, on=[USER, ITEM], how="anti")
+
+
+def item_popularity(events: pl.DataFrame, days: float | None, ordered_only: bool) -> pl.DataFrame:
+    """``item_id, score``: weighted event counts, over the last ``days`` with real timestamps."""
+    if days is not None and not ordered_only:
+        start = events[TIMESTAMP].max() - pl.duration(days=days)
+        events = events.filter(pl.col(TIMESTAMP) > start)
+    return events.group_by(ITEM).agg(pl.col(WEIGHT).sum().alias(SCORE))
+
+
+def _popular_source(
+    users: pl.DataFrame, popularity: pl.DataFrame, n: int, seen: pl.DataFrame | None,
+    seen_per_user: int,
+) -> pl.DataFrame:
+    """The same top items for every user (minus the user's seen ones)."""
+    depth = n + (seen_per_user if seen is not None else 0)
+    top = popularity.sort([SCORE, ITEM], descending=[True, False]).head(depth)
+    return _ranked(_drop_seen(users.join(top, how="cross"), seen), n)
+
+
+def _category_source(
+    users: pl.DataFrame, hist: pl.DataFrame, items: pl.DataFrame, popularity: pl.DataFrame,
+    config: CandidateConfig, seen: pl.DataFrame | None, seen_per_user: int,
+) -> pl.DataFrame:
+    """Popular items of each user's ``user_categories`` heaviest categories."""
+    cats = items.select(ITEM, CATEGORY).drop_nulls().unique(ITEM, keep="first")
+    user_cats = (
+        hist.join(users, on=USER, how="semi").join(cats, on=ITEM)
+        .group_by(USER, CATEGORY).agg(pl.col(WEIGHT).sum().alias("u_w"))
+        .filter(pl.col("u_w") > 0)
+        .with_columns((pl.col("u_w") / pl.col("u_w").sum().over(USER)).alias("u_share"))
+        .sort([USER, "u_w", CATEGORY], descending=[False, True, False])
+        .filter(pl.int_range(pl.len()).over(USER) < config.user_categories)
+    )
+    depth = config.n_category + (seen_per_user if seen is not None else 0)
+    cat_top = (
+        popularity.join(cats, on=ITEM)
+        .with_columns((pl.col(SCORE) / pl.col(SCORE).sum().over(CATEGORY)).alias("i_share"))
+        .sort([CATEGORY, SCORE, ITEM], descending=[False, True, False])
+        .filter(pl.int_range(pl.len()).over(CATEGORY) < depth)
+    )
+    pairs = user_cats.join(cat_top, on=CATEGORY).select(
+        USER, ITEM, (pl.col("u_share") * pl.col("i_share")).alias(SCORE)
+    )
+    return _ranked(_drop_seen(pairs, seen), config.n_category)
+
+
+def _own_sources(hist: pl.DataFrame, users: pl.DataFrame, config: CandidateConfig
+                 ) -> dict[str, pl.DataFrame]:
+    """``recent`` (last interaction first) and ``repeat`` (heaviest weighted count first)."""
+    own = (
+        hist.join(users, on=USER, how="semi")
+        .group_by(USER, ITEM)
+        .agg(pl.col(POS).max().alias("last_pos"), pl.col(WEIGHT).sum().alias("w"),
+             pl.len().alias("n"))
+    )
+    repeat = own.filter(pl.col("n") > 1).with_columns(
+        (pl.col("w") + pl.col("last_pos") * 1e-9).alias(SCORE)  # recency breaks ties
+    )
+    return {
+        "recent": _ranked(own.with_columns(pl.col("last_pos").alias(SCORE)), config.n_recent),
+        "repeat": _ranked(repeat, config.n_repeat),
+    }
+
+
+def _external_source(name: str, frame: pl.DataFrame, users: pl.DataFrame, n: int,
+                     seen: pl.DataFrame | None) -> pl.DataFrame:
+    if not _NAME.match(name) or name in BUILTIN_SOURCES:
+        raise ConfigError(
+            f"external candidate source name {name!r} must be lower-case letters, digits and "
+            f"underscores, not one of {', '.join(BUILTIN_SOURCES)}. Rename the source."
+        )
+    require_columns(frame.columns, (USER, ITEM, SCORE), f"external candidates {name!r}")
+    clean = frame.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String),
+                         pl.col(SCORE).cast(pl.Float64)).join(users, on=USER, how="semi")
+    best = clean.group_by(USER, ITEM).agg(pl.col(SCORE).max())
+    return _ranked(_drop_seen(best, seen), n)
+
+
+def candidate_sources(
+    history: pl.DataFrame,
+    users: pl.Series | list[str] | pl.DataFrame,
+    covis: CoVisitation,
+    config: CandidateConfig | None = None,
+    items: pl.DataFrame | None = None,
+    external: Mapping[str, pl.DataFrame] | None = None,
+    ordered_only: bool = False,
+    evidence: pl.DataFrame | None = None,
+) -> dict[str, pl.DataFrame]:
+    """Each source's ``user_id, item_id, score, rank`` for ``users`` (see the module docstring).
+
+    Sources with a zero quota, and ``category`` without an items table with ``category_id``, are
+    left out; the user's own items are left out with ``exclude_seen``. ``evidence`` is
+    :func:`covisitation_scores` of the same users when already computed.
+    """
+    config = config or CandidateConfig()
+    users_df = user_frame(users)
+    hist = prepare_history(history, config.event_weights)
+    seen = hist.select(USER, ITEM).unique().join(users_df, on=USER, how="semi")
+    seen_or_none = seen if config.exclude_seen else None
+    longest = int(seen.group_by(USER).len()["len"].max() or 0)
+    popularity = item_popularity(hist, config.popular_days, ordered_only)
+    sources: dict[str, pl.DataFrame] = {}
+    if config.n_covis:
+        if evidence is None:
+            evidence = covisitation_scores(covis, users_df)
+        covis_pairs = evidence.rename({"covis_sum": SCORE})
+        sources["covis"] = _ranked(_drop_seen(covis_pairs, seen_or_none), config.n_covis)
+    if config.n_popular:
+        sources["pop"] = _popular_source(users_df, popularity, config.n_popular, seen_or_none,
+                                         longest)
+    if config.n_category and items is not None and CATEGORY in items.columns:
+        all_time = item_popularity(hist, None, ordered_only)
+        sources["category"] = _category_source(users_df, hist, items, all_time, config,
+                                               seen_or_none, longest)
+    if not config.exclude_seen:
+        own = _own_sources(hist, users_df, config)
+        sources.update({k: v for k, v in own.items() if config.quota(k)})
+    for name, frame in (external or {}).items():
+        if config.n_external:
+            sources[name] = _external_source(name, frame, users_df, config.n_external,
+                                             seen_or_none)
+    return sources
+
+
+def merge_sources(
+    sources: Mapping[str, pl.DataFrame], config: CandidateConfig, all_sources: list[str]
+) -> pl.DataFrame:
+    """Merge source lists into each user's best ``n_candidates`` (see the module docstring).
+
+    ``all_sources`` names every ``rank_<source>`` column of the result, so candidate frames built
+    on different histories share one schema even when a source proposes nothing.
+    """
+    external = [s for s in all_sources if s not in BUILTIN_SOURCES]
+    priority = {name: i for i, name in enumerate(all_sources)}
+    parts = [
+        frame.select(USER, ITEM, SCORE, RANK).with_columns(
+            pl.lit(name).alias("source"),
+            (pl.col(RANK) / max(config.quota(name), 1)).alias(_KEY),
+            pl.lit(priority[name], dtype=pl.Int64).alias("__prio"),
+        )
+        for name, frame in sources.items()
+    ]
+    if not parts:
+        raise DataError("no candidate source proposed anything: check the quotas and history.")
+    source = pl.col("source")
+    wide = pl.concat(parts).group_by(USER, ITEM).agg(
+        *(pl.when(source == s).then(pl.col(RANK)).min().alias(f"{RANK_PREFIX}{s}")
+          for s in all_sources),
+        *(pl.when(source == s).then(pl.col(SCORE)).max().alias(f"{EXTERNAL_SCORE_PREFIX}{s}")
+          for s in external),
+        pl.len().cast(pl.Int64).alias(N_SOURCES),
+        pl.col(_KEY).min(),
+        pl.col("__prio").min(),
+    )
+    order = [_KEY, N_SOURCES, "__prio", ITEM]
+    return top_per_user(wide, config.n_candidates, order, [False, True, False, False],
+                        rank=CAND_RANK).drop(_KEY, "__prio")
+
+
+def build_candidates(
+    history: pl.DataFrame,
+    users: pl.Series | list[str] | pl.DataFrame,
+    covis: CoVisitation,
+    config: CandidateConfig | None = None,
+    items: pl.DataFrame | None = None,
+    external: Mapping[str, pl.DataFrame] | None = None,
+    ordered_only: bool = False,
+) -> pl.DataFrame:
+    """Merged, de-duplicated candidates of ``users`` built from ``history`` only.
+
+    Args:
+        history: Canonical events the candidates may use (nothing after the history end).
+        users: Users to build candidates for; users unknown to the history get popular items.
+        covis: A :class:`CoVisitation` model fitted on ``history``.
+        config: Quotas and options; defaults to ``CandidateConfig()``.
+        items: Items table; its ``category_id`` feeds the ``category`` source.
+        external: Extra sources by name, each ``user_id, item_id, score`` (higher is better).
+        ordered_only: Timestamps only order events (no real time): no popularity window.
+
+    Returns:
+        ``user_id, item_id, rank_<source>..., score_<external>..., n_sources, cand_rank,
+        covis_sum, covis_max, covis_n`` sorted by user then ``cand_rank`` (1 = first).
+    """
+    config = config or CandidateConfig()
+    users_df = user_frame(users)
+    evidence = covisitation_scores(covis, users_df)
+    sources = candidate_sources(history, users_df, covis, config, items, external, ordered_only,
+                                evidence)
+    names = [*BUILTIN_SOURCES, *(external or {})]
+    merged = merge_sources(sources, config, names)
+    out = merged.join(evidence, on=[USER, ITEM], how="left", maintain_order="left").with_columns(
+        pl.col(c).fill_null(0.0) for c in COVIS_COLUMNS
+    )
+    logger.info("candidates: %d users, %d pairs (%s)", users_df.height, out.height,
+                ", ".join(f"{k}={v.height}" for k, v in sources.items()))
+    return out
+
+
+def rank_columns(cands: pl.DataFrame) -> list[str]:
+    """The ``rank_<source>`` columns of a candidate frame (``cand_rank`` excluded)."""
+    return [c for c in cands.columns if c.startswith(RANK_PREFIX)]
+
+
+def label_candidates(cands: pl.DataFrame, targets: pl.DataFrame) -> pl.DataFrame:
+    """Add ``label`` (1 when the pair is among the user's targets, else 0)."""
+    require_columns(targets.columns, (USER, ITEM), "targets")
+    positives = targets.select(USER, ITEM).unique().with_columns(pl.lit(1, pl.Int32).alias(LABEL))
+    return cands.join(positives, on=[USER, ITEM], how="left", maintain_order="left").with_columns(
+        pl.col(LABEL).fill_null(0)
+    )
+
+
+def candidate_recall(cands: pl.DataFrame, targets: pl.DataFrame) -> dict[str, float]:
+    """Share of target pairs present in the candidates, per source and merged (``all``).
+
+    A source's recall counts the targets it proposed among the kept candidates. Also gives
+    ``candidates_per_user``. Every target counts, including those of users without candidates.
+    """
+    require_columns(targets.columns, (USER, ITEM), "targets")
+    pairs = targets.select(USER, ITEM).unique()
+    if pairs.is_empty():
+        raise DataError("candidate recall needs targets; the target table is empty.")
+    found = pairs.join(cands, on=[USER, ITEM], how="left")
+    result = {
+        col.removeprefix(RANK_PREFIX): float(found[col].is_not_null().mean())
+        for col in rank_columns(cands)
+    }
+    result["all"] = float(found[CAND_RANK].is_not_null().mean())
+    users = max(cands[USER].n_unique(), 1)
+    result["candidates_per_user"] = cands.height / users
+    return result

@@ -1,0 +1,372 @@
+"""Tests of the sequential transformer: losses, samplers, sequence data, network, estimator."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import losses, seqdata
+from models.columns import ATTRIBUTES, CATEGORY, EVENT_TYPE, ITEM, RANK, SCORE, TIMESTAMP, USER
+from models.errors import ConfigError, DataError, MissingColumnsError
+from models.transformer import SASRec, SequentialTransformer, TransformerConfig
+
+T0 = pd.Timestamp("2024-01-01", tz="UTC")
+N_TOY_ITEMS = 30
+
+
+def _events(rows: list[tuple[str, str]], event_type: str = "view") -> pd.DataFrame:
+    """Events from ordered (user, item) pairs, one minute apart."""
+    frame = pd.DataFrame(rows, columns=[USER, ITEM])
+    frame[EVENT_TYPE] = event_type
+    frame[TIMESTAMP] = T0 + pd.to_timedelta(np.arange(len(frame)), unit="min")
+    return frame
+
+
+def _toy_sequences(n_users: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Each user walks the catalogue: item i is always followed by item i + 1 (mod 30)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        start, length = rng.integers(0, N_TOY_ITEMS), rng.integers(4, 12)
+        rows += [(f"u{u}", f"i{(start + p) % N_TOY_ITEMS}") for p in range(length)]
+    return _events(rows)
+
+
+def _tiny(**overrides: object) -> TransformerConfig:
+    values = dict(
+        hidden_size=32,
+        n_blocks=1,
+        n_heads=2,
+        dropout=0.0,
+        emb_dropout=0.0,
+        max_len=12,
+        lr=1e-2,
+        batch_size=64,
+        epochs=15,
+        n_negatives=16,
+        device="cpu",
+        num_threads=1,
+        eval_every=5,
+        seed=3,
+    )
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Toy events split into training events and each user's held-out last item."""
+    events = _toy_sequences()
+    last = events.groupby(USER).tail(1)
+    return events.drop(last.index), last[[USER, ITEM]].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(toy: tuple[pd.DataFrame, pd.DataFrame]) -> SequentialTransformer:
+    train, valid = toy
+    return SequentialTransformer(_tiny()).fit(train, valid_targets=valid)
+
+
+# ---------------------------------------------------------------- losses and samplers
+def test_sampled_softmax_matches_hand_computation() -> None:
+    h = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    pos = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # positive logits 2 and 2
+    neg = torch.tensor([[1.0, 1.0], [0.0, -1.0]])  # negative logits row 0: 1, 0; row 1: 2, -2
+    expected = (
+        (-2 + math.log(math.exp(2) + math.exp(1) + math.exp(0)))
+        + (-2 + math.log(math.exp(2) + math.exp(2) + math.exp(-2)))
+    ) / 2
+    loss = losses.sampled_softmax_loss(h, pos, neg)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sampled_softmax_logq_correction_and_accidental_hits() -> None:
+    h = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([[2.0, 0.0]])
+    neg = torch.tensor([[1.0, 0.0], [0.5, 0.0], [2.0, 0.0]])  # logits 1, 0.5, 2
+    logq = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    correction = losses.expected_count_logq(logq, n_draws=3)  # log(3 q)
+    loss = losses.sampled_softmax_loss(
+        h,
+        pos,
+        neg,
+        None,
+        correction,
+        None,
+        pos_ids=torch.tensor([7]),
+        neg_ids=torch.tensor([4, 5, 7]),
+    )
+    # The third negative is the positive itself: removed. The others: s - log(3 q).
+    z = math.exp(2) + math.exp(1 - math.log(1.5)) + math.exp(0.5 - math.log(0.75))
+    assert loss.item() == pytest.approx(-2 + math.log(z), rel=1e-6)
+    pos_corrected = losses.sampled_softmax_loss(h, pos, neg[:1], torch.tensor([1.0]), None)
+    assert pos_corrected.item() == pytest.approx(-1 + math.log(math.exp(1) + math.exp(1)))
+
+
+def test_losses_average_over_mask_only() -> None:
+    h, pos, neg = torch.randn(4, 3), torch.randn(4, 3), torch.randn(5, 3)
+    mask = torch.tensor([True, False, True, False])
+    masked = losses.sampled_softmax_loss(h, pos, neg, mask=mask)
+    assert masked.item() == pytest.approx(
+        losses.sampled_softmax_loss(h[mask], pos[mask], neg).item(), rel=1e-6
+    )
+
+
+def test_full_softmax_equals_cross_entropy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h, table = torch.randn(6, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    targets = torch.tensor([1, 8, 3, 3, 5, 2])
+    expected = F.cross_entropy(h @ table[1:].T, targets - 1)
+    assert losses.full_softmax_loss(h, table, targets).item() == pytest.approx(expected.item())
+
+
+def test_uniform_negatives_range_logq_and_determinism() -> None:
+    ids, logq = losses.uniform_negatives(50, 1000, torch.Generator().manual_seed(1))
+    again, _ = losses.uniform_negatives(50, 1000, torch.Generator().manual_seed(1))
+    assert ids.shape == logq.shape == (1000,)
+    assert ids.dtype == torch.int64
+    assert int(ids.min()) >= 1
+    assert int(ids.max()) <= 50
+    assert len(torch.unique(ids)) == 50
+    assert torch.equal(ids, again)
+    assert torch.allclose(logq, torch.full((1000,), -math.log(50)))
+
+
+def test_popularity_negatives_follow_their_probabilities() -> None:
+    counts = torch.tensor([100, 0, 1, 3, 7])  # entry 0 is padding
+    probs = losses.popularity_probs(counts, alpha=1.0)
+    assert probs[0] == 0
+    assert probs.sum().item() == pytest.approx(1.0)
+    assert probs[1:].tolist() == pytest.approx([1 / 15, 2 / 15, 4 / 15, 8 / 15])
+    ids, logq = losses.popularity_negatives(probs, 20000, torch.Generator().manual_seed(2))
+    again, _ = losses.popularity_negatives(probs, 20000, torch.Generator().manual_seed(2))
+    assert torch.equal(ids, again)
+    assert int(ids.min()) >= 1
+    assert torch.allclose(logq, torch.log(probs[ids]))
+    share = torch.bincount(ids, minlength=5)[1:].double() / 20000
+    assert share.tolist() == pytest.approx([1 / 15, 2 / 15, 4 / 15, 8 / 15], abs=0.02)
+    assert losses.popularity_probs(counts, alpha=0.0)[1:].tolist() == pytest.approx([0.25] * 4)
+
+
+# ---------------------------------------------------------------- sequence data
+def test_sequences_padding_and_time_gaps() -> None:
+    events = _events([("b", "x"), ("a", "y"), ("b", "y"), ("b", "z")])
+    events.loc[3, TIMESTAMP] = events.loc[2, TIMESTAMP] + pd.Timedelta(seconds=7)
+    item_ids = seqdata.item_vocabulary(events, None)
+    seqs = seqdata.build_sequences(events, item_ids, n_time_buckets=10)
+    assert seqs.users.tolist() == ["a", "b"]
+    assert seqs.offsets.tolist() == [0, 1, 4]
+    assert item_ids[seqs.items - 1].tolist() == ["y", "x", "y", "z"]
+    # first events -> 1; 120 s -> 2 + floor(log2(121)) = 8; 7 s -> 2 + 3 = 5
+    assert seqs.gaps.tolist() == [1, 1, 8, 5]
+    items, types, gaps, lengths = seqdata.padded_tail(seqs, np.array([1, 0]), width=2)
+    assert lengths.tolist() == [2, 1]
+    assert items.tolist() == [[2, 3], [2, 0]]
+    assert gaps.tolist() == [[8, 5], [1, 0]]
+    assert types.tolist() == [[1, 1], [1, 0]]  # "view" is event type 1
+    which, seen = seqdata.seen_pairs(seqs, np.array([1, -1, 0]))
+    assert which.tolist() == [0, 0, 0, 2]
+    assert seen.tolist() == [1, 2, 3, 2]
+
+
+def test_epoch_plan_covers_every_row_once_with_tight_widths() -> None:
+    lengths = np.random.default_rng(0).integers(1, 30, size=103)
+    plan = seqdata.epoch_plan(lengths, batch_size=10, rng=np.random.default_rng(1))
+    again = seqdata.epoch_plan(lengths, batch_size=10, rng=np.random.default_rng(1))
+    assert sorted(plan.rows.tolist()) == list(range(103))
+    assert np.array_equal(plan.rows, again.rows)
+    assert len(plan.targets) == lengths.sum()
+    for b in range(len(plan)):
+        rows = plan.rows[plan.row_bounds[b] : plan.row_bounds[b + 1]]
+        assert plan.widths[b] == lengths[rows].max()
+
+
+def test_item_attribute_matrix_from_category_and_attributes() -> None:
+    items = pd.DataFrame(
+        {ITEM: ["x", "y", "q"], CATEGORY: ["c1", None, "c1"], ATTRIBUTES: [["a", "b"], ["b"], []]}
+    )
+    matrix, names = seqdata.item_attribute_matrix(items, np.array(["x", "y", "z"]))
+    assert matrix.shape == (4, 3)
+    assert matrix[0].tolist() == [0, 0, 0]
+    assert sorted(names[matrix[1][matrix[1] > 0] - 1]) == ["attr:a", "attr:b", "category:c1"]
+    assert names[matrix[2][matrix[2] > 0] - 1].tolist() == ["attr:b"]
+    assert matrix[3].tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------- network
+def _network(**overrides: object) -> SASRec:
+    torch.manual_seed(0)
+    attrs = torch.tensor([[0, 0], [1, 2], [2, 0], [3, 0], [1, 0], [0, 0], [2, 3]])
+    return SASRec(_tiny(**overrides), n_items=6, item_attrs=attrs).eval()
+
+
+def test_outputs_are_causal() -> None:
+    net = _network()
+    items = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    other = items.clone()
+    other[0, 3] = 2
+    types, gaps = torch.ones_like(items), torch.full_like(items, 2)
+    out, changed = net(items, types, gaps), net(other, types, gaps)
+    assert torch.allclose(out[0, :3], changed[0, :3], atol=1e-6)
+    assert not torch.allclose(out[0, 3:], changed[0, 3:])
+
+
+def test_padding_does_not_change_real_positions() -> None:
+    net = _network()
+    short = torch.tensor([[3, 1, 2]])
+    padded = torch.tensor([[3, 1, 2, 0, 0, 0], [5, 4, 3, 2, 1, 6]])
+    out = net(short, torch.ones_like(short), torch.ones_like(short))
+    batch = net(padded, (padded > 0).long(), (padded > 0).long())
+    assert torch.allclose(out[0], batch[0, :3], atol=1e-6)
+
+
+# ---------------------------------------------------------------- estimator
+def test_learns_a_sequential_pattern(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    _, valid = toy
+    top1 = fitted.recommend(valid[USER], k=1)
+    hits = top1.merge(valid, on=[USER, ITEM])
+    assert len(hits) / len(valid) > 0.9
+    assert fitted.history_[-1]["recall@10"] > 0.9
+    assert {"loss", "epoch_s", "samples_per_s", "ndcg@10"} <= set(fitted.history_[-1])
+
+
+def test_same_seed_gives_identical_scores_on_cpu(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    train, valid = toy
+    cfg = _tiny(epochs=2, dropout=0.2, emb_dropout=0.2)
+    first = SequentialTransformer(cfg).fit(train).recommend(valid[USER], k=5)
+    second = SequentialTransformer(cfg).fit(train).recommend(valid[USER], k=5)
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_save_then_load_scores_identically(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame], tmp_path: object
+) -> None:
+    _, valid = toy
+    fitted.save(tmp_path / "model")
+    loaded = SequentialTransformer.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(
+        fitted.recommend(valid[USER], k=5), loaded.recommend(valid[USER], k=5)
+    )
+    np.testing.assert_array_equal(fitted.user_state(valid[USER]), loaded.user_state(valid[USER]))
+    assert loaded.config == fitted.config
+    assert loaded.history_ == fitted.history_
+
+
+def test_recommend_excludes_seen_items(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    train, _ = toy
+    recs = fitted.recommend(train[USER].unique(), k=10)
+    assert not recs.merge(train[[USER, ITEM]], on=[USER, ITEM]).shape[0]
+    assert recs.groupby(USER)[RANK].apply(list).map(lambda r: r == list(range(1, 11))).all()
+    assert (recs.groupby(USER)[SCORE].diff().dropna() <= 0).all()
+    with_seen = fitted.recommend(train[USER].unique(), k=10, exclude_seen=False)
+    assert with_seen.merge(train[[USER, ITEM]], on=[USER, ITEM]).shape[0] > 0
+
+
+def test_history_overrides_the_fitted_history(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    train, valid = toy
+    history = pd.concat(
+        [train, valid.assign(**{EVENT_TYPE: "view", TIMESTAMP: T0 + pd.Timedelta(days=1)})]
+    )
+    recs = fitted.recommend(valid[USER], k=1, history=history)
+    assert not recs.merge(valid, on=[USER, ITEM]).shape[0]  # the added item is now seen
+    nxt = valid.assign(**{ITEM: valid[ITEM].map(lambda i: f"i{(int(i[1:]) + 1) % N_TOY_ITEMS}")})
+    assert len(recs.merge(nxt, on=[USER, ITEM])) / len(valid) > 0.8
+
+
+def test_unknown_users_get_popular_items(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    train, _ = toy
+    recs = fitted.recommend(["nobody", "u0"], k=3)
+    popular = train[ITEM].value_counts().sort_index().sort_values(ascending=False, kind="stable")
+    assert recs[recs[USER] == "nobody"][ITEM].tolist() == popular.index[:3].tolist()
+    assert recs[USER].tolist() == ["nobody"] * 3 + ["u0"] * 3
+    states = fitted.user_state(["nobody", "u0"])
+    assert np.isnan(states[0]).all()
+    assert np.isfinite(states[1]).all()
+
+
+def test_score_matches_recommend_and_user_state(fitted: SequentialTransformer) -> None:
+    recs = fitted.recommend(["u1", "u2"], k=4)
+    candidates = pd.concat([recs[[USER, ITEM]], pd.DataFrame({USER: ["u1"], ITEM: ["unknown"]})])
+    scored = fitted.score(None, candidates)
+    np.testing.assert_allclose(scored[SCORE].to_numpy()[:-1], recs[SCORE].to_numpy(), rtol=1e-5)
+    assert np.isnan(scored[SCORE].iloc[-1])
+    ids, vectors = fitted.item_vectors()
+    state = fitted.user_state(["u1"])[0]
+    best = ids[
+        np.argmax(np.where(np.isin(ids, recs[recs[USER] == "u1"][ITEM]), vectors @ state, -np.inf))
+    ]
+    assert best == recs[(recs[USER] == "u1") & (recs[RANK] == 1)][ITEM].item()
+    assert set(fitted.score(["u2"], candidates)[USER]) == {"u2"}
+
+
+class _FrameLike:
+    """An object that converts itself to pandas, as polars frames do."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+
+    def to_pandas(self) -> pd.DataFrame:
+        return self.frame
+
+
+def test_accepts_frames_with_to_pandas_and_item_features(
+    toy: tuple[pd.DataFrame, pd.DataFrame],
+) -> None:
+    train, _ = toy
+    items = pd.DataFrame(
+        {
+            ITEM: [f"i{i}" for i in range(N_TOY_ITEMS + 2)],
+            CATEGORY: [f"c{i % 3}" for i in range(N_TOY_ITEMS + 2)],
+        }
+    )
+    model = SequentialTransformer(_tiny(epochs=1)).fit(_FrameLike(train), items=_FrameLike(items))
+    assert model.model_.attr_emb is not None
+    assert len(model.item_ids_) == N_TOY_ITEMS + 2
+    assert len(model.recommend(["u0"], k=5)) == 5
+
+
+def test_invalid_inputs_raise_named_errors() -> None:
+    with pytest.raises(ConfigError, match="loss"):
+        TransformerConfig(loss="hinge")
+    with pytest.raises(ConfigError, match="unknown TransformerConfig field"):
+        TransformerConfig.from_dict({"hidden": 3})
+    with pytest.raises(MissingColumnsError, match="timestamp"):
+        SequentialTransformer(_tiny()).fit(
+            pd.DataFrame({USER: ["a"], ITEM: ["x"], EVENT_TYPE: ["view"]})
+        )
+    with pytest.raises(DataError, match="two or more events"):
+        SequentialTransformer(_tiny()).fit(_events([("a", "x"), ("b", "y")]))
+    with pytest.raises(DataError, match="event_type"):
+        SequentialTransformer(_tiny()).fit(_events([("a", "x")], event_type="click"))
+    with pytest.raises(ConfigError, match="k must be"):
+        SequentialTransformer(_tiny(epochs=1)).fit(_toy_sequences(20)).recommend(["u0"], k=0)
+
+
+def test_real_beauty_slice_trains_and_ranks(shared_data: object) -> None:
+    rows = []
+    with gzip.open(shared_data / "amazon_s3rec" / "Beauty.txt.gz", "rt") as handle:
+        for _, line in zip(range(400), handle, strict=False):
+            user, *items = line.split()
+            rows += [(user, item) for item in items]
+    events = _events(rows, event_type="purchase")
+    last = events.groupby(USER).tail(1)
+    model = SequentialTransformer(_tiny(epochs=2, max_len=50, n_negatives=64))
+    model.fit(events.drop(last.index), valid_targets=last[[USER, ITEM]])
+    assert len(model.history_) == 2
+    assert 0 <= model.history_[-1]["ndcg@10"] <= 1
+    recs = model.recommend(last[USER], k=10)
+    assert len(recs) == 10 * last[USER].nunique()

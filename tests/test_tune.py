@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tasks.demo_data import generate_shop
+from tasks.split import cut_times, time_split
+from tasks.tune import RankerConfig, RankingPipeline, finished_trials, tune_and_evaluate_lgbm
+
+ROOT = Path(__file__).resolve().parents[1]
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@pytest.fixture(scope="module")
+def shop():
+    events, items = generate_shop(4_000, seed=3)
+    return time_split(events, *cut_times(events)), items
+
+
+def _config(storage: str, **overrides) -> RankerConfig:
+    settings = {"n_trials": 3, "num_boost_round": 40, "early_stopping_rounds": 10,
+                "extra_windows": 1, "num_threads": 1, "check_features": False,
+                "pruner_startup_trials": 2, "pruner_warmup_rounds": 5, "storage": storage,
+                "seed": 11}
+    return RankerConfig.model_validate({**settings, **overrides})
+
+
+def test_tune_logs_trials_as_nested_runs_and_repeats_with_the_seed(shop, tmp_path, mlflow_store):
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    split, items = shop
+    client = MlflowClient(mlflow_store)
+    experiment = tracking.ensure_experiment("tiny-shop", mlflow_store)
+    parent = client.create_run(experiment).info.run_id
+    config = _config(f"sqlite:///{tmp_path / 'a.db'}", check_features=True)
+    first = tune_and_evaluate_lgbm(split, items, config, parent, tmp_path / "run1", n_items=100)
+
+    assert first["test"]["ndcg@10"] > 0
+    assert first["test"]["users"] == split.test_targets["user_id"].n_unique()
+    assert 0 < first["candidate_recall"]["test"]["all"] <= 1
+    assert set(first["valid"]) >= {"ndcg@10", "recall@20"}
+    trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(trials) == 3
+    assert all("learning_rate" in run.data.params for run in trials)
+    logged = {a.path for a in client.list_artifacts(parent, "lgbm_ranker")}
+    assert {"lgbm_ranker/optimization_history.png", "lgbm_ranker/param_importances.png",
+            "lgbm_ranker/feature_importance.png", "lgbm_ranker/feature_importance.csv"} <= logged
+    assert client.get_run(parent).data.metrics["lgbm_ranker.test.ndcg_at_10"] == pytest.approx(
+        first["test"]["ndcg@10"])
+
+    second = tune_and_evaluate_lgbm(split, items, _config(f"sqlite:///{tmp_path / 'b.db'}"),
+                                    None, tmp_path / "run2", n_items=100)
+    assert second["best_params"] == first["best_params"]
+    assert second["test"] == first["test"]
+    assert second["valid"] == first["valid"]
+
+
+def test_saved_pipeline_recommends_like_a_recommender(shop, tmp_path):
+    split, items = shop
+    config = _config(f"sqlite:///{tmp_path / 'c.db'}", n_trials=1)
+    result = tune_and_evaluate_lgbm(split, items, config, None, tmp_path)
+    pipe = RankingPipeline.load(Path(result["model_dir"]))
+    users = split.test_targets["user_id"].unique().sort().head(5).to_list() + ["nobody"]
+    recs = pipe.recommend(users, k=7)
+    assert recs.columns == ["user_id", "item_id", "score", "rank"]
+    assert recs.group_by("user_id").len()["len"].to_list() == [7] * 6
+    assert recs.equals(pipe.recommend(users, k=7))
+    seen = split.test_history.select("user_id", "item_id").unique()
+    unseen = pipe.recommend(users, k=7, exclude_seen=True)
+    assert unseen.join(seen, on=["user_id", "item_id"], how="semi").is_empty()
+
+
+_STUDY_SCRIPT = """
+import sys, time
+import tasks.tune as tune
+from tasks.demo_data import generate_shop
+from tasks.split import cut_times, time_split
+
+slow = tune.holdout_metrics
+def holdout_metrics(*args, **kwargs):  # slow trials down so the study is killed mid-way
+    time.sleep(0.7)
+    return slow(*args, **kwargs)
+tune.holdout_metrics = holdout_metrics
+
+events, items = generate_shop(4_000, seed=3)
+split = time_split(events, *cut_times(events))
+config = tune.RankerConfig.model_validate_json(sys.argv[1])
+tune.tune_and_evaluate_lgbm(split, items, config, None, sys.argv[2])
+"""
+
+
+def test_killed_study_resumes_from_its_storage(shop, tmp_path):
+    split, items = shop
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = _config(storage, n_trials=8, study_name="resume-me")
+    script = tmp_path / "study.py"
+    script.write_text(textwrap.dedent(_STUDY_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), config.model_dump_json(),
+                             str(tmp_path / "killed")], cwd=tmp_path, env=env)
+    try:
+        before = _wait_for_trials(storage, "resume-me", 3, proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    study = optuna.load_study(study_name="resume-me", storage=storage)
+    assert 3 <= finished_trials(study) < 8
+
+    result = tune_and_evaluate_lgbm(split, items, config, None, tmp_path / "resumed")
+    study = optuna.load_study(study_name="resume-me", storage=storage)
+    assert finished_trials(study) == 8
+    assert result["n_trials"] >= 8
+    after = {t.number: t.params for t in study.trials}
+    assert all(after[number] == params for number, params in before.items())
+
+
+def _wait_for_trials(storage: str, name: str, n: int, proc: subprocess.Popen) -> dict:
+    """Params of the finished trials once ``n`` of them exist (fails if the process ends)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the study process ended before it could be killed"
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:  # not created yet
+            time.sleep(0.2)
+            continue
+        done = study.get_trials(deepcopy=False, states=DONE)
+        if len(done) >= n:
+            return {t.number: t.params for t in done}
+        time.sleep(0.1)
+    pytest.fail("the study did not finish 3 trials within 2 minutes")
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="holdout_share"):
+        RankerConfig(holdout_share=1.5)
+    with pytest.raises(ValueError, match="extra"):
+        RankerConfig(surprise=1)
+    assert isinstance(RankerConfig().candidates.n_candidates, int)
