@@ -88,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data__event_map=_pairs(args.event_map, "--event-map"),
         data__demo_events=args.events, data__demo_seed=args.demo_seed,
         split__protocol=args.protocol, seed=args.seed, output_dir=args.output_dir,
+        ranker__n_trials=args.trials, ranker__enabled=False if args.no_ranker else None,
     )
     result = train(config)
     print(  # noqa: T201
@@ -216,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation protocol (auto: leave-one-out for ordered data)")
     tr.add_argument("--seed", type=int, help="seed of every stochastic step (42)")
     tr.add_argument("--output-dir", metavar="DIR", help="folder for tables and models (outputs)")
+    tr.add_argument("--trials", type=int, metavar="N",
+                    help="Optuna trials of the LightGBM ranker (4; a re-run resumes the study)")
+    tr.add_argument("--no-ranker", action="store_true",
+                    help="only the baselines: skip the LightGBM ranker")
     tr.set_defaults(func=cmd_train)
 
     tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
 from tasks.adapters import FORMATS
+from tasks.tune import RankerConfig
 from tasks.validate import ValidationSettings
 
 
@@ -137,6 +138,28 @@ class ServeConfig(_Strict):
     )
 
 
+class LGBMConfig(_Strict):
+    """The LightGBM re-ranker in the train flow (candidates, features, Optuna study)."""
+
+    enabled: bool = Field(True, description="Tune, test and offer the ranker for promotion.")
+    n_trials: int = Field(4, ge=1, description="Optuna trials per study (a re-run resumes it).")
+    timeout_s: float | None = Field(240, gt=0, description="Stop starting trials after this.")
+    storage: str | None = Field(None, description="Optuna storage URL; sqlite in mlruns/.")
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further RankerConfig settings (candidates, features, extra_windows, ...).",
+    )
+
+    def settings(self, seed: int) -> RankerConfig:
+        """The full ranker configuration."""
+        try:
+            return RankerConfig.model_validate({
+                **self.extra, "n_trials": self.n_trials, "timeout_s": self.timeout_s,
+                "storage": self.storage, "seed": seed})
+        except ValidationError as err:
+            raise ConfigError(f"invalid ranker.extra settings: {err}") from err
+
+
 class TrainConfig(_Strict):
     """Everything the ``train`` flow needs; the whole resolved object is logged with each run."""
 
@@ -145,6 +168,7 @@ class TrainConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    ranker: LGBMConfig = Field(default_factory=LGBMConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     seed: int = Field(42, description="Seed of every stochastic step.")

@@ -1,4 +1,4 @@
-"""The ``train`` flow: load → validate → split → baselines → evaluate, tracked in MLflow."""
+"""The ``train`` flow: load → validate → split → baselines → LightGBM ranker → evaluate → release."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flows.config import TrainConfig, data_name
 from flows.promote import release_best_model
 from models.seed import seed_everything
 from tasks import tracking
-from tasks.evaluate import evaluate_baselines, report_metrics
+from tasks.evaluate import evaluate_baselines, evaluate_lgbm_ranker, report_metrics
 from tasks.packaging import ReleaseRun
 from tasks.prepare import catalogue_size, load_data, split_data, validate_data
 
@@ -52,10 +52,15 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
         if exclude_seen is None:
             exclude_seen = protocol == "leave_one_out"
         client.log_param(run_id, "resolved.exclude_seen", exclude_seen)
+        n_items = catalogue_size(data)
         scores = evaluate_baselines(
-            split.folder, config.evaluation.ks, catalogue_size(data), exclude_seen,
+            split.folder, config.evaluation.ks, n_items, exclude_seen,
             config.baselines.recent_days, workdir / "models", run_id,
         )
+        if config.ranker.enabled:
+            scores["lgbm_ranker"] = evaluate_lgbm_ranker(
+                split.folder, data.items, config.ranker.settings(config.seed),
+                config.evaluation.ks, n_items, exclude_seen, workdir, run_id)
         report = report_metrics(scores, protocol, run_id)
 
         # ---- release: the best model on validation is packaged, registered and promoted ----

@@ -92,7 +92,7 @@ class TransformerConfig:
     batch_size: int = 256
     epochs: int = 200
     loss: str = "sampled_softmax"
-    n_negatives: int = 1024
+    n_negatives: int = 4096
     negative_sampler: str = "uniform"
     popularity_alpha: float = 0.75
     logq_correction: bool = True

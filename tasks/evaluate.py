@@ -16,6 +16,7 @@ from models.metrics import evaluate, metrics_table
 from tasks import tracking
 from tasks.prepare import read_split
 from tasks.split import Split
+from tasks.tune import RankerConfig
 
 
 def baseline_factories(recent_days: float) -> dict[str, Any]:
@@ -75,6 +76,24 @@ def evaluate_baselines(
             for stage, metrics in scores[name].items():
                 tracking.log_metrics(run_id, name, stage, metrics)
     return scores
+
+
+@task(name="lgbm-ranker")
+def evaluate_lgbm_ranker(
+    split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
+    exclude_seen: bool, workdir: Path, run_id: str | None,
+) -> dict[str, dict[str, float]]:
+    """Tune (Optuna), refit and test the LightGBM re-ranker; metrics per stage like baselines."""
+    from tasks.tune import tune_and_evaluate_lgbm
+
+    split = read_split(split_dir)
+    items = pl.read_parquet(items_path) if items_path else None
+    result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
+                                    exclude_seen=exclude_seen, n_items=n_items)
+    recall = result["candidate_recall"]
+    get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
+                          result["best_trial"], result["n_trials"], recall["test"])
+    return {"valid": result["valid"], "test": result["test"]}
 
 
 @task(name="report")

@@ -35,10 +35,12 @@ from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 from models.baselines import CoVisitation, Popularity
 from models.columns import ITEM, TIMESTAMP, USER
 from models.errors import ConfigError
-from models.serving import FAMILIES, RequestError, ServingModel, family_class
+from models.serving import FAMILIES, RequestError, ServingModel, family_class, register_family
 from tasks.tracking import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
+# the LightGBM re-ranker lives with its candidate and feature state in tasks.tune
+register_family("lgbm_ranker", "tasks.tune:RankingPipeline")
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

@@ -14,7 +14,23 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
+    overrides.setdefault("ranker__enabled", False)  # the ranker has a test of its own below
     return load_config(None, output_dir=str(tmp_path / "outputs"), **overrides)
+
+
+def test_train_tunes_the_lgbm_ranker_beside_the_baselines(tmp_path, mlflow_store, demo_shop_dir):
+    config = _config(tmp_path, data__path=str(demo_shop_dir), data__format="parquet",
+                     ranker__enabled=True, ranker__n_trials=2,
+                     ranker__storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    result = train(config)
+    assert set(result["scores"]) == {*BASELINES, "lgbm_ranker"}
+    client = MlflowClient(mlflow_store)
+    metrics = client.get_run(result["run_id"]).data.metrics
+    assert "lgbm_ranker.test.ndcg_at_10" in metrics
+    assert any(key.startswith("lgbm_ranker.candidates.test.recall") for key in metrics)
+    trials = client.search_runs(
+        [result["experiment_id"]], f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert len(trials) == 2
 
 
 def test_train_on_demo_shop_logs_everything(tmp_path, mlflow_store, demo_shop_dir):
