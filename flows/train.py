@@ -1,4 +1,4 @@
-"""The ``train`` flow: load → validate → split → baselines → LightGBM ranker → evaluate → release."""
+"""The ``train`` flow: load, validate, split, baselines, LightGBM ranker, evaluate, release."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Input frames hold one row per (user, candidate) pair: ``user_id``, ``item_id``, numeric feature
 columns and, for training, an integer ``label`` (1 for a target, 0 otherwise). Rows of one user
-form one query group; the booster learns to order each group with the ``lambdarank`` objective
+(or, with ``group``, of one value of another key such as window and user) form one query group,
+in any row order; the booster learns to order each group with the ``lambdarank`` objective
 and stops early on the validation groups' NDCG@``eval_at``.
 
 Groups without any positive carry no ranking signal (every order is equally good), so ``fit``

@@ -4,18 +4,19 @@ Nothing here looks past the history's last event (``end``): every window, recenc
 measured back from ``end``, so features built for one window never see that window's events.
 
 * **user**: event counts by type (and in the last day), distinct items and categories, mean price,
-  days since the last event, active span and distinct active days;
+  days since the last event and active span;
 * **item**: weighted popularity, distinct users (all and in the shortest window), counts in
   windows before ``end``, trend (short window rate over long window rate), popularity among
   users' latest events ("tail"), funnel rates (share of the item's users that carted,
   favourited, bought), price, category popularity and the item's share of it, days since its
   first and last event;
 * **user x item**: the user's events on the item by type, their strongest type, recency-decayed
-  weighted counts at a few half-lives, steps and hours since the last one, distinct days and
-  hours from the first to the last; events in the item's category (count, share of all and of
-  the latest events, steps and hours since the last); attributes shared with the user's recent items; co-visitation evidence (from the candidates,
-  plus the links from the user's last two items); the rank in every candidate source and the
-  merged position;
+  weighted counts at a few half-lives, steps, hours and sessions since the last one, distinct
+  days and sessions with it and hours from the first to the last; events in the item's category
+  (count, share of all and of the latest events, steps and hours since the last); attributes
+  shared with the user's recent items; co-visitation evidence (from the candidates, plus the
+  links from the user's last two items); the rank in every candidate source and the merged
+  position;
 * **context**: hour of day and day of week of the user's last event.
 
 Time-based features (windows, days, hours, context) exist only when timestamps are real; for
@@ -69,6 +70,9 @@ class FeatureConfig(BaseModel):
     tail_events: int = Field(3, gt=0, description="Latest events per user in tail popularity.")
     recent_items: int = Field(5, gt=0, description="Latest items of a user for attribute overlap.")
     recent_events: int = Field(20, gt=0, description="Latest events of a user for category share.")
+    session_gap_minutes: float = Field(
+        30.0, gt=0, description="Inactivity that ends a session (for session counts)."
+    )
     event_weights: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
         description="Weight of each event type in weighted counts.",
@@ -113,7 +117,6 @@ def user_features(hist: pl.DataFrame, end: object, real_time: bool,
                  (_days(pl.lit(end) - pl.col(TIMESTAMP)) <= 1).sum().cast(pl.Float64)
                  .alias("u_n_events_1d"),
                  _days(last - pl.col(TIMESTAMP).min()).alias("u_span_days"),
-                 pl.col(TIMESTAMP).dt.date().n_unique().cast(pl.Float64).alias("u_n_days"),
                  last.dt.hour().cast(pl.Float64).alias("ctx_last_hour"),
                  last.dt.weekday().cast(pl.Float64).alias("ctx_last_weekday")]
     frame = hist
@@ -172,15 +175,15 @@ def _w(days: float) -> str:
 
 def user_item_features(pairs: pl.DataFrame, hist: pl.DataFrame, end: object, real_time: bool,
                        config: FeatureConfig) -> pl.DataFrame:
-    """``user_id, item_id`` of ``pairs`` with the user's past interactions with item and category.
+    """``user_id, item_id`` of ``pairs`` with the user's past interactions with the item.
 
     Returns only the pairs with a past interaction; the caller fills the others.
     """
-    last_pos = pl.col(POS).max().over(USER)
     aggs = [pl.len().cast(pl.Float64).alias("ui_n_events"), *_type_counts("ui"),
             (pl.col("__last").first() - pl.col(POS).max()).cast(pl.Float64)
-            .alias("ui_steps_since_last")]
-    aggs.append(pl.col(WEIGHT).max().alias("ui_max_weight"))
+            .alias("ui_steps_since_last"),
+            pl.col(WEIGHT).max().alias("ui_max_weight")]
+    own = hist.with_columns(pl.col(POS).max().over(USER).alias("__last"))
     if real_time:
         age = _days(pl.lit(end) - pl.col(TIMESTAMP))
         aggs += [pl.col(TIMESTAMP).max().alias("__ts"),
@@ -188,15 +191,29 @@ def user_item_features(pairs: pl.DataFrame, hist: pl.DataFrame, end: object, rea
                    for h in config.half_lives_days),
                  pl.col(TIMESTAMP).dt.date().n_unique().cast(pl.Float64).alias("ui_n_days"),
                  (_days(pl.col(TIMESTAMP).max() - pl.col(TIMESTAMP).min()) * 24)
-                 .alias("ui_span_hours")]
-    own = hist.with_columns(last_pos.alias("__last")).join(pairs, on=[USER, ITEM], how="semi")
-    out = own.group_by(USER, ITEM).agg(aggs)
+                 .alias("ui_span_hours"),
+                 pl.col("__session").n_unique().cast(pl.Float64).alias("ui_n_sessions"),
+                 (pl.col("__last_session").first() - pl.col("__session").max())
+                 .cast(pl.Float64).alias("ui_sessions_since_last")]
+        own = own.with_columns(_sessions(config.session_gap_minutes).alias("__session"))
+        own = own.with_columns(pl.col("__session").max().over(USER).alias("__last_session"))
+    out = own.join(pairs, on=[USER, ITEM], how="semi").group_by(USER, ITEM).agg(aggs)
     if real_time:
         out = out.with_columns(
             ((pl.lit(end) - pl.col("__ts")).dt.total_microseconds() / _US_PER_HOUR)
             .alias("ui_hours_since_last")
         ).drop("__ts")
     return out
+
+
+def _sessions(gap_minutes: float) -> pl.Expr:
+    """Each event's session number within its user (events sorted by user, then time).
+
+    A new session starts after ``gap_minutes`` without an event.
+    """
+    gap = pl.col(TIMESTAMP).diff().over(USER)
+    starts = gap.is_null() | (gap > pl.duration(minutes=gap_minutes))
+    return starts.cast(pl.Int64).cum_sum().over(USER)
 
 
 def category_features(pairs: pl.DataFrame, hist: pl.DataFrame, categories: pl.DataFrame,

@@ -65,18 +65,18 @@ def test_tune_logs_trials_as_nested_runs_and_repeats_with_the_seed(shop, tmp_pat
     assert second["valid"] == first["valid"]
 
 
-def test_saved_pipeline_recommends_like_a_recommender(shop, tmp_path):
+def test_pipeline_fits_recommends_and_round_trips(shop, tmp_path):
     split, items = shop
-    config = _config(f"sqlite:///{tmp_path / 'c.db'}", n_trials=1)
-    result = tune_and_evaluate_lgbm(split, items, config, None, tmp_path)
-    pipe = RankingPipeline.load(Path(result["model_dir"]))
+    pipe = RankingPipeline(_config("sqlite://"), items).fit(split)
     users = split.test_targets["user_id"].unique().sort().head(5).to_list() + ["nobody"]
     recs = pipe.recommend(users, k=7)
     assert recs.columns == ["user_id", "item_id", "score", "rank"]
     assert recs.group_by("user_id").len()["len"].to_list() == [7] * 6
-    assert recs.equals(pipe.recommend(users, k=7))
+    pipe.save(tmp_path / "pipeline")
+    loaded = RankingPipeline.load(tmp_path / "pipeline")
+    assert loaded.recommend(users, k=7).equals(recs)
     seen = split.test_history.select("user_id", "item_id").unique()
-    unseen = pipe.recommend(users, k=7, exclude_seen=True)
+    unseen = loaded.recommend(users, k=7, exclude_seen=True)
     assert unseen.join(seen, on=["user_id", "item_id"], how="semi").is_empty()
 
 
