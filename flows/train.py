@@ -60,7 +60,7 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
         if config.ranker.enabled:
             scores["lgbm_ranker"] = evaluate_lgbm_ranker(
                 split.folder, data.items, config.ranker.settings(config.seed),
-                config.evaluation.ks, n_items, exclude_seen, workdir, run_id)
+                config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id)
         report = report_metrics(scores, protocol, run_id)
 
         # ---- release: the best model on validation is packaged, registered and promoted ----

@@ -81,7 +81,7 @@ def evaluate_baselines(
 @task(name="lgbm-ranker")
 def evaluate_lgbm_ranker(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
-    exclude_seen: bool, workdir: Path, run_id: str | None,
+    exclude_seen: bool, ordered_only: bool, workdir: Path, run_id: str | None,
 ) -> dict[str, dict[str, float]]:
     """Tune (Optuna), refit and test the LightGBM re-ranker; metrics per stage like baselines."""
     from tasks.tune import tune_and_evaluate_lgbm
@@ -89,7 +89,8 @@ def evaluate_lgbm_ranker(
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
-                                    exclude_seen=exclude_seen, n_items=n_items)
+                                    exclude_seen=exclude_seen, ordered_only=ordered_only,
+                                    n_items=n_items)
     recall = result["candidate_recall"]
     get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
                           result["best_trial"], result["n_trials"], recall["test"])

@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,11 +474,13 @@ def log_plots(run_id: str, study: optuna.Study, ranker: LightGBMRanker) -> None:
     axes.set_xlabel("total gain")
     axes.set_title("LightGBM ranker: feature importance")
     plots = {"feature_importance": figure}
-    plots["optimization_history"] = optuna_plots.plot_optimization_history(study).figure
-    try:
-        plots["param_importances"] = optuna_plots.plot_param_importances(study).figure
-    except (ValueError, RuntimeError) as err:  # fewer than two completed trials
-        logger.warning("no parameter importance plot: %s", err)
+    with warnings.catch_warnings():  # the matplotlib plots are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        plots["optimization_history"] = optuna_plots.plot_optimization_history(study).figure
+        try:
+            plots["param_importances"] = optuna_plots.plot_param_importances(study).figure
+        except (ValueError, RuntimeError) as err:  # fewer than two completed trials
+            logger.warning("no parameter importance plot: %s", err)
     for name, fig in plots.items():
         tracking.log_figure(run_id, fig, f"{MODEL_NAME}/{name}.png")
         plt.close(fig)
