@@ -445,8 +445,16 @@ def record(path: Path, result: dict[str, Any]) -> None:
 
 
 def run_sizes(args: argparse.Namespace) -> None:
-    """Every requested stage at every requested size, in order, each in its own process."""
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="shoprank-speed-"))
+    """Every requested stage at every requested size; stage files under ``--workdir``."""
+    if args.workdir:
+        run_in(Path(args.workdir), args)
+        return
+    with tempfile.TemporaryDirectory(prefix="shoprank-speed-") as tmp:
+        run_in(Path(tmp), args)
+
+
+def run_in(root: Path, args: argparse.Namespace) -> None:
+    """Run the stages in order, each in its own process, files under ``root``."""
     for n in args.events:
         work = root / f"shop-{n}"
         work.mkdir(parents=True, exist_ok=True)
@@ -488,24 +496,30 @@ def tables(rows: list[dict[str, Any]]) -> str:
     stages = _by_stage(rows)
     sizes = sorted({r["events"] for r in rows if r["stage"] in STAGES})
     head = ("| stage | " + " | ".join(f"{_size(n)} wall s (CPU s)" for n in sizes)
-            + " | time slope | " + " | ".join(f"{_size(n)} peak MiB" for n in sizes)
-            + " | memory slope | events/s at largest |")
+            + " | time slope (CPU) | " + " | ".join(f"{_size(n)} peak MiB" for n in sizes)
+            + " | memory slope | events/s (wall) at largest |")
     lines = [head, "|---|" + "---:|" * (2 * len(sizes) + 3)]
     for stage, runs in stages.items():
         at = {r["events"]: r for r in runs}
         secs = [_seconds(at[n]) if n in at else "not run" for n in sizes]
         mem = [f"{at[n]['peak_rss_mib']:,.0f} (+{at[n]['stage_rss_mib']:,.0f})" if n in at
                else "not run" for n in sizes]
-        t_slope = slope([r["events"] for r in runs], [r["seconds"] for r in runs])
+        t_slope = slope([r["events"] for r in runs], [_time(r) for r in runs])
         m_slope = slope([r["events"] for r in runs], [r["peak_rss_mib"] for r in runs])
         top = runs[-1]
-        rate = top["events"] / top["seconds"] if top["seconds"] else float("nan")
+        done = (top.get("info") or {}).get("events", top["events"])  # the sample, if one
+        rate = done / top["seconds"] if top["seconds"] else float("nan")
         lines.append(f"| {stage} | " + " | ".join(secs) + f" | {_fmt(t_slope)} | "
                      + " | ".join(mem) + f" | {_fmt(m_slope)} | {rate:,.0f} |")
     for row in rows:
         if row["stage"] == "prefect" and "error" not in row:
             lines.append("\n" + prefect_table(row))
     return "\n".join(lines)
+
+
+def _time(row: dict[str, Any]) -> float:
+    """CPU seconds when recorded (steadier than wall time on a shared machine), else wall."""
+    return row.get("cpu_s") or row["seconds"]
 
 
 def _seconds(row: dict[str, Any]) -> str:
@@ -547,9 +561,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     for stage, runs in _by_stage(rows).items():
         xs = [r["events"] for r in runs]
-        left.plot(xs, [r["seconds"] for r in runs], marker="o", label=stage)
+        left.plot(xs, [_time(r) for r in runs], marker="o", label=stage)
         right.plot(xs, [r["peak_rss_mib"] for r in runs], marker="o", label=stage)
-    for axes, label in ((left, "wall time (s)"), (right, "peak RSS of the stage process (MiB)")):
+    labels = ((left, "CPU time of the stage (s)"),
+              (right, "peak RSS of the stage process (MiB)"))
+    for axes, label in labels:
         axes.set_xscale("log")
         axes.set_yscale("log")
         axes.set_xlabel("events in the shop")
@@ -575,6 +591,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the stage files here (default: a temp folder)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--prefect", action="store_true", help="also time the train flow")
+    parser.add_argument("--plot", type=Path, default=PLOT, help="where the PNG is written")
     parser.add_argument("--plot-only", action="store_true")
     parser.add_argument("--run-stage", choices=[*STAGES, "prefect"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -590,12 +607,12 @@ def main() -> None:
     if not args.plot_only:
         run_sizes(args)
         if args.prefect:
-            record(args.results, spawn("prefect", Path(tempfile.mkdtemp()), 100_000, 0,
-                                       args.timeout))
+            with tempfile.TemporaryDirectory(prefix="shoprank-prefect-") as tmp:
+                record(args.results, spawn("prefect", Path(tmp), 100_000, 0, args.timeout))
     rows = load_results(args.results)
     print(tables(rows))
-    plot(rows, PLOT)
-    print(f"\nplot written to {PLOT}")
+    plot(rows, args.plot)
+    print(f"\nplot written to {args.plot}")
 
 
 if __name__ == "__main__":
