@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data__demo_events=args.events, data__demo_seed=args.demo_seed,
         split__protocol=args.protocol, seed=args.seed, output_dir=args.output_dir,
         ranker__n_trials=args.trials, ranker__enabled=False if args.no_ranker else None,
+        transformer__n_trials=args.transformer_trials,
+        transformer__enabled=False if args.no_transformer else None,
     )
     result = train(config)
     print(  # noqa: T201
@@ -220,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--trials", type=int, metavar="N",
                     help="Optuna trials of the LightGBM ranker (4; a re-run resumes the study)")
     tr.add_argument("--no-ranker", action="store_true",
-                    help="only the baselines: skip the LightGBM ranker")
+                    help="skip the LightGBM ranker")
+    tr.add_argument("--transformer-trials", type=int, metavar="N",
+                    help="Optuna trials of the sequential transformer (3; a re-run resumes it)")
+    tr.add_argument("--no-transformer", action="store_true",
+                    help="skip the sequential transformer (model and candidate source)")
     tr.set_defaults(func=cmd_train)
 
     tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"

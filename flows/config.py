@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
 from tasks.adapters import FORMATS
+from tasks.sequence import SequenceConfig
 from tasks.tune import RankerConfig
 from tasks.validate import ValidationSettings
 
@@ -160,6 +161,31 @@ class LGBMConfig(_Strict):
             raise ConfigError(f"invalid ranker.extra settings: {err}") from err
 
 
+class TransformerFlowConfig(_Strict):
+    """The sequential transformer in the train flow (Optuna study, refit, candidate source)."""
+
+    enabled: bool = Field(True, description="Tune, test and offer the transformer for promotion.")
+    n_trials: int = Field(3, ge=1, description="Optuna trials per study (a re-run resumes it).")
+    timeout_s: float | None = Field(120, gt=0, description="Stop starting trials after this.")
+    storage: str | None = Field(None, description="Optuna storage URL; sqlite in mlruns/.")
+    candidates: bool = Field(
+        True, description="Feed its nearest items to the LightGBM ranker's candidate stage."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further SequenceConfig settings (model, space, patience, n_candidates, ...).",
+    )
+
+    def settings(self, seed: int) -> SequenceConfig:
+        """The full transformer configuration."""
+        try:
+            return SequenceConfig.model_validate({
+                **self.extra, "n_trials": self.n_trials, "timeout_s": self.timeout_s,
+                "storage": self.storage, "candidates": self.candidates, "seed": seed})
+        except ValidationError as err:
+            raise ConfigError(f"invalid transformer.extra settings: {err}") from err
+
+
 class TrainConfig(_Strict):
     """Everything the ``train`` flow needs; the whole resolved object is logged with each run."""
 
@@ -169,6 +195,7 @@ class TrainConfig(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
     ranker: LGBMConfig = Field(default_factory=LGBMConfig)
+    transformer: TransformerFlowConfig = Field(default_factory=TransformerFlowConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     seed: int = Field(42, description="Seed of every stochastic step.")

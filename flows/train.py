@@ -1,4 +1,4 @@
-"""The ``train`` flow: load, validate, split, baselines, LightGBM ranker, evaluate, release."""
+"""The ``train`` flow: load, validate, split, baselines, transformer, LightGBM ranker, release."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from flows.config import TrainConfig, data_name
 from flows.promote import release_best_model
 from models.seed import seed_everything
 from tasks import tracking
-from tasks.evaluate import evaluate_baselines, evaluate_lgbm_ranker, report_metrics
+from tasks.evaluate import (
+    evaluate_baselines,
+    evaluate_lgbm_ranker,
+    evaluate_transformer,
+    report_metrics,
+)
 from tasks.packaging import ReleaseRun
 from tasks.prepare import catalogue_size, load_data, split_data, validate_data
 
@@ -57,10 +62,18 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
             split.folder, config.evaluation.ks, n_items, exclude_seen,
             config.baselines.recent_days, workdir / "models", run_id,
         )
+        transformer = None
+        sequence_config = config.transformer.settings(config.seed)
+        if config.transformer.enabled:
+            transformer = evaluate_transformer(
+                split.folder, data.items, sequence_config, config.evaluation.ks, n_items,
+                exclude_seen, workdir, run_id)
+            scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
         if config.ranker.enabled:
             scores["lgbm_ranker"] = evaluate_lgbm_ranker(
                 split.folder, data.items, config.ranker.settings(config.seed),
-                config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id)
+                config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id,
+                transformer, sequence_config)
         report = report_metrics(scores, protocol, run_id)
 
         # ---- release: the best model on validation is packaged, registered and promoted ----

@@ -15,6 +15,7 @@ from models.columns import ITEM, USER
 from models.metrics import evaluate, metrics_table
 from tasks import tracking
 from tasks.prepare import read_split
+from tasks.sequence import SequenceConfig
 from tasks.split import Split
 from tasks.tune import RankerConfig
 
@@ -78,19 +79,53 @@ def evaluate_baselines(
     return scores
 
 
+@task(name="transformer")
+def evaluate_transformer(
+    split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
+    n_items: int, exclude_seen: bool, workdir: Path, run_id: str | None,
+) -> dict[str, Any]:
+    """Tune (Optuna, per-epoch pruning), refit and test the sequential transformer.
+
+    Returns the result of :func:`tasks.sequence.tune_and_evaluate_transformer` (``valid`` and
+    ``test`` metrics like the baselines, the best parameters and the saved model's folder).
+    """
+    from tasks.sequence import tune_and_evaluate_transformer
+
+    split = read_split(split_dir)
+    items = pl.read_parquet(items_path) if items_path else None
+    result = tune_and_evaluate_transformer(split, items, config, run_id, workdir, ks=ks,
+                                           exclude_seen=exclude_seen, n_items=n_items)
+    get_run_logger().info("transformer: best trial %s of %s (%s epochs), test %s",
+                          result["best_trial"], result["n_trials"], result["best_epoch"],
+                          _brief(result["test"], ks))
+    return result
+
+
 @task(name="lgbm-ranker")
 def evaluate_lgbm_ranker(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, workdir: Path, run_id: str | None,
+    transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Tune (Optuna), refit and test the LightGBM re-ranker; metrics per stage like baselines."""
-    from tasks.tune import tune_and_evaluate_lgbm
+    """Tune (Optuna), refit and test the LightGBM re-ranker; metrics per stage like baselines.
+
+    With a ``transformer`` result (and its config asking for candidates), the transformer's
+    nearest items join the candidates under the source name ``seq``.
+    """
+    from tasks.tune import training_windows, tune_and_evaluate_lgbm
 
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
+    external = source = None
+    if transformer and transformer_config and transformer_config.candidates:
+        from tasks.sequence import ranker_sources
+
+        earliest = training_windows(split, config.extra_windows, config.window_stride)[-1][0]
+        external, source = ranker_sources(split, items, transformer, transformer_config,
+                                          earliest)
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
                                     exclude_seen=exclude_seen, ordered_only=ordered_only,
-                                    n_items=n_items)
+                                    n_items=n_items, external=external, source=source)
     recall = result["candidate_recall"]
     get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
                           result["best_trial"], result["n_trials"], recall["test"])

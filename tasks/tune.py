@@ -6,7 +6,9 @@ window (features from ``split.train``, labels from ``split.valid_targets``) plus
 ``extra_windows`` earlier windows cut from ``split.train`` alone (the same cut shifted back by the
 window length for a time split; one more item peeled off per user for leave-one-out). A share of
 the validation-window users is held out from every window; their full-catalogue NDCG is what each
-trial maximises, with early stopping and pruning on their candidate groups' NDCG per round.
+trial maximises, with early stopping and pruning on their candidate groups' NDCG per round. The
+``valid`` metrics that model selection compares are those of the validation window's held-out
+users alone, a random share of the users every other family is validated on.
 
 The study lives in an RDB storage (``sqlite:///mlruns/optuna.db`` by default), so a re-run with
 the same study name continues it: only the trials still missing are run. Each trial is a nested
@@ -24,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import optuna
@@ -47,14 +49,26 @@ from tasks.candidates import (
 )
 from tasks.features import FeatureConfig, build_features, check_features
 from tasks.split import Split, leave_one_out
+from tasks.study import TrialLogger, open_study, run_study
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "lgbm_ranker"
 QUERY = "query"
+SOURCE_DIR = "source"
 
 ExternalSources = Callable[[pl.DataFrame, pl.Series], dict[str, pl.DataFrame]]
 """``(history, users) -> {source name: user_id, item_id, score}``: extra candidate sources."""
+
+
+class ExternalSource(Protocol):
+    """A fitted external candidate source the pipeline keeps and saves (e.g. a transformer)."""
+
+    def __call__(self, history: pl.DataFrame, users: Any) -> dict[str, pl.DataFrame]:
+        """Each source's ``user_id, item_id, score`` for ``users`` given ``history``."""
+
+    def save(self, path: Path) -> None:
+        """Write the source into the folder ``path`` (read back by its ``load``)."""
 
 
 class RankerConfig(BaseModel):
@@ -177,6 +191,7 @@ class RankingPipeline:
         self.config = config or RankerConfig()
         self.items = items
         self.ordered_only = ordered_only
+        self.source: ExternalSource | None = None
 
     def pairs(self, history: pl.DataFrame, users: Any, targets: pl.DataFrame | None = None,
               external: dict[str, pl.DataFrame] | None = None,
@@ -251,6 +266,8 @@ class RankingPipeline:
         """Candidates and features of ``users`` from the current history (unscored)."""
         if not hasattr(self, "ranker_"):
             raise ConfigError("this RankingPipeline is not fitted: call fit() or load() first.")
+        if external is None and self.source is not None:
+            external = self.source(self.history_, users)
         return self.pairs(self.history_, users, external=external, covis=self.covis_)
 
     def rank(self, frame: pl.DataFrame, users: Any, k: int, exclude_seen: bool) -> pl.DataFrame:
@@ -284,6 +301,8 @@ class RankingPipeline:
         self.history_.write_parquet(path / "history.parquet")
         if self.items is not None:
             self.items.write_parquet(path / "items.parquet")
+        if self.source is not None:
+            self.source.save(path / SOURCE_DIR)
         meta = {"config": self.config.model_dump(mode="json"), "ordered_only": self.ordered_only}
         (path / "pipeline.json").write_text(json.dumps(meta, indent=2))
 
@@ -299,17 +318,26 @@ class RankingPipeline:
             else None
         pipe = cls(RankerConfig.model_validate(meta["config"]), items, meta["ordered_only"])
         pipe.ranker_ = LightGBMRanker.load(path / "ranker")
+        if (path / SOURCE_DIR).is_dir():  # a transformer's nearest items feed the candidates
+            from tasks.sequence import SequenceSource
+
+            pipe.source = SequenceSource.load(path / SOURCE_DIR)
         return pipe.set_history(pl.read_parquet(path / "history.parquet"))
 
 
-def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int]
-                    ) -> dict[str, float]:
+def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
+                    window: int | None = None) -> dict[str, float]:
     """Metrics of ``ranker`` on the held-out groups of every window, full-catalogue style.
 
     Each (window, held-out user) counts once; a target outside the candidates is a miss.
+    ``window`` keeps one window only (0: the validation window).
     """
-    recs = ranker.recommend(data.holdout.with_columns(pl.col(QUERY).alias(USER)), max(ks))
-    return evaluate(recs, data.holdout_targets.rename({QUERY: USER}), ks=ks)
+    groups, targets = data.holdout, data.holdout_targets
+    if window is not None:
+        groups, targets = (frame.filter(pl.col(QUERY).str.starts_with(f"{window}:"))
+                           for frame in (groups, targets))
+    recs = ranker.recommend(groups.with_columns(pl.col(QUERY).alias(USER)), max(ks))
+    return evaluate(recs, targets.rename({QUERY: USER}), ks=ks)
 
 
 def study_name(split: Split, config: RankerConfig) -> str:
@@ -322,13 +350,6 @@ def study_name(split: Split, config: RankerConfig) -> str:
     settings = config.model_dump(mode="json", exclude={"n_trials", "timeout_s", "storage"})
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return f"{MODEL_NAME}-{split.protocol}-{digest.hexdigest()[:12]}"
-
-
-def default_storage() -> str:
-    """``sqlite:///<cwd>/mlruns/optuna.db`` (the folder is created)."""
-    folder = Path.cwd() / "mlruns"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'optuna.db'}"
 
 
 def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
@@ -369,55 +390,6 @@ class PruningCallback:
                 return
 
 
-def open_study(config: RankerConfig, name: str) -> optuna.Study:
-    """Create or continue study ``name`` in the configured storage (TPE with the config seed)."""
-    storage = optuna.storages.RDBStorage(config.storage or default_storage())
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials,
-                                         n_warmup_steps=config.pruner_warmup_rounds)
-    return optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                               sampler=optuna.samplers.TPESampler(
-                                   n_startup_trials=config.sampler_startup_trials,
-                                   seed=config.seed),
-                               pruner=pruner, load_if_exists=True)
-
-
-def finished_trials(study: optuna.Study) -> int:
-    """Trials that completed or were pruned (a re-run only runs the missing ones)."""
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=done))
-
-
-class TrialLogger:
-    """Each trial as a nested MLflow run of ``parent_run_id`` (nothing when it is None)."""
-
-    def __init__(self, parent_run_id: str | None) -> None:
-        self.parent = parent_run_id
-        if parent_run_id:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient()
-            self.experiment = self.client.get_run(parent_run_id).info.experiment_id
-
-    def start(self, trial: optuna.Trial, params: dict[str, Any]) -> str | None:
-        """Open the trial's run with its parameters; returns its id."""
-        if not self.parent:
-            return None
-        run = self.client.create_run(self.experiment, run_name=f"{MODEL_NAME}-trial-{trial.number}",
-                                     tags={"mlflow.parentRunId": self.parent,
-                                           "optuna.study": trial.study.study_name,
-                                           "optuna.trial": str(trial.number)})
-        for key, value in params.items():
-            self.client.log_param(run.info.run_id, key, value)
-        return run.info.run_id
-
-    def end(self, run_id: str | None, status: str, metrics: dict[str, float]) -> None:
-        """Log the trial's metrics and close its run with ``status``."""
-        if run_id:
-            for key, value in metrics.items():
-                self.client.log_metric(run_id, key.replace("@", "_at_"), float(value))
-            self.client.set_terminated(run_id, status)
-
-
 def make_objective(pipe: RankingPipeline, data: TrainingData, ks: list[int],
                    runs: TrialLogger) -> Any:
     """The trial function: fit with sampled parameters, return the holdout NDCG@``eval_at``."""
@@ -438,22 +410,12 @@ def make_objective(pipe: RankingPipeline, data: TrainingData, ks: list[int],
         metrics = holdout_metrics(ranker, data, ks)
         trial.set_user_attr("best_iteration", ranker.best_iteration_)
         trial.set_user_attr("metrics", metrics)
+        # the validation window alone: the users every other family is validated on
+        trial.set_user_attr("valid_metrics", holdout_metrics(ranker, data, ks, window=0))
         runs.end(run_id, "FINISHED", {**metrics, "best_iteration": ranker.best_iteration_})
         return metrics[metric]
 
     return objective
-
-
-def run_study(study: optuna.Study, objective: Any, config: RankerConfig) -> optuna.Study:
-    """Run the trials still missing from ``config.n_trials`` (none when the study is complete)."""
-    missing = config.n_trials - finished_trials(study)
-    if missing > 0:
-        logger.info("study %s: %d trials to run", study.study_name, missing)
-        study.optimize(objective, n_trials=missing, timeout=config.timeout_s)
-    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise DataError(f"the study {study.study_name} has no completed trial: every trial was "
-                        "pruned or failed (see the log). Raise n_trials or pruner_warmup_rounds.")
-    return study
 
 
 def log_plots(run_id: str, study: optuna.Study, ranker: LightGBMRanker) -> None:
@@ -521,6 +483,7 @@ def tune_and_evaluate_lgbm(
     ordered_only: bool | None = None,
     n_items: int | None = None,
     external: ExternalSources | None = None,
+    source: ExternalSource | None = None,
 ) -> dict[str, Any]:
     """Tune, refit, test and save the LightGBM re-ranker; log everything under ``run_id``.
 
@@ -535,11 +498,17 @@ def tune_and_evaluate_lgbm(
         ordered_only: Timestamps only order events (default: True for leave-one-out).
         n_items: Catalogue size for coverage; None leaves coverage out.
         external: Extra candidate sources per history (for example a sequence model's nearest
-            items), called for every training window and for the test history.
+            items), called for every training window (and for the test history when
+            ``source`` is None).
+        source: The external source the fitted pipeline keeps, saves and calls for the test
+            window and for serving (for example the transformer refitted on train +
+            validation); it must propose under the same names as ``external``.
 
     Returns:
-        ``valid`` (best trial's holdout metrics), ``test`` metrics, ``candidate_recall`` per
-        stage, ``best_params``, ``best_trial``, ``study_name``, ``n_trials`` and ``model_dir``.
+        ``valid`` (the best trial's metrics on the held-out users of the validation window: a
+        random share of the users the other families are validated on), ``test`` metrics,
+        ``candidate_recall`` per stage, ``best_params``, ``best_trial``, ``study_name``,
+        ``n_trials`` and ``model_dir``.
     """
     ks = list(ks or [10, 20])
     loo = split.protocol == "leave_one_out"
@@ -548,18 +517,23 @@ def tune_and_evaluate_lgbm(
         update={"exclude_seen": seen})})
     pipe = RankingPipeline(config, items, loo if ordered_only is None else ordered_only)
     data = pipe.training_frames(split, external)
-    study = open_study(config, study_name(split, config))
-    run_study(study, make_objective(pipe, data, ks, TrialLogger(run_id)), config)
+    study = open_study(study_name(split, config), config.storage, config.seed,
+                       config.sampler_startup_trials, config.pruner_startup_trials,
+                       config.pruner_warmup_rounds)
+    run_study(study, make_objective(pipe, data, ks, TrialLogger(run_id, MODEL_NAME)),
+              config.n_trials, config.timeout_s)
     best = study.best_trial
     rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
     pipe.ranker_ = pipe.new_ranker(dict(best.params), num_boost_round=rounds).fit(everyone)
+    pipe.source = source
     test, test_recall = score_test(pipe.set_history(split.test_history), split, ks, n_items,
-                                   external)
+                                   None if source is not None else external)
     model_dir = Path(workdir) / "models" / MODEL_NAME
     pipe.save(model_dir)
     result = {
-        "valid": best.user_attrs.get("metrics", {"ndcg@10": best.value}), "test": test,
+        "valid": best.user_attrs.get("valid_metrics", best.user_attrs.get(
+            "metrics", {"ndcg@10": best.value})), "test": test,
         "candidate_recall": {"valid": data.recall, "test": test_recall},
         "best_params": dict(best.params), "best_trial": best.number, "best_iteration": rounds,
         "study_name": study.study_name, "n_trials": len(study.trials), "model_dir": str(model_dir),

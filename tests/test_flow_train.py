@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
-    overrides.setdefault("ranker__enabled", False)  # the ranker has a test of its own below
+    overrides.setdefault("ranker__enabled", False)  # each model family has a test of its own
+    overrides.setdefault("transformer__enabled", False)
     return load_config(None, output_dir=str(tmp_path / "outputs"), **overrides)
 
 
@@ -31,6 +32,39 @@ def test_train_tunes_the_lgbm_ranker_beside_the_baselines(tmp_path, mlflow_store
     trials = client.search_runs(
         [result["experiment_id"]], f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(trials) == 2
+
+
+TINY_TRANSFORMER = {"space": {"hidden_size": [16], "n_blocks": [1], "n_heads": [1],
+                              "max_len": [10], "n_negatives": [64], "epochs": [2, 3]},
+                    "model": {"device": "cpu", "num_threads": 1}}
+
+
+def test_train_tunes_the_transformer_and_feeds_its_candidates_to_the_ranker(
+        tmp_path, mlflow_store, demo_shop_dir):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = _config(tmp_path, data__path=str(demo_shop_dir), data__format="parquet",
+                     transformer__enabled=True, transformer__n_trials=2,
+                     transformer__storage=storage, transformer__extra=TINY_TRANSFORMER,
+                     ranker__enabled=True, ranker__n_trials=1, ranker__storage=storage,
+                     ranker__extra={"num_boost_round": 30, "extra_windows": 1},
+                     registry__families=["transformer"], registry__latency_requests=20)
+    result = train(config)
+    assert set(result["scores"]) == {*BASELINES, "transformer", "lgbm_ranker"}
+    client = MlflowClient(mlflow_store)
+    metrics = client.get_run(result["run_id"]).data.metrics
+    for stage in ("valid", "test"):
+        assert f"transformer.{stage}.ndcg_at_10" in metrics
+    assert "lgbm_ranker.candidates.test.recall_seq" in metrics  # the transformer as a source
+    trials = client.search_runs(
+        [result["experiment_id"]],
+        f"tags.mlflow.parentRunId = '{result['run_id']}' and tags.`model.family` = 'transformer'")
+    assert len(trials) == 2
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    curve = client.get_metric_history(finished[0].info.run_id, "epoch.ndcg_at_10")
+    assert [m.step for m in curve] == list(range(1, len(curve) + 1))  # one point per epoch
+    assert {"epoch.loss", "epoch.samples_per_s", "ndcg_at_10"} <= set(finished[0].data.metrics)
+    release = result["release"]  # the transformer is servable: packaged, registered, promoted
+    assert (release["family"], release["decision"]) == ("transformer", "promoted")
 
 
 def test_train_on_demo_shop_logs_everything(tmp_path, mlflow_store, demo_shop_dir):

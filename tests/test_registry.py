@@ -208,7 +208,7 @@ def test_second_training_run_registers_v2_and_promotes_only_if_it_wins(tmp_path,
     write_demo_shop(changed, n_events=20_000, seed=2)
     common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
               "data__name": "demo", "registry__latency_requests": 20,
-              "ranker__enabled": False}
+              "ranker__enabled": False, "transformer__enabled": False}
     first = train(load_config(None, data__path=str(demo_shop_dir), **common))["release"]
     assert (first["version"], first["decision"]) == ("1", "promoted")
     second = train(load_config(None, data__path=str(changed), **common))["release"]

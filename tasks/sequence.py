@@ -1,0 +1,343 @@
+"""The sequential transformer in the pipeline: tuned, refitted, tested, and a candidate source.
+
+:func:`tune_and_evaluate_transformer` runs an Optuna study over the transformer's size, depth,
+heads, dropout, sequence length, learning rate, negatives and epochs. Each trial trains on
+``split.train`` with early stopping on the validation targets; every epoch's loss, validation
+NDCG@10 / Recall@10 and speed go to the trial's nested MLflow run as curves (``epoch.*``; the
+next item of each validation user, seen items filtered), and the epoch's
+validation NDCG@10 goes to the pruner, which stops trials that fall below the median of earlier
+ones at the same epoch. A trial's value is the full-catalogue NDCG of its recommendations for the
+validation users, computed exactly as for the baselines, so the families compete on one metric.
+The best parameters are refitted on train + validation for as many epochs as the best trial
+needed, scored on the test window and saved as the servable ``transformer`` model.
+
+:class:`SequenceSource` turns a fitted transformer into an external candidate source of the
+LightGBM ranker: each user's nearest items to the hidden state after their last event. So that
+no training window of the ranker sees a model that learned its targets, the source used for
+training is fitted once on the history before the earliest training window
+(:func:`ranker_sources`); the one used for testing and serving is the refitted model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.columns import ITEM, SCORE, USER
+from models.errors import DataError
+from models.metrics import evaluate
+from tasks.split import Split
+from tasks.study import TrialLogger, open_study, run_study
+
+if TYPE_CHECKING:  # torch is imported only when a transformer is built
+    from models.transformer import SequentialTransformer, TransformerConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "transformer"
+SOURCE_NAME = "seq"
+
+
+class SearchSpace(BaseModel):
+    """Values each trial may pick: lists are choices, pairs are ``[low, high]`` ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: list[int] = Field([32, 64], description="Embedding width choices.")
+    n_blocks: list[int] = Field([1, 2], description="Transformer depth choices.")
+    n_heads: list[int] = Field([1, 2], description="Attention heads (divide every width).")
+    dropout: tuple[float, float] = Field((0.1, 0.5), description="Dropout range.")
+    max_len: list[int] = Field([20, 50], description="Most recent events per user, choices.")
+    lr: tuple[float, float] = Field((3e-4, 3e-3), description="Learning rate range (log).")
+    n_negatives: list[int] = Field([256, 1024], description="Sampled negatives per batch.")
+    epochs: tuple[int, int] = Field((5, 30), description="Most epochs (early stopping inside).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpace:
+        lists = {"hidden_size": self.hidden_size, "n_blocks": self.n_blocks,
+                 "n_heads": self.n_heads, "max_len": self.max_len,
+                 "n_negatives": self.n_negatives}
+        empty = [name for name, values in lists.items() if not values or min(values) < 1]
+        if empty:
+            raise ValueError(f"{', '.join(empty)} must list at least one positive value")
+        bad = [(h, d) for h in self.n_heads for d in self.hidden_size if d % h]
+        if bad:
+            raise ValueError(f"every n_heads must divide every hidden_size; {bad[0][0]} heads "
+                             f"do not divide {bad[0][1]}")
+        for name in ("dropout", "lr", "epochs"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ValueError(f"{name} must be [low, high] with 0 <= low <= high")
+        if self.dropout[1] >= 1 or self.lr[0] <= 0 or self.epochs[0] < 1:
+            raise ValueError("dropout must stay below 1, lr above 0 and epochs at least 1")
+        return self
+
+
+class SequenceConfig(BaseModel):
+    """Settings of the transformer's study, refit and candidate source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fixed TransformerConfig settings (batch_size, device, loss, ...).",
+    )
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    n_trials: int = Field(3, ge=1, description="Optuna trials of the study (in total).")
+    timeout_s: float | None = Field(None, gt=0, description="Stop starting trials after this.")
+    storage: str | None = Field(
+        None, description="Optuna storage URL; empty: sqlite:///mlruns/optuna.db."
+    )
+    study_name: str | None = Field(
+        None, description="Study name; empty: derived from the data and settings (re-runs resume)."
+    )
+    patience: int = Field(3, ge=1, description="Epochs without a better validation NDCG@10.")
+    seed: int = Field(42, description="Seed of the sampler and of every model.")
+    sampler_startup_trials: int = Field(3, ge=1, description="Random trials before TPE guides.")
+    pruner_startup_trials: int = Field(1, ge=0, description="Trials before pruning starts.")
+    pruner_warmup_epochs: int = Field(2, ge=0, description="Epochs before a trial can be pruned.")
+    candidates: bool = Field(True, description="Feed the ranker's candidate stage.")
+    n_candidates: int = Field(50, gt=0, description="Nearest items per user as candidates.")
+
+    def transformer(self, params: dict[str, Any], **fixed: Any) -> TransformerConfig:
+        """The :class:`TransformerConfig` of ``params`` on top of the fixed settings."""
+        from models.transformer import TransformerConfig
+
+        values = {"patience": self.patience, "seed": self.seed, **self.model, **params, **fixed}
+        return TransformerConfig.from_dict(values)
+
+
+def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """One trial's hyper-parameters from ``space``."""
+    return {
+        "hidden_size": trial.suggest_categorical("hidden_size", space.hidden_size),
+        "n_blocks": trial.suggest_categorical("n_blocks", space.n_blocks),
+        "n_heads": trial.suggest_categorical("n_heads", space.n_heads),
+        "dropout": trial.suggest_float("dropout", *space.dropout),
+        "max_len": trial.suggest_categorical("max_len", space.max_len),
+        "lr": trial.suggest_float("lr", *space.lr, log=True),
+        "n_negatives": trial.suggest_categorical("n_negatives", space.n_negatives),
+        "epochs": trial.suggest_int("epochs", *space.epochs),
+    }
+
+
+def study_name(split: Split, config: SequenceConfig) -> str:
+    """A name that is the same when the same data is tuned with the same settings."""
+    if config.study_name:
+        return config.study_name
+    digest = hashlib.sha256()
+    for frame in (split.train, split.valid_targets):
+        digest.update(str((frame.height, frame.hash_rows(seed=0).sum())).encode())
+    settings = config.model_dump(mode="json", exclude={"n_trials", "timeout_s", "storage"})
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return f"{MODEL_NAME}-{split.protocol}-{digest.hexdigest()[:12]}"
+
+
+def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
+                 ks: list[int], exclude_seen: bool, n_items: int | None) -> dict[str, float]:
+    """Full-catalogue metrics of ``model``'s lists for the target users (as for the baselines)."""
+    users = targets[USER].unique(maintain_order=True)
+    recs = pl.from_pandas(model.recommend(users.to_list(), k=max(ks), exclude_seen=exclude_seen))
+    counts = history.group_by(ITEM).len("count")
+    return evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
+
+
+class _Objective:
+    """Trains one trial, reports every epoch to the pruner and MLflow; keeps the best model."""
+
+    def __init__(self, split: Split, items: pl.DataFrame | None, config: SequenceConfig,
+                 runs: TrialLogger, ks: list[int], exclude_seen: bool, n_items: int | None):
+        self.split, self.items, self.config, self.runs = split, items, config, runs
+        self.ks, self.exclude_seen, self.n_items = ks, exclude_seen, n_items
+        self.best_value, self.best_model = float("-inf"), None
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest_params(trial, self.config.space)
+        run_id = self.runs.start(trial, params)
+        pruned = False
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+            nonlocal pruned
+            curves = {f"epoch.{k}": v for k, v in metrics.items() if k != "epoch"}
+            self.runs.step(run_id, curves, epoch)
+            if "ndcg@10" in metrics:
+                trial.report(metrics["ndcg@10"], epoch)
+                pruned = trial.should_prune()
+            return pruned
+
+        from models.transformer import SequentialTransformer
+
+        try:
+            model = SequentialTransformer(self.config.transformer(params)).fit(
+                self.split.train, self.split.valid_targets, self.items, on_epoch)
+        except Exception:
+            self.runs.end(run_id, "FAILED", {})
+            raise
+        if pruned:
+            self.runs.end(run_id, "KILLED", {})
+            raise optuna.TrialPruned(f"pruned after epoch {len(model.history_)}")
+        metrics = full_metrics(model, self.split.train, self.split.valid_targets, self.ks,
+                               self.exclude_seen, self.n_items)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("best_epoch", model.best_epoch_)
+        self.runs.end(run_id, "FINISHED", {**metrics, "best_epoch": model.best_epoch_})
+        value = metrics[f"ndcg@{10 if 10 in self.ks else min(self.ks)}"]
+        if value > self.best_value:
+            self.best_value, self.best_model = value, model
+        return value
+
+
+class SequenceSource:
+    """A fitted transformer as an external candidate source: ``(history, users) -> {name: pairs}``.
+
+    Args:
+        model: The fitted transformer.
+        n: Items proposed per user.
+        exclude_seen: Leave out the items of each user's history.
+    """
+
+    name = SOURCE_NAME
+
+    def __init__(self, model: SequentialTransformer, n: int, exclude_seen: bool) -> None:
+        self.model, self.n, self.exclude_seen = model, n, exclude_seen
+
+    def __call__(self, history: pl.DataFrame, users: Any) -> dict[str, pl.DataFrame]:
+        """The nearest items to each user's state after the last event of ``history``."""
+        users = pl.Series(USER, users, dtype=pl.String).unique(maintain_order=True)
+        recs = self.model.recommend(users.to_list(), k=self.n, exclude_seen=self.exclude_seen,
+                                    history=history)
+        return {self.name: pl.from_pandas(recs).select(USER, ITEM, SCORE)}
+
+    def save(self, path: Path) -> None:
+        """Write the model and the source settings into the folder ``path``."""
+        self.model.save(path)
+        (Path(path) / "source.json").write_text(json.dumps(
+            {"n": self.n, "exclude_seen": self.exclude_seen}))
+
+    @classmethod
+    def load(cls, path: Path) -> SequenceSource:
+        """Read a source written by :meth:`save`."""
+        from models.transformer import SequentialTransformer
+
+        meta = json.loads((Path(path) / "source.json").read_text())
+        return cls(SequentialTransformer.load(path), meta["n"], meta["exclude_seen"])
+
+
+def fit_final(history: pl.DataFrame, items: pl.DataFrame | None, config: SequenceConfig,
+              params: dict[str, Any], epochs: int) -> SequentialTransformer:
+    """The tuned transformer fitted on ``history`` for exactly ``epochs`` epochs (no validation)."""
+    from models.transformer import SequentialTransformer
+
+    return SequentialTransformer(config.transformer(params, epochs=max(int(epochs), 1))).fit(
+        history, None, items)
+
+
+def tune_and_evaluate_transformer(
+    split: Split,
+    items: pl.DataFrame | None,
+    config: SequenceConfig,
+    run_id: str | None,
+    workdir: Path,
+    ks: list[int] | None = None,
+    exclude_seen: bool | None = None,
+    n_items: int | None = None,
+) -> dict[str, Any]:
+    """Tune, refit, test and save the transformer; log everything under ``run_id``.
+
+    Args:
+        split: The train / validation / test split.
+        items: The items table (categories and attributes feed item embeddings), or None.
+        config: Study, search space and fixed settings.
+        run_id: The training run (trials become its nested runs); None logs nothing.
+        workdir: The run folder; the model goes to ``workdir/models/transformer``.
+        ks: Metric cut-offs (default 10 and 20).
+        exclude_seen: Remove history items (default: True for leave-one-out, else False).
+        n_items: Catalogue size for coverage; None leaves coverage out.
+
+    Returns:
+        ``valid`` (best trial's metrics), ``test`` metrics, ``best_params``, ``best_trial``,
+        ``best_epoch``, ``study_name``, ``n_trials``, ``model_dir`` and ``curve`` (the refit's
+        per-epoch loss).
+    """
+    ks = list(ks or [10, 20])
+    seen = split.protocol == "leave_one_out" if exclude_seen is None else exclude_seen
+    study = open_study(study_name(split, config), config.storage, config.seed,
+                       config.sampler_startup_trials, config.pruner_startup_trials,
+                       config.pruner_warmup_epochs)
+    objective = _Objective(split, items, config, TrialLogger(run_id, MODEL_NAME), ks, seen,
+                           n_items)
+    run_study(study, objective, config.n_trials, config.timeout_s)
+    best = study.best_trial
+    epochs = int(best.user_attrs.get("best_epoch", best.params.get("epochs", 1)))
+    final = fit_final(split.test_history, items, config, dict(best.params), epochs)
+    test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
+    model_dir = Path(workdir) / "models" / MODEL_NAME
+    final.save(model_dir)
+    result = {
+        "valid": best.user_attrs.get("metrics", {"ndcg@10": best.value}), "test": test,
+        "best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
+        "study_name": study.study_name, "n_trials": len(study.trials),
+        "model_dir": str(model_dir), "exclude_seen": seen,
+        "curve": [{k: v for k, v in h.items() if k in ("epoch", "loss", "epoch_s")}
+                  for h in final.history_],
+    }
+    if run_id:
+        _log_results(run_id, result, config, study)
+    logger.info("transformer: best trial %d (%d epochs), test %s", best.number, epochs,
+                {k: round(v, 4) for k, v in test.items() if "@" in k})
+    return result
+
+
+def ranker_sources(split: Split, items: pl.DataFrame | None, result: dict[str, Any],
+                   config: SequenceConfig, earliest_history: pl.DataFrame
+                   ) -> tuple[SequenceSource, SequenceSource]:
+    """Candidate sources for the ranker: ``(training, serving)``.
+
+    The training source is the tuned transformer refitted on ``earliest_history`` (the history
+    of the ranker's earliest training window, so no window's targets were learned); the serving
+    source is the saved model of :func:`tune_and_evaluate_transformer`, fitted on train +
+    validation.
+    """
+    if earliest_history.is_empty():
+        raise DataError("the ranker's earliest training window has no history for the "
+                        "transformer; lower ranker.extra_windows.")
+    seen = bool(result["exclude_seen"])
+    from models.transformer import SequentialTransformer
+
+    training = fit_final(earliest_history, items, config, result["best_params"],
+                         result["best_epoch"])
+    serving = SequentialTransformer.load(result["model_dir"])
+    return (SequenceSource(training, config.n_candidates, seen),
+            SequenceSource(serving, config.n_candidates, seen))
+
+
+def _log_results(run_id: str, result: dict[str, Any], config: SequenceConfig,
+                 study: optuna.Study) -> None:
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from tasks import tracking
+
+    for stage in ("valid", "test"):
+        tracking.log_metrics(run_id, MODEL_NAME, stage, result[stage])
+    tracking.log_json(run_id, {**result, "config": config.model_dump(mode="json")},
+                      f"{MODEL_NAME}/result.json")
+    with warnings.catch_warnings():  # the matplotlib plots are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        figures = {"optimization_history": optuna_plots.plot_optimization_history(study).figure,
+                   "intermediate_values": optuna_plots.plot_intermediate_values(study).figure}
+    for name, figure in figures.items():
+        tracking.log_figure(run_id, figure, f"{MODEL_NAME}/{name}.png")
+        plt.close(figure)

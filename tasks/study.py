@@ -1,0 +1,117 @@
+"""Optuna studies shared by every tuned model family: storage, resumption and nested MLflow runs.
+
+A study lives in an RDB storage (``sqlite:///<cwd>/mlruns/optuna.db`` by default) under a name
+derived from the data and the settings, so a re-run with the same name continues it and only
+runs the trials still missing. Each trial becomes a nested MLflow run of the training run, with
+its parameters, its final metrics and, for models trained in epochs, one curve per metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from models.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def default_storage() -> str:
+    """``sqlite:///<cwd>/mlruns/optuna.db`` (the folder is created)."""
+    folder = Path.cwd() / "mlruns"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def open_study(name: str, storage: str | None, seed: int, sampler_startup_trials: int,
+               pruner_startup_trials: int, pruner_warmup_steps: int) -> optuna.Study:
+    """Create or continue study ``name``: TPE seeded with ``seed``, median pruning.
+
+    Args:
+        name: Study name (the same name resumes the study).
+        storage: Optuna storage URL; None: :func:`default_storage`.
+        seed: Seed of the TPE sampler.
+        sampler_startup_trials: Random trials before TPE guides the search.
+        pruner_startup_trials: Trials that run to the end before any is pruned.
+        pruner_warmup_steps: Steps (rounds, epochs) of a trial before it can be pruned.
+    """
+    rdb = optuna.storages.RDBStorage(storage or default_storage())
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
+                                         n_warmup_steps=pruner_warmup_steps)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=sampler_startup_trials, seed=seed)
+    return optuna.create_study(study_name=name, storage=rdb, direction="maximize",
+                               sampler=sampler, pruner=pruner, load_if_exists=True)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that completed or were pruned (a re-run only runs the missing ones)."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=done))
+
+
+def run_study(study: optuna.Study, objective: Any, n_trials: int, timeout_s: float | None
+              ) -> optuna.Study:
+    """Run the trials still missing from ``n_trials`` (none when the study is complete).
+
+    Raises:
+        DataError: No trial of the study completed (all pruned or failed).
+    """
+    missing = n_trials - finished_trials(study)
+    if missing > 0:
+        logger.info("study %s: %d trials to run", study.study_name, missing)
+        study.optimize(objective, n_trials=missing, timeout=timeout_s)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise DataError(f"the study {study.study_name} has no completed trial: every trial was "
+                        "pruned or failed (see the log). Raise n_trials or the pruner's warm-up.")
+    return study
+
+
+class TrialLogger:
+    """Each trial as a nested MLflow run of ``parent_run_id`` (nothing when it is None).
+
+    Args:
+        parent_run_id: The training run; None logs nothing.
+        prefix: Model family, the start of each trial run's name (``<prefix>-trial-<n>``).
+    """
+
+    def __init__(self, parent_run_id: str | None, prefix: str) -> None:
+        self.parent, self.prefix = parent_run_id, prefix
+        if parent_run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient()
+            self.experiment = self.client.get_run(parent_run_id).info.experiment_id
+
+    def start(self, trial: optuna.Trial, params: dict[str, Any]) -> str | None:
+        """Open the trial's run with its parameters; returns its id."""
+        if not self.parent:
+            return None
+        name = f"{self.prefix}-trial-{trial.number}"
+        run = self.client.create_run(self.experiment, run_name=name,
+                                     tags={"mlflow.parentRunId": self.parent,
+                                           "optuna.study": trial.study.study_name,
+                                           "optuna.trial": str(trial.number),
+                                           "model.family": self.prefix})
+        for key, value in params.items():
+            self.client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+    def step(self, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+        """Log one point of every curve (an epoch's loss, validation NDCG, speed)."""
+        if run_id:
+            for key, value in metrics.items():
+                self.client.log_metric(run_id, _key(key), float(value), step=step)
+
+    def end(self, run_id: str | None, status: str, metrics: dict[str, float]) -> None:
+        """Log the trial's metrics and close its run with ``status``."""
+        if run_id:
+            for key, value in metrics.items():
+                self.client.log_metric(run_id, _key(key), float(value))
+            self.client.set_terminated(run_id, status)
+
+
+def _key(name: str) -> str:
+    return name.replace("@", "_at_")

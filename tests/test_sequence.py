@@ -1,0 +1,116 @@
+"""The transformer in the pipeline: Optuna study with per-epoch pruning, refit, candidate source."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from pydantic import ValidationError
+
+from models.columns import ITEM, USER
+from tasks.demo_data import generate_shop
+from tasks.sequence import (
+    SearchSpace,
+    SequenceConfig,
+    SequenceSource,
+    _Objective,
+    ranker_sources,
+    tune_and_evaluate_transformer,
+)
+from tasks.split import cut_times, time_split
+from tasks.study import TrialLogger
+from tasks.tune import RankerConfig, RankingPipeline, training_windows, tune_and_evaluate_lgbm
+
+TINY_SPACE = {"hidden_size": [16], "n_blocks": [1], "n_heads": [1], "max_len": [10],
+              "n_negatives": [64], "epochs": [2, 4]}
+
+
+@pytest.fixture(scope="module")
+def shop():
+    events, items = generate_shop(8_000, seed=3)
+    return time_split(events, *cut_times(events)), items
+
+
+def _config(storage: str, **overrides) -> SequenceConfig:
+    settings = {"n_trials": 2, "storage": storage, "space": TINY_SPACE,
+                "model": {"num_threads": 1, "device": "cpu"}, **overrides}
+    return SequenceConfig.model_validate(settings)
+
+
+def test_study_reports_every_epoch_and_a_rerun_resumes(shop, tmp_path):
+    split, items = shop
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = _config(storage)
+    result = tune_and_evaluate_transformer(split, items, config, None, tmp_path,
+                                           n_items=items.height)
+    assert {"ndcg@10", "recall@20", "coverage@10"} <= set(result["valid"])
+    assert 0 <= result["test"]["ndcg@10"] <= 1
+    assert 1 <= result["best_epoch"] <= 4
+    study = optuna.load_study(study_name=result["study_name"], storage=storage)
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert completed
+    for trial in completed:  # the pruner saw the validation NDCG of every epoch trained
+        assert sorted(trial.intermediate_values) == list(
+            range(1, len(trial.intermediate_values) + 1))
+    again = tune_and_evaluate_transformer(split, items, config, None, tmp_path,
+                                          n_items=items.height)
+    assert again["n_trials"] == 2  # resumed: no trial added
+    assert again["best_params"] == result["best_params"]
+
+
+def test_pruner_stops_a_trial_after_an_epoch(shop, tmp_path):
+    split, items = shop
+    config = _config("unused", space={**TINY_SPACE, "epochs": [4, 4]})
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=1.0, n_warmup_steps=1))
+    objective = _Objective(split, items, config, TrialLogger(None, "transformer"), [10], False,
+                           None)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert 1 <= len(trial.intermediate_values) < 4  # stopped before its 4 epochs
+
+
+def test_saved_source_proposes_the_same_items(shop, tmp_path):
+    split, items = shop
+    config = _config(f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=1)
+    result = tune_and_evaluate_transformer(split, items, config, None, tmp_path)
+    earliest = training_windows(split, 2)[-1][0]
+    training, serving = ranker_sources(split, items, result, config, earliest)
+    users = split.test_targets[USER].unique().sort().head(20)
+    proposed = serving(split.test_history, users)["seq"]
+    assert proposed.columns == [USER, ITEM, "score"]
+    assert proposed.group_by(USER).len()["len"].max() <= config.n_candidates
+    serving.save(tmp_path / "source")
+    loaded = SequenceSource.load(tmp_path / "source")
+    assert loaded(split.test_history, users)["seq"].equals(proposed)
+    # the training source never saw anything after the earliest window's history
+    assert training.model.sequences_.items.size < serving.model.sequences_.items.size
+
+
+def test_ranker_keeps_the_transformer_source_for_serving(shop, tmp_path):
+    split, items = shop
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    seq_config = _config(storage, n_trials=1)
+    seq = tune_and_evaluate_transformer(split, items, seq_config, None, tmp_path)
+    ranker = RankerConfig(n_trials=1, num_boost_round=20, early_stopping_rounds=5,
+                          extra_windows=1, storage=storage, num_threads=1)
+    earliest = training_windows(split, ranker.extra_windows)[-1][0]
+    external, source = ranker_sources(split, items, seq, seq_config, earliest)
+    result = tune_and_evaluate_lgbm(split, items, ranker, None, tmp_path, external=external,
+                                    source=source)
+    assert "seq" in result["candidate_recall"]["test"]
+    pipe = RankingPipeline.load(tmp_path / "models" / "lgbm_ranker")
+    assert isinstance(pipe.source, SequenceSource)
+    users = split.test_targets[USER].unique().sort().head(10)
+    frame = pipe.candidate_frame(users)
+    assert "rank_seq" in frame.columns
+    assert frame["rank_seq"].is_not_null().any()
+    recs = pipe.recommend(users, k=5)
+    assert recs.group_by(USER).len()["len"].to_list() == [5] * users.len()
+
+
+def test_search_space_errors_name_the_problem():
+    with pytest.raises(ValidationError, match="n_heads must divide"):
+        SearchSpace(hidden_size=[30], n_heads=[4])
+    with pytest.raises(ValidationError, match="dropout"):
+        SearchSpace(dropout=(0.5, 0.1))
