@@ -20,6 +20,9 @@ DEFAULT_ENV = {
     "DO_NOT_TRACK": "true",
     # the temporary local Prefect API can take longer than 20 s to start on a busy laptop
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # progress of long steps (epochs, trials, chunks) reaches the run's log in the Prefect UI
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,models",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 FORMATS_HELP = (
     "taobao, rees46, diginetica, hm, s3rec, uci-retail, rechorus, csv (generic, with --map), "

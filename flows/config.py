@@ -166,7 +166,9 @@ class TransformerFlowConfig(_Strict):
 
     enabled: bool = Field(True, description="Tune, test and offer the transformer for promotion.")
     n_trials: int = Field(3, ge=1, description="Optuna trials per study (a re-run resumes it).")
-    timeout_s: float | None = Field(120, gt=0, description="Stop starting trials after this.")
+    timeout_s: float | None = Field(
+        120, gt=0, description="Time budget of the study: no trial starts after it, and a "
+        "running trial stops after its current epoch.")
     storage: str | None = Field(None, description="Optuna storage URL; sqlite in mlruns/.")
     candidates: bool = Field(
         True, description="Feed its nearest items to the LightGBM ranker's candidate stage."

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,9 @@ class SequenceConfig(BaseModel):
     )
     space: SearchSpace = Field(default_factory=SearchSpace)
     n_trials: int = Field(3, ge=1, description="Optuna trials of the study (in total).")
-    timeout_s: float | None = Field(None, gt=0, description="Stop starting trials after this.")
+    timeout_s: float | None = Field(
+        None, gt=0, description="Time budget of the study: no trial starts after it, and a "
+        "running trial stops after its current epoch (keeping its best epoch).")
     storage: str | None = Field(
         None, description="Optuna storage URL; empty: sqlite:///mlruns/optuna.db."
     )
@@ -157,6 +160,7 @@ class _Objective:
         self.split, self.items, self.config, self.runs = split, items, config, runs
         self.ks, self.exclude_seen, self.n_items = ks, exclude_seen, n_items
         self.best_value, self.best_model = float("-inf"), None
+        self.deadline = (time.monotonic() + config.timeout_s) if config.timeout_s else None
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.config.space)
@@ -170,6 +174,10 @@ class _Objective:
             if "ndcg@10" in metrics:
                 trial.report(metrics["ndcg@10"], epoch)
                 pruned = trial.should_prune()
+            if self.deadline is not None and time.monotonic() > self.deadline and not pruned:
+                logger.info("trial %d: time budget spent, keeping its best epoch so far",
+                            trial.number)
+                return True
             return pruned
 
         from models.transformer import SequentialTransformer

@@ -114,3 +114,12 @@ def test_search_space_errors_name_the_problem():
         SearchSpace(hidden_size=[30], n_heads=[4])
     with pytest.raises(ValidationError, match="dropout"):
         SearchSpace(dropout=(0.5, 0.1))
+
+
+def test_time_budget_stops_a_running_trial_after_its_epoch(shop, tmp_path):
+    split, items = shop
+    config = _config(f"sqlite:///{tmp_path / 'optuna.db'}", n_trials=3, timeout_s=0.001,
+                     space={**TINY_SPACE, "epochs": [4, 4]})
+    result = tune_and_evaluate_transformer(split, items, config, None, tmp_path)
+    assert result["n_trials"] == 1  # no trial starts after the budget
+    assert result["best_epoch"] == 1  # and the running one stopped after one epoch
