@@ -17,7 +17,11 @@ events for validation and 10% for test, or leave-one-out for ordered data withou
 * the sequential transformer (:class:`models.transformer.SequentialTransformer`), trained on
   train with early stopping on the validation targets; test feeds it the test history without
   refitting;
-* "promoted": the shoprank model (baselines, ranker, transformer) with the best validation
+* ``lgbm_ranker_seq``: the ranker again with the transformer's nearest items as a candidate
+  source (``seq``), as ``train`` runs it: a copy of the transformer refitted on the history before
+  the ranker's earliest training window feeds its training windows, the transformer above its
+  test;
+* "promoted": the shoprank model (baselines, rankers, transformer) with the best validation
   NDCG@10, as the pipeline chooses.
 
 Validation is scored for every model on the same users: the validation users the ranker holds
@@ -53,15 +57,22 @@ from models.metrics import evaluate  # noqa: E402
 from models.transformer import SequentialTransformer, TransformerConfig  # noqa: E402
 from tasks.adapters import load_raw  # noqa: E402
 from tasks.evaluate import baseline_factories, item_counts, score_model  # noqa: E402
+from tasks.sequence import SequenceConfig, ranker_sources  # noqa: E402
 from tasks.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
-from tasks.tune import QUERY, RankerConfig, RankingPipeline, tune_and_evaluate_lgbm  # noqa: E402
+from tasks.tune import (  # noqa: E402
+    QUERY,
+    RankerConfig,
+    RankingPipeline,
+    training_windows,
+    tune_and_evaluate_lgbm,
+)
 from tasks.validate import ValidationSettings, validate_tables  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 KS = [10, 20]
 PRIMARY = "ndcg@10"
 SHOPRANK = ("popularity", "recent_popularity", "covisitation", "buy_again", "lgbm_ranker",
-            "transformer")
+            "transformer", "lgbm_ranker_seq")
 
 
 @dataclass(frozen=True)
@@ -199,20 +210,22 @@ def peer(algorithm: str, prep: Prepared, held: Split, grid: dict[str, list[Any]]
     return {**scored(f"implicit {algorithm}", run), "params": params, "grid_s": grid_s}
 
 
-def lgbm(prep: Prepared, config: RankerConfig, workdir: Path
+def lgbm(prep: Prepared, config: RankerConfig, workdir: Path, sources: tuple[Any, Any] | None = None
          ) -> tuple[dict[str, Any], pl.Series]:
     """Tune and test the ranker; score its best trial's ranker on the held-out validation users.
 
-    Returns the scores and the held-out validation users.
+    ``sources`` are the transformer's candidate sources for training and testing
+    (:func:`tasks.sequence.ranker_sources`). Returns the scores and the held-out validation users.
     """
     split, seen = prep.split, prep.exclude_seen
+    external, source = sources or (None, None)
     start = time.perf_counter()
     result = tune_and_evaluate_lgbm(split, prep.items, config, None, workdir, KS, seen,
-                                    prep.ordered_only, prep.n_items)
+                                    prep.ordered_only, prep.n_items, external, source)
     train_s = time.perf_counter() - start
     pipe = RankingPipeline(config.model_copy(update={"candidates": config.candidates.model_copy(
         update={"exclude_seen": seen})}), prep.items, prep.ordered_only)
-    data = pipe.training_frames(split)
+    data = pipe.training_frames(split, external)
     pipe.ranker_ = pipe.new_ranker(result["best_params"]).fit(data.train, data.holdout)
     frame = data.holdout.filter(pl.col(QUERY).str.starts_with("0:")).drop(QUERY)
     users = frame[USER].unique().sort()
@@ -227,8 +240,12 @@ def lgbm(prep: Prepared, config: RankerConfig, workdir: Path
     return scores, users
 
 
-def transformer(prep: Prepared, held: Split, epochs: int, threads: int | None) -> dict[str, Any]:
-    """Train on train (early stopping on validation), score held-out validation users and test."""
+def transformer(prep: Prepared, held: Split, epochs: int, threads: int | None, workdir: Path
+                ) -> dict[str, Any]:
+    """Train on train (early stopping on validation), score held-out validation users and test.
+
+    The model is saved under ``workdir/transformer`` for :func:`seq_sources`.
+    """
     split = prep.split
     multi_type = split.train["event_type"].n_unique() > 1
     cfg = TransformerConfig(epochs=epochs, device="cpu", use_time_gap=not prep.ordered_only,
@@ -236,6 +253,7 @@ def transformer(prep: Prepared, held: Split, epochs: int, threads: int | None) -
     start = time.perf_counter()
     model = SequentialTransformer(cfg).fit(split.train, split.valid_targets, prep.items)
     train_s = time.perf_counter() - start
+    model.save(workdir / "transformer")
     stages = {}
     for stage, history, targets in (("valid", None, held.valid_targets),
                                     ("test", split.test_history, split.test_targets)):
@@ -247,8 +265,22 @@ def transformer(prep: Prepared, held: Split, epochs: int, threads: int | None) -
                  PRIMARY, stages["valid"][PRIMARY], PRIMARY, stages["test"][PRIMARY], train_s,
                  len(model.history_), model.best_epoch_)
     return {**stages, "train_s": train_s, "epochs": len(model.history_),
-            "best_epoch": model.best_epoch_,
+            "best_epoch": model.best_epoch_, "config": dataclasses.asdict(cfg),
+            "model_dir": str(workdir / "transformer"),
             "epoch_s": sum(h["epoch_s"] for h in model.history_) / len(model.history_)}
+
+
+def seq_sources(prep: Prepared, config: RankerConfig, trained: dict[str, Any]) -> tuple[Any, Any]:
+    """The transformer's candidate sources for the ranker, as ``train`` builds them.
+
+    Training: the same settings refitted on the history before the ranker's earliest training
+    window; test: the model trained on train, fed the test history.
+    """
+    fixed = {k: v for k, v in trained["config"].items() if k != "epochs"}
+    earliest = training_windows(prep.split, config.extra_windows, config.window_stride)[-1][0]
+    return ranker_sources(prep.split, prep.items, {
+        "exclude_seen": prep.exclude_seen, "best_params": {}, "best_epoch": trained["best_epoch"],
+        "model_dir": trained["model_dir"]}, SequenceConfig(model=fixed), earliest)
 
 
 def promoted(results: dict[str, dict[str, Any]]) -> str:
@@ -335,7 +367,10 @@ def run_dataset(key: str, args: argparse.Namespace, workdir: Path) -> str:
     results = baselines(prep, held)
     results["lgbm_ranker"] = ranker
     if args.transformer_epochs > 0:
-        results["transformer"] = transformer(prep, held, args.transformer_epochs, args.threads)
+        results["transformer"] = transformer(prep, held, args.transformer_epochs, args.threads,
+                                             workdir / key)
+        sources = seq_sources(prep, config, results["transformer"])
+        results["lgbm_ranker_seq"], _ = lgbm(prep, config, workdir / key / "seq", sources)
     for algorithm in ("als", "bpr"):
         results[f"implicit {algorithm}"] = peer(algorithm, prep, held, grids[algorithm])
     best = promoted(results)
