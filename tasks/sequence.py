@@ -20,7 +20,6 @@ training is fitted once on the history before the earliest training window
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -35,7 +34,7 @@ from models.columns import ITEM, SCORE, USER
 from models.errors import DataError
 from models.metrics import evaluate
 from tasks.split import Split
-from tasks.study import TrialLogger, open_study, run_study
+from tasks.study import TrialLogger, derived_study_name, open_study, run_study
 
 if TYPE_CHECKING:  # torch is imported only when a transformer is built
     from models.transformer import SequentialTransformer, TransformerConfig
@@ -132,15 +131,8 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
 
 
 def study_name(split: Split, config: SequenceConfig) -> str:
-    """A name that is the same when the same data is tuned with the same settings."""
-    if config.study_name:
-        return config.study_name
-    digest = hashlib.sha256()
-    for frame in (split.train, split.valid_targets):
-        digest.update(str((frame.height, frame.hash_rows(seed=0).sum())).encode())
-    settings = config.model_dump(mode="json", exclude={"n_trials", "timeout_s", "storage"})
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return f"{MODEL_NAME}-{split.protocol}-{digest.hexdigest()[:12]}"
+    """The configured study name, else one derived from the data and settings (re-runs resume)."""
+    return config.study_name or derived_study_name(MODEL_NAME, split, config)
 
 
 def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,

@@ -8,15 +8,38 @@ its parameters, its final metrics and, for models trained in epochs, one curve p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
+from pydantic import BaseModel
 
 from models.errors import DataError
 
+if TYPE_CHECKING:
+    from tasks.split import Split
+
 logger = logging.getLogger(__name__)
+
+RESUME_EXCLUDED = {"n_trials", "timeout_s", "storage"}
+"""Settings that may change between runs of one study (the budget and where it is kept)."""
+
+
+def derived_study_name(family: str, split: Split, settings: BaseModel) -> str:
+    """``<family>-<protocol>-<digest>``: the same for the same data tuned with the same settings.
+
+    The digest covers the training events, the validation targets and every setting except
+    the budget (:data:`RESUME_EXCLUDED`), so a re-run with a larger budget resumes the study.
+    """
+    digest = hashlib.sha256()
+    for frame in (split.train, split.valid_targets):
+        digest.update(str((frame.height, frame.hash_rows(seed=0).sum())).encode())
+    values = settings.model_dump(mode="json", exclude=RESUME_EXCLUDED)
+    digest.update(json.dumps(values, sort_keys=True).encode())
+    return f"{family}-{split.protocol}-{digest.hexdigest()[:12]}"
 
 
 def default_storage() -> str:

@@ -19,7 +19,6 @@ test window and logged with plots.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import warnings
@@ -49,7 +48,7 @@ from tasks.candidates import (
 )
 from tasks.features import FeatureConfig, build_features, check_features
 from tasks.split import Split, leave_one_out
-from tasks.study import TrialLogger, open_study, run_study
+from tasks.study import TrialLogger, derived_study_name, open_study, run_study
 
 logger = logging.getLogger(__name__)
 
@@ -341,15 +340,8 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
 
 
 def study_name(split: Split, config: RankerConfig) -> str:
-    """A name that is the same when the same data is tuned with the same settings."""
-    if config.study_name:
-        return config.study_name
-    digest = hashlib.sha256()
-    for frame in (split.train, split.valid_targets):
-        digest.update(str((frame.height, frame.hash_rows(seed=0).sum())).encode())
-    settings = config.model_dump(mode="json", exclude={"n_trials", "timeout_s", "storage"})
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return f"{MODEL_NAME}-{split.protocol}-{digest.hexdigest()[:12]}"
+    """The configured study name, else one derived from the data and settings (re-runs resume)."""
+    return config.study_name or derived_study_name(MODEL_NAME, split, config)
 
 
 def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
