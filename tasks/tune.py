@@ -39,11 +39,14 @@ from models.errors import ConfigError, DataError
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import evaluate
 from tasks.candidates import (
+    BUILTIN_SOURCES,
     LABEL,
+    RANK_PREFIX,
     CandidateConfig,
     build_candidates,
     candidate_recall,
     label_candidates,
+    rank_columns,
     user_frame,
 )
 from tasks.features import FeatureConfig, build_features, check_features
@@ -339,9 +342,14 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
     return evaluate(recs, targets.rename({QUERY: USER}), ks=ks)
 
 
-def study_name(split: Split, config: RankerConfig) -> str:
-    """The configured study name, else one derived from the data and settings (re-runs resume)."""
-    return config.study_name or derived_study_name(MODEL_NAME, split, config)
+def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None) -> str:
+    """The configured study name, else one derived from the data and settings (re-runs resume).
+
+    ``sources`` names the external candidate sources (their features change what a trial
+    learns): ``lgbm_ranker-seq-...`` is another study than ``lgbm_ranker-...``.
+    """
+    family = "-".join([MODEL_NAME, *sorted(sources or [])])
+    return config.study_name or derived_study_name(family, split, config)
 
 
 def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
@@ -509,7 +517,9 @@ def tune_and_evaluate_lgbm(
         update={"exclude_seen": seen})})
     pipe = RankingPipeline(config, items, loo if ordered_only is None else ordered_only)
     data = pipe.training_frames(split, external)
-    study = open_study(study_name(split, config), config.storage, config.seed,
+    external_names = [c.removeprefix(RANK_PREFIX) for c in rank_columns(data.train)
+                      if c.removeprefix(RANK_PREFIX) not in BUILTIN_SOURCES]
+    study = open_study(study_name(split, config, external_names), config.storage, config.seed,
                        config.sampler_startup_trials, config.pruner_startup_trials,
                        config.pruner_warmup_rounds)
     run_study(study, make_objective(pipe, data, ks, TrialLogger(run_id, MODEL_NAME)),

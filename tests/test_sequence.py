@@ -99,6 +99,7 @@ def test_ranker_keeps_the_transformer_source_for_serving(shop, tmp_path):
     result = tune_and_evaluate_lgbm(split, items, ranker, None, tmp_path, external=external,
                                     source=source)
     assert "seq" in result["candidate_recall"]["test"]
+    assert result["study_name"].startswith("lgbm_ranker-seq-")  # not the study without it
     pipe = RankingPipeline.load(tmp_path / "models" / "lgbm_ranker")
     assert isinstance(pipe.source, SequenceSource)
     users = split.test_targets[USER].unique().sort().head(10)
