@@ -1,12 +1,14 @@
 """Speed of candidate and feature building on the built-in shop (time split).
 
     nice -n 10 .venv/bin/python benchmarks/features_speed.py                 # 1M events
-    nice -n 10 .venv/bin/python benchmarks/features_speed.py --events 200000
+    nice -n 10 .venv/bin/python benchmarks/features_speed.py --events 200000 --user-chunk 5000
 
 Generates the shop, cuts it with ``tasks.split.cut_times`` defaults and ``time_split``, then times
 each stage of building the ranker's training groups for the validation window: co-visitation fit
-on ``split.train``, candidates for every validation user, features, labels. Generation and the
-split are reported but not counted in the total.
+on ``split.train``, candidates for every validation user, features, labels, each in one call.
+Generation and the split are reported but not counted in the total. Then times
+:func:`tasks.features.candidate_features` (the same three stages, ``--user-chunk`` users at a
+time, as the ranker builds them) and checks that it returns the same frame.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tasks.candidates import (  # noqa: E402
     label_candidates,
 )
 from tasks.demo_data import generate_shop  # noqa: E402
-from tasks.features import build_features  # noqa: E402
+from tasks.features import USER_CHUNK, build_features, candidate_features  # noqa: E402
 from tasks.split import cut_times, time_split  # noqa: E402
 
 
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--candidates", type=int, default=CandidateConfig().n_candidates)
+    parser.add_argument("--user-chunk", type=int, default=USER_CHUNK,
+                        help="users per chunk of candidate_features")
     args = parser.parse_args()
     setup, timer = Timer(), Timer()
     events, items = setup("generate shop (not counted)", generate_shop, args.events, args.seed)
@@ -71,6 +75,10 @@ def main() -> None:
     print(f"{labelled.height:,} pairs x {labelled.width} columns; candidate recall "
           f"{recall['all']:.3f}; positives {labelled['label'].sum():,}")
     print(pl.DataFrame({"stage": list(timer.stages), "seconds": list(timer.stages.values())}))
+    chunked = timer(f"candidate_features ({args.user_chunk:,} users a chunk)",
+                    candidate_features, history, users, covis, config, items=items,
+                    targets=targets, user_chunk=args.user_chunk)
+    print(f"same frame as the one-call stages: {chunked.equals(labelled)}")
 
 
 if __name__ == "__main__":

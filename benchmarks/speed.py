@@ -1,8 +1,8 @@
 """Wall time and peak memory of every pipeline stage on the built-in shop, and Prefect's share.
 
     nice -n 10 .venv/bin/python benchmarks/speed.py --events 100000 1000000 --prefect
-    nice -n 10 .venv/bin/python benchmarks/speed.py --events 10000000 \\
-        --stages generate load validate split candidates features
+    nice -n 10 .venv/bin/python benchmarks/speed.py --events 10000000 --workdir /tmp/speed \\
+        --stages generate load validate split candidates_features
     .venv/bin/python benchmarks/speed.py --plot-only                  # table + docs/speed.png
 
 Each stage runs in a fresh Python process (``--run-stage``) that reads its inputs from the Parquet
@@ -16,9 +16,9 @@ reading inputs. Stages, in order:
 * ``validate``: :func:`tasks.validate.validate_tables` (events and items suites);
 * ``split``: :func:`tasks.split.cut_times` + :func:`tasks.split.time_split` +
   :func:`tasks.prepare.write_split`;
-* ``candidates``: :class:`models.baselines.CoVisitation` fitted on train +
-  :func:`tasks.candidates.build_candidates` for every validation user;
-* ``features``: :func:`tasks.features.build_features` + :func:`tasks.candidates.label_candidates`;
+* ``candidates_features``: :class:`models.baselines.CoVisitation` fitted on train +
+  :func:`tasks.features.candidate_features` for every validation user (candidates, features and
+  labels, ``--user-chunk`` users at a time), written to one Parquet file;
 * ``lgbm_fit``: :class:`models.lgbm_ranker.LightGBMRanker`, 100 rounds, one thread, no early
   stopping, on the groups with a positive (one Optuna trial costs about this);
 * ``transformer_epoch``: one CPU epoch (one thread) of
@@ -28,9 +28,15 @@ reading inputs. Stages, in order:
   co-visitation model fitted on the test history, then loading the pyfunc back;
 * ``recommend``: :func:`flows.recommend.recommend_all`, top-10 for every known user.
 
-``--user-chunk N`` calls the candidate and feature functions on N validation users at a time and
-writes each chunk's features to its own Parquet file (the table marks such figures with a
-dagger): their working memory then follows the chunk, not the shop.
+``--user-chunk N`` is the ``user_chunk`` of :func:`tasks.features.candidate_features` (default
+its ``USER_CHUNK``, 10,000; 0: all users in one chunk); the table marks figures of more than one
+chunk with a dagger. The returned frame holds every pair, so its size still grows with the shop.
+
+Results are kept in ``benchmarks/results/speed.json`` (one row per stage and size; a rerun
+replaces its rows, the others stay; rows of stages not listed above, such as ``candidates`` and
+``features`` timed as two separate calls, stay in the file but not in the table);
+``--plot-only`` rebuilds the table and ``docs/speed.png`` from it. ``--workdir`` keeps the stage
+files, so later stages can run on their own.
 
 ``--prefect`` also runs the ``train`` flow once on the 100k shop and compares its wall time with
 the same stages called directly, reading the task run durations from the Prefect API.
@@ -53,9 +59,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("generate", "load", "validate", "split", "candidates", "features", "lgbm_fit",
+STAGES = ("generate", "load", "validate", "split", "candidates_features", "lgbm_fit",
           "transformer_epoch", "packaging", "recommend")
-RESULTS = Path(tempfile.gettempdir()) / "shoprank-speed.json"
+RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 PLOT = ROOT / "docs" / "speed.png"
 SEED = 0
 
@@ -156,68 +162,35 @@ def _split(work: Path) -> Any:
 
 
 def _user_chunk() -> int:
-    """Users per call of the candidate and feature functions (0: all in one call)."""
-    return int(os.environ.get("SHOPRANK_BENCH_USER_CHUNK", "0"))
+    """Users per chunk of :func:`tasks.features.candidate_features` (0: all in one chunk)."""
+    from tasks.features import USER_CHUNK
+
+    return int(os.environ.get("SHOPRANK_BENCH_USER_CHUNK", USER_CHUNK))
 
 
-def prepare_candidates(work: Path, n: int) -> Callable[[], dict[str, Any]]:
+def prepare_candidates_features(work: Path, n: int) -> Callable[[], dict[str, Any]]:
     import polars as pl
 
     from models.baselines import CoVisitation
     from models.columns import USER
-    from tasks.candidates import build_candidates, candidate_recall
+    from tasks.candidates import candidate_recall
+    from tasks.features import candidate_features
 
-    split, (_, items) = _split(work), _tables(work)
-
-    users = split.valid_targets[USER].unique().sort()
-    chunk = _user_chunk() or users.len()
-
-    def run() -> dict[str, Any]:
-        covis = CoVisitation().fit(split.train)
-        cands = pl.concat([build_candidates(split.train, users.slice(start, chunk), covis,
-                                            items=items)
-                           for start in range(0, users.len(), chunk)])
-        covis.save(work / "covis")
-        cands.write_parquet(work / "candidates.parquet")
-        recall = candidate_recall(cands, split.valid_targets)["all"]
-        return {"pairs": cands.height, "users": cands[USER].n_unique(), "recall": recall,
-                "user_chunk": _user_chunk()}
-
-    return run
-
-
-def prepare_features(work: Path, n: int) -> Callable[[], dict[str, Any]]:
-    import polars as pl
-
-    from models.baselines import CoVisitation
-    from models.columns import USER
-    from tasks.candidates import label_candidates
-    from tasks.features import build_features
-
-    split, (_, items) = _split(work), _tables(work)
-    cands = pl.read_parquet(work / "candidates.parquet")
-    covis = CoVisitation.load(work / "covis")
-
-    users = cands[USER].unique().sort()
+    split, items = _split(work), pl.read_parquet(work / "data" / "items.parquet")
+    users = split.valid_targets[USER].unique()
     chunk = _user_chunk() or max(users.len(), 1)
 
     def run() -> dict[str, Any]:
-        if not _user_chunk():
-            frame = label_candidates(build_features(cands, split.train, items, covis),
-                                     split.valid_targets)
-            frame.write_parquet(work / "features.parquet")
-            return {"pairs": frame.height, "columns": frame.width, "user_chunk": 0}
-        # chunked: each chunk's features go to their own file, never all in memory at once
-        folder = work / "features"
-        folder.mkdir(exist_ok=True)
-        pairs = 0
-        for start in range(0, users.len(), chunk):
-            part = cands.filter(pl.col(USER).is_in(users.slice(start, chunk).implode()))
-            frame = label_candidates(build_features(part, split.train, items, covis),
-                                     split.valid_targets)
-            frame.write_parquet(folder / f"part-{start:09d}.parquet")
-            pairs += frame.height
-        return {"pairs": pairs, "columns": frame.width, "user_chunk": chunk}
+        cpu, start = _cpu_s(), time.perf_counter()
+        covis = CoVisitation().fit(split.train)
+        fit = {"covis_fit_s": time.perf_counter() - start, "covis_fit_cpu_s": _cpu_s() - cpu}
+        frame = candidate_features(split.train, users, covis, items=items,
+                                   targets=split.valid_targets, user_chunk=chunk)
+        frame.write_parquet(work / "features.parquet")
+        recall = candidate_recall(frame, split.valid_targets)["all"]
+        return {"pairs": frame.height, "columns": frame.width, "users": users.len(),
+                "recall": recall, "user_chunk": chunk, "chunks": -(-users.len() // chunk),
+                **fit}
 
     return run
 
@@ -523,9 +496,9 @@ def _time(row: dict[str, Any]) -> float:
 
 
 def _seconds(row: dict[str, Any]) -> str:
-    """Wall seconds, CPU seconds in brackets when recorded, a dagger when users were chunked."""
+    """Wall seconds, CPU seconds in brackets when recorded, a dagger for several user chunks."""
     cpu = row.get("cpu_s")
-    mark = " †" if (row.get("info") or {}).get("user_chunk") else ""
+    mark = " †" if (row.get("info") or {}).get("chunks", 1) > 1 else ""
     return f"{row['seconds']:.1f}" + ("" if cpu is None else f" ({cpu:.1f})") + mark
 
 
@@ -585,8 +558,8 @@ def main() -> None:
     parser.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES))
     parser.add_argument("--transformer-users", type=int, default=20_000,
                         help="users of the transformer epoch (most recent first)")
-    parser.add_argument("--user-chunk", type=int, default=0,
-                        help="users per call of build_candidates / build_features (0: all)")
+    parser.add_argument("--user-chunk", type=int, default=None,
+                        help="user_chunk of candidate_features (default 10000; 0: one chunk)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
     parser.add_argument("--workdir", help="keep the stage files here (default: a temp folder)")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -596,7 +569,8 @@ def main() -> None:
     parser.add_argument("--run-stage", choices=[*STAGES, "prefect"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ["SHOPRANK_BENCH_USER_CHUNK"] = str(args.user_chunk or _user_chunk())
+    if args.user_chunk is not None:
+        os.environ["SHOPRANK_BENCH_USER_CHUNK"] = str(args.user_chunk)
     if args.run_stage == "prefect":
         print(json.dumps(prefect_share(args.work, args.events[0]), default=str))
         return

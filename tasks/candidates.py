@@ -17,6 +17,11 @@ The merged list keeps each user's ``n_candidates`` best items, ordered by the be
 proportional to its quota). Each candidate keeps ``rank_<source>`` (null when that source did not
 propose it), ``n_sources``, its merged position ``cand_rank`` and its co-visitation evidence
 (``covis_sum``, ``covis_max``, ``covis_n``). Everything is columnar: no Python loop over users.
+
+:class:`CandidateBuilder` prepares the history and its whole-history tables (popularity,
+category tops) once, then builds the candidates of any set of users; per chunk of users its
+working memory follows the chunk, and the history is sliced, never sorted again.
+:func:`build_candidates` and :func:`candidate_sources` are one-call shortcuts.
 """
 
 from __future__ import annotations
@@ -99,6 +104,50 @@ def prepare_history(history: pl.DataFrame, event_weights: Mapping[str, float]) -
     )
 
 
+class PreparedHistory:
+    """A history prepared once (:func:`prepare_history`) and sliced per set of users.
+
+    Args:
+        history: Canonical events.
+        event_weights: Weight of each event type (the ``weight`` column).
+
+    Attributes:
+        events: The prepared events, sorted by user then time.
+        event_weights: The weights the events were prepared with.
+    """
+
+    def __init__(self, history: pl.DataFrame, event_weights: Mapping[str, float]) -> None:
+        self.event_weights = dict(event_weights)
+        self.events = prepare_history(history, self.event_weights)
+        self._sorted_ids = self.events[USER].null_count() == 0
+
+    def of_users(self, users: pl.DataFrame) -> pl.DataFrame:
+        """The events of ``users`` (a :func:`user_frame`), in the prepared order.
+
+        The events are sorted by user, so only the rows between the first and the last user of
+        ``users`` are scanned: a chunk of users costs its own events, not the whole history.
+        """
+        events = self.events
+        if self._sorted_ids and users.height and not users[USER].has_nulls():
+            ids = events[USER]
+            start = ids.search_sorted(users[USER][0], "left")
+            events = events.slice(start, ids.search_sorted(users[USER][-1], "right") - start)
+        return events.filter(pl.col(USER).is_in(users[USER].implode()))
+
+
+def prepared_history(history: pl.DataFrame | PreparedHistory, weights: Mapping[str, float]
+              ) -> PreparedHistory:
+    """``history`` prepared with ``weights``; a prepared one must carry the same weights."""
+    if not isinstance(history, PreparedHistory):
+        return PreparedHistory(history, weights)
+    if history.event_weights != dict(weights):
+        raise ConfigError(
+            f"the prepared history weighs events {history.event_weights}, the config "
+            f"{dict(weights)}: prepare the history with the config's event_weights."
+        )
+    return history
+
+
 def user_frame(users: pl.Series | list[str] | pl.DataFrame) -> pl.DataFrame:
     """One distinct, sorted ``user_id`` column from a series, list or frame."""
     if isinstance(users, pl.DataFrame):
@@ -164,59 +213,17 @@ def item_popularity(events: pl.DataFrame, days: float | None, ordered_only: bool
     return events.group_by(ITEM).agg(pl.col(WEIGHT).sum().alias(SCORE))
 
 
-def _popular_source(
-    users: pl.DataFrame, popularity: pl.DataFrame, n: int, seen: pl.DataFrame | None,
-    seen_per_user: int,
-) -> pl.DataFrame:
-    """The same top items for every user (minus the user's seen ones)."""
-    depth = n + (seen_per_user if seen is not None else 0)
-    top = popularity.sort([SCORE, ITEM], descending=[True, False]).head(depth)
-    return _ranked(_drop_seen(users.join(top, how="cross"), seen), n)
+def _category_tops(popularity: pl.DataFrame, cats: pl.DataFrame) -> pl.DataFrame:
+    """``category_id, item_id, score, i_share, __cpos``: items by popularity within category.
 
-
-def _category_source(
-    users: pl.DataFrame, hist: pl.DataFrame, items: pl.DataFrame, popularity: pl.DataFrame,
-    config: CandidateConfig, seen: pl.DataFrame | None, seen_per_user: int,
-) -> pl.DataFrame:
-    """Popular items of each user's ``user_categories`` heaviest categories."""
-    cats = items.select(ITEM, CATEGORY).drop_nulls().unique(ITEM, keep="first")
-    user_cats = (
-        hist.join(users, on=USER, how="semi").join(cats, on=ITEM)
-        .group_by(USER, CATEGORY).agg(pl.col(WEIGHT).sum().alias("u_w"))
-        .filter(pl.col("u_w") > 0)
-        .with_columns((pl.col("u_w") / pl.col("u_w").sum().over(USER)).alias("u_share"))
-        .sort([USER, "u_w", CATEGORY], descending=[False, True, False])
-        .filter(pl.int_range(pl.len()).over(USER) < config.user_categories)
-    )
-    depth = config.n_category + (seen_per_user if seen is not None else 0)
-    cat_top = (
+    ``i_share`` is the item's share of its category's popularity, ``__cpos`` its place (from 0).
+    """
+    return (
         popularity.join(cats, on=ITEM)
         .with_columns((pl.col(SCORE) / pl.col(SCORE).sum().over(CATEGORY)).alias("i_share"))
         .sort([CATEGORY, SCORE, ITEM], descending=[False, True, False])
-        .filter(pl.int_range(pl.len()).over(CATEGORY) < depth)
+        .with_columns(pl.int_range(pl.len()).over(CATEGORY).alias("__cpos"))
     )
-    pairs = user_cats.join(cat_top, on=CATEGORY).select(
-        USER, ITEM, (pl.col("u_share") * pl.col("i_share")).alias(SCORE)
-    )
-    return _ranked(_drop_seen(pairs, seen), config.n_category)
-
-
-def _own_sources(hist: pl.DataFrame, users: pl.DataFrame, config: CandidateConfig
-                 ) -> dict[str, pl.DataFrame]:
-    """``recent`` (last interaction first) and ``repeat`` (heaviest weighted count first)."""
-    own = (
-        hist.join(users, on=USER, how="semi")
-        .group_by(USER, ITEM)
-        .agg(pl.col(POS).max().alias("last_pos"), pl.col(WEIGHT).sum().alias("w"),
-             pl.len().alias("n"))
-    )
-    repeat = own.filter(pl.col("n") > 1).with_columns(
-        (pl.col("w") + pl.col("last_pos") * 1e-9).alias(SCORE)  # recency breaks ties
-    )
-    return {
-        "recent": _ranked(own.with_columns(pl.col("last_pos").alias(SCORE)), config.n_recent),
-        "repeat": _ranked(repeat, config.n_repeat),
-    }
 
 
 def _external_source(name: str, frame: pl.DataFrame, users: pl.DataFrame, n: int,
@@ -233,6 +240,123 @@ def _external_source(name: str, frame: pl.DataFrame, users: pl.DataFrame, n: int
     return _ranked(_drop_seen(best, seen), n)
 
 
+class CandidateBuilder:
+    """Candidates of any users from one history, its whole-history tables computed once.
+
+    Args:
+        history: Canonical events the candidates may use (nothing after the history end), or a
+            :class:`PreparedHistory` of them prepared with ``config.event_weights``.
+        covis: A :class:`CoVisitation` model fitted on ``history``.
+        config: Quotas and options; defaults to ``CandidateConfig()``.
+        items: Items table; its ``category_id`` feeds the ``category`` source.
+        ordered_only: Timestamps only order events (no real time): no popularity window.
+    """
+
+    def __init__(self, history: pl.DataFrame | PreparedHistory, covis: CoVisitation,
+                 config: CandidateConfig | None = None, items: pl.DataFrame | None = None,
+                 ordered_only: bool = False) -> None:
+        self.config = config or CandidateConfig()
+        self.covis = covis
+        self.history = prepared_history(history, self.config.event_weights)
+        events = self.history.events
+        self.popular = item_popularity(events, self.config.popular_days, ordered_only).sort(
+            [SCORE, ITEM], descending=[True, False])
+        self.categories: pl.DataFrame | None = None
+        self.category_tops: pl.DataFrame | None = None
+        if self.config.n_category and items is not None and CATEGORY in items.columns:
+            self.categories = items.select(ITEM, CATEGORY).drop_nulls().unique(ITEM, keep="first")
+            self.category_tops = _category_tops(item_popularity(events, None, ordered_only),
+                                                self.categories)
+
+    def sources(self, users: pl.Series | list[str] | pl.DataFrame,
+                external: Mapping[str, pl.DataFrame] | None = None,
+                evidence: pl.DataFrame | None = None) -> dict[str, pl.DataFrame]:
+        """Each source's ``user_id, item_id, score, rank`` for ``users`` (see the module doc).
+
+        Sources with a zero quota, and ``category`` without an items table with
+        ``category_id``, are left out; the user's own items are left out with ``exclude_seen``.
+        ``evidence`` is :func:`covisitation_scores` of the same users when already computed.
+        """
+        config, users = self.config, user_frame(users)
+        hist = self.history.of_users(users)
+        seen = hist.select(USER, ITEM).unique()
+        seen_or_none = seen if config.exclude_seen else None
+        # popular items a user has seen are dropped: look that much deeper
+        extra = int(seen.group_by(USER).len()["len"].max() or 0) if config.exclude_seen else 0
+        sources: dict[str, pl.DataFrame] = {}
+        if config.n_covis:
+            if evidence is None:
+                evidence = covisitation_scores(self.covis, users)
+            covis_pairs = evidence.rename({"covis_sum": SCORE})
+            sources["covis"] = _ranked(_drop_seen(covis_pairs, seen_or_none), config.n_covis)
+        if config.n_popular:
+            top = users.join(self.popular.head(config.n_popular + extra), how="cross")
+            sources["pop"] = _ranked(_drop_seen(top, seen_or_none), config.n_popular)
+        if self.categories is not None and self.category_tops is not None:
+            cat_top = self.category_tops.filter(pl.col("__cpos") < config.n_category + extra)
+            sources["category"] = _category_source(hist, self.categories, cat_top, config,
+                                                   seen_or_none)
+        if not config.exclude_seen:
+            own = _own_sources(hist, config)
+            sources.update({k: v for k, v in own.items() if config.quota(k)})
+        for name, frame in (external or {}).items():
+            if config.n_external:
+                sources[name] = _external_source(name, frame, users, config.n_external,
+                                                 seen_or_none)
+        return sources
+
+    def build(self, users: pl.Series | list[str] | pl.DataFrame,
+              external: Mapping[str, pl.DataFrame] | None = None) -> pl.DataFrame:
+        """Merged, de-duplicated candidates of ``users`` (see :func:`build_candidates`)."""
+        config, users = self.config, user_frame(users)
+        evidence = covisitation_scores(self.covis, users)
+        sources = self.sources(users, external, evidence)
+        merged = merge_sources(sources, config, [*BUILTIN_SOURCES, *(external or {})])
+        out = merged.join(evidence, on=[USER, ITEM], how="left",
+                          maintain_order="left").with_columns(
+            pl.col(c).fill_null(0.0) for c in COVIS_COLUMNS
+        )
+        logger.info("candidates: %d users, %d pairs (%s)", users.height, out.height,
+                    ", ".join(f"{k}={v.height}" for k, v in sources.items()))
+        return out
+
+
+def _category_source(hist: pl.DataFrame, categories: pl.DataFrame, cat_top: pl.DataFrame,
+                     config: CandidateConfig, seen: pl.DataFrame | None) -> pl.DataFrame:
+    """Popular items (``cat_top``) of each user's ``user_categories`` heaviest categories."""
+    user_cats = (
+        hist.join(categories, on=ITEM)
+        .group_by(USER, CATEGORY).agg(pl.col(WEIGHT).sum().alias("u_w"))
+        .filter(pl.col("u_w") > 0)
+        .with_columns((pl.col("u_w") / pl.col("u_w").sum().over(USER)).alias("u_share"))
+        .sort([USER, "u_w", CATEGORY], descending=[False, True, False])
+        .filter(pl.int_range(pl.len()).over(USER) < config.user_categories)
+    )
+    pairs = user_cats.join(cat_top, on=CATEGORY).select(
+        USER, ITEM, (pl.col("u_share") * pl.col("i_share")).alias(SCORE)
+    )
+    return _ranked(_drop_seen(pairs, seen), config.n_category)
+
+
+def _own_sources(hist: pl.DataFrame, config: CandidateConfig) -> dict[str, pl.DataFrame]:
+    """``recent`` (last interaction first) and ``repeat`` (heaviest weighted count first).
+
+    ``hist`` holds the events of the users concerned only.
+    """
+    own = (
+        hist.group_by(USER, ITEM)
+        .agg(pl.col(POS).max().alias("last_pos"), pl.col(WEIGHT).sum().alias("w"),
+             pl.len().alias("n"))
+    )
+    repeat = own.filter(pl.col("n") > 1).with_columns(
+        (pl.col("w") + pl.col("last_pos") * 1e-9).alias(SCORE)  # recency breaks ties
+    )
+    return {
+        "recent": _ranked(own.with_columns(pl.col("last_pos").alias(SCORE)), config.n_recent),
+        "repeat": _ranked(repeat, config.n_repeat),
+    }
+
+
 def candidate_sources(
     history: pl.DataFrame,
     users: pl.Series | list[str] | pl.DataFrame,
@@ -243,40 +367,9 @@ def candidate_sources(
     ordered_only: bool = False,
     evidence: pl.DataFrame | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """Each source's ``user_id, item_id, score, rank`` for ``users`` (see the module docstring).
-
-    Sources with a zero quota, and ``category`` without an items table with ``category_id``, are
-    left out; the user's own items are left out with ``exclude_seen``. ``evidence`` is
-    :func:`covisitation_scores` of the same users when already computed.
-    """
-    config = config or CandidateConfig()
-    users_df = user_frame(users)
-    hist = prepare_history(history, config.event_weights)
-    seen = hist.select(USER, ITEM).unique().join(users_df, on=USER, how="semi")
-    seen_or_none = seen if config.exclude_seen else None
-    longest = int(seen.group_by(USER).len()["len"].max() or 0)
-    popularity = item_popularity(hist, config.popular_days, ordered_only)
-    sources: dict[str, pl.DataFrame] = {}
-    if config.n_covis:
-        if evidence is None:
-            evidence = covisitation_scores(covis, users_df)
-        covis_pairs = evidence.rename({"covis_sum": SCORE})
-        sources["covis"] = _ranked(_drop_seen(covis_pairs, seen_or_none), config.n_covis)
-    if config.n_popular:
-        sources["pop"] = _popular_source(users_df, popularity, config.n_popular, seen_or_none,
-                                         longest)
-    if config.n_category and items is not None and CATEGORY in items.columns:
-        all_time = item_popularity(hist, None, ordered_only)
-        sources["category"] = _category_source(users_df, hist, items, all_time, config,
-                                               seen_or_none, longest)
-    if not config.exclude_seen:
-        own = _own_sources(hist, users_df, config)
-        sources.update({k: v for k, v in own.items() if config.quota(k)})
-    for name, frame in (external or {}).items():
-        if config.n_external:
-            sources[name] = _external_source(name, frame, users_df, config.n_external,
-                                             seen_or_none)
-    return sources
+    """:meth:`CandidateBuilder.sources` in one call (the arguments are the builder's and its)."""
+    builder = CandidateBuilder(history, covis, config, items, ordered_only)
+    return builder.sources(users, external, evidence)
 
 
 def merge_sources(
@@ -325,32 +418,15 @@ def build_candidates(
 ) -> pl.DataFrame:
     """Merged, de-duplicated candidates of ``users`` built from ``history`` only.
 
-    Args:
-        history: Canonical events the candidates may use (nothing after the history end).
-        users: Users to build candidates for; users unknown to the history get popular items.
-        covis: A :class:`CoVisitation` model fitted on ``history``.
-        config: Quotas and options; defaults to ``CandidateConfig()``.
-        items: Items table; its ``category_id`` feeds the ``category`` source.
-        external: Extra sources by name, each ``user_id, item_id, score`` (higher is better).
-        ordered_only: Timestamps only order events (no real time): no popularity window.
+    One call of :meth:`CandidateBuilder.build` (see :class:`CandidateBuilder` for the arguments);
+    users unknown to the history get popular items; ``external`` maps extra source names to
+    ``user_id, item_id, score`` frames (higher is better).
 
     Returns:
         ``user_id, item_id, rank_<source>..., score_<external>..., n_sources, cand_rank,
         covis_sum, covis_max, covis_n`` sorted by user then ``cand_rank`` (1 = first).
     """
-    config = config or CandidateConfig()
-    users_df = user_frame(users)
-    evidence = covisitation_scores(covis, users_df)
-    sources = candidate_sources(history, users_df, covis, config, items, external, ordered_only,
-                                evidence)
-    names = [*BUILTIN_SOURCES, *(external or {})]
-    merged = merge_sources(sources, config, names)
-    out = merged.join(evidence, on=[USER, ITEM], how="left", maintain_order="left").with_columns(
-        pl.col(c).fill_null(0.0) for c in COVIS_COLUMNS
-    )
-    logger.info("candidates: %d users, %d pairs (%s)", users_df.height, out.height,
-                ", ".join(f"{k}={v.height}" for k, v in sources.items()))
-    return out
+    return CandidateBuilder(history, covis, config, items, ordered_only).build(users, external)
 
 
 def rank_columns(cands: pl.DataFrame) -> list[str]:
@@ -377,7 +453,10 @@ def candidate_recall(cands: pl.DataFrame, targets: pl.DataFrame) -> dict[str, fl
     pairs = targets.select(USER, ITEM).unique()
     if pairs.is_empty():
         raise DataError("candidate recall needs targets; the target table is empty.")
-    found = pairs.join(cands, on=[USER, ITEM], how="left")
+    # the candidates of target pairs first: a join on every candidate would hash them all
+    ranks = cands.select(USER, ITEM, CAND_RANK, *rank_columns(cands)).join(
+        pairs, on=[USER, ITEM], how="semi")
+    found = pairs.join(ranks, on=[USER, ITEM], how="left")
     result = {
         col.removeprefix(RANK_PREFIX): float(found[col].is_not_null().mean())
         for col in rank_columns(cands)

@@ -22,11 +22,16 @@ measured back from ``end``, so features built for one window never see that wind
 Time-based features (windows, days, hours, context) exist only when timestamps are real; for
 ordered-only data they are left out and position-based ones remain. Features a pair cannot have
 (the price of an item without one, the steps since the last event on a never-seen item) are null.
+
+:class:`FeatureBuilder` computes the whole-history tables (end, categories, prices, item
+features) once and then the features of any candidate pairs; :func:`candidate_features` builds
+candidates, features and labels a chunk of users at a time from one prepared history.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,13 +50,27 @@ from models.columns import (
     TIMESTAMP,
     USER,
 )
-from models.errors import require_columns
+from models.errors import ConfigError, require_columns
 from tasks import validate as gx_checks
-from tasks.candidates import CAND_RANK, LABEL, POS, WEIGHT, prepare_history
+from tasks.candidates import (
+    CAND_RANK,
+    LABEL,
+    POS,
+    WEIGHT,
+    CandidateBuilder,
+    CandidateConfig,
+    PreparedHistory,
+    label_candidates,
+    prepared_history,
+    user_frame,
+)
 
 logger = logging.getLogger(__name__)
 
 ID_COLUMNS: tuple[str, ...] = (USER, ITEM)
+USER_CHUNK = 10_000
+"""Default users per chunk of :func:`candidate_features`: 5,000-20,000 cost about the same time
+(smaller chunks a little less on 10M events), and working memory grows with the chunk."""
 _US_PER_DAY = 86_400 * 1e6
 _US_PER_HOUR = 3_600 * 1e6
 
@@ -249,16 +268,21 @@ def category_features(pairs: pl.DataFrame, hist: pl.DataFrame, categories: pl.Da
     )
 
 
+def _item_attributes(items: pl.DataFrame) -> pl.DataFrame:
+    """``item_id, attributes``: one row per distinct attribute of an item."""
+    return items.select(ITEM, pl.col(ATTRIBUTES)).explode(ATTRIBUTES).drop_nulls().unique()
+
+
 def attribute_features(pairs: pl.DataFrame, hist: pl.DataFrame, items: pl.DataFrame,
-                       recent_items: int) -> pl.DataFrame:
+                       recent_items: int, attrs: pl.DataFrame | None = None) -> pl.DataFrame:
     """Attributes a candidate shares with the user's last item and last ``recent_items`` items.
 
     Returns ``user_id, item_id, ui_attr_last, ui_attr_recent, ui_attr_share`` for ``pairs``: the
     number of the candidate's attributes found on the last item, the recency-free count of its
     attributes among the recent items' attributes, and that count over the candidate's
-    attribute count.
+    attribute count. ``attrs`` is ``items``' attribute table when already computed.
     """
-    attrs = items.select(ITEM, pl.col(ATTRIBUTES)).explode(ATTRIBUTES).drop_nulls().unique()
+    attrs = _item_attributes(items) if attrs is None else attrs
     n_attrs = attrs.group_by(ITEM).agg(pl.len().cast(pl.Float64).alias("__n_attr"))
     steps_back = pl.len().over(USER) - pl.col(POS) - 1
     recent = (
@@ -305,6 +329,63 @@ def last_item_links(pairs: pl.DataFrame, hist: pl.DataFrame, covis: CoVisitation
     )
 
 
+class FeatureBuilder:
+    """Features of any candidate pairs from one history, its whole-history tables computed once.
+
+    The history end, categories, prices and item features are computed here; :meth:`build`
+    then costs the pairs' users' events only.
+
+    Args:
+        history: The events the candidates were built from, or a :class:`PreparedHistory` of
+            them prepared with ``config.event_weights``.
+        items: Items table (categories, prices, attributes when present).
+        covis: The :class:`CoVisitation` model of the candidates, for last-item links.
+        ordered_only: Timestamps only order events: time-based features are left out.
+        config: Windows and depths; defaults to ``FeatureConfig()``.
+    """
+
+    def __init__(self, history: pl.DataFrame | PreparedHistory, items: pl.DataFrame | None = None,
+                 covis: CoVisitation | None = None, ordered_only: bool = False,
+                 config: FeatureConfig | None = None) -> None:
+        self.config = config or FeatureConfig()
+        self.history = prepared_history(history, self.config.event_weights)
+        self.covis, self.real_time = covis, not ordered_only
+        hist = self.history.events
+        self.end = hist[TIMESTAMP].max()
+        self.categories, self.prices = _categories(items), _item_prices(hist, items)
+        self.item_table = item_features(hist, self.end, self.real_time, self.config,
+                                        self.categories, self.prices)
+        self.items = items if items is not None and ATTRIBUTES in items.columns else None
+        self.attributes = None if self.items is None else _item_attributes(self.items)
+
+    def build(self, cands: pl.DataFrame) -> pl.DataFrame:
+        """``cands`` (row order kept) with every feature added (see the module docstring)."""
+        require_columns(cands.columns, (USER, ITEM, CAND_RANK), "candidates")
+        config, end, real_time = self.config, self.end, self.real_time
+        pairs = cands.select(USER, ITEM)
+        user_hist = self.history.of_users(user_frame(pairs))
+        out = cands.join(user_features(user_hist, end, real_time, self.categories, self.prices),
+                         on=USER, how="left", maintain_order="left")
+        out = out.join(self.item_table, on=ITEM, how="left", maintain_order="left")
+        parts = [user_item_features(pairs, user_hist, end, real_time, config)]
+        if self.categories is not None:
+            parts.append(category_features(pairs, user_hist, self.categories, end, real_time,
+                                           config.recent_events))
+        if self.items is not None:
+            parts.append(attribute_features(pairs, user_hist, self.items, config.recent_items,
+                                            self.attributes))
+        if self.covis is not None:
+            parts.append(last_item_links(pairs, user_hist, self.covis))
+        for part in parts:
+            out = out.join(part, on=[USER, ITEM], how="left", maintain_order="left")
+        out = _fill_defaults(out)
+        if "u_mean_price" in out.columns and "i_price" in out.columns:
+            out = out.with_columns((pl.col("i_price") / pl.col("u_mean_price"))
+                                   .alias("ui_price_ratio"))
+        logger.info("features: %d pairs x %d columns", out.height, out.width)
+        return out
+
+
 def build_features(
     cands: pl.DataFrame,
     history: pl.DataFrame,
@@ -315,45 +396,73 @@ def build_features(
 ) -> pl.DataFrame:
     """Add every feature to the candidate pairs, using ``history`` only.
 
+    ``cands`` come from :func:`tasks.candidates.build_candidates` (row order is kept). One call
+    of :meth:`FeatureBuilder.build`; see :class:`FeatureBuilder` for the other arguments.
+    """
+    return FeatureBuilder(history, items, covis, ordered_only, config).build(cands)
+
+
+def candidate_features(
+    history: pl.DataFrame,
+    users: pl.Series | list[str] | pl.DataFrame,
+    covis: CoVisitation,
+    candidate_config: CandidateConfig | None = None,
+    feature_config: FeatureConfig | None = None,
+    items: pl.DataFrame | None = None,
+    external: Mapping[str, pl.DataFrame] | None = None,
+    ordered_only: bool = False,
+    targets: pl.DataFrame | None = None,
+    user_chunk: int = USER_CHUNK,
+) -> pl.DataFrame:
+    """Candidates of ``users`` with their features (and labels), ``user_chunk`` users at a time.
+
+    The same frame as ``label_candidates(build_features(build_candidates(...), ...), targets)``
+    (labels only with ``targets``), in the same order: users sorted, each user's candidates by
+    ``cand_rank``. The history is prepared once (shared by candidates and features when both
+    configs weigh events alike) and the whole-history tables are computed once; then each chunk
+    of users costs its own events and pairs, so time grows linearly with the data and working
+    memory with the chunk.
+
     Args:
-        cands: Candidates from :func:`tasks.candidates.build_candidates` (row order is kept).
-        history: The events the candidates were built from.
+        history: Canonical events (nothing after the history end).
+        users: Users to build candidates for (unknown users get popular items).
+        covis: A :class:`CoVisitation` model fitted on ``history``.
+        candidate_config: Candidate quotas and options; defaults to ``CandidateConfig()``.
+        feature_config: Feature windows and depths; defaults to ``FeatureConfig()``.
         items: Items table (categories, prices, attributes when present).
-        covis: The :class:`CoVisitation` model of the candidates, for last-item links.
-        ordered_only: Timestamps only order events: time-based features are left out.
-        config: Windows and depths; defaults to ``FeatureConfig()``.
+        external: Extra candidate sources by name, each ``user_id, item_id, score``.
+        ordered_only: Timestamps only order events: no time windows or time features.
+        targets: ``user_id, item_id`` of the window to learn; adds ``label`` when given.
+        user_chunk: Users per chunk; working memory follows it (see :data:`USER_CHUNK`).
 
     Returns:
-        ``cands`` with the feature columns added (see the module docstring).
+        The candidate pairs with ``rank_*``, ``cand_rank``, co-visitation evidence, the feature
+        columns and, with ``targets``, ``label``.
     """
-    config = config or FeatureConfig()
-    require_columns(cands.columns, (USER, ITEM, CAND_RANK), "candidates")
-    hist = prepare_history(history, config.event_weights)
-    end = hist[TIMESTAMP].max()
-    real_time = not ordered_only
-    categories, prices = _categories(items), _item_prices(hist, items)
-    pairs = cands.select(USER, ITEM)
-    users = pairs.select(USER).unique()
-    user_hist = hist.join(users, on=USER, how="semi")
-    out = cands.join(user_features(user_hist, end, real_time, categories, prices), on=USER,
-                     how="left", maintain_order="left")
-    out = out.join(item_features(hist, end, real_time, config, categories, prices), on=ITEM,
-                   how="left", maintain_order="left")
-    parts = [user_item_features(pairs, user_hist, end, real_time, config)]
-    if categories is not None:
-        parts.append(category_features(pairs, user_hist, categories, end, real_time,
-                                       config.recent_events))
-    if items is not None and ATTRIBUTES in items.columns:
-        parts.append(attribute_features(pairs, user_hist, items, config.recent_items))
-    if covis is not None:
-        parts.append(last_item_links(pairs, user_hist, covis))
-    for part in parts:
-        out = out.join(part, on=[USER, ITEM], how="left", maintain_order="left")
-    out = _fill_defaults(out)
-    if "u_mean_price" in out.columns and "i_price" in out.columns:
-        out = out.with_columns((pl.col("i_price") / pl.col("u_mean_price")).alias("ui_price_ratio"))
-    logger.info("features: %d pairs x %d columns", out.height, out.width)
-    return out
+    if user_chunk < 1:
+        raise ConfigError(f"user_chunk must be a positive number of users; got {user_chunk}.")
+    candidate_config = candidate_config or CandidateConfig()
+    feature_config = feature_config or FeatureConfig()
+    if targets is not None:
+        require_columns(targets.columns, (USER, ITEM), "targets")
+        targets = targets.select(USER, ITEM).unique()
+    users_df = user_frame(users)
+    candidates = CandidateBuilder(history, covis, candidate_config, items, ordered_only)
+    shared = candidates.history.event_weights == dict(feature_config.event_weights)
+    features = FeatureBuilder(candidates.history if shared else history, items, covis,
+                              ordered_only, feature_config)
+    n_chunks = max(-(-users_df.height // user_chunk), 1)
+    parts = []
+    for i in range(n_chunks):
+        start = time.perf_counter()
+        chunk = users_df.slice(i * user_chunk, user_chunk)
+        frame = features.build(candidates.build(chunk, external))
+        frame = frame if targets is None else label_candidates(frame, targets)
+        # one chunk per column and part: misaligned chunks would copy the whole frame later
+        parts.append(frame.rechunk())
+        logger.info("candidates+features: chunk %d/%d, %d users, %d pairs, %.1f s", i + 1,
+                    n_chunks, chunk.height, frame.height, time.perf_counter() - start)
+    return pl.concat(parts)
 
 
 def _fill_defaults(frame: pl.DataFrame) -> pl.DataFrame:

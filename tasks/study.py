@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RESUME_EXCLUDED = {"n_trials", "timeout_s", "storage"}
-"""Settings that may change between runs of one study (the budget and where it is kept)."""
+RESUME_EXCLUDED = {"n_trials", "timeout_s", "storage", "user_chunk"}
+"""Settings that may change between runs of one study (the budget, where it is kept, and how
+work is chunked)."""
 
 
 def derived_study_name(family: str, split: Split, settings: BaseModel) -> str:

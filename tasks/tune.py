@@ -43,13 +43,11 @@ from tasks.candidates import (
     LABEL,
     RANK_PREFIX,
     CandidateConfig,
-    build_candidates,
     candidate_recall,
-    label_candidates,
     rank_columns,
     user_frame,
 )
-from tasks.features import FeatureConfig, build_features, check_features
+from tasks.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
 from tasks.split import Split, leave_one_out
 from tasks.study import TrialLogger, derived_study_name, open_study, run_study
 
@@ -105,6 +103,9 @@ class RankerConfig(BaseModel):
     pruner_startup_trials: int = Field(5, ge=0, description="Trials before pruning starts.")
     pruner_warmup_rounds: int = Field(20, ge=0, description="Rounds before a trial can be pruned.")
     check_features: bool = Field(True, description="Run the features expectation suite.")
+    user_chunk: int = Field(
+        USER_CHUNK, gt=0, description="Users whose candidates and features are built at once "
+        "(working memory follows it; results do not depend on it).")
 
 
 def training_windows(split: Split, n: int, stride: float = 1.0
@@ -204,10 +205,9 @@ class RankingPipeline:
         """
         cfg = self.config
         covis = covis or CoVisitation(**cfg.covisitation).fit(history)
-        cands = build_candidates(history, users, covis, cfg.candidates, self.items, external,
-                                 self.ordered_only)
-        frame = build_features(cands, history, self.items, covis, self.ordered_only, cfg.features)
-        return frame if targets is None else label_candidates(frame, targets)
+        return candidate_features(history, users, covis, cfg.candidates, cfg.features,
+                                  self.items, external, self.ordered_only, targets,
+                                  cfg.user_chunk)
 
     def training_frames(self, split: Split, external: ExternalSources | None = None
                         ) -> TrainingData:
