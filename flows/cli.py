@@ -211,8 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
 
     tr = sub.add_parser("train", help="run the training flow (load, validate, split, evaluate)",
-                        description="Run the Prefect flow `train` and record it in MLflow. "
-                        "Without --data it trains on the built-in demo shop.")
+                        description="Run the Prefect flow `train` and record it in MLflow: "
+                        "load, validate, split, the baselines, the sequential transformer "
+                        "(Optuna), the LightGBM ranker (Optuna; the transformer is one of its "
+                        "candidate sources), then register the best model on validation and "
+                        "promote it if it beats the champion. Without --data it trains on the "
+                        "built-in demo shop.")
     _add_data_flags(tr)
     tr.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
     tr.add_argument("--name", help="dataset name, used as the MLflow experiment")
