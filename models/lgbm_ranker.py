@@ -121,13 +121,18 @@ class LightGBMRanker:
         }
 
     def _dataset(self, frame: pl.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:
-        frame = frame.sort(self.group, maintain_order=True)
-        x = frame.select(self.features_).to_numpy().astype(np.float32)
-        y = frame[LABEL].to_numpy()
+        # only the columns LightGBM reads, as float32, before sorting: at 12M rows x 66 features
+        # every full copy of the frame costs 6 GB
+        narrow = frame.select(pl.col(self.group), pl.col(LABEL),
+                              pl.col(self.features_).cast(pl.Float32))
+        narrow = narrow.sort(self.group, maintain_order=True)
+        x = narrow.select(self.features_).to_numpy()
+        y, sizes = narrow[LABEL].to_numpy(), group_sizes(narrow[self.group])
+        del narrow
         return lgb.Dataset(
             x,
             y,
-            group=group_sizes(frame[self.group]),
+            group=sizes,
             feature_name=self.features_,
             reference=reference,
             free_raw_data=True,
@@ -207,7 +212,7 @@ class LightGBMRanker:
         """Scores of the rows of ``frame`` (higher ranks first), in row order."""
         self._check_fitted()
         require_columns(frame.columns, self.features_, "feature frame")
-        x = frame.select(self.features_).to_numpy().astype(np.float32)
+        x = frame.select(pl.col(self.features_).cast(pl.Float32)).to_numpy()
         return self.booster_.predict(x, num_iteration=self.best_iteration_)
 
     def recommend(self, frame: pl.DataFrame, k: int = 10) -> pl.DataFrame:
