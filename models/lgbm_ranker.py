@@ -120,23 +120,29 @@ class LightGBMRanker:
             "num_threads": self.num_threads,
         }
 
-    def _dataset(self, frame: pl.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:
-        # only the columns LightGBM reads, as float32, before sorting: at 12M rows x 66 features
-        # every full copy of the frame costs 6 GB
-        narrow = frame.select(pl.col(self.group), pl.col(LABEL),
-                              pl.col(self.features_).cast(pl.Float32))
-        narrow = narrow.sort(self.group, maintain_order=True)
+    def _dataset(self, frame: pl.DataFrame, reference: lgb.Dataset | None = None
+                 ) -> tuple[lgb.Dataset, int, int]:
+        """The positive groups of ``frame`` as a LightGBM dataset, its rows and its groups.
+
+        Groups are sorted by name.
+
+        Only the columns LightGBM reads are selected, as float32, before filtering and sorting:
+        at 12M rows x 66 features every full copy of the frame would cost 6 GB.
+        """
+        narrow = (
+            frame.lazy()
+            .select(pl.col(self.group), pl.col(LABEL), pl.col(self.features_).cast(pl.Float32))
+            .filter(pl.col(LABEL).max().over(self.group) > 0)
+            .sort(self.group, maintain_order=True)
+            .collect()
+        )
         x = narrow.select(self.features_).to_numpy()
         y, sizes = narrow[LABEL].to_numpy(), group_sizes(narrow[self.group])
+        rows = narrow.height
         del narrow
-        return lgb.Dataset(
-            x,
-            y,
-            group=sizes,
-            feature_name=self.features_,
-            reference=reference,
-            free_raw_data=True,
-        )
+        dataset = lgb.Dataset(x, y, group=sizes, feature_name=self.features_, reference=reference,
+                              free_raw_data=True)
+        return dataset, rows, len(sizes)
 
     def fit(
         self,
@@ -156,18 +162,17 @@ class LightGBMRanker:
         require_columns(train_groups.columns, (self.group, ITEM, LABEL), "training groups")
         self.features_ = list(self.features or _numeric_features(train_groups, self.group))
         require_columns(train_groups.columns, self.features_, "training groups")
-        train = positive_groups(train_groups, self.group)
-        if train.is_empty():
+        if not (train_groups[LABEL] > 0).any():
             raise DataError(
                 f"none of the {train_groups[self.group].n_unique()} training groups has a positive "
                 "candidate: the candidates miss every target. Raise the candidate quotas or "
                 "check that the targets follow the history."
             )
-        dtrain = self._dataset(train)
+        dtrain, train_rows, train_groups_n = self._dataset(train_groups)
         sets, names, stop = [dtrain], ["train"], []
-        valid = None if valid_groups is None else positive_groups(valid_groups, self.group)
-        if valid is not None and not valid.is_empty():
-            sets, names = [*sets, self._dataset(valid, reference=dtrain)], [*names, VALID]
+        if valid_groups is not None and (valid_groups[LABEL] > 0).any():
+            dvalid = self._dataset(valid_groups, reference=dtrain)[0]
+            sets, names = [*sets, dvalid], [*names, VALID]
             stop = [
                 lgb.early_stopping(
                     self.early_stopping_rounds, first_metric_only=True, verbose=False
@@ -188,8 +193,8 @@ class LightGBMRanker:
         self.best_score_ = float(curve[self.best_iteration_ - 1]) if curve else None
         logger.info(
             "lambdarank: %d rows, %d groups, best iteration %d, valid ndcg@%d %s",
-            train.height,
-            train[self.group].n_unique(),
+            train_rows,
+            train_groups_n,
             self.best_iteration_,
             self.eval_at,
             self.best_score_,
