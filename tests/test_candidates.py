@@ -15,21 +15,14 @@ from tasks.candidates import (
     label_candidates,
     merge_sources,
 )
+from tests.frames import hourly_events
 
 T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
 
 
-def _events(rows: list[tuple[str, str, str, int]]) -> pl.DataFrame:
+def _events(rows: list[tuple[str, str, str, float]]) -> pl.DataFrame:
     """(user, item, event type, hours after T0) rows as canonical events."""
-    return pl.DataFrame(
-        {
-            "user_id": [r[0] for r in rows],
-            "item_id": [r[1] for r in rows],
-            "event_type": [r[2] for r in rows],
-            "timestamp": [T0 + dt.timedelta(hours=r[3]) for r in rows],
-        },
-        schema_overrides={"timestamp": pl.Datetime("us", "UTC")},
-    )
+    return hourly_events(T0, rows)
 
 
 @pytest.fixture

@@ -12,20 +12,14 @@ from tasks.demo_data import generate_shop
 from tasks.features import build_features, check_features, feature_columns
 from tasks.split import cut_times, time_split
 from tasks.tune import RankerConfig, RankingPipeline, training_windows
+from tests.frames import hourly_events
 
 T0 = dt.datetime(2025, 3, 3, 8, tzinfo=dt.UTC)  # a Monday
 
 
 def _events(rows: list[tuple[str, str, str, float]]) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "user_id": [r[0] for r in rows],
-            "item_id": [r[1] for r in rows],
-            "event_type": [r[2] for r in rows],
-            "timestamp": [T0 + dt.timedelta(hours=r[3]) for r in rows],
-        },
-        schema_overrides={"timestamp": pl.Datetime("us", "UTC")},
-    )
+    """(user, item, event type, hours after T0) rows as canonical events."""
+    return hourly_events(T0, rows)
 
 
 @pytest.fixture
