@@ -211,8 +211,10 @@ class SequenceSource:
     def __call__(self, history: pl.DataFrame, users: Any) -> dict[str, pl.DataFrame]:
         """The nearest items to each user's state after the last event of ``history``."""
         users = pl.Series(USER, users, dtype=pl.String).unique(maintain_order=True)
+        # only these users' events are encoded: a one-user request costs its own history
+        events = history.join(users.to_frame(), on=USER, how="semi")
         recs = self.model.recommend(users.to_list(), k=self.n, exclude_seen=self.exclude_seen,
-                                    history=history)
+                                    history=events)
         return {self.name: pl.from_pandas(recs).select(USER, ITEM, SCORE)}
 
     def save(self, path: Path) -> None:
