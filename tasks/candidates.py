@@ -21,7 +21,7 @@ propose it), ``n_sources``, its merged position ``cand_rank`` and its co-visitat
 :class:`CandidateBuilder` prepares the history and its whole-history tables (popularity,
 category tops) once, then builds the candidates of any set of users; per chunk of users its
 working memory follows the chunk, and the history is sliced, never sorted again.
-:func:`build_candidates` and :func:`candidate_sources` are one-call shortcuts.
+:func:`build_candidates` is the one-call shortcut.
 """
 
 from __future__ import annotations
@@ -355,21 +355,6 @@ def _own_sources(hist: pl.DataFrame, config: CandidateConfig) -> dict[str, pl.Da
         "recent": _ranked(own.with_columns(pl.col("last_pos").alias(SCORE)), config.n_recent),
         "repeat": _ranked(repeat, config.n_repeat),
     }
-
-
-def candidate_sources(
-    history: pl.DataFrame,
-    users: pl.Series | list[str] | pl.DataFrame,
-    covis: CoVisitation,
-    config: CandidateConfig | None = None,
-    items: pl.DataFrame | None = None,
-    external: Mapping[str, pl.DataFrame] | None = None,
-    ordered_only: bool = False,
-    evidence: pl.DataFrame | None = None,
-) -> dict[str, pl.DataFrame]:
-    """:meth:`CandidateBuilder.sources` in one call (the arguments are the builder's and its)."""
-    builder = CandidateBuilder(history, covis, config, items, ordered_only)
-    return builder.sources(users, external, evidence)
 
 
 def merge_sources(
