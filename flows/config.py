@@ -131,12 +131,21 @@ class ServeConfig(_Strict):
     model_uri: str = Field(
         "models:/shoprank@champion", description="Registered model (or alias) to serve."
     )
-    workers: int = Field(1, gt=0, description="Server worker processes (1 on a small machine).")
+    workers: int | None = Field(
+        None, gt=0, description="Server worker processes; empty means one per CPU core. Each "
+        "opens the same memory-mapped lists, shared through the file cache.")
     default_k: int = Field(10, gt=0, description="List length when a request gives no k.")
-    max_k: int = Field(1000, gt=0, description="Largest k a request may ask for.")
+    max_k: int = Field(
+        200, gt=0, description="Largest k a request may ask for. Every known user's top max_k "
+        "(+16 for exclusions) is precomputed when the model is packaged: users x (max_k + 16) "
+        "x 12 bytes on disk, memory-mapped when served.")
     session_items: int = Field(
-        5, gt=0, description="Newest recent_items of an unknown user that the session model uses."
+        5, gt=0, description="Newest recent_items of a request that the session model uses."
     )
+    session_weight: float = Field(
+        0.5, ge=0, le=1, description="Weight of a known user's live session (recent_items) "
+        "against the model's list, by weighted reciprocal rank: 0 ignores the session, 1 "
+        "answers with the session model alone.")
 
 
 class LGBMConfig(_Strict):

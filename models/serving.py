@@ -8,13 +8,19 @@ A *bundle* is a folder holding everything needed to answer a request without the
 * ``neighbours.parquet``: the session model, co-visitation neighbours ``item_id, neighbour,
   score``, which turns the ``recent_items`` of a user the model does not know into a list;
 * ``users.parquet`` and ``items.parquet``: the users the model knows and the known items;
+* ``lists/``: every known user's top ``max_k`` + :data:`EXCLUDE_SLACK` list, computed by the
+  model when the bundle is written and memory-mapped when it is opened
+  (:mod:`models.user_lists`);
 * ``manifest.json`` (family, settings) and ``config.json`` (the resolved training config).
 
 A request record has ``user_id``, optional ``k`` (default 10), optional ``recent_items`` (item ids
 of a live session, newest last) and optional ``exclude`` (item ids never to return). Known users
-are answered by the model; unknown users by the session model when their recent items have
-neighbours, else by trending items; every list is filled from trending items up to ``k``. A
-malformed record raises :class:`RequestError`, naming the record and the field.
+are answered from their precomputed list; with ``recent_items``, that list is blended with the
+session model's list of the session (weighted reciprocal rank, ``session_weight``); unknown users
+get the session model's list when their recent items have neighbours, else trending items; every
+list is filled from trending items up to ``k``. The model itself is loaded only when a request
+goes deeper than the precomputed lists. A malformed record raises :class:`RequestError`, naming
+the record and the field.
 """
 
 from __future__ import annotations
@@ -22,19 +28,19 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import math
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 
 from models.base import POP_RANK
 from models.columns import ITEM, RANK, SCORE, USER
-from models.errors import ConfigError, DataError, ShoprankError
+from models.errors import ConfigError, DataError
+from models.requests import Request, RequestError, parse_requests
+from models.user_lists import UserLists, as_lists_frame, blend
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,15 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TRENDING_SLACK = 10_000
 """Trending items kept in memory beyond ``max_k`` for the fill of the lists."""
+LISTS = "lists"
+DEFAULT_MAX_K = 200
+"""Largest ``k`` a request may ask for, unless the bundle's ``max_k`` says otherwise."""
+EXCLUDE_SLACK = 16
+"""Entries precomputed beyond ``max_k``: ``k`` items survive that many excluded ones."""
+DEFAULT_SESSION_WEIGHT = 0.5
+"""Weight of the live session against a known user's model list (see ``blend``)."""
+LEGACY_MAX_K, LEGACY_LIST_DEPTH = 1000, 16
+"""What bundles written before precomputed lists existed meant (their lists are built at load)."""
 _POS = "__pos"
 
 
@@ -75,108 +90,6 @@ def family_class(name: str) -> type:
     return target
 
 
-class RequestError(ShoprankError, ValueError):
-    """A request record is malformed; ``field`` names the offending field."""
-
-    def __init__(self, message: str, field: str) -> None:
-        self.field = field
-        super().__init__(message)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One validated request record."""
-
-    user_id: str
-    k: int
-    recent_items: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _parse_id(value: Any, where: str, field: str) -> str:
-    if isinstance(value, (str, np.str_)) and str(value).strip():
-        return str(value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return str(value)
-    raise RequestError(
-        f"{where}: {field} must be a non-empty string (or integer) id; got {value!r}.", field
-    )
-
-
-def _parse_k(value: Any, where: str, default_k: int, max_k: int) -> int:
-    if _missing(value):
-        return default_k
-    integral = isinstance(value, (int, np.integer)) or (
-        isinstance(value, (float, np.floating)) and float(value).is_integer()
-    )
-    if isinstance(value, (bool, np.bool_)) or not integral or not 1 <= int(value) <= max_k:
-        raise RequestError(f"{where}: k must be an integer from 1 to {max_k}; got {value!r}.", "k")
-    return int(value)
-
-
-def _parse_items(value: Any, where: str, field: str) -> tuple[str, ...]:
-    if _missing(value):
-        return ()
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        raise RequestError(
-            f"{where}: {field} must be a list of item ids; got {type(value).__name__} {value!r}.",
-            field,
-        )
-    return tuple(_parse_id(item, where, f"{field} item") for item in value)
-
-
-def parse_requests(
-    records: Sequence[Mapping[str, Any]], default_k: int = 10, max_k: int = 1000
-) -> list[Request]:
-    """Validate request records (dicts) into :class:`Request` objects.
-
-    Raises:
-        RequestError: A record is not a mapping, lacks ``user_id``, has a ``k`` that is not an
-            integer in ``1..max_k``, a ``recent_items``/``exclude`` that is not a list of ids, or
-            repeats a user of an earlier record. The message names the record and the field.
-    """
-    if len(records) == 0:
-        raise RequestError("the request holds no records: send at least one with a user_id.", USER)
-    parsed, seen = [], set()
-    for index, record in enumerate(records):
-        where = f"record {index}"
-        if not isinstance(record, Mapping):
-            raise RequestError(f"{where} must be an object with a user_id; got {record!r}.", USER)
-        if _missing(record.get(USER)):
-            raise RequestError(f"{where}: user_id is missing; every record needs one.", USER)
-        user = _parse_id(record[USER], where, USER)
-        if user in seen:
-            raise RequestError(
-                f"{where}: user_id {user!r} appears twice; send one record per user.", USER
-            )
-        seen.add(user)
-        parsed.append(
-            Request(
-                user,
-                _parse_k(record.get("k"), where, default_k, max_k),
-                _parse_items(record.get("recent_items"), where, "recent_items"),
-                _parse_items(record.get("exclude"), where, "exclude"),
-            )
-        )
-    return parsed
-
-
-def _as_polars(frame: Any) -> pl.DataFrame:
-    """A model's ``recommend`` output (polars or pandas) as ``user_id, item_id, score, rank``."""
-    if not isinstance(frame, pl.DataFrame):
-        frame = pl.from_pandas(frame)
-    return frame.select(
-        pl.col(USER).cast(pl.String),
-        pl.col(ITEM).cast(pl.String),
-        pl.col(SCORE).cast(pl.Float64),
-        pl.col(RANK).cast(pl.Int64),
-    )
-
-
 def _pairs(requests: Sequence[Request], field: str) -> pl.DataFrame:
     """``user_id, item_id, __pos`` for the item list ``field`` of every request."""
     users = [r.user_id for r in requests for _ in getattr(r, field)]
@@ -192,43 +105,56 @@ class ServingModel:
     """A loaded bundle (see the module docstring); answers requests and batch lists.
 
     Args:
-        model: The chosen model (anything with ``recommend(users, k, exclude_seen)``).
+        load_model: Loads the chosen model (anything with ``recommend(users, k, exclude_seen)``);
+            called on first use only: known users are answered from ``lists``.
         manifest: The bundle's manifest (``family``, ``exclude_seen``, ``default_k``, ...).
         trending: ``item_id, score, pop_rank`` of the fallback ranking.
         neighbours: ``item_id, neighbour, score`` of the session model.
         users: Ids of the users the model knows.
         items: Ids of the known items.
+        lists: The known users' precomputed top lists.
+        folder: The bundle's folder, when it was loaded from one.
     """
 
     def __init__(
         self,
-        model: Any,
+        load_model: Callable[[], Any],
         manifest: dict[str, Any],
         trending: pl.DataFrame,
         neighbours: pl.DataFrame,
         users: pl.Series,
         items: pl.Series,
+        lists: UserLists,
+        folder: Path | None = None,
     ) -> None:
-        self.model = model
+        self.folder = folder
+        self._load_model = load_model
+        self._model: Any = None
         self.manifest = manifest
         self.trending = trending.sort(POP_RANK)
         self.neighbours = neighbours
         self.users = users
         self.items = items
-        self._known = frozenset(users.to_list())
+        self.lists = lists
         self.default_k = int(manifest.get("default_k", 10))
-        self.max_k = int(manifest.get("max_k", 1000))
+        self.max_k = int(manifest.get("max_k", LEGACY_MAX_K))
         self.exclude_seen = bool(manifest.get("exclude_seen", False))
         self.session_items = int(manifest.get("session_items", 5))
         self.session_decay = float(manifest.get("session_decay", 0.5))
+        self.session_weight = float(manifest.get("session_weight", DEFAULT_SESSION_WEIGHT))
+        self.list_depth = int(manifest.get("list_depth", LEGACY_LIST_DEPTH))
         top = self.trending[SCORE].max() if self.trending.height else None
         self._trend_scale = 1.0 / top if top else 0.0
-        self.cache_depth = int(manifest.get("cache_depth", 16))
-        self.cache_max_users = int(manifest.get("cache_max_users", 500_000))
-        self._lists: dict[str, list[tuple[str, float]]] = {}
         head = self.trending.head(self.max_k + TRENDING_SLACK)
         self._trend_items = head[ITEM].to_list()
         self._trend_shares = (head[SCORE] * self._trend_scale).to_list()
+
+    @property
+    def model(self) -> Any:
+        """The chosen model, loaded on first use."""
+        if self._model is None:
+            self._model = self._load_model()
+        return self._model
 
     # ------------------------------------------------------------------ bundle on disk
     @staticmethod
@@ -247,60 +173,61 @@ class ServingModel:
         """Write a bundle into ``folder`` (created; must not exist) and return it.
 
         ``settings`` go to the manifest: ``exclude_seen``, ``default_k``, ``max_k``,
-        ``session_items``, ``session_decay`` and anything descriptive (``model_name``, ...).
+        ``session_items``, ``session_decay``, ``session_weight`` and anything descriptive
+        (``model_name``, ...). Every known user's top ``max_k`` + :data:`EXCLUDE_SLACK` list is
+        computed here, once, and stored under ``lists/`` (see :mod:`models.user_lists`).
         """
-        family_class(family)  # fail early for a family that could not be loaded back
+        loader_class = family_class(family)  # fail early for a family that cannot be loaded
         folder = Path(folder)
         if folder.exists():
             raise DataError(f"{folder} already exists; give a new folder for the bundle.")
         shutil.copytree(model_dir, folder / "model")
         trending.select(ITEM, SCORE, POP_RANK).write_parquet(folder / "trending.parquet")
         neighbours.select(ITEM, "neighbour", SCORE).write_parquet(folder / "neighbours.parquet")
-        pl.DataFrame({USER: users.cast(pl.String).unique(maintain_order=True)}).write_parquet(
-            folder / "users.parquet"
-        )
-        pl.DataFrame({ITEM: items.cast(pl.String).unique(maintain_order=True)}).write_parquet(
-            folder / "items.parquet"
-        )
-        manifest = {"format_version": FORMAT_VERSION, "family": family, **settings}
+        users = users.cast(pl.String).unique(maintain_order=True)
+        items = items.cast(pl.String).unique(maintain_order=True)
+        pl.DataFrame({USER: users}).write_parquet(folder / "users.parquet")
+        pl.DataFrame({ITEM: items}).write_parquet(folder / "items.parquet")
+        settings.setdefault("max_k", DEFAULT_MAX_K)
+        depth = int(settings["max_k"]) + EXCLUDE_SLACK
+        model = loader_class.load(folder / "model")
+        recommend = _recommender(model, bool(settings.get("exclude_seen", False)))
+        start = time.perf_counter()
+        lists = UserLists.compute(recommend, users, items, depth)
+        lists.save(folder / LISTS)
+        logger.info("precomputed the top %d of %d users in %.1f s (%.1f MB)", depth, len(lists),
+                    time.perf_counter() - start, lists.nbytes / 1e6)
+        manifest = {"format_version": FORMAT_VERSION, "family": family, "list_depth": depth,
+                    **settings}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         (folder / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         return folder
 
     @classmethod
     def load(cls, folder: Path) -> ServingModel:
-        """Read a bundle written by :meth:`build`."""
+        """Open a bundle written by :meth:`build`.
+
+        The lists are memory-mapped and the model is loaded on first use. A bundle written
+        before lists existed gets them computed now, to the depth it was written for.
+        """
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             raise DataError(f"{folder} is not a serving bundle: {MANIFEST} is missing.")
         manifest = json.loads((folder / MANIFEST).read_text())
-        model = family_class(manifest["family"]).load(folder / "model")
-        serving = cls(
-            model,
-            manifest,
-            pl.read_parquet(folder / "trending.parquet"),
-            pl.read_parquet(folder / "neighbours.parquet"),
-            pl.read_parquet(folder / "users.parquet")[USER],
-            pl.read_parquet(folder / "items.parquet")[ITEM],
-        )
-        serving.warm()
-        return serving
+        family = family_class(manifest["family"])
 
-    def warm(self, chunk: int = 20_000) -> None:
-        """Keep every known user's top ``cache_depth`` model list in memory.
+        def load_model() -> Any:
+            return family.load(folder / "model")
 
-        Single requests of known users are then answered without calling the model. Skipped
-        when ``cache_depth`` is 0 or there are more than ``cache_max_users`` users.
-        """
-        if not self.cache_depth or self.users.len() > self.cache_max_users:
-            return
-        for start in range(0, self.users.len(), chunk):
-            users = self.users.slice(start, chunk).to_list()
-            recs = self.model.recommend(users, k=self.cache_depth, exclude_seen=self.exclude_seen)
-            lists = _as_polars(recs).sort(USER, RANK).group_by(USER, maintain_order=True)
-            for user, items, scores in lists.agg(ITEM, SCORE).iter_rows():
-                self._lists[user] = list(zip(items, scores, strict=True))
-        logger.info("cached the top %d of %d users", self.cache_depth, len(self._lists))
+        users = pl.read_parquet(folder / "users.parquet")[USER]
+        items = pl.read_parquet(folder / "items.parquet")[ITEM]
+        if (folder / LISTS).is_dir():
+            lists = UserLists.open(folder / LISTS)
+        else:
+            recommend = _recommender(load_model(), bool(manifest.get("exclude_seen", False)))
+            lists = UserLists.compute(recommend, users, items, LEGACY_LIST_DEPTH)
+        return cls(load_model, manifest, pl.read_parquet(folder / "trending.parquet"),
+                   pl.read_parquet(folder / "neighbours.parquet"), users, items, lists, folder)
 
     # ------------------------------------------------------------------ answering
     def predict(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
@@ -310,20 +237,32 @@ class ServingModel:
     def answer(self, requests: Sequence[Request]) -> pl.DataFrame:
         """Top-``k`` lists of every request.
 
+        A known user's list is read from the precomputed lists (the model runs only when ``k``
+        plus the exclusions go deeper); a request with ``recent_items`` blends it with the
+        session model's list (:func:`models.user_lists.blend`, ``session_weight``); an unknown
+        user with ``recent_items`` gets the session model's list; then trending items fill.
+
         Returns:
             ``user_id, item_id, score, rank`` sorted by request order then rank. Scores never
-            increase with rank: the model's or session model's scores first, then trending
-            fill scores below them.
+            increase with rank: the model's (or blended, or session) scores first, then
+            trending fill scores below them.
         """
-        cached = {
-            r.user_id: self._lists[r.user_id]
-            for r in requests
-            if r.user_id in self._lists and r.k + len(r.exclude) <= self.cache_depth
-        }
-        known = [r for r in requests if r.user_id in self._known and r.user_id not in cached]
-        unknown = [r for r in requests if r.user_id not in self._known and r.recent_items]
-        personal = pl.concat([self._model_lists(known), self._session_lists(unknown)])
-        return self._assemble(requests, personal, cached)
+        lists: dict[str, list[tuple[str, float]]] = {}
+        deep = []
+        for r in requests:
+            if r.user_id not in self.lists:
+                continue
+            if r.k + len(r.exclude) <= self.list_depth:
+                lists[r.user_id] = self.lists.get(r.user_id)
+            else:
+                deep.append(r)
+        lists.update(_grouped(self._model_lists(deep)))
+        sessions = _grouped(self._session_lists([r for r in requests if r.recent_items]))
+        for user, session in sessions.items():
+            own = lists.get(user)
+            lists[user] = session if own is None else blend(
+                own, session[: self.list_depth], self.session_weight)
+        return self._assemble(requests, lists)
 
     def recommend_users(self, users: Sequence[str] | pl.Series, k: int = 10) -> pl.DataFrame:
         """Batch lists for ``users`` (known ones by the model, others by trending items)."""
@@ -340,7 +279,8 @@ class ServingModel:
             depth = min(1 << (r.k + len(r.exclude) - 1).bit_length(), max(self.items.len(), 1))
             buckets.setdefault(depth, []).append(r.user_id)
         for depth, users in buckets.items():
-            recs = _as_polars(self.model.recommend(users, k=depth, exclude_seen=self.exclude_seen))
+            recs = as_lists_frame(
+                self.model.recommend(users, k=depth, exclude_seen=self.exclude_seen))
             parts.append(recs.select(USER, ITEM, SCORE, pl.col(RANK).alias(_POS)))
         return pl.concat(parts)
 
@@ -369,15 +309,9 @@ class ServingModel:
         )
 
     def _assemble(
-        self,
-        requests: Sequence[Request],
-        personal: pl.DataFrame,
-        cached: dict[str, list[tuple[str, float]]],
+        self, requests: Sequence[Request], lists: dict[str, list[tuple[str, float]]]
     ) -> pl.DataFrame:
         """Each request's ``k`` best personal items (exclusions removed), then trending fill."""
-        lists = dict(cached)
-        for user, item, score, _ in personal.sort(USER, _POS).iter_rows():
-            lists.setdefault(user, []).append((item, score))
         columns: dict[str, list] = {USER: [], ITEM: [], SCORE: [], RANK: []}
         for r in requests:
             taken = set(r.exclude)
@@ -397,6 +331,21 @@ class ServingModel:
         return pl.DataFrame(
             columns, schema={USER: pl.String, ITEM: pl.String, SCORE: pl.Float64, RANK: pl.Int64}
         )
+
+
+def _recommender(model: Any, exclude_seen: bool) -> Callable[[list[str], int], Any]:
+    def recommend(users: list[str], k: int) -> Any:
+        return model.recommend(users, k=k, exclude_seen=exclude_seen)
+
+    return recommend
+
+
+def _grouped(frame: pl.DataFrame) -> dict[str, list[tuple[str, float]]]:
+    """``user -> [(item, score), ...]`` of a ``user_id, item_id, score, __pos`` frame."""
+    lists: dict[str, list[tuple[str, float]]] = {}
+    for user, item, score, _ in frame.sort(USER, _POS).iter_rows():
+        lists.setdefault(user, []).append((item, score))
+    return lists
 
 
 def _empty_lists() -> pl.DataFrame:

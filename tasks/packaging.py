@@ -35,7 +35,15 @@ from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 from models.baselines import CoVisitation, Popularity
 from models.columns import ITEM, TIMESTAMP, USER
 from models.errors import ConfigError
-from models.serving import FAMILIES, RequestError, ServingModel, family_class, register_family
+from models.requests import RequestError
+from models.serving import (
+    DEFAULT_MAX_K,
+    DEFAULT_SESSION_WEIGHT,
+    FAMILIES,
+    ServingModel,
+    family_class,
+    register_family,
+)
 from tasks.tracking import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -137,8 +145,9 @@ def build_bundle(
     return ServingModel.build(
         folder, family=family, model_dir=model_dir, trending=trending, neighbours=neighbours,
         users=history[USER], items=items, config=config, exclude_seen=exclude_seen,
-        default_k=serve.get("default_k", 10), max_k=serve.get("max_k", 1000),
-        session_items=serve.get("session_items", 5), **settings)
+        default_k=serve.get("default_k", 10), max_k=serve.get("max_k", DEFAULT_MAX_K),
+        session_items=serve.get("session_items", 5),
+        session_weight=serve.get("session_weight", DEFAULT_SESSION_WEIGHT), **settings)
 
 
 def input_example(split_dir: Path, n_recent: int = 3) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from flows.recommend import MODEL_VERSION, batch_recommend
 from models.baselines import CoVisitation, Popularity
 from models.errors import ConfigError
 from models.serving import (
+    EXCLUDE_SLACK,
     FAMILIES,
     RequestError,
     ServingModel,
@@ -35,6 +37,7 @@ from models.serving import (
     parse_requests,
     register_family,
 )
+from models.user_lists import blend
 from tasks.packaging import load_serving
 from tests.test_registry import register_version
 
@@ -159,21 +162,77 @@ def test_k_exclude_and_monotone_scores(serving):
         assert scores == sorted(scores, reverse=True)
 
 
-def test_cached_and_live_model_lists_agree(serving):
-    item = serving.neighbours["item_id"][0]
-    records = [{"user_id": serving.users[0], "k": 4, "exclude": [serving.trending["item_id"][0]]},
-               {"user_id": serving.users[2], "k": 30},  # deeper than the cache: asks the model
-               {"user_id": "nobody", "k": 12, "recent_items": [item]},
-               {"user_id": "no-one", "k": 3, "exclude": serving.trending["item_id"].head(2)
-                .to_list()}]
-    cached = serving.predict(records)
-    lists, serving._lists = serving._lists, {}
+def _live(serving: ServingModel, user: str, k: int, exclude: list[str]) -> list[str]:
+    """What the model itself answers (before the trending fill)."""
+    recs = serving.model.recommend([user], k=k + len(exclude), exclude_seen=False)
+    return [i for i in _items(recs, user) if i not in exclude][:k]
+
+
+def test_precomputed_and_live_model_lists_agree(serving):
+    excluded = serving.trending["item_id"].head(20).to_list()
+    records = [{"user_id": serving.users[0], "k": 4, "exclude": excluded[:1]},
+               {"user_id": serving.users[1], "k": 50},  # max_k: still precomputed
+               {"user_id": serving.users[2], "k": 50, "exclude": excluded}]  # deeper: the model
+    answer = serving.predict(records)
+    for record in records:
+        user, exclude = record["user_id"], record.get("exclude", [])
+        live = _live(serving, user, record["k"], exclude)
+        assert _items(answer, user)[: len(live)] == live
+        assert len(_items(answer, user)) == record["k"]
+
+
+def test_lists_are_memory_mapped_and_the_model_loads_only_when_needed(serving, tmp_path):
+    import numpy as np
+
+    fresh = ServingModel.load(serving.folder)
+    assert isinstance(fresh.lists.scores, np.memmap)
+    assert fresh.list_depth == 50 + EXCLUDE_SLACK
+    fresh.predict([{"user_id": u, "k": 50} for u in fresh.users.head(20)])
+    assert fresh._model is None
+    fresh.predict([{"user_id": fresh.users[0], "k": 50, "exclude": fresh.trending["item_id"]
+                    .head(EXCLUDE_SLACK + 1).to_list()}])
+    assert fresh._model is not None
+
+
+def test_a_bundle_without_precomputed_lists_still_loads(serving, tmp_path):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(serving.folder, legacy)
+    shutil.rmtree(legacy / "lists")
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    del manifest["list_depth"]
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    old = ServingModel.load(legacy)
+    records = [{"user_id": u, "k": 30} for u in serving.users.head(5)]
+    assert old.predict(records).equals(serving.predict(records))
+
+
+def test_a_known_users_session_changes_the_list(serving):
+    user = serving.users[3]
+    plain = _items(serving.predict([{"user_id": user, "k": 10}]), user)
+    item = serving.neighbours["item_id"][-1]
+    top = serving.neighbours.filter(pl.col("item_id") == item).sort(
+        ["score", "neighbour"], descending=[True, False])["neighbour"][0]
+    live = serving.predict([{"user_id": user, "k": 10, "recent_items": ["not-an-item", item]}])
+    assert top in _items(live, user)
+    assert _items(live, user) != plain
+    scores = live["score"].to_list()
+    assert scores == sorted(scores, reverse=True)
+    weight, serving.session_weight = serving.session_weight, 0.0
     try:
-        live = serving.predict(records)
+        ignored = serving.predict([{"user_id": user, "k": 10, "recent_items": [item]}])
     finally:
-        serving._lists = lists
-    assert len(lists) == serving.users.len()
-    assert cached.equals(live)
+        serving.session_weight = weight
+    assert _items(ignored, user) == plain
+
+
+def test_blend_weights_ranks():
+    model = [("a", 9.0), ("b", 8.0), ("c", 7.0)]
+    session = [("c", 1.0), ("d", 0.5)]
+    assert [i for i, _ in blend(model, session, 0.0)][:3] == ["a", "b", "c"]
+    assert [i for i, _ in blend(model, session, 1.0)][:2] == ["c", "d"]
+    fused = blend(model, session, 0.5)
+    assert fused[0][0] == "c"  # in both lists
+    assert [s for _, s in fused] == sorted((s for _, s in fused), reverse=True)
 
 
 def test_batch_lists_cover_every_user(serving):

@@ -1,0 +1,161 @@
+"""Every known user's top list, precomputed once and read through memory-mapped arrays.
+
+A served model answers a known user from this table instead of running the model: the lists are
+built when the bundle is written (:meth:`UserLists.build`), to a depth of ``serve.max_k`` plus a
+slack for exclusions, and stored in compressed-sparse-row form in a folder:
+
+* ``offsets.npy``: ``int64[n_users + 1]``, user ``r``'s list is ``offsets[r]:offsets[r + 1]``;
+* ``codes.npy``: ``int32[n_entries]``, positions in ``vocabulary.parquet``;
+* ``scores.npy``: ``float64[n_entries]``, the model's scores (non-increasing within a list);
+* ``users.parquet`` / ``vocabulary.parquet``: the user ids (row order) and item ids (code order).
+
+:meth:`UserLists.open` memory-maps the arrays: opening costs the user index only, whatever the
+number of users, and every server worker process shares the same pages of the operating system's
+file cache. Memory on disk and in the cache: ``n_entries * 12`` bytes plus the ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from models.columns import ITEM, RANK, SCORE, USER
+
+logger = logging.getLogger(__name__)
+
+Recommend = Callable[[list[str], int], Any]
+"""``recommend(users, k)``: a model's lists as ``user_id, item_id, score, rank`` (any frame)."""
+
+
+def as_lists_frame(frame: Any) -> pl.DataFrame:
+    """A model's ``recommend`` output (polars or pandas) as ``user_id, item_id, score, rank``."""
+    if not isinstance(frame, pl.DataFrame):
+        frame = pl.from_pandas(frame)
+    return frame.select(
+        pl.col(USER).cast(pl.String),
+        pl.col(ITEM).cast(pl.String),
+        pl.col(SCORE).cast(pl.Float64),
+        pl.col(RANK).cast(pl.Int64),
+    )
+
+
+class UserLists:
+    """Top lists of known users (see the module docstring).
+
+    Args:
+        users: User ids, in row order.
+        offsets: Start of each user's list in ``codes``/``scores`` (length ``len(users) + 1``).
+        codes: Item codes (positions in ``vocabulary``), list after list.
+        scores: The model's score of each entry.
+        vocabulary: Item ids by code.
+    """
+
+    def __init__(self, users: pl.Series, offsets: np.ndarray, codes: np.ndarray,
+                 scores: np.ndarray, vocabulary: pl.Series) -> None:
+        self.users = users
+        self.offsets = offsets
+        self.codes = codes
+        self.scores = scores
+        self.vocabulary = vocabulary.to_numpy()
+        self.depth = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
+        self._rows = dict(zip(users.to_list(), range(users.len()), strict=True))
+
+    def __contains__(self, user: str) -> bool:
+        return user in self._rows
+
+    def __len__(self) -> int:
+        return self.users.len()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three arrays (what the lists cost in memory when every page is read)."""
+        return int(self.offsets.nbytes + self.codes.nbytes + self.scores.nbytes)
+
+    def get(self, user: str) -> list[tuple[str, float]]:
+        """``[(item_id, score), ...]`` of a known user, best first (empty for unknown users)."""
+        row = self._rows.get(user)
+        if row is None:
+            return []
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        items = self.vocabulary[self.codes[start:end]].tolist()
+        return list(zip(items, self.scores[start:end].tolist(), strict=True))
+
+    # ------------------------------------------------------------------ building and files
+    @classmethod
+    def compute(cls, recommend: Recommend, users: pl.Series, items: pl.Series, depth: int,
+                chunk: int = 20_000) -> UserLists:
+        """Ask ``recommend`` for every user's top ``depth``, ``chunk`` users at a time.
+
+        ``items`` seeds the vocabulary; items a model returns beyond it are appended.
+        """
+        users = users.cast(pl.String).unique(maintain_order=True)
+        vocab = pl.DataFrame({ITEM: items.cast(pl.String).unique(maintain_order=True)})
+        vocab = vocab.with_row_index("code")
+        order = pl.DataFrame({USER: users}).with_row_index("row")
+        counts, codes, scores = np.zeros(users.len(), np.int64), [], []
+        for start in range(0, users.len(), chunk):
+            part = users.slice(start, chunk)
+            recs = as_lists_frame(recommend(part.to_list(), depth))
+            extra = recs.select(ITEM).unique().join(vocab, on=ITEM, how="anti").sort(ITEM)
+            if extra.height:
+                vocab = pl.concat([vocab, extra.with_row_index("code", offset=vocab.height)
+                                   .select("code", ITEM)])
+            recs = (recs.join(order, on=USER).join(vocab, on=ITEM)
+                    .sort("row", RANK).select("row", "code", SCORE))
+            np.add.at(counts, recs["row"].to_numpy(), 1)
+            codes.append(recs["code"].to_numpy().astype(np.int32))
+            scores.append(recs[SCORE].to_numpy().astype(np.float64))
+            logger.info("precomputed lists of %d / %d users", min(start + chunk, users.len()),
+                        users.len())
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(users, offsets, _concat(codes, np.int32), _concat(scores, np.float64),
+                   vocab[ITEM])
+
+    def save(self, folder: Path) -> None:
+        """Write the lists into ``folder`` (created)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "offsets.npy", np.asarray(self.offsets))
+        np.save(folder / "codes.npy", np.asarray(self.codes))
+        np.save(folder / "scores.npy", np.asarray(self.scores))
+        pl.DataFrame({USER: self.users}).write_parquet(folder / "users.parquet")
+        pl.DataFrame({ITEM: pl.Series(self.vocabulary, dtype=pl.String)}).write_parquet(
+            folder / "vocabulary.parquet")
+
+    @classmethod
+    def open(cls, folder: Path) -> UserLists:
+        """Memory-map lists written by :meth:`save`."""
+        folder = Path(folder)
+        return cls(
+            pl.read_parquet(folder / "users.parquet")[USER],
+            np.load(folder / "offsets.npy", mmap_mode="r"),
+            np.load(folder / "codes.npy", mmap_mode="r"),
+            np.load(folder / "scores.npy", mmap_mode="r"),
+            pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
+        )
+
+
+def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def blend(model: Sequence[tuple[str, float]], session: Sequence[tuple[str, float]],
+          weight: float, offset: float = 10.0) -> list[tuple[str, float]]:
+    """Fuse a model's list with a live session's list by weighted reciprocal rank.
+
+    Each item scores ``(1 - weight) / (offset + model_rank) + weight / (offset + session_rank)``
+    (a term is 0 where the item is not in that list). Ties keep the model's order, then the
+    session's. ``weight`` 0 returns the model's order, 1 the session's.
+    """
+    fused: dict[str, float] = {}
+    for rank, (item, _) in enumerate(model, start=1):
+        fused[item] = (1.0 - weight) / (offset + rank)
+    for rank, (item, _) in enumerate(session, start=1):
+        fused[item] = fused.get(item, 0.0) + weight / (offset + rank)
+    order = {item: position for position, item in enumerate(fused)}
+    return sorted(fused.items(), key=lambda pair: (-pair[1], order[pair[0]]))
