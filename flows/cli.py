@@ -272,20 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Serve a registered model with `mlflow models serve --env-manager local`
-            (one worker, localhost by default). Ask it for recommendations:
+            (one worker per CPU core, localhost by default). Ask it for recommendations:
 
               curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
                 -d '{"dataframe_records": [{"user_id": "u000036", "k": 5},
                      {"user_id": "new", "recent_items": ["i00010", "i00042"], "exclude": []}]}'
 
-            Each record: user_id, optional k (10), recent_items (newest last) and exclude.
-            Unknown users get trending items or neighbours of their recent items; malformed
+            Each record: user_id, optional k (10, at most serve.max_k = 200), recent_items
+            (the live session, newest last) and exclude. Known users get their precomputed
+            list, blended with the session's neighbours when recent_items are given; unknown
+            users get the neighbours of their recent items, else trending items; malformed
             records get HTTP 400 naming the field."""))
     srv.add_argument("--host", help="address to bind (127.0.0.1)")
     srv.add_argument("--port", type=int, help="port (5001)")
     srv.add_argument("--model-uri", metavar="URI",
                      help="registered model to serve (models:/shoprank@champion)")
-    srv.add_argument("--workers", type=int, help="server worker processes (1)")
+    srv.add_argument("--workers", type=int,
+                     help="server worker processes (one per CPU core); each maps the same "
+                     "precomputed lists, so memory grows little per worker")
     srv.add_argument("--config", metavar="FILE", help="YAML file of settings (serve: ...)")
     srv.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     srv.set_defaults(func=cmd_serve)
