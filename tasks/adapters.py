@@ -231,8 +231,10 @@ def _load_taobao(path: Path, opts: _Options) -> RawData:
             TIMESTAMP: "timestamp", CATEGORY: "category_id"}
     frame = convert(raw, str(file), spec)
     frame, notes = map_event_types(frame, {**_TAOBAO_EVENTS, **opts.event_map}, str(file))
-    items = finish_items(frame.select(ITEM, CATEGORY))
-    notes.append(f"items: {items.height:,} distinct items of the event log, with their category")
+    items = finish_items(frame.select(ITEM, CATEGORY).unique(ITEM, keep="first",
+                                                             maintain_order=True))
+    notes.append(f"items: {items.height:,} distinct items of the event log, with the category "
+                 "of each item's first event")
     return RawData(finish_events(frame), items, "taobao", notes=notes)
 
 
@@ -302,7 +304,7 @@ def _load_diginetica(path: Path, opts: _Options) -> RawData:
     if (categories := files["categories"]) is not None:
         raw = read_csv(categories, ("itemId", "categoryId"), separator=";")
         spec = {ITEM: "itemId", CATEGORY: "categoryId"}
-        items = finish_items(convert(raw, str(categories), spec))
+        items = finish_items(convert(raw, str(categories), spec), str(categories))
     notes.append("timestamp = eventdate (day) + timeframe (ms since the session start)")
     return RawData(finish_events(pl.concat(frames)), items, "diginetica", notes=notes)
 
@@ -315,7 +317,7 @@ def _hm_items(file: Path, events: pl.DataFrame) -> tuple[pl.DataFrame, str]:
             if c in raw.columns]
     extra = [pl.coalesce(types).alias(CATEGORY)] if types else []
     extra += [pl.concat_list(tags).list.drop_nulls().alias(ATTRIBUTES)] if tags else []
-    items = finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"))
+    items = finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"), str(file))
     covered = events[ITEM].is_in(items[ITEM]).mean() or 0.0
     return items, f"{file.name} describes the items of {covered:.1%} of the transactions"
 
@@ -349,7 +351,8 @@ def _s3rec_items(file: Path) -> pl.DataFrame:
         raise DataError(f"{file} must hold a JSON object {{item_id: [attribute, ...]}}.")
     attributes = [[str(a) for a in v] if isinstance(v, list) else [str(v)] for v in data.values()]
     schema = {ITEM: pl.String, ATTRIBUTES: pl.List(pl.String)}
-    return finish_items(pl.DataFrame({ITEM: list(data), ATTRIBUTES: attributes}, schema=schema))
+    return finish_items(pl.DataFrame({ITEM: list(data), ATTRIBUTES: attributes}, schema=schema),
+                        str(file))
 
 
 def _load_s3rec(path: Path, opts: _Options) -> RawData:
@@ -407,7 +410,7 @@ def _load_rechorus(path: Path, opts: _Options) -> RawData:
     if (meta := find_beside(path, ("item_meta.csv.gz", "item_meta.csv"))) is not None:
         raw_items = read_csv(meta, ("item_id",), ("i_category",), separator="\t")
         spec = {ITEM: "item_id", CATEGORY: "i_category"}
-        items = finish_items(convert(raw_items, str(meta), spec))
+        items = finish_items(convert(raw_items, str(meta), spec), str(meta))
     folder = path if path.is_dir() else path.parent
     notes = [f"interactions from {', '.join(f.name for f in files)}"]
     return RawData(finish_events(frame), items, f"rechorus-{folder.name}".lower(), notes=notes)
@@ -434,7 +437,7 @@ def _generic_items(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
     frame = convert(raw, str(file), {c: c for c in ITEM_DTYPES if c != ATTRIBUTES})
     if ATTRIBUTES in raw.columns:
         frame = frame.with_columns(to_attributes(raw[ATTRIBUTES]).alias(ATTRIBUTES))
-    return finish_items(frame)
+    return finish_items(frame, str(file))
 
 
 def _load_generic(path: Path, opts: _Options) -> RawData:

@@ -233,11 +233,23 @@ def _bad_values(source: str, bad: pl.Series, total: int, expected: str, fix: str
                      f"are not {expected}, e.g. {examples}. {fix}")
 
 
-def to_id(values: pl.Series) -> pl.Series:
-    """Return ids as text; whole-number floats (ids read through a float column) lose ``.0``."""
-    if values.dtype.is_float() and (values.drop_nulls() % 1 == 0).all():
-        return values.cast(pl.Int64).cast(pl.String)
-    return values.cast(pl.String)
+def to_id(values: pl.Series, source: str = "") -> pl.Series:
+    """Return ids as text; NaN and null are missing (null), never an id.
+
+    Whole-number floats (ids read through a float column, often because of missing values) are
+    written as integers, ``7.0`` as ``"7"``, with a logged note.
+    """
+    if not values.dtype.is_float():
+        return values.cast(pl.String)
+    values = values.fill_nan(None)
+    present = values.drop_nulls()
+    if not (present % 1 == 0).all():
+        return values.cast(pl.String)
+    logger.info("column '%s' of %s holds ids as %s: %s whole numbers read as integer ids "
+                "(7.0 as '7'), %s missing (NaN or null) kept as null", values.name,
+                source or "the table", values.dtype, f"{present.len():,}",
+                f"{values.null_count():,}")
+    return values.cast(pl.Int64).cast(pl.String)
 
 
 def to_float(values: pl.Series, source: str) -> pl.Series:
@@ -345,7 +357,7 @@ def convert(
     for canon, column in ((c, s) for c, s in spec.items() if s in raw.columns):
         values = raw[column]
         if canon in (USER, ITEM, SESSION, CATEGORY):
-            values = to_id(values)
+            values = to_id(values, source)
         elif canon in (PRICE, QUANTITY):
             values = (to_float if canon == PRICE else to_int)(values, source)
         elif canon == TIMESTAMP:
@@ -418,7 +430,16 @@ def finish_events(frame: pl.DataFrame) -> pl.DataFrame:
     return events.sort(TIMESTAMP, maintain_order=True, nulls_last=True)
 
 
-def finish_items(frame: pl.DataFrame) -> pl.DataFrame:
-    """Keep the canonical columns and dtypes, one row per item (the first one given)."""
+def finish_items(frame: pl.DataFrame, source: str = "the items table") -> pl.DataFrame:
+    """Keep the canonical columns and dtypes; drop exact copies of a row, with a logged note.
+
+    Rows that share an ``item_id`` but differ elsewhere are all kept: the catalogue cannot tell
+    which one is right, and the items suite's unique-ids expectation reports them.
+    """
     items = _select_cast(frame, (*ITEM_REQUIRED, *ITEM_OPTIONAL), ITEM_DTYPES)
-    return items.filter(pl.col(ITEM).is_first_distinct())
+    unique = items.unique(maintain_order=True)
+    if unique.height < items.height:
+        logger.info("dropped %s rows of %s that repeat another row exactly (same item_id and "
+                    "values); the first copy is kept", f"{items.height - unique.height:,}",
+                    source)
+    return unique

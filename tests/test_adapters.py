@@ -348,6 +348,37 @@ def test_parquet_with_integer_ids_and_naive_times(tmp_path: Path) -> None:
     assert raw.events[TIMESTAMP][0] == utc(2024, 1, 1, 12)
 
 
+def test_float_ids_with_nan_are_integer_ids_and_nulls_with_a_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pl.DataFrame({
+        "user_id": [7.0, float("nan"), 12.0, None], "item_id": [1.5, 2.0, float("nan"), 4.0],
+        "event_type": ["view"] * 4, "timestamp": [utc(2024, 1, 1, h) for h in range(4)],
+    }).write_parquet(tmp_path / "events.parquet")
+    with caplog.at_level("INFO", logger="tasks"):
+        raw = load_raw(tmp_path, "parquet")
+    assert raw.events[USER].to_list() == ["7", None, "12", None]  # never "NaN" or "7.0"
+    assert raw.events[ITEM].to_list() == ["1.5", "2.0", None, "4.0"]  # not all whole: as given
+    assert "'user_id' of" in caplog.text
+    assert "2 whole numbers read as integer ids" in caplog.text
+    assert "2 missing (NaN or null) kept as null" in caplog.text
+
+
+def test_catalogue_drops_exact_copies_and_keeps_conflicting_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    events, items = canonical_tables()
+    events.write_parquet(tmp_path / "events.parquet")
+    repeated = pl.concat([items, items.head(1), items.tail(1).with_columns(price=pl.lit(9.0))])
+    repeated.write_parquet(tmp_path / "items.parquet")
+    with caplog.at_level("INFO", logger="tasks"):
+        raw = load_raw(tmp_path, "parquet")
+    assert raw.items is not None
+    assert raw.items.equals(pl.concat([items, items.tail(1).with_columns(price=pl.lit(9.0))]))
+    assert "dropped 1 rows of" in caplog.text
+    assert "repeat another row exactly" in caplog.text
+
+
 def test_dates_and_missing_timestamps(tmp_path: Path) -> None:
     pl.DataFrame({
         "user_id": ["a", "b", "c"], "item_id": ["i", "i", "i"], "event_type": ["view"] * 3,

@@ -12,6 +12,7 @@ import pydantic
 import pytest
 
 from models.errors import ConfigError, ValidationFailedError
+from tasks.adapters import load_raw
 from tasks.validate import (
     SUITES_DIR,
     ExpectationFailure,
@@ -234,6 +235,36 @@ def test_duplicate_catalogue_ids_fail_items_suite(
     assert failure.unexpected_count == 4
     assert set(failure.examples) == set(items["item_id"].head(2))
     assert "a duplicated `item_id` in 4 rows" in report.to_markdown()
+
+
+def test_float_user_ids_with_nan_fail_as_missing_users(
+    events: pl.DataFrame, tmp_path: Path
+) -> None:
+    codes = events["user_id"].cast(pl.Float64)
+    floats = set_rows(events.with_columns(codes), [2, 30], "user_id", float("nan"))
+    floats.write_parquet(tmp_path / "events.parquet")
+    report, _ = validate_tables(load_raw(tmp_path, "parquet").events, None, now=NOW)
+    failure = only_failure(report, "expect_column_values_to_not_be_null", "user_id")
+    assert failure.unexpected_count == 2
+    assert [row["user_id"] for row in failure.examples] == [None, None]
+    assert len(report.failures) == 1  # the other ids read as "123", not "123.0"
+    assert "no `user_id` in 2 rows" in report.to_markdown()
+    assert "fix: Drop events without a user" in report.to_markdown()
+
+
+def test_conflicting_catalogue_rows_fail_after_loading(
+    events: pl.DataFrame, items: pl.DataFrame, tmp_path: Path
+) -> None:
+    events.write_parquet(tmp_path / "events.parquet")
+    other = items.head(1).with_columns(category_id=pl.lit("other"))
+    pl.concat([items, items.head(3), other]).write_parquet(tmp_path / "items.parquet")
+    raw = load_raw(tmp_path, "parquet")
+    assert raw.items is not None
+    report, _ = validate_tables(raw.events, raw.items, now=NOW)
+    failure = only_failure(report, "expect_column_values_to_be_unique", "item_id", "items")
+    assert failure.unexpected_count == 2  # the exact copies were dropped when loading
+    assert failure.examples == [items["item_id"][0]]
+    assert "keep one row per item_id" in report.to_markdown()
 
 
 def test_low_catalogue_share_lists_missing_items(
