@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import polars as pl
 import pytest
 from mlflow import MlflowClient
 
@@ -58,12 +59,43 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD_INPUTS))
-def test_bad_input_fails_clearly_and_leaves_nothing(kind, tmp_path, mlflow_store, capsys):
-    make, phrase = BAD_INPUTS[kind]
+def _good_frame() -> pl.DataFrame:
+    return pl.DataFrame([r.split(",") for r in GOOD], schema=HEADER.split(","), orient="row")
+
+
+def _parquet_shop(folder: Path, events: pl.DataFrame, items: pl.DataFrame | None = None) -> Path:
+    events.write_parquet(folder / "events.parquet")
+    if items is not None:
+        items.write_parquet(folder / "items.parquet")
+    return folder
+
+
+def _float_user_ids(folder: Path) -> Path:
+    """user_id as float (as pandas writes ids with gaps): 7.0-style ids and two NaN."""
+    ids = [float("nan") if row in (4, 9) else float(row % 6) for row in range(len(GOOD))]
+    return _parquet_shop(folder, _good_frame().with_columns(user_id=pl.Series(ids)))
+
+
+def _conflicting_catalogue(folder: Path) -> Path:
+    """One item_id on two catalogue rows with different prices."""
+    items = pl.DataFrame({"item_id": [f"i{i}" for i in [*range(13), 3]],
+                          "price": [5.0] * 13 + [7.5]})
+    return _parquet_shop(folder, _good_frame(), items)
+
+
+PARQUET_INPUTS = {
+    "float user ids with NaN": (_float_user_ids, "no `user_id` in 2 rows"),
+    "conflicting catalogue rows": (_conflicting_catalogue, "a duplicated `item_id` in 2 rows"),
+}
+CASES = [(kind, "csv") for kind in BAD_INPUTS] + [(kind, "parquet") for kind in PARQUET_INPUTS]
+
+
+@pytest.mark.parametrize(("kind", "fmt"), CASES, ids=[kind for kind, _ in CASES])
+def test_bad_input_fails_clearly_and_leaves_nothing(kind, fmt, tmp_path, mlflow_store, capsys):
+    make, phrase = {**BAD_INPUTS, **PARQUET_INPUTS}[kind]
     data = make(tmp_path)
     outputs = tmp_path / "outputs"
-    code = run(["train", "--data", str(data), "--format", "csv", "--output-dir", str(outputs)])
+    code = run(["train", "--data", str(data), "--format", fmt, "--output-dir", str(outputs)])
     err = capsys.readouterr().err
     message = err[err.index("shoprank train failed"):]
     assert code == 2
