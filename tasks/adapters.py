@@ -79,7 +79,8 @@ EXPECTED_FILES: dict[str, str] = {  # what a format reads, for error messages
     "uci-retail": "OnlineRetail.csv (InvoiceNo,StockCode,Quantity,InvoiceDate,CustomerID,...)",
     "rechorus": "train.csv[.gz] (tab-separated user_id, item_id, time) + item_meta.csv[.gz]",
     "csv": "an events CSV file, or a folder with events.csv[.gz] (+ items.csv[.gz])",
-    "parquet": "an events Parquet file, or a folder with events.parquet (+ items.parquet)",
+    "parquet": "an events Parquet file, or a folder with events.parquet or a folder events/ of "
+    "Parquet shards (+ items.parquet)",
 }
 S3REC_BASE_TIME = dt.datetime(2014, 1, 1, tzinfo=dt.UTC)
 
@@ -425,6 +426,13 @@ def _generic_files(path: Path, fmt: str) -> tuple[Path, Path | None]:
     other = "csv" if fmt == "parquet" else "parquet"
     suffixes = (*_GENERIC_SUFFIXES[fmt], *_GENERIC_SUFFIXES[other])
     events = find_files(path, [f"events.{s}" for s in suffixes])
+    shards = path / "events"  # a folder of Parquet shards, as demo-data --shards writes
+    if find_files(shards, ("*.parquet", "*.pq")):
+        if events:
+            raise DataError(f"{path} holds both {events[0].name} and a folder {shards.name}/ of "
+                            "Parquet shards of events: move one of them away, so that the "
+                            "folder holds one events table.")
+        events = [shards]
     if not events:
         raise DataError(f"{path} holds no events file. {_expects(fmt)}")
     items = find_files(path, [f"items.{s}" for s in suffixes])

@@ -191,8 +191,19 @@ def read_csv(
 
 
 def read_table(path: Path) -> pl.DataFrame:
-    """Read a whole Parquet file (by its suffix) or CSV file (text columns, separator sniffed)."""
-    if path.suffix.lower() in (".parquet", ".pq"):
+    """Read a whole Parquet file or folder of Parquet shards, or a CSV file (all text).
+
+    A Parquet file is told by its suffix; a folder's ``*.parquet`` files are read in name order;
+    a CSV file's separator is sniffed from its header.
+    """
+    if path.is_dir():
+        shards = find_files(path, ("*.parquet", "*.pq"))
+        if not shards:
+            raise DataError(f"{path} holds no Parquet file: point to a folder of *.parquet "
+                            "shards of one table.")
+        with reading(path, "Parquet"):
+            frame = pl.read_parquet(shards)
+    elif path.suffix.lower() in (".parquet", ".pq"):
         with reading(path, "Parquet"):
             frame = pl.read_parquet(path)
     else:
