@@ -60,7 +60,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     """Write the built-in demo shop."""
     from tasks.demo_data import write_demo_shop
 
-    shop = write_demo_shop(Path(args.out), n_events=args.events, seed=args.seed)
+    shop = write_demo_shop(Path(args.out), n_events=args.events, seed=args.seed,
+                           shards=args.shards)
     print(f"wrote {shop.events} and {shop.items}")  # noqa: T201
     return 0
 
@@ -198,10 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-data", help="write the built-in demo shop as Parquet",
                           description="Generate a realistic synthetic shop (events.parquet, "
-                          "items.parquet) with a fixed seed.")
+                          "items.parquet) with a fixed seed. With --shards N the events are "
+                          "generated a batch of users at a time (memory bounded by the batch) "
+                          "and written to events/shard-00000.parquet ... partitioned by user "
+                          "(CRC-32 of user_id modulo N); the same events, seed and N give "
+                          "identical files. Train on either with --format parquet.")
     demo.add_argument("--out", required=True, metavar="DIR", help="output folder")
     demo.add_argument("--events", type=int, default=200_000, help="number of events (200000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    demo.add_argument("--shards", type=int, metavar="N",
+                      help="write the events as N Parquet shards by user (default: one file)")
     demo.set_defaults(func=cmd_demo_data)
 
     val = sub.add_parser("validate", help="check data against the expectation suites only",

@@ -22,6 +22,10 @@
 Ids are ``"u000123"`` (users), ``"i00045"`` (items) and ``"s0000042"`` (sessions, numbered in
 order of their first event); they widen for larger shops. The same seed gives identical tables
 on every run, whatever the date (the window ends at a fixed ``end``, never at "now").
+
+:func:`generate_shop_batches` generates the same kind of shop (the same catalogue) a batch of
+users at a time, for shops larger than memory; :func:`write_demo_shop` with ``shards`` writes it
+as Parquet shards by user (:mod:`tasks.shards`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +54,7 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError
+from tasks.shards import ShardWriter, check_shards
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ _MEAN_VIEWS, _MAX_VIEWS = 5.0, 40  # views per session
 # otherwise the session's other sub-category.
 _P_COMPLEMENT, _P_SAME_LEAF, _P_REVIEW = 0.25, 0.55, 0.05
 _CACHE_CELLS = 30_000_000  # largest (days x items) popularity table kept in memory
+BATCH_USERS = 50_000  # users generated together by generate_shop_batches (about 2M events)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ class _Catalogue:
             self._cums[day] = cum
         return cum
 
+    def forget(self) -> None:
+        """Drop the cached popularity of every day."""
+        self._cums.clear()
+
     def draw(self, leaf: np.ndarray, day: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One item per query from ``leaf``, weighted by each item's popularity on ``day``."""
         u = rng.random(len(leaf))
@@ -159,6 +170,12 @@ class _Batch:
         """Select events by a boolean mask or an index array."""
         return _Batch(*(getattr(self, f.name)[mask] for f in dataclasses.fields(self)))
 
+    @classmethod
+    def concat(cls, parts: list[_Batch]) -> _Batch:
+        """The events of ``parts``, one after the other."""
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts])
+                     for f in dataclasses.fields(cls)))
+
     def derive(self, kind: int, ts: np.ndarray, qty: np.ndarray | None = None) -> _Batch:
         """Events of the same users, items and sessions with another type and time."""
         kinds = np.full(len(ts), kind, dtype=np.int8)
@@ -175,6 +192,10 @@ class _Sessions:
     primary: np.ndarray  # leaf the session starts in
     secondary: np.ndarray  # the other leaf it visits (equal to primary for one-leaf sessions)
     length: np.ndarray  # number of views
+
+    def slice(self, start: int, stop: int) -> _Sessions:
+        """Sessions ``start .. stop-1``."""
+        return _Sessions(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
 
 
 def _zipf(n: int, exponent: float, offset: float, rng: np.random.Generator) -> np.ndarray:
@@ -232,10 +253,14 @@ def _build_catalogue(n_items: int, rng: np.random.Generator, n_days: int) -> _Ca
     )
 
 
-def _ids(prefix: str, n: int, min_width: int) -> pl.Series:
-    """``prefix`` followed by the zero-padded numbers ``0 .. n-1``."""
-    width = max(min_width, len(str(max(n - 1, 0))))
-    number = pl.int_range(n, eager=True).cast(pl.String).str.zfill(width)
+def _ids(prefix: str, n: int, min_width: int, start: int = 0, total: int | None = None
+         ) -> pl.Series:
+    """``prefix`` and the numbers ``start .. start+n-1``, zero-padded as wide as ``total - 1``.
+
+    ``total`` defaults to ``start + n``: the ids of a slice of ``total`` ids have their width.
+    """
+    width = max(min_width, len(str(max((total or start + n) - 1, 0))))
+    number = pl.int_range(start, start + n, eager=True).cast(pl.String).str.zfill(width)
     return prefix + number
 
 
@@ -283,12 +308,16 @@ def _session_lengths(n_views: int, rng: np.random.Generator) -> np.ndarray:
     return np.diff(np.append(np.flatnonzero(starts), n_views))
 
 
-def _plan_sessions(cat: _Catalogue, n_users: int, n_views: int, window: tuple[int, int, int],
-                   rng: np.random.Generator) -> _Sessions:
-    """Who shops when, in which sub-categories, for how many views."""
-    length = _session_lengths(n_views, rng)
-    n = len(length)
-    user = rng.choice(n_users, n, p=_zipf(n_users, 1.0, 0.01 * n_users + 5.0, rng))
+def _user_weights(n_users: int, rng: np.random.Generator) -> np.ndarray:
+    """Each user's share of the sessions: Zipf-like, in random order."""
+    return _zipf(n_users, 1.0, 0.01 * n_users + 5.0, rng)
+
+
+def _plan_sessions(cat: _Catalogue, length: np.ndarray, weights: np.ndarray,
+                   window: tuple[int, int, int], rng: np.random.Generator) -> _Sessions:
+    """Who (an index into ``weights``, which sum to 1) shops when, in which sub-categories."""
+    n, n_users = len(length), len(weights)
+    user = rng.choice(n_users, n, p=weights)
     leaf_pop = np.add.reduceat(cat.base, cat.leaf_start[:-1])
     leaf_pop = leaf_pop / leaf_pop.sum()
     home = rng.choice(len(leaf_pop), (n_users, 2), p=leaf_pop)
@@ -337,6 +366,22 @@ def _session_views(cat: _Catalogue, ses: _Sessions, rng: np.random.Generator) ->
     return _Batch(ses.user[session], item, kind, ts, session, np.ones(n, dtype=np.int16))
 
 
+def _views_day_by_day(cat: _Catalogue, ses: _Sessions, rng: np.random.Generator) -> _Batch:
+    """:func:`_session_views` for the sessions of one calendar day at a time.
+
+    Only that day's popularity is kept (:meth:`_Catalogue.forget`), so memory follows the
+    catalogue, not the catalogue times the days.
+    """
+    bounds = np.flatnonzero(np.diff(ses.day, prepend=-1, append=ses.day[-1] + 1))
+    parts = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = _session_views(cat, ses.slice(start, stop), rng)
+        part.session += start
+        parts.append(part)
+        cat.forget()
+    return _Batch.concat(parts)
+
+
 def _quantities(cat: _Catalogue, item: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Units bought: consumables often several, other items mostly one."""
     several = 1 + np.minimum(rng.poisson(0.7, len(item)), 5)
@@ -383,9 +428,14 @@ def _rebuys(cat: _Catalogue, purchases: _Batch, next_session: int, first_day_us:
     return out
 
 
-def _events_frame(batches: list[_Batch], cat: _Catalogue, item_ids: pl.Series, n_users: int,
-                  end_us: int) -> pl.DataFrame:
-    """Build the canonical events table sorted by time, sessions numbered in time order."""
+def _events_frame(batches: list[_Batch], cat: _Catalogue, item_ids: pl.Series,
+                  user_ids: pl.Series, end_us: int, sessions: tuple[int, int] = (0, 7)
+                  ) -> pl.DataFrame:
+    """Build the canonical events table sorted by time, sessions numbered in time order.
+
+    ``user_ids`` are the ids of the user indices of ``batches``; ``sessions`` is the first
+    session number and the least width of the session ids.
+    """
     ts = np.concatenate([b.ts for b in batches])
     idx = np.flatnonzero(ts < end_us)
     idx = idx[np.argsort(ts[idx], kind="stable")]
@@ -399,11 +449,11 @@ def _events_frame(batches: list[_Batch], cat: _Catalogue, item_ids: pl.Series, n
     number[uniq[np.argsort(first)]] = np.arange(len(uniq))
     item = column("item")
     return pl.DataFrame({
-        USER: _ids("u", n_users, 6).gather(column("user")),
+        USER: user_ids.gather(column("user")),
         ITEM: item_ids.gather(cat.code[item]),
         EVENT_TYPE: pl.Series(EVENT_TYPES).gather(column("kind")),
         TIMESTAMP: pl.Series(ts[idx]).cast(pl.Datetime("us", "UTC")),
-        SESSION: _ids("s", len(uniq), 7).gather(number[session]),
+        SESSION: _ids("s", len(uniq), sessions[1], sessions[0]).gather(number[session]),
         PRICE: cat.price[item].astype(np.float64),
         QUANTITY: column("qty").astype(np.int64),
     })
@@ -417,6 +467,47 @@ def _check(n_events: int, seed: int, n_days: int) -> None:
         raise ConfigError(f"demo shop arguments out of range: {', '.join(bad)}. The generator "
                           "needs 500 or more events over one or more days and a non-negative "
                           "seed; pass values in range.")
+
+
+@dataclass
+class _Plan:
+    """What every user of a shop shares: the window, the catalogue and the sizes."""
+
+    window: tuple[int, int, int]  # first calendar day, start and end of the window (epoch µs)
+    n_users: int
+    n_views: int
+    cat: _Catalogue
+    item_ids: pl.Series
+    rng: np.random.Generator  # the shop's generator, after the catalogue
+
+
+def _plan(n_events: int, seed: int, n_days: int, end: dt.datetime) -> _Plan:
+    """Check the arguments, fix the window and build the catalogue."""
+    _check(n_events, seed, n_days)
+    end = end.replace(tzinfo=dt.UTC) if end.tzinfo is None else end.astimezone(dt.UTC)
+    end_us = (end - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    lo_us = end_us - n_days * _DAY
+    rng = np.random.default_rng(seed)
+    n_users, n_items = max(50, n_events // 40), max(100, n_events // 60)
+    cat = _build_catalogue(n_items, rng, n_days)
+    consumable_share = cat.base[cat.consumable].sum()
+    per_view = 1 + _P_CART + _P_FAV + _P_CART * _P_BUY * (1 + 1.2 * consumable_share)
+    return _Plan((lo_us - lo_us % _DAY, lo_us, end_us), n_users, round(n_events / per_view), cat,
+                 _ids("i", n_items, 5), rng)
+
+
+def _simulate(cat: _Catalogue, ses: _Sessions, n_users: int, window: tuple[int, int, int],
+              rng: np.random.Generator, by_day: bool = False) -> list[_Batch]:
+    """Views, the funnel after them and the rebuys of the planned sessions of ``n_users``.
+
+    With ``by_day`` the views are drawn one calendar day at a time (:func:`_views_day_by_day`).
+    """
+    views = (_views_day_by_day if by_day else _session_views)(cat, ses, rng)
+    propensity = rng.lognormal(0.0, 0.35, n_users)
+    propensity /= propensity[ses.user].mean()
+    session_end = views.ts[np.cumsum(ses.length) - 1]
+    batches = [views, *_funnel(cat, views, session_end, propensity, rng)]
+    return batches + _rebuys(cat, batches[-1], len(ses.length), window[0], window[2], rng)
 
 
 def generate_shop(n_events: int = 200_000, seed: int = 0, n_days: int = 60,
@@ -436,47 +527,94 @@ def generate_shop(n_events: int = 200_000, seed: int = 0, n_days: int = 60,
     Raises:
         ConfigError: If ``n_events``, ``n_days`` or ``seed`` is out of range.
     """
-    _check(n_events, seed, n_days)
-    end = end.replace(tzinfo=dt.UTC) if end.tzinfo is None else end.astimezone(dt.UTC)
-    end_us = (end - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
-    lo_us = end_us - n_days * _DAY
-    first_day_us = lo_us - lo_us % _DAY
-    rng = np.random.default_rng(seed)
-    n_users, n_items = max(50, n_events // 40), max(100, n_events // 60)
-    cat = _build_catalogue(n_items, rng, n_days)
-    consumable_share = cat.base[cat.consumable].sum()
-    per_view = 1 + _P_CART + _P_FAV + _P_CART * _P_BUY * (1 + 1.2 * consumable_share)
-    ses = _plan_sessions(cat, n_users, round(n_events / per_view), (first_day_us, lo_us, end_us),
-                         rng)
-    views = _session_views(cat, ses, rng)
-    propensity = rng.lognormal(0.0, 0.35, n_users)
-    propensity /= propensity[ses.user].mean()
-    session_end = views.ts[np.cumsum(ses.length) - 1]
-    batches = [views, *_funnel(cat, views, session_end, propensity, rng)]
-    batches += _rebuys(cat, batches[-1], len(ses.length), first_day_us, end_us, rng)
-    item_ids = _ids("i", n_items, 5)
-    events = _events_frame(batches, cat, item_ids, n_users, end_us)
+    plan = _plan(n_events, seed, n_days, end)
+    cat, rng = plan.cat, plan.rng
+    length = _session_lengths(plan.n_views, rng)
+    ses = _plan_sessions(cat, length, _user_weights(plan.n_users, rng), plan.window, rng)
+    batches = _simulate(cat, ses, plan.n_users, plan.window, rng)
+    events = _events_frame(batches, cat, plan.item_ids, _ids("u", plan.n_users, 6),
+                           plan.window[2])
     logger.info("generated a demo shop: %d events, %d sessions, %d items, %d days to %s",
-                events.height, len(ses.length), n_items, n_days, end.isoformat())
-    return events, _items_frame(cat, item_ids)
+                events.height, len(ses.length), len(cat.code), n_days, _iso(plan.window[2]))
+    return events, _items_frame(cat, plan.item_ids)
+
+
+def generate_shop_batches(n_events: int = 200_000, seed: int = 0, n_days: int = 60,
+                          end: dt.datetime = DEFAULT_END, batch_users: int = BATCH_USERS
+                          ) -> tuple[pl.DataFrame, Iterator[pl.DataFrame]]:
+    """Generate a synthetic shop's items, and its events a batch of users at a time.
+
+    The shop has the catalogue and the statistical shape of :func:`generate_shop`'s, but each
+    batch of ``batch_users`` users draws its sessions from a generator of its own, so the events
+    differ from :func:`generate_shop`'s for the same seed. The same arguments give identical
+    batches. Memory follows the batch (and the catalogue), not the number of events.
+
+    Returns:
+        The items, sorted by item id, and an iterator over the events of each batch (canonical
+        columns, sorted by timestamp within the batch; session ids numbered across batches).
+
+    Raises:
+        ConfigError: If ``n_events``, ``n_days`` or ``seed`` is out of range.
+    """
+    plan = _plan(n_events, seed, n_days, end)
+    weights = _user_weights(plan.n_users, plan.rng)
+    starts = range(0, plan.n_users, batch_users)
+    streams = np.random.SeedSequence(seed).spawn(len(starts))
+
+    def batches() -> Iterator[pl.DataFrame]:
+        first_session = 0
+        for start, stream in zip(starts, streams, strict=True):
+            share = weights[start:start + batch_users]
+            rng = np.random.default_rng(stream)
+            length = _session_lengths(round(plan.n_views * share.sum()), rng)
+            if not len(length):
+                continue
+            ses = _plan_sessions(plan.cat, length, share / share.sum(), plan.window, rng)
+            simulated = _simulate(plan.cat, ses, len(share), plan.window, rng, by_day=True)
+            user_ids = _ids("u", len(share), 6, start, plan.n_users)
+            events = _events_frame(simulated, plan.cat, plan.item_ids, user_ids, plan.window[2],
+                                   (first_session, max(7, len(str(n_events)))))
+            first_session += events[SESSION].n_unique()
+            yield events
+
+    return _items_frame(plan.cat, plan.item_ids), batches()
+
+
+def _iso(epoch_us: int) -> str:
+    return dt.datetime.fromtimestamp(epoch_us / _S, dt.UTC).isoformat()
 
 
 def write_demo_shop(out_dir: Path, n_events: int = 200_000, seed: int = 0, n_days: int = 60,
-                    end: dt.datetime = DEFAULT_END) -> DemoShop:
-    """Generate a shop with :func:`generate_shop` and write it as Parquet under ``out_dir``.
+                    end: dt.datetime = DEFAULT_END, shards: int | None = None,
+                    batch_users: int = BATCH_USERS) -> DemoShop:
+    """Generate a shop and write it as Parquet under ``out_dir``.
+
+    Without ``shards``, :func:`generate_shop` writes ``events.parquet``. With ``shards``,
+    :func:`generate_shop_batches` writes the events a batch of users at a time into ``events/``,
+    partitioned by user into ``shards`` files (:mod:`tasks.shards`), in memory bounded by a
+    batch of ``batch_users`` users.
 
     Returns:
-        The paths ``<out_dir>/events.parquet`` and ``<out_dir>/items.parquet``.
+        The paths of the events (file or folder of shards) and of ``<out_dir>/items.parquet``.
 
     Raises:
         ConfigError: If the arguments are out of range or ``out_dir`` cannot be written.
     """
+    if shards is not None:
+        check_shards(shards)
     out_dir = Path(out_dir)
-    events, items = generate_shop(n_events=n_events, seed=seed, n_days=n_days, end=end)
-    shop = DemoShop(events=out_dir / "events.parquet", items=out_dir / "items.parquet")
+    shop = DemoShop(events=out_dir / ("events.parquet" if shards is None else "events"),
+                    items=out_dir / "items.parquet")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        events.write_parquet(shop.events)
+        if shards is None:
+            events, items = generate_shop(n_events=n_events, seed=seed, n_days=n_days, end=end)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            events.write_parquet(shop.events)
+        else:
+            items, batches = generate_shop_batches(n_events, seed, n_days, end, batch_users)
+            with ShardWriter(shop.events, shards) as writer:
+                for events in batches:
+                    writer.write(events)
         items.write_parquet(shop.items)
     except OSError as exc:
         raise ConfigError(f"cannot write the demo shop to {out_dir}: {exc}. Choose a folder you "
