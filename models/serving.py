@@ -90,17 +90,6 @@ def family_class(name: str) -> type:
     return target
 
 
-def _pairs(requests: Sequence[Request], field: str) -> pl.DataFrame:
-    """``user_id, item_id, __pos`` for the item list ``field`` of every request."""
-    users = [r.user_id for r in requests for _ in getattr(r, field)]
-    items = [i for r in requests for i in getattr(r, field)]
-    positions = [p for r in requests for p in range(len(getattr(r, field)))]
-    return pl.DataFrame(
-        {USER: users, ITEM: items, _POS: positions},
-        schema={USER: pl.String, ITEM: pl.String, _POS: pl.Int64},
-    )
-
-
 class ServingModel:
     """A loaded bundle (see the module docstring); answers requests and batch lists.
 
@@ -133,6 +122,12 @@ class ServingModel:
         self.manifest = manifest
         self.trending = trending.sort(POP_RANK)
         self.neighbours = neighbours
+        ordered = neighbours.sort(ITEM, SCORE, "neighbour", descending=[False, True, False])
+        self._neighbour_ids = ordered["neighbour"].to_list()
+        self._neighbour_scores = ordered[SCORE].to_list()
+        spans = ordered.with_row_index("at").group_by(ITEM).agg(
+            pl.col("at").min().alias("start"), (pl.col("at").max() + 1).alias("end"))
+        self._neighbour_span = {item: (start, end) for item, start, end in spans.iter_rows()}
         self.users = users
         self.items = items
         self.lists = lists
@@ -257,11 +252,12 @@ class ServingModel:
             else:
                 deep.append(r)
         lists.update(_grouped(self._model_lists(deep)))
-        sessions = _grouped(self._session_lists([r for r in requests if r.recent_items]))
-        for user, session in sessions.items():
-            own = lists.get(user)
-            lists[user] = session if own is None else blend(
-                own, session[: self.list_depth], self.session_weight)
+        for r in requests:
+            session = self._session_list(r.recent_items) if r.recent_items else []
+            if session:
+                own = lists.get(r.user_id)
+                lists[r.user_id] = session if own is None else blend(
+                    own, session[: self.list_depth], self.session_weight)
         return self._assemble(requests, lists)
 
     def recommend_users(self, users: Sequence[str] | pl.Series, k: int = 10) -> pl.DataFrame:
@@ -284,29 +280,25 @@ class ServingModel:
             parts.append(recs.select(USER, ITEM, SCORE, pl.col(RANK).alias(_POS)))
         return pl.concat(parts)
 
-    def _session_lists(self, requests: Sequence[Request]) -> pl.DataFrame:
-        """Co-visitation neighbours of each request's last recent items, newest weighing most."""
-        if not requests:
-            return _empty_lists()
-        recent = (
-            _pairs(requests, "recent_items")
-            .with_columns((pl.col(_POS).max().over(USER) - pl.col(_POS)).alias("age"))
-            .filter(pl.col("age") < self.session_items)
-            .group_by(USER, ITEM)
-            .agg(pl.col("age").min())
-        )
-        return (
-            recent.join(self.neighbours, on=ITEM)
-            .group_by(USER, "neighbour")
-            .agg((pl.lit(self.session_decay).pow(pl.col("age")) * pl.col(SCORE)).sum().alias(SCORE))
-            .sort([USER, SCORE, "neighbour"], descending=[False, True, False])
-            .select(
-                USER,
-                pl.col("neighbour").alias(ITEM),
-                SCORE,
-                pl.int_range(1, pl.len() + 1).over(USER).cast(pl.Int64).alias(_POS),
-            )
-        )
+    def _session_list(self, recent: Sequence[str]) -> list[tuple[str, float]]:
+        """Co-visitation neighbours of a session's newest ``session_items`` items.
+
+        A neighbour scores the sum over those items of ``session_decay ** age`` times its
+        co-visitation score (age 0: the newest item); best first, ties by item id.
+        """
+        ages: dict[str, int] = {}
+        for age, item in enumerate(reversed(recent[-self.session_items:])):
+            ages.setdefault(item, age)
+        scores: dict[str, float] = {}
+        for item, age in ages.items():
+            span = self._neighbour_span.get(item)
+            if span is None:
+                continue
+            weight = self.session_decay ** age
+            for j in range(*span):
+                neighbour = self._neighbour_ids[j]
+                scores[neighbour] = scores.get(neighbour, 0.0) + weight * self._neighbour_scores[j]
+        return sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
 
     def _assemble(
         self, requests: Sequence[Request], lists: dict[str, list[tuple[str, float]]]
