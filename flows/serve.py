@@ -1,12 +1,17 @@
-"""``shoprank serve``: the registered model behind MLflow's scoring server, on localhost.
+"""``shoprank serve``: the registered model over HTTP, on localhost.
 
-A thin wrapper over ``mlflow models serve -m models:/shoprank@champion --env-manager local
---workers N`` (N: one per CPU core unless given): it resolves the model in the same MLflow store
-that training writes to, fails with a clear message when the model or alias does not exist, then
-replaces itself with the MLflow server (so stopping ``shoprank serve`` stops the server).
-``POST /invocations`` answers
+It resolves the model in the same MLflow store that training writes to (a clear message when the
+model or alias does not exist), fetches its artifacts once through MLflow (a local store is read in
+place), then replaces itself with the server, so stopping ``shoprank serve`` stops the server:
+
+* by default uvicorn running :mod:`flows.server` with ``--workers N`` (one per CPU core), which
+  answers with the pyfunc's serving core and MLflow's JSON wire format, without the pandas
+  conversions of MLflow's scoring server;
+* with ``--mlflow-server``, ``mlflow models serve -m MODEL --env-manager local --workers N``.
+
+Both answer ``POST /invocations`` with
 ``{"dataframe_records": [{"user_id": "u1", "k": 10, "recent_items": [...], "exclude": [...]}]}``
-with ``{"predictions": [{"user_id", "item_id", "score", "rank"}, ...]}``; ``GET /ping`` is the
+by ``{"predictions": [{"user_id", "item_id", "score", "rank"}, ...]}``; ``GET /ping`` is the
 health check.
 """
 
@@ -17,8 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
 
+from flows.server import MODEL_ENV
 from tasks import tracking
 from tasks.registry import resolve_model
 
@@ -47,13 +54,28 @@ def default_workers() -> int:
                else os.cpu_count() or 1)
 
 
+def app_command(host: str, port: int, workers: int) -> list[str]:
+    """The uvicorn command line of :mod:`flows.server`, run with this interpreter."""
+    return [sys.executable, "-m", "uvicorn", "--factory", "flows.server:create_app",
+            "--host", host, "--port", str(port), "--workers", str(workers), "--no-access-log"]
+
+
+def local_model(model_uri: str, tracking_uri: str) -> str:
+    """A local folder holding the model: the store's own folder when it is local."""
+    client = MlflowClient(tracking_uri)
+    if model_uri.startswith("models:/"):
+        name, version = resolve_model(model_uri, client)
+        model_uri = client.get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+
+
 def serve(model_uri: str = "models:/shoprank@champion", host: str = "127.0.0.1",
           port: int = 5001, tracking_uri: str | None = None, workers: int | None = None,
-          timeout: int = 60) -> None:
-    """Check that ``model_uri`` resolves, then run the MLflow scoring server in this process.
+          timeout: int = 60, mlflow_server: bool = False) -> None:
+    """Check that ``model_uri`` resolves, then run the server in this process.
 
     ``tracking_uri`` defaults to MLFLOW_TRACKING_URI, else ``./mlruns``; ``workers`` to one
-    per CPU core.
+    per CPU core; ``mlflow_server`` runs MLflow's own scoring server instead.
     """
     uri = tracking_uri or tracking.tracking_uri()
     workers = workers or default_workers()
@@ -61,7 +83,12 @@ def serve(model_uri: str = "models:/shoprank@champion", host: str = "127.0.0.1",
         name, version = resolve_model(model_uri, MlflowClient(uri))
         logger.info("serving %s version %s from %s on http://%s:%d/invocations with %d "
                     "worker(s)", name, version, uri, host, port, workers)
-    command = serve_command(model_uri, host, port, workers, timeout)
+    env = serve_environment(uri)
+    if mlflow_server:
+        command = serve_command(model_uri, host, port, workers, timeout)
+    else:
+        env[MODEL_ENV] = local_model(model_uri, uri)
+        command = app_command(host, port, workers)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe(command[0], command, serve_environment(uri))
+    os.execvpe(command[0], command, env)

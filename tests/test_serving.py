@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from flows.cli import run
 from flows.recommend import MODEL_VERSION, batch_recommend
+from flows.server import MAX_RECORDS
 from models.baselines import CoVisitation, Popularity
 from models.errors import ConfigError
 from models.serving import (
@@ -374,3 +375,41 @@ def test_server_rejects_bad_requests_with_4xx(server, body, needle):
     assert needle in json.dumps(answer)
     status, _ = post(f"{server}/invocations", {"dataframe_records": [{"user_id": "still-up"}]})
     assert status == 200
+
+
+def test_other_envelopes_and_the_record_limit(server, champion_store):
+    _, serving = load_serving("models:/shoprank@champion", champion_store)
+    user = serving.users[0]
+    by_records = post(f"{server}/invocations", {"dataframe_records": [{"user_id": user, "k": 3}]})
+    by_split = post(f"{server}/invocations",
+                    {"dataframe_split": {"columns": ["user_id", "k"], "data": [[user, 3]]}})
+    by_inputs = post(f"{server}/invocations", {"inputs": [{"user_id": user, "k": 3}]})
+    assert by_records == by_split == by_inputs
+    assert by_records[0] == 200
+    many = [{"user_id": f"u{i}"} for i in range(MAX_RECORDS + 1)]
+    status, answer = post(f"{server}/invocations", {"dataframe_records": many})
+    assert status == 400
+    assert "shoprank recommend" in answer["message"]
+
+
+def test_mlflow_scoring_server_gives_the_same_answers(tmp_path, champion_store, server):
+    port = free_port()
+    log = tmp_path / "mlflow-serve.log"
+    proc = start_group([str(BIN / "shoprank"), "serve", "--mlflow-server", "--workers", "1",
+                        "--port", str(port), "--tracking-uri", champion_store], log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
+        _, serving = load_serving("models:/shoprank@champion", champion_store)
+        records = [{"user_id": serving.users[0], "k": 4},
+                   {"user_id": "visitor", "recent_items": [serving.neighbours["item_id"][0]]}]
+        ours = post(f"{server}/invocations", {"dataframe_records": records})
+        theirs = post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": records})
+        assert ours[0] == theirs[0] == 200
+        assert pl.DataFrame(ours[1]["predictions"]).select("user_id", "item_id", "rank").equals(
+            pl.DataFrame(theirs[1]["predictions"]).select("user_id", "item_id", "rank"))
+        bad = post(f"http://127.0.0.1:{port}/invocations",
+                   {"dataframe_records": [{"user_id": "u", "k": 0}]})
+        assert bad[0] == 400
+        assert "k must be an integer" in bad[1]["message"]
+    finally:
+        stop_group(proc)
