@@ -166,13 +166,7 @@ def validate_tables(
         ConfigError: A suite file cannot be read or holds an invalid expectation.
     """
     settings = settings or ValidationSettings()
-    now = _utc(now or dt.datetime.now(dt.UTC))
-    params = {
-        "earliest_timestamp": settings.earliest,
-        "latest_timestamp": now + dt.timedelta(minutes=settings.future_tolerance_minutes),
-        "min_catalogue_share": settings.min_catalogue_share,
-        "min_distinct_share": 1 - settings.max_duplicate_share,
-    }
+    params = suite_parameters(settings, _utc(now or dt.datetime.now(dt.UTC)))
     report = ValidationReport(success=True, rows={"events": events.height})
     derived = _derive_events(events, items)
     _run_suite("events", derived, EVENT_DTYPES, params, settings, report)
@@ -187,6 +181,16 @@ def validate_tables(
     logger.info("validation %s: %d checks, %d failed", "passed" if report.success else "failed",
                 report.evaluated, len(report.failures))
     return report, events
+
+
+def suite_parameters(settings: ValidationSettings, now: dt.datetime) -> dict[str, Any]:
+    """The values of the suites' ``$PARAMETER`` bounds for these settings at time ``now``."""
+    return {
+        "earliest_timestamp": settings.earliest,
+        "latest_timestamp": now + dt.timedelta(minutes=settings.future_tolerance_minutes),
+        "min_catalogue_share": settings.min_catalogue_share,
+        "min_distinct_share": 1 - settings.max_duplicate_share,
+    }
 
 
 def raise_on_failure(report: ValidationReport) -> None:
@@ -430,21 +434,33 @@ def _drop_duplicates(
     events: pl.DataFrame, is_dup: pl.Series, settings: ValidationSettings, report: ValidationReport
 ) -> pl.DataFrame:
     """Drop exact duplicate events when allowed and within the maximum share, with a warning."""
-    count = int(is_dup.sum())
-    if not count:
+    if not decide_duplicates(int(is_dup.sum()), events.height, settings, report):
         return events
-    share = count / events.height
-    what = f"{count:,} exact duplicate event rows ({share:.2%} of {events.height:,})"
+    return events.filter(is_dup.not_())
+
+
+def decide_duplicates(
+    count: int, rows: int, settings: ValidationSettings, report: ValidationReport
+) -> bool:
+    """Tell whether ``count`` exact duplicates among ``rows`` events are dropped; warn either way.
+
+    They are dropped when ``drop_duplicates`` is on and their share is within the maximum; the
+    report's ``dropped_duplicates`` and warnings say what was decided.
+    """
+    if not count:
+        return False
+    share = count / rows
+    what = f"{count:,} exact duplicate event rows ({share:.2%} of {rows:,})"
     if share > settings.max_duplicate_share:
         report.warnings.append(f"{what} were kept: more than max_duplicate_share "
                                f"({_share(settings.max_duplicate_share)}).")
-        return events
+        return False
     if not settings.drop_duplicates:
         report.warnings.append(f"{what} were kept: drop_duplicates is off.")
-        return events
+        return False
     report.dropped_duplicates = count
     report.warnings.append(f"dropped {what}; the first copy of each row is kept.")
-    return events.filter(is_dup.not_())
+    return True
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
