@@ -1,0 +1,459 @@
+"""The events suite on a folder of Parquet shards by user, one Prefect task per shard.
+
+:func:`validate_shard` reads one shard and runs the row-level expectations of
+``expectations/events.json`` on it with Great Expectations, ``mostly`` left out, so that it
+returns counts that add up across shards: rows looked at, nulls, rows breaking each expectation,
+and the shard's minimum and maximum where the suite bounds them. :func:`validate_event_shards`
+maps it over the shards (in parallel under a ``DaskTaskRunner``) and merges the counts into one
+:class:`~tasks.validate.ValidationReport`, evaluating what depends on the whole log (row count,
+``mostly`` shares such as the catalogue and duplicate shares, minimum and maximum) the way GX
+does on the whole table, so the report says what :func:`~tasks.validate.validate_tables` says
+for the concatenated events. Exact duplicates are counted within a shard: every event of a user
+lies in one shard, so every copy of an event does too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+
+from models.columns import EVENT_DTYPES, ITEM, ITEM_DTYPES
+from models.errors import ConfigError, DataError
+from tasks.readers import reading
+from tasks.validate import (
+    EXIST,
+    IS_DUPLICATE,
+    MAX_EXAMPLES,
+    SUITES_DIR,
+    ExpectationFailure,
+    ValidationReport,
+    ValidationSettings,
+    _active_expectations,
+    _build_suite,
+    _check_dtypes,
+    _count_rows,
+    _derive_events,
+    _describe,
+    _dtype_name,
+    _failure,
+    _run_gx,
+    _run_suite,
+    _utc,
+    decide_duplicates,
+    load_suite_spec,
+    suite_parameters,
+)
+
+logger = logging.getLogger(__name__)
+
+ROW_COUNT = "expect_table_row_count_to_be_between"
+MIN_MAX = ("expect_column_min_to_be_between", "expect_column_max_to_be_between")
+MAX_FILES = 10
+
+Key = tuple[str, str | None]
+
+
+@dataclass
+class Outcome:
+    """What one expectation found in one shard, as counts that add up across shards.
+
+    Attributes:
+        element_count: Rows looked at.
+        missing_count: Nulls among them that GX skips; None where nulls are the rows counted.
+        unexpected_count: Rows that break the expectation (beyond the bound, for a min or max).
+        observed: The shard's minimum or maximum, for ``expect_column_min/max_to_be_between``.
+        failure: The shard's own failure (examples, counts), or None when no row broke it.
+    """
+
+    element_count: int = 0
+    missing_count: int | None = None
+    unexpected_count: int = 0
+    observed: Any = None
+    failure: ExpectationFailure | None = None
+
+
+@dataclass
+class ShardResult:
+    """The events suite's outcome on one shard.
+
+    Attributes:
+        path: The shard file.
+        rows: Its rows.
+        schema: Its columns and types, with the derived ``_is_duplicate`` and
+            ``_item_in_catalogue`` columns when they could be computed.
+        duplicates: Exact duplicate rows (extra copies); None without the required columns.
+        type_failures: Canonical columns of the wrong type.
+        outcomes: Per ``(expectation type, column)`` of the row-level, min and max expectations.
+    """
+
+    path: Path
+    rows: int
+    schema: dict[str, pl.DataType]
+    duplicates: int | None
+    type_failures: list[ExpectationFailure]
+    outcomes: dict[Key, Outcome]
+
+
+@dataclass
+class ShardedFailure(ExpectationFailure):
+    """A failed expectation over sharded events, with the offending rows per shard file."""
+
+    files: dict[str, int] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        """Render the failure as :class:`ExpectationFailure` does, plus the shard files."""
+        text = super().to_markdown()
+        if not self.files:
+            return text
+        listed = [f"{name} ({n:,} row{'' if n == 1 else 's'})"
+                  for name, n in list(self.files.items())[:MAX_FILES]]
+        more = len(self.files) - MAX_FILES
+        listed += [f"and {more} more shard files"] if more > 0 else []
+        return f"{text}\n  - shard files: {', '.join(listed)}"
+
+
+def read_shard(path: Path) -> pl.DataFrame:
+    """Read one Parquet shard; an unreadable file raises :class:`DataError` naming it."""
+    with reading(path, "Parquet"):
+        return pl.read_parquet(path)
+
+
+def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed shard task on I/O trouble, not on a file that cannot be read as a shard."""
+    try:
+        state.result()
+    except DataError:
+        return False
+    except Exception:  # any other failure is worth the one retry
+        return True
+    return True
+
+
+@task(name="validate-shard", retries=1, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_data)
+def validate_shard(
+    path: Path, items: Path | None, settings: ValidationSettings, now: dt.datetime
+) -> ShardResult:
+    """Run the events suite on one shard, keeping the counts of what depends on all shards.
+
+    Raises:
+        DataError: The shard (or the items file) cannot be read as Parquet.
+        ConfigError: The suite file cannot be read.
+    """
+    frame = read_shard(path)
+    derived = _derive_events(frame, _catalogue(items))
+    spec = load_suite_spec("events", settings.suites_dir)
+    type_failures = _check_dtypes("events", frame, EVENT_DTYPES)
+    active = _active_expectations(spec["expectations"], derived, {f.column for f in type_failures})
+    params = suite_parameters(settings, _utc(now))
+    row_level = [e for e in active if _is_row_level(e)]
+    outcomes = _row_outcomes(spec, row_level, derived, params, settings)
+    for exp in (e for e in active if e["type"] in MIN_MAX):
+        outcomes[_key(exp)] = _extreme(exp, derived, params)
+    duplicates = int(derived[IS_DUPLICATE].sum()) if IS_DUPLICATE in derived else None
+    return ShardResult(path, frame.height, dict(derived.schema), duplicates, type_failures,
+                       outcomes)
+
+
+@task(name="drop-shard-duplicates", retries=1, cache_policy=NO_CACHE,
+      retry_condition_fn=_retry_unless_bad_data)
+def drop_shard_duplicates(path: Path) -> int:
+    """Rewrite a shard without its exact duplicate rows (the first copy kept); return how many.
+
+    The clean shard is written to a temporary file in the same folder, then moved over the
+    shard, so an interrupted run leaves the old shard or the new one, never half of one.
+    """
+    frame = read_shard(path)
+    clean = frame.filter(pl.struct(frame.columns).is_first_distinct())
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        clean.write_parquet(temporary, compression="zstd")
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return frame.height - clean.height
+
+
+def validate_event_shards(
+    shards: list[Path],
+    items: Path | None,
+    settings: ValidationSettings | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[ValidationReport, list[Path]]:
+    """Validate events stored as shards by user, and the items table; call it inside a flow.
+
+    One :func:`validate_shard` task runs per shard on the flow's task runner; the items suite
+    runs once here. When exact duplicates are dropped, each shard holding some is rewritten
+    without them by a :func:`drop_shard_duplicates` task.
+
+    Args:
+        shards: The shard files; every event of a user must lie in one of them.
+        items: The items table as one Parquet file, or None when the shop has no catalogue.
+        settings: Thresholds; defaults to ``ValidationSettings()``.
+        now: The reference time for "no event in the future"; defaults to the current UTC time.
+
+    Returns:
+        The report, saying what :func:`~tasks.validate.validate_tables` says for the
+        concatenated events (with the shard files of the offending rows), and the clean shards.
+
+    Raises:
+        DataError: No shards are given, or shards cannot be read or differ in their columns;
+            one error lists every such shard.
+        ConfigError: A suite file cannot be read or holds an expectation that cannot be
+            checked shard by shard.
+    """
+    if not shards:
+        raise DataError("no event shards to validate: point to a folder of shard-*.parquet files.")
+    settings = settings or ValidationSettings()
+    now = _utc(now or dt.datetime.now(dt.UTC))
+    params = suite_parameters(settings, now)
+    spec = load_suite_spec("events", settings.suites_dir)
+    _check_shardable(spec, settings)
+    catalogue = _read_items(items) if items is not None else None
+    futures = validate_shard.map(shards, items=unmapped(items), settings=unmapped(settings),
+                                 now=unmapped(now))
+    results = _gather(futures)
+    report = merge_shard_results(results, spec, params)
+    if catalogue is not None:
+        report.rows["items"] = catalogue.height
+        _run_suite("items", catalogue, ITEM_DTYPES, params, settings, report)
+    duplicates = [r for r in results if r.duplicates]
+    count = sum(r.duplicates or 0 for r in duplicates)
+    if decide_duplicates(count, report.rows["events"], settings, report):
+        _gather(drop_shard_duplicates.map([r.path for r in duplicates]))
+    report.success = not report.failures
+    for warning in report.warnings:
+        logger.warning(warning)
+    logger.info("validation of %d shards %s: %d checks, %d failed", len(shards),
+                "passed" if report.success else "failed", report.evaluated, len(report.failures))
+    return report, list(shards)
+
+
+def merge_shard_results(
+    results: list[ShardResult], spec: dict[str, Any], params: dict[str, Any]
+) -> ValidationReport:
+    """Merge the shards' outcomes into the events part of one report, as on the whole table.
+
+    Raises:
+        DataError: The shards differ in their columns or types.
+    """
+    schema = _common_schema(results)
+    total = sum(r.rows for r in results)
+    report = ValidationReport(success=True, rows={"events": total})
+    shape = pl.DataFrame(schema=schema).clear(1 if total else 0)  # what the checks look at
+    report.failures += _merge_type_failures(results, total)
+    mistyped = {f.column for f in report.failures}
+    active = _active_expectations(spec["expectations"], shape, mistyped)
+    report.evaluated += len(active) + sum(c in schema for c in EVENT_DTYPES)
+    built = _build_suite(spec, active, SUITES_DIR / "events.json").expectations  # GX's types
+    for exp, gx_exp in zip(active, built, strict=True):
+        kwargs = _resolve(gx_exp.configuration.kwargs, params)
+        failure = _merge_expectation(exp, kwargs, results, total, shape)
+        if failure is not None:
+            failure.hint = exp.get("meta", {}).get("fix", "")
+            report.failures.append(failure)
+    return report
+
+
+def _catalogue(items: Path | None) -> pl.DataFrame | None:
+    """The items table's ``item_id`` column (all a shard needs), or None without items."""
+    if items is None:
+        return None
+    with reading(items, "Parquet"):
+        lazy = pl.scan_parquet(items)
+        names = lazy.collect_schema().names()
+        return lazy.select(ITEM).collect() if ITEM in names else pl.DataFrame()
+
+
+def _read_items(items: Path) -> pl.DataFrame:
+    with reading(items, "Parquet"):
+        return pl.read_parquet(items)
+
+
+def _key(exp: dict[str, Any]) -> Key:
+    return exp["type"], exp["kwargs"].get("column")
+
+
+def _is_row_level(exp: dict[str, Any]) -> bool:
+    """Tell whether an active expectation is checked row by row (in GX, on each shard)."""
+    return exp["kwargs"].get("column") is not None and exp["type"] not in (EXIST, *MIN_MAX)
+
+
+def _check_shardable(spec: dict[str, Any], settings: ValidationSettings) -> None:
+    """Refuse expectations whose outcome cannot be merged from per-shard counts."""
+    from great_expectations.expectations.expectation import ColumnMapExpectation
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    for exp in spec["expectations"]:
+        kind, column = exp["type"], exp.get("kwargs", {}).get("column")
+        if kind in (EXIST, ROW_COUNT, *MIN_MAX):
+            continue
+        row_level = column is not None and issubclass(get_expectation_impl(kind),
+                                                      ColumnMapExpectation)
+        if not row_level or kind == "expect_column_values_to_be_unique":
+            path = (settings.suites_dir or SUITES_DIR) / "events.json"
+            raise ConfigError(f"The expectation {kind} of {path} cannot be checked on event "
+                              "shards one at a time: keep row-level expectations, the row count "
+                              "and column min/max there, or validate the events unsharded.")
+
+
+def _resolve(kwargs: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with each ``{"$PARAMETER": name}`` replaced by its value."""
+    return {k: params[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v
+            for k, v in kwargs.items()}
+
+
+def _row_outcomes(spec: dict[str, Any], active: list[dict[str, Any]], frame: pl.DataFrame,
+                  params: dict[str, Any], settings: ValidationSettings) -> dict[Key, Outcome]:
+    """Run the row-level expectations without ``mostly`` (so every row counts) on one shard."""
+    if not active:
+        return {}
+    exact = [{**e, "kwargs": {k: v for k, v in e["kwargs"].items() if k != "mostly"}}
+             for e in active]
+    suite = _build_suite(spec, exact, (settings.suites_dir or SUITES_DIR) / "events.json")
+    columns = list(dict.fromkeys(e["kwargs"]["column"] for e in exact))
+    outcomes = {}
+    for result in _run_gx("events", suite, frame.select(columns).to_pandas(), params):
+        res, config = result.result or {}, result.expectation_config
+        outcomes[config.type, config.kwargs.get("column")] = Outcome(
+            element_count=res.get("element_count") or 0, missing_count=res.get("missing_count"),
+            unexpected_count=res.get("unexpected_count") or 0,
+            failure=None if result.success else _failure("events", result, frame),
+        )
+    return outcomes
+
+
+def _extreme(exp: dict[str, Any], frame: pl.DataFrame, params: dict[str, Any]) -> Outcome:
+    """A shard's minimum or maximum of a column, and the rows beyond the expectation's bound."""
+    column, kwargs = exp["kwargs"]["column"], _resolve(exp["kwargs"], params)
+    values = frame[column]
+    failure = ExpectationFailure("events", exp["type"], column, None, None, [], "")
+    _count_rows(failure, kwargs, frame)
+    observed = values.min() if exp["type"] == MIN_MAX[0] else values.max()
+    count = failure.unexpected_count or 0
+    return Outcome(values.len(), values.null_count(), count, observed, failure if count else None)
+
+
+def _gather(futures: Any) -> list[Any]:
+    """The futures' results; every unreadable shard is named in one :class:`DataError`."""
+    wait(futures)
+    errors = []
+    for future in futures:
+        if future.state.is_failed():
+            error = future.result(raise_on_failure=False)
+            if not isinstance(error, DataError):
+                future.result()  # raises anything else as it is
+            errors.append(str(error))
+    if len(errors) == 1:
+        raise DataError(errors[0])
+    if errors:
+        raise DataError(f"{len(errors)} event shards cannot be validated:\n" +
+                        "\n".join(f"- {e}" for e in errors))
+    return [future.result() for future in futures]
+
+
+def _common_schema(results: list[ShardResult]) -> dict[str, pl.DataType]:
+    """The columns and types all shards share; a shard that differs raises :class:`DataError`."""
+    schemas = Counter(tuple(r.schema.items()) for r in results)
+    common = dict(schemas.most_common(1)[0][0])
+    odd = [r for r in results if r.schema != common]
+    if odd:
+        def spell(schema: dict[str, pl.DataType]) -> str:
+            return ", ".join(f"{c} {_dtype_name(t)}" for c, t in schema.items() if c[0] != "_")
+
+        raise DataError("event shards differ in their columns: " + "; ".join(
+            f"{r.path} has {spell(r.schema) or '(none)'}" for r in odd
+        ) + f"; the other shards have {spell(common)}. Write those shards again with the "
+            "columns and types of the others.")
+    return common
+
+
+def _merge_type_failures(results: list[ShardResult], total: int) -> list[ExpectationFailure]:
+    """One failure per mistyped column, counted over all shards (their schemas are equal)."""
+    merged = []
+    for first in (results[0].type_failures if results else []):
+        parts = [f for r in results for f in r.type_failures if f.column == first.column]
+        examples = list(dict.fromkeys(x for f in parts for x in f.examples))[:3]
+        merged.append(ShardedFailure(
+            suite=first.suite, expectation=first.expectation, column=first.column,
+            unexpected_count=total or None, unexpected_percent=100.0 if total else None,
+            examples=examples, detail=first.detail, hint=first.hint,
+        ))
+    return merged
+
+
+def _merge_expectation(exp: dict[str, Any], kwargs: dict[str, Any], results: list[ShardResult],
+                       total: int, shape: pl.DataFrame) -> ShardedFailure | None:
+    """Evaluate one expectation over all shards as GX does on the whole table; None if it holds."""
+    kind, column = exp["type"], kwargs.get("column")
+    if kind == EXIST:
+        ok, res = column in shape, {}
+    elif kind == ROW_COUNT:
+        ok, res = _within(total, kwargs), {"observed_value": total}
+    else:
+        return _merge_counts(kind, kwargs, [(r, r.outcomes.get(_key(exp))) for r in results],
+                             total, shape)
+    if ok:
+        return None
+    return ShardedFailure("events", kind, column, None, None, [],
+                          _describe(kind, kwargs, res, shape))
+
+
+def _merge_counts(kind: str, kwargs: dict[str, Any], parts: list[tuple[ShardResult, Any]],
+                  total: int, shape: pl.DataFrame) -> ShardedFailure | None:
+    """Add up a row-level, min or max expectation's counts over the shards and judge them."""
+    found = [(r, o) for r, o in parts if o is not None]
+    unexpected = sum(o.unexpected_count for _, o in found)
+    if kind in MIN_MAX:
+        values = [o.observed for _, o in found if o.observed is not None]
+        observed = (min if kind == MIN_MAX[0] else max)(values, default=None)
+        ok = observed is not None and _within(observed, kwargs)
+        share = 100 * unexpected / total if total else None
+    else:
+        observed = None
+        elements = sum(o.element_count for _, o in found)
+        missing = [o.missing_count for _, o in found if o.missing_count is not None]
+        considered = elements - sum(missing)
+        share = 100 * unexpected / considered if considered else None
+        ok = not considered or (considered - unexpected) / considered >= kwargs.get("mostly", 1)
+    if ok:
+        return None
+    failed = [(r, o.failure) for r, o in found if o.failure is not None]
+    res = {"unexpected_count": unexpected, "unexpected_percent": share, "observed_value": observed}
+    return ShardedFailure(
+        "events", kind, kwargs["column"], unexpected if found else None, share,
+        _merge_examples(kind, failed), _describe(kind, kwargs, res, shape),
+        files={r.path.name: f.unexpected_count or 0 for r, f in failed},
+    )
+
+
+def _merge_examples(kind: str, failed: list[tuple[ShardResult, ExpectationFailure]]) -> list[Any]:
+    """Examples over the shards: rows with their shard file, worst values, or values."""
+    if kind in MIN_MAX:
+        worst = sorted({x for _, f in failed for x in f.examples}, reverse=kind == MIN_MAX[1])
+        return worst[:MAX_EXAMPLES]
+    rows = [{"file": r.path.name, **x} for r, f in failed for x in f.examples
+            if isinstance(x, dict)]
+    if rows:
+        return rows[:3]
+    return list(dict.fromkeys(x for _, f in failed for x in f.examples))[:MAX_EXAMPLES]
+
+
+def _within(value: Any, kwargs: dict[str, Any]) -> bool:
+    """Tell whether ``value`` lies within the expectation's ``min_value`` and ``max_value``."""
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    above = low is None or (value > low if kwargs.get("strict_min") else value >= low)
+    below = high is None or (value < high if kwargs.get("strict_max") else value <= high)
+    return above and below
