@@ -135,28 +135,59 @@ def evaluate(
     Returns:
         Flat ``{"ndcg@10": ..., "recall@10": ..., ..., "users": n}``.
     """
+    return merge_partials([partial_metrics(recs, targets, ks, item_popularity)], n_items)
+
+
+def partial_metrics(
+    recs: pl.DataFrame,
+    targets: pl.DataFrame,
+    ks: Sequence[int] = (10, 20),
+    item_popularity: pl.DataFrame | None = None,
+) -> dict[str, object]:
+    """The sums behind :func:`evaluate` for one part of the users (for example one shard).
+
+    Parts over disjoint users merge exactly with :func:`merge_partials`; ``item_popularity``
+    must be the same (whole-history) table for every part.
+    """
     per_user = per_user_metrics(recs, targets, ks)
-    result: dict[str, float] = {}
+    part: dict[str, object] = {"users": per_user.height, "sums": {}, "items": {}, "novelty": {}}
     for k in sorted(set(ks)):
         for metric in ACCURACY_METRICS:
-            result[f"{metric}@{k}"] = float(per_user[f"{metric}@{k}"].mean() or 0.0)
+            part["sums"][f"{metric}@{k}"] = float(per_user[f"{metric}@{k}"].sum())
     top = recs.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String), RANK).join(
         per_user.select(USER), on=USER, how="semi"
     )
     for k in sorted(set(ks)):
         top_k = top.filter(pl.col(RANK) <= k)
+        part["items"][k] = top_k[ITEM].unique()
+        if item_popularity is not None:
+            part["novelty"][k] = (_self_information(top_k, item_popularity), top_k.height)
+    return part
+
+
+def merge_partials(parts: Sequence[Mapping[str, object]], n_items: int | None = None
+                   ) -> dict[str, float]:
+    """:func:`evaluate`'s result from the :func:`partial_metrics` of disjoint sets of users."""
+    users = sum(int(p["users"]) for p in parts)
+    result: dict[str, float] = {}
+    for key in parts[0]["sums"] if parts else ():
+        result[key] = sum(p["sums"][key] for p in parts) / users if users else 0.0
+    for k in parts[0]["items"] if parts else ():
         if n_items is not None:
             if n_items < 1:
                 raise ConfigError(f"n_items must be a positive integer; got {n_items}.")
-            result[f"coverage@{k}"] = top_k[ITEM].n_unique() / n_items
-        if item_popularity is not None:
-            result[f"novelty@{k}"] = _novelty(top_k, item_popularity)
-    result["users"] = float(per_user.height)
+            items = pl.concat([p["items"][k] for p in parts]).n_unique()
+            result[f"coverage@{k}"] = items / n_items
+        if parts[0]["novelty"]:
+            total = sum(p["novelty"][k][0] for p in parts)
+            count = sum(p["novelty"][k][1] for p in parts)
+            result[f"novelty@{k}"] = total / count if count else 0.0
+    result["users"] = float(users)
     return result
 
 
-def _novelty(top_k: pl.DataFrame, item_popularity: pl.DataFrame) -> float:
-    """Mean self-information ``-log2(count / total)`` of the recommended (user, item) pairs."""
+def _self_information(top_k: pl.DataFrame, item_popularity: pl.DataFrame) -> float:
+    """Summed self-information ``-log2(count / total)`` of the recommended (user, item) pairs."""
     require_columns(item_popularity.columns, (ITEM, COUNT), "item_popularity")
     if top_k.is_empty():
         return 0.0
@@ -167,7 +198,7 @@ def _novelty(top_k: pl.DataFrame, item_popularity: pl.DataFrame) -> float:
     info = top_k.join(counts, on=ITEM, how="left").select(
         -(pl.col(COUNT).fill_null(1.0).clip(lower_bound=1.0) / total).log(2)
     )
-    return float(info.to_series().mean())
+    return float(info.to_series().sum())
 
 
 def metrics_table(
