@@ -64,6 +64,50 @@ def _targets(
     return window.select(USER, ITEM).unique().join(known, on=USER, how="semi").sort(USER, ITEM)
 
 
+def require_events(rows: int) -> None:
+    """Raise :class:`DataError` when there are no events to split."""
+    if not rows:
+        raise DataError("cannot split an empty event table: the data has no events.")
+
+
+def check_cut_settings(
+    valid_share: float, test_share: float, valid_days: float | None, test_days: float | None
+) -> bool:
+    """Check the settings of :func:`cut_times`; tell whether the windows are given in days.
+
+    Raises:
+        ConfigError: Days given but not both positive, or shares out of range.
+    """
+    if test_days is not None or valid_days is not None:
+        if not test_days or not valid_days or test_days <= 0 or valid_days <= 0:
+            raise ConfigError("split.valid_days and split.test_days must both be set and > 0.")
+        return True
+    if not (0 < test_share < 1 and 0 < valid_share < 1 and valid_share + test_share < 1):
+        raise ConfigError(
+            "split.valid_share and split.test_share must be in (0, 1) and sum below 1; "
+            f"got {valid_share} and {test_share}."
+        )
+    return False
+
+
+def check_cuts(t_valid: dt.datetime, t_test: dt.datetime) -> None:
+    """Raise :class:`DataError` unless ``t_valid`` comes before ``t_test``."""
+    if not t_valid < t_test:
+        raise DataError(
+            "the validation and test cut times coincide: the events span too little time to "
+            "split. Give split.valid_days/test_days or more data."
+        )
+
+
+def check_target_types(target_event_types: tuple[str, ...] | None) -> None:
+    """Raise :class:`ConfigError` unless every target event type is a canonical one."""
+    if target_event_types and not set(target_event_types) <= set(EVENT_TYPES):
+        raise ConfigError(
+            f"split.target_event_types must be among {', '.join(EVENT_TYPES)}; "
+            f"got {', '.join(target_event_types)}."
+        )
+
+
 def cut_times(
     events: pl.DataFrame,
     valid_share: float = 0.1,
@@ -77,28 +121,16 @@ def cut_times(
     otherwise the cuts are the event-time quantiles that leave ``test_share`` of the events for
     test and ``valid_share`` for validation (robust to a few stray early timestamps).
     """
-    if events.is_empty():
-        raise DataError("cannot split an empty event table: the data has no events.")
+    require_events(events.height)
     ts = events[TIMESTAMP]
-    if test_days is not None or valid_days is not None:
-        if not test_days or not valid_days or test_days <= 0 or valid_days <= 0:
-            raise ConfigError("split.valid_days and split.test_days must both be set and > 0.")
+    if check_cut_settings(valid_share, test_share, valid_days, test_days):
         end = ts.max()
         t_test = end - dt.timedelta(days=test_days)
         t_valid = t_test - dt.timedelta(days=valid_days)
     else:
-        if not (0 < test_share < 1 and 0 < valid_share < 1 and valid_share + test_share < 1):
-            raise ConfigError(
-                "split.valid_share and split.test_share must be in (0, 1) and sum below 1; "
-                f"got {valid_share} and {test_share}."
-            )
         t_test = ts.quantile(1 - test_share, interpolation="lower")
         t_valid = ts.quantile(1 - test_share - valid_share, interpolation="lower")
-    if not t_valid < t_test:
-        raise DataError(
-            "the validation and test cut times coincide: the events span too little time to "
-            "split. Give split.valid_days/test_days or more data."
-        )
+    check_cuts(t_valid, t_test)
     return t_valid, t_test
 
 
@@ -107,13 +139,14 @@ def time_split(
     t_valid: dt.datetime,
     t_test: dt.datetime,
     target_event_types: tuple[str, ...] | None = None,
+    check: bool = True,
 ) -> Split:
-    """Split by the two cut times (see the module docstring)."""
-    if target_event_types and not set(target_event_types) <= set(EVENT_TYPES):
-        raise ConfigError(
-            f"split.target_event_types must be among {', '.join(EVENT_TYPES)}; "
-            f"got {', '.join(target_event_types)}."
-        )
+    """Split by the two cut times (see the module docstring).
+
+    With ``check`` False (for one part of a larger table, checked as a whole) a split without
+    validation or test targets is returned instead of raising :class:`DataError`.
+    """
+    check_target_types(target_event_types)
     train = events.filter(pl.col(TIMESTAMP) < t_valid)
     valid = events.filter((pl.col(TIMESTAMP) >= t_valid) & (pl.col(TIMESTAMP) < t_test))
     test_history = events.filter(pl.col(TIMESTAMP) < t_test)
@@ -131,17 +164,19 @@ def time_split(
             "test_history": "train+valid",
         },
     )
-    _require_targets(split)
+    if check:
+        require_targets(split.valid_targets.height, split.test_targets.height)
     return split
 
 
-def leave_one_out(events: pl.DataFrame) -> Split:
+def leave_one_out(events: pl.DataFrame, check: bool = True) -> Split:
     """Per user, last item for test, second-last for validation (events ordered by timestamp).
 
-    Users with fewer than three events stay in the training data and are not evaluated.
+    Users with fewer than three events stay in the training data and are not evaluated. With
+    ``check`` False (for one part of a larger table) no events or no targets raise nothing.
     """
-    if events.is_empty():
-        raise DataError("cannot split an empty event table: the data has no events.")
+    if check:
+        require_events(events.height)
     ordered = events.with_row_index("__row").sort([USER, TIMESTAMP, "__row"]).drop("__row")
     ordered = ordered.with_columns(
         (pl.len().over(USER) - pl.int_range(pl.len()).over(USER) - 1).alias(_POS)
@@ -160,13 +195,15 @@ def leave_one_out(events: pl.DataFrame) -> Split:
         test_targets=test_targets.sort(USER),
         info={"test_history": "train+valid item"},
     )
-    _require_targets(split)
+    if check:
+        require_targets(split.valid_targets.height, split.test_targets.height)
     return split
 
 
-def _require_targets(split: Split) -> None:
-    for name, table in (("validation", split.valid_targets), ("test", split.test_targets)):
-        if table.is_empty():
+def require_targets(valid_targets: int, test_targets: int) -> None:
+    """Raise :class:`DataError` when the validation or the test window has no targets."""
+    for name, count in (("validation", valid_targets), ("test", test_targets)):
+        if not count:
             raise DataError(
                 f"the {name} window has no targets for users with a history: the data is too "
                 "small or too short for this split. Use more data or change the split windows."
