@@ -5,12 +5,20 @@ unknown users with popularity. Event types weigh differently (:data:`DEFAULT_EVE
 rough ordering of purchase intent); "recent" is always relative to the latest timestamp of the
 fitted events, never to the wall clock, so a model fitted on a past window behaves the same
 whenever it is run.
+
+A history split into parts by user (the shards of ``engine: dask``) fits the same models by
+map-reduce: each part gives its additive tables (``partial(events, t_max)``: weighted counts per
+item, raw co-visitation pair sums), :func:`sum_partials` adds them up, the co-visitation pairs are
+normalised and pruned per item (:meth:`CoVisitation.neighbours_from`, on any partition of the
+source items), and ``fit(part, shared)`` then learns only each part's users from that part.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Self
 
 import polars as pl
@@ -34,6 +42,54 @@ because they are cheap to give and often never followed up."""
 
 _SECONDS_PER_DAY = 86_400.0
 _POS = "__pos"
+ALL_TIME = "all_time"
+PAIR_KEYS = ("src", "dst")
+ADDITIVE_KEYS: dict[str, tuple[str, ...]] = {"counts": (ITEM,), "pairs": PAIR_KEYS}
+"""Key columns of each additive partial table; every other column is a sum."""
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """What the users of one part need from the whole history (see the module docstring).
+
+    Attributes:
+        t_max: The latest timestamp of the whole history ("recent" is relative to it).
+        tables: Summed partial tables (``counts``) and, for co-visitation, ``neighbours``.
+    """
+
+    t_max: dt.datetime
+    tables: dict[str, pl.DataFrame] = field(default_factory=dict)
+
+
+def weighted_counts(events: pl.DataFrame, weights: Mapping[str, float], t_max: object,
+                    window_days: float | None = None) -> pl.DataFrame:
+    """``item_id, score, all_time``: weighted events per item, in a window and in all time.
+
+    ``score`` counts the ``window_days`` before ``t_max`` (every event when None). Additive over
+    parts of the history.
+    """
+    in_window = pl.lit(True)
+    if window_days is not None:
+        in_window = pl.col(TIMESTAMP) > pl.lit(t_max) - pl.duration(days=window_days)
+    return events.with_columns(event_weight_expr(weights)).group_by(ITEM).agg(
+        pl.col("weight").filter(in_window).sum().alias(SCORE),
+        pl.col("weight").sum().alias(ALL_TIME),
+    )
+
+
+def sum_partials(parts: Sequence[Mapping[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
+    """Add up the partial tables of several parts, table by table (keys: :data:`ADDITIVE_KEYS`)."""
+    summed: dict[str, pl.DataFrame] = {}
+    for name in parts[0] if parts else ():
+        keys = list(ADDITIVE_KEYS[name])
+        frame = pl.concat([part[name] for part in parts])
+        values = [c for c in frame.columns if c not in keys]
+        summed[name] = frame.group_by(keys).agg(pl.col(values).sum())
+    return summed
+
+
+def _all_time_popularity(counts: pl.DataFrame) -> pl.DataFrame:
+    return popularity_table(counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE)))
 _SHIFT = 1 << 32  # (user code, item code) packed into one UInt64 key
 
 
@@ -62,16 +118,6 @@ def _history(events: pl.DataFrame) -> pl.DataFrame:
     return events.select(USER, ITEM).unique().sort(USER, ITEM)
 
 
-def _weighted_popularity(events: pl.DataFrame, weights: Mapping[str, float]) -> pl.DataFrame:
-    """``item_id, score, pop_rank``: all-time weighted event counts."""
-    counts = (
-        events.with_columns(event_weight_expr(weights))
-        .group_by(ITEM)
-        .agg(pl.col("weight").sum().alias(SCORE))
-    )
-    return popularity_table(counts)
-
-
 def _ordered(events: pl.DataFrame) -> pl.DataFrame:
     """Events sorted by user (and session when present) then time, ties in input order."""
     keys = [USER, SESSION] if SESSION in events.columns else [USER]
@@ -98,21 +144,20 @@ class Popularity(Recommender):
         self.window_days = window_days
         self.event_weights = event_weights
 
-    def fit(self, events: pl.DataFrame) -> Self:
-        """Count weighted events per item; returns ``self``."""
-        check_events(events)
+    def partial(self, events: pl.DataFrame, t_max: object) -> dict[str, pl.DataFrame]:
+        """The additive tables of one part of the history (``counts``)."""
         _positive("window_days", self.window_days)
         weights = _weights(self.event_weights)
-        weighted = events.with_columns(event_weight_expr(weights))
-        in_window = pl.lit(True)
-        if self.window_days is not None:
-            start = events[TIMESTAMP].max() - pl.duration(days=self.window_days)
-            in_window = pl.col(TIMESTAMP) > start
-        counts = weighted.group_by(ITEM).agg(
-            pl.col("weight").filter(in_window).sum().alias(SCORE),
-            pl.col("weight").sum().alias("all_time"),
-        )
-        self.popularity_ = popularity_table(counts, tiebreak="all_time")
+        return {"counts": weighted_counts(events, weights, t_max, self.window_days)}
+
+    def fit(self, events: pl.DataFrame, shared: SharedState | None = None) -> Self:
+        """Count weighted events per item (or take the whole history's ``shared`` counts)."""
+        check_events(events)
+        if shared is None:
+            shared = SharedState(events[TIMESTAMP].max(), self.partial(events, events[
+                TIMESTAMP].max()))
+        _positive("window_days", self.window_days)
+        self.popularity_ = popularity_table(shared.tables["counts"], tiebreak=ALL_TIME)
         self.history_ = _history(events)
         return self
 
@@ -141,12 +186,19 @@ class BuyAgain(Recommender):
         self.event_weights = event_weights
         self.half_life_days = half_life_days
 
-    def fit(self, events: pl.DataFrame) -> Self:
+    def partial(self, events: pl.DataFrame, t_max: object) -> dict[str, pl.DataFrame]:
+        """The additive tables of one part of the history (``counts``)."""
+        return {"counts": weighted_counts(events, _weights(self.event_weights), t_max)}
+
+    def fit(self, events: pl.DataFrame, shared: SharedState | None = None) -> Self:
         """Score every fitted (user, item) pair; returns ``self``."""
         check_events(events)
         _positive("half_life_days", self.half_life_days)
         weights = _weights(self.event_weights)
-        decay = _age_decay(self.half_life_days, events[TIMESTAMP].max())
+        if shared is None:
+            t_max = events[TIMESTAMP].max()
+            shared = SharedState(t_max, self.partial(events, t_max))
+        decay = _age_decay(self.half_life_days, shared.t_max)
         self.user_scores_ = (
             events.with_columns(event_weight_expr(weights), decay.alias("decay"))
             .group_by(USER, ITEM)
@@ -154,7 +206,7 @@ class BuyAgain(Recommender):
             .filter(pl.col(SCORE) > 0)
             .sort(USER, ITEM)
         )
-        self.popularity_ = _weighted_popularity(events, weights)
+        self.popularity_ = _all_time_popularity(shared.tables["counts"])
         self.history_ = _history(events)
         return self
 
@@ -229,18 +281,37 @@ class CoVisitation(Recommender):
         self.half_life_days = half_life_days
         self.event_weights = event_weights
 
-    def fit(self, events: pl.DataFrame) -> Self:
-        """Build the neighbour table and each user's recent items; returns ``self``."""
-        check_events(events)
+    def _ordered_weighted(self, events: pl.DataFrame, t_max: object) -> pl.DataFrame:
+        return _ordered(events).with_columns(
+            event_weight_expr(_weights(self.event_weights)),
+            _age_decay(self.half_life_days, t_max).alias("decay"),
+        )
+
+    def partial(self, events: pl.DataFrame, t_max: object) -> dict[str, pl.DataFrame]:
+        """The additive tables of one part of the history: ``counts`` and raw ``pairs``."""
         self._check_params()
         weights = _weights(self.event_weights)
-        ordered = _ordered(events).with_columns(
-            event_weight_expr(weights),
-            _age_decay(self.half_life_days, events[TIMESTAMP].max()).alias("decay"),
-        )
-        self.popularity_ = _weighted_popularity(events, weights)
-        self.neighbours_ = self._neighbours(ordered)
-        self.recent_ = self._recent(ordered)
+        return {"counts": weighted_counts(events, weights, t_max),
+                "pairs": self._pair_sums(self._ordered_weighted(events, t_max))}
+
+    def fit(self, events: pl.DataFrame, shared: SharedState | None = None) -> Self:
+        """Build the neighbour table and each user's recent items; returns ``self``.
+
+        With ``shared``, the neighbours and popularity are the whole history's (its
+        ``neighbours`` and ``counts`` tables) and only the users of ``events`` are learnt.
+        """
+        check_events(events)
+        self._check_params()
+        if shared is None:
+            t_max = events[TIMESTAMP].max()
+            part = self.partial(events, t_max)
+            self.popularity_ = _all_time_popularity(part["counts"])
+            self.neighbours_ = self.neighbours_from(part["pairs"], self.popularity_)
+        else:
+            t_max = shared.t_max
+            self.popularity_ = _all_time_popularity(shared.tables["counts"])
+            self.neighbours_ = shared.tables["neighbours"]
+        self.recent_ = self._recent(self._ordered_weighted(events, t_max))
         self.history_ = _history(events)
         logger.info(
             "co-visitation: %d items with neighbours, %d pairs kept",
@@ -281,8 +352,8 @@ class CoVisitation(Recommender):
             same.alias("keep"),
         ).filter(pl.col("keep") & (pl.col("src") != pl.col("dst")))
 
-    def _neighbours(self, ordered: pl.DataFrame) -> pl.DataFrame:
-        """``item_id, neighbour, score``: the best ``n_neighbours`` per item."""
+    def _pair_sums(self, ordered: pl.DataFrame) -> pl.DataFrame:
+        """``src, dst, w``: summed pair weights before normalisation (additive over users)."""
         parts = []
         for gap in range(1, max(self.max_gap, self.window) + 1):
             pairs = self._pairs_at(ordered, gap)
@@ -300,11 +371,18 @@ class CoVisitation(Recommender):
                 .group_by("src", "dst")
                 .agg(pl.col("w").sum())
             )
-        pop = self.popularity_.select(ITEM, pl.col(SCORE).clip(lower_bound=1e-12).alias("pop"))
+        return pl.concat(parts).group_by("src", "dst").agg(pl.col("w").sum())
+
+    def neighbours_from(self, pairs: pl.DataFrame, popularity: pl.DataFrame) -> pl.DataFrame:
+        """``item_id, neighbour, score``: the best ``n_neighbours`` per source item.
+
+        ``pairs`` are summed :meth:`partial` pairs of the whole history (or of any subset of the
+        source items: the result is the same rows for those sources); ``popularity`` is the
+        whole history's ``item_id, score`` popularity.
+        """
+        pop = popularity.select(ITEM, pl.col(SCORE).clip(lower_bound=1e-12).alias("pop"))
         return (
-            pl.concat(parts)
-            .group_by("src", "dst")
-            .agg(pl.col("w").sum())
+            pairs
             .join(pop.rename({ITEM: "src", "pop": "pop_src"}), on="src")
             .join(pop.rename({ITEM: "dst", "pop": "pop_dst"}), on="dst")
             .with_columns(

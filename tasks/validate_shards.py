@@ -224,7 +224,7 @@ def validate_event_shards(
     catalogue = _read_items(items) if items is not None else None
     futures = validate_shard.map(shards, items=unmapped(items), settings=unmapped(settings),
                                  now=unmapped(now))
-    results = _gather(futures)
+    results = gather(futures)
     report = merge_shard_results(results, spec, params)
     if catalogue is not None:
         report.rows["items"] = catalogue.height
@@ -232,7 +232,7 @@ def validate_event_shards(
     duplicates = [r for r in results if r.duplicates]
     count = sum(r.duplicates or 0 for r in duplicates)
     if decide_duplicates(count, report.rows["events"], settings, report):
-        _gather(drop_shard_duplicates.map([r.path for r in duplicates]))
+        gather(drop_shard_duplicates.map([r.path for r in duplicates]))
     report.success = not report.failures
     for warning in report.warnings:
         logger.warning(warning)
@@ -346,8 +346,12 @@ def _extreme(exp: dict[str, Any], frame: pl.DataFrame, params: dict[str, Any]) -
     return Outcome(values.len(), values.null_count(), count, observed, failure if count else None)
 
 
-def _gather(futures: Any) -> list[Any]:
-    """The futures' results; every unreadable shard is named in one :class:`DataError`."""
+def gather(futures: Any) -> list[Any]:
+    """The futures' results, in order.
+
+    Tasks that failed on bad data (:class:`DataError`) are named together in one DataError;
+    any other failure is raised as it is.
+    """
     wait(futures)
     errors = []
     for future in futures:
