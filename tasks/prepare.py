@@ -32,6 +32,7 @@ class DataPaths:
     fingerprint: str
     ordered_only: bool = False
     rows: dict[str, int] = field(default_factory=dict)
+    shards: int = 0  # the number of shard files when ``events`` is a folder of shards
 
 
 def demo_source(root: Path, n_events: int, seed: int) -> Path:

@@ -1,0 +1,186 @@
+"""Loading a shop's events as Parquet shards by user, for the ``dask`` engine.
+
+:func:`load_sharded` is :func:`~tasks.prepare.load_data` with the events written as a folder of
+shards (:mod:`tasks.shards`) instead of one file: ``workdir/events/shard-XXXXX.parquet`` and
+``workdir/items.parquet``. Memory depends on the source:
+
+* the demo shop is generated a batch of users at a time into a cache folder, then its shards are
+  linked (or copied) into the run's folder;
+* a canonical Parquet folder whose events are shards (``events/*.parquet``) is read and re-sharded
+  one input file at a time, into the number of shards asked for;
+* any other format is read whole by :func:`~tasks.adapters.load_raw` (eager: memory follows the
+  log), then written through :class:`~tasks.shards.ShardWriter` a slice at a time.
+
+The run's shards may be replaced by later steps (validation rewrites a shard holding duplicates
+into a new file moved over it); they are never written in place, so a linked demo shard in the
+cache stays as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+from prefect import get_run_logger, task
+
+from models.errors import DataError
+from tasks import tracking
+from tasks.adapters import _generic_files, _generic_items, _stem, load_raw
+from tasks.demo_data import write_demo_shop
+from tasks.prepare import DataPaths
+from tasks.readers import find_files, reading
+from tasks.shards import ShardWriter
+
+EVENTS_PER_SHARD = 1_000_000
+SLICE_ROWS = 1_000_000
+_PARQUET = ("*.parquet", "*.pq")
+
+
+def default_shards(events: int) -> int:
+    """Shards for ``events`` events when none are asked for: a million events each, 2 or more."""
+    return max(2, math.ceil(events / EVENTS_PER_SHARD))
+
+
+def demo_shard_source(root: Path, n_events: int, seed: int, n_shards: int) -> Path:
+    """Folder of the demo shop ``(n_events, seed)`` in ``n_shards`` shards, made on first use."""
+    folder = root / "demo" / f"shop-{n_events}-seed{seed}-shards{n_shards}"
+    if not (folder / "items.parquet").is_file():  # written after the shards
+        write_demo_shop(folder, n_events=n_events, seed=seed, shards=n_shards)
+    return folder
+
+
+def _rows(files: list[Path]) -> int:
+    total = 0
+    for file in files:
+        with reading(file, "Parquet"):
+            total += pl.scan_parquet(file).select(pl.len()).collect().item()
+    return total
+
+
+def _link_shards(source: Path, folder: Path) -> None:
+    """Hard-link (or copy, across file systems) the shard files of ``source`` into ``folder``."""
+    for shard in sorted(source.glob("shard-*.parquet")):
+        try:
+            os.link(shard, folder / shard.name)
+        except OSError:
+            shutil.copyfile(shard, folder / shard.name)
+
+
+def _reshard_parquet(files: list[Path], events_dir: Path, n_shards: int,
+                     column_map: dict[str, str], event_map: dict[str, str]) -> list[str]:
+    """Convert and re-shard canonical Parquet event files one at a time; return the notes."""
+    notes: list[str] = []
+    schema = None
+    with ShardWriter(events_dir, n_shards) as writer:
+        for file in files:
+            if not _rows([file]):
+                continue
+            raw = load_raw(file, "parquet", column_map=column_map or None,
+                           event_map=event_map or None)
+            if schema is not None and raw.events.schema != schema:
+                raise DataError(f"{file} has other columns or types than the event files before "
+                                f"it ({', '.join(raw.events.columns)} against "
+                                f"{', '.join(schema)}): write every events file with the same "
+                                "columns.")
+            schema = raw.events.schema
+            notes += [n for n in raw.notes if n not in notes]
+            writer.write(raw.events)
+    return notes
+
+
+@dataclass
+class _Loaded:
+    """Where the events came from, and what the reading found."""
+
+    source: Path
+    name: str
+    ordered_only: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_demo(workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None) -> _Loaded:
+    source = demo_shard_source(workdir.parents[1], demo_events, demo_seed,
+                               n_shards or default_shards(demo_events))
+    _link_shards(source / "events", workdir / "events")
+    shutil.copyfile(source / "items.parquet", workdir / "items.parquet")
+    return _Loaded(source, "demo")
+
+
+def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
+                         column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
+    events_source, items_source = _generic_files(source, "parquet")  # refuses two event tables
+    files = find_files(events_source, _PARQUET)
+    notes = _reshard_parquet(files, workdir / "events", n_shards or default_shards(_rows(files)),
+                             column_map, event_map)
+    if items_source is not None:
+        _generic_items(items_source, column_map).write_parquet(workdir / "items.parquet")
+    return _Loaded(source, _stem(source), notes=notes)
+
+
+def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
+              column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
+    raw = load_raw(source, fmt, column_map=column_map or None, event_map=event_map or None)
+    with ShardWriter(workdir / "events", n_shards or default_shards(raw.events.height)) as writer:
+        for part in raw.events.iter_slices(SLICE_ROWS):
+            writer.write(part)
+    if raw.items is not None:
+        raw.items.write_parquet(workdir / "items.parquet")
+    return _Loaded(source, raw.name, raw.ordered_only, raw.notes)
+
+
+@task(name="load-sharded")
+def load_sharded(
+    path: str | None, fmt: str, column_map: dict[str, str], event_map: dict[str, str],
+    name: str | None, workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None,
+) -> DataPaths:
+    """Read raw data (or the demo shop) into event shards and an items table under ``workdir``.
+
+    Formats other than the demo shop and a Parquet folder of event shards are read whole into
+    memory first (see the module docstring).
+
+    Args:
+        path: A file or folder of the format ``fmt``; None for the demo shop.
+        fmt: The format (see :data:`tasks.adapters.FORMATS`).
+        column_map: For ``csv``/``parquet``: canonical column name to source column name.
+        event_map: Source event name to canonical event type.
+        name: The dataset name; by default the adapter's (``demo`` for the demo shop).
+        workdir: The run's folder for ``events/`` and ``items.parquet``.
+        demo_events: The demo shop's number of events.
+        demo_seed: The demo shop's seed.
+        n_shards: The number of shards; by default a million events each (2 at least).
+
+    Returns:
+        The tables, ``events`` being the folder ``workdir/events`` of ``shards`` shard files.
+
+    Raises:
+        DataError: The path does not exist or cannot be read as ``fmt`` (as ``load_data``).
+        ConfigError: A map or the number of shards is invalid.
+    """
+    logger = get_run_logger()
+    events_dir, items_path = workdir / "events", workdir / "items.parquet"
+    events_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*events_dir.glob("shard-*.parquet"), items_path]:  # of an earlier run
+        old.unlink(missing_ok=True)
+    if path is None:
+        loaded = _from_demo(workdir, demo_events, demo_seed, n_shards)
+    elif fmt == "parquet" and find_files(Path(path).expanduser() / "events", _PARQUET):
+        loaded = _from_parquet_shards(Path(path).expanduser(), workdir, n_shards, column_map,
+                                      event_map)
+    else:
+        loaded = _from_raw(Path(path), fmt, workdir, n_shards, column_map, event_map)
+    for note in loaded.notes:
+        logger.warning(note)
+    shards = sorted(events_dir.glob("shard-*.parquet"))
+    rows = {"events": _rows(shards), "items": _rows([items_path]) if items_path.is_file() else 0}
+    if not rows["events"]:
+        raise DataError(f"{loaded.source} gives no events after loading "
+                        f"({'; '.join(loaded.notes)}).")
+    logger.info("loaded %s: %d events in %d shards, %d items", loaded.name, rows["events"],
+                len(shards), rows["items"])
+    return DataPaths(events_dir, items_path if items_path.is_file() else None,
+                     name or loaded.name, loaded.source, tracking.fingerprint([loaded.source]),
+                     loaded.ordered_only, rows, len(shards))

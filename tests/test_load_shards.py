@@ -1,0 +1,141 @@
+"""Loading into event shards: every user in one shard, the same rows as the unsharded loader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect import flow
+
+from models.errors import DataError
+from tasks.adapters import load_raw
+from tasks.load_shards import load_sharded
+from tasks.prepare import DataPaths
+from tasks.shards import ShardWriter, shard_of
+
+DEMO_EVENTS = 20_000
+
+
+@flow
+def load_flow(path: Path | None, fmt: str, workdir: Path, n_shards: int | None) -> DataPaths:
+    return load_sharded(None if path is None else str(path), fmt, {}, {}, None, workdir,
+                        DEMO_EVENTS, 1, n_shards)
+
+
+def read_shards(data: DataPaths) -> list[pl.DataFrame]:
+    return [pl.read_parquet(p) for p in sorted(data.events.glob("shard-*.parquet"))]
+
+
+def sharded_copy(shop: Path, folder: Path, n_shards: int) -> Path:
+    """``folder`` holding the events of the demo shop in ``shop`` as ``n_shards`` shards."""
+    with ShardWriter(folder / "events", n_shards) as writer:
+        writer.write(pl.read_parquet(shop / "events.parquet"))
+    return folder
+
+
+def in_order(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.sort(frame.columns, nulls_last=True)
+
+
+def assert_partitioned(data: DataPaths) -> pl.DataFrame:
+    """Check that shard k holds exactly the users whose shard is k; return all the events."""
+    shards = read_shards(data)
+    assert len(shards) == data.shards
+    for k, shard in enumerate(shards):
+        assert (shard_of(shard["user_id"], data.shards) == k).all()
+    events = pl.concat(shards)
+    assert data.rows["events"] == events.height
+    return events
+
+
+def test_demo_shop_is_written_as_shards_and_its_cache_kept(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    data = load_flow(None, "parquet", tmp_path / "runs" / "one", None)
+
+    assert (data.name, data.shards, data.ordered_only) == ("demo", 2, False)
+    events = assert_partitioned(data)
+    cache = pl.concat([pl.read_parquet(p) for p in sorted(data.source.glob("events/*.parquet"))])
+    assert in_order(events).equals(in_order(cache))
+    assert abs(events.height - DEMO_EVENTS) < DEMO_EVENTS // 20
+    assert data.rows["items"] == pl.read_parquet(data.items).height > 0
+    cached = data.source / "events" / "shard-00000.parquet"
+    before = cached.read_bytes()
+    replacement = data.events / "new.parquet"  # how validation rewrites a shard
+    events.head(3).write_parquet(replacement)
+    os.replace(replacement, data.events / "shard-00000.parquet")
+    assert cached.read_bytes() == before
+
+    again = load_flow(None, "parquet", tmp_path / "runs" / "two", 3)
+
+    assert (again.shards, again.source.name) == (3, f"shop-{DEMO_EVENTS}-seed1-shards3")
+    assert abs(assert_partitioned(again).height - DEMO_EVENTS) < DEMO_EVENTS // 20
+
+
+def test_parquet_shards_are_resharded_with_the_same_rows(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path
+) -> None:
+    source = sharded_copy(demo_shop_dir, tmp_path / "shop", 4)
+    empty = pl.read_parquet(source / "events" / "shard-00000.parquet").clear()
+    empty.write_parquet(source / "events" / "shard-00004.parquet")  # an empty file is skipped
+    pl.read_parquet(demo_shop_dir / "items.parquet").write_parquet(source / "items.parquet")
+    expected = load_raw(source, "parquet")
+
+    data = load_flow(source, "parquet", tmp_path / "runs" / "one", 3)
+
+    assert (data.name, data.shards) == ("shop", 3)
+    assert in_order(assert_partitioned(data)).equals(in_order(expected.events))
+    assert pl.read_parquet(data.items).equals(expected.items)
+
+
+def test_csv_is_sharded_with_the_rows_of_the_unsharded_loader(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path
+) -> None:
+    csv = tmp_path / "shop.csv"
+    pl.read_parquet(demo_shop_dir / "events.parquet").write_csv(csv)
+    expected = load_raw(csv, "csv")
+
+    data = load_flow(csv, "csv", tmp_path / "runs" / "one", None)
+
+    assert (data.name, data.shards, data.items) == ("shop", 2, None)
+    assert in_order(assert_partitioned(data)).equals(in_order(expected.events))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_missing_path_is_the_unsharded_loaders_error(
+    prefect_server: None, tmp_path: Path, fmt: str
+) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError) as expected:
+        load_raw(missing, fmt)
+
+    with pytest.raises(DataError) as caught:
+        load_flow(missing, fmt, tmp_path / "runs" / "one", None)
+
+    assert str(caught.value) == str(expected.value)
+    assert "does not exist" in str(caught.value)
+
+
+def test_two_event_tables_are_refused(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path
+) -> None:
+    source = sharded_copy(demo_shop_dir, tmp_path / "shop", 2)
+    pl.read_parquet(demo_shop_dir / "events.parquet").write_parquet(source / "events.parquet")
+
+    with pytest.raises(DataError, match="holds both events.parquet and a folder events/"):
+        load_flow(source, "parquet", tmp_path / "runs" / "one", None)
+
+
+def test_an_unreadable_shard_is_a_clear_error(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path
+) -> None:
+    source = sharded_copy(demo_shop_dir, tmp_path / "shop", 2)
+    broken = source / "events" / "shard-00001.parquet"
+    broken.write_bytes(broken.read_bytes()[:-100])
+
+    with pytest.raises(DataError, match="could not be read as Parquet") as caught:
+        load_flow(source, "parquet", tmp_path / "runs" / "one", None)
+
+    assert str(broken) in str(caught.value)
