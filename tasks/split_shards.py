@@ -237,7 +237,7 @@ def split_event_shards(
     return summary["protocol"], summary
 
 
-def split_shard_numbers(split_dir: Path) -> list[int]:
+def split_shard_files(split_dir: Path) -> list[int]:
     """The numbers of the shards of a split written by :func:`split_event_shards`."""
     return json.loads((split_dir / "info.json").read_text())["shards"]
 
