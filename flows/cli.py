@@ -83,7 +83,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run the training flow."""
     from flows.config import load_config
-    from flows.train import train
+    from flows.train import run_train
 
     config = load_config(
         args.config,
@@ -95,8 +95,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         ranker__n_trials=args.trials, ranker__enabled=False if args.no_ranker else None,
         transformer__n_trials=args.transformer_trials,
         transformer__enabled=False if args.no_transformer else None,
+        engine=args.engine, dask__address=args.dask_address, dask__workers=args.dask_workers,
+        dask__shards=args.shards,
     )
-    result = train(config)
+    result = run_train(config)
     print(  # noqa: T201
         f"\nMLflow run {result['run_id']} ({result['tracking_uri']}); outputs in "
         f"{result['workdir']}.\nSee it with: mlflow ui --backend-store-uri {result['tracking_uri']}"
@@ -241,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Optuna trials of the sequential transformer (3; a re-run resumes it)")
     tr.add_argument("--no-transformer", action="store_true",
                     help="skip the sequential transformer (model and candidate source)")
+    tr.add_argument("--engine", choices=["local", "dask"],
+                    help="local (default): one process; dask: the events as user shards, "
+                    "per-shard tasks on a Dask cluster")
+    tr.add_argument("--dask-address", metavar="tcp://HOST:8786",
+                    help="scheduler of a running Dask cluster (default: a LocalCluster here)")
+    tr.add_argument("--dask-workers", type=int, metavar="N",
+                    help="LocalCluster worker processes (one per CPU core)")
+    tr.add_argument("--shards", type=int, metavar="N",
+                    help="user shards of the events (one per million events, at least 2)")
     tr.set_defaults(func=cmd_train)
 
     tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"

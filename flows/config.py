@@ -197,6 +197,23 @@ class TransformerFlowConfig(_Strict):
             raise ConfigError(f"invalid transformer.extra settings: {err}") from err
 
 
+class DaskConfig(_Strict):
+    """Where the per-shard tasks of ``engine: dask`` run, and how the events are sharded."""
+
+    address: str | None = Field(
+        None, description="Scheduler of a running Dask cluster (tcp://host:8786); empty starts "
+        "a LocalCluster on this machine for the run.")
+    workers: int | None = Field(
+        None, gt=0, description="Worker processes of the LocalCluster (one thread each); empty "
+        "means one per CPU core.")
+    memory_limit: str = Field(
+        "auto", description="Memory limit of each LocalCluster worker ('auto': the machine's "
+        "memory shared equally; or e.g. '6GiB').")
+    shards: int | None = Field(
+        None, gt=0, description="User shards of the events; empty means one per million "
+        "events, at least 2.")
+
+
 class TrainConfig(_Strict):
     """Everything the ``train`` flow needs; the whole resolved object is logged with each run."""
 
@@ -209,6 +226,11 @@ class TrainConfig(_Strict):
     transformer: TransformerFlowConfig = Field(default_factory=TransformerFlowConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    engine: Literal["local", "dask"] = Field(
+        "local", description="'local': every stage in this process. 'dask': the events as "
+        "Parquet shards by user, per-shard tasks on a Dask cluster (see dask), memory bounded by "
+        "the shard.")
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     seed: int = Field(42, description="Seed of every stochastic step.")
     output_dir: str = Field("outputs", description="Folder for canonical tables, splits, models.")
     tracking_uri: str | None = Field(

@@ -1,16 +1,23 @@
-"""The ``train`` flow: load, validate, split, baselines, transformer, LightGBM ranker, release."""
+"""The ``train`` flow: load, validate, split, baselines, transformer, LightGBM ranker, release.
+
+With ``engine: dask`` the events are user shards and the subflow ``train-shards`` runs the
+per-shard tasks (validation, split, the baselines by map-reduce) on a Dask cluster.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
+from prefect_dask import DaskTaskRunner
 
-from flows.config import TrainConfig, data_name
+from flows.config import DaskConfig, TrainConfig, data_name
 from flows.promote import release_best_model
+from flows.serve import default_workers
 from models.seed import seed_everything
 from tasks import tracking
 from tasks.evaluate import (
@@ -19,14 +26,98 @@ from tasks.evaluate import (
     evaluate_transformer,
     report_metrics,
 )
+from tasks.evaluate_shards import evaluate_baselines_sharded
+from tasks.load_shards import load_sharded
 from tasks.packaging import ReleaseRun
-from tasks.prepare import catalogue_size, load_data, split_data, validate_data
+from tasks.prepare import (
+    DataPaths,
+    catalogue_size,
+    load_data,
+    split_data,
+    validate_data,
+    validate_sharded,
+)
+from tasks.split_shards import split_event_shards
 
 
 def run_folder(config: TrainConfig) -> Path:
     """A fresh folder for this run's tables, split and models: earlier outputs stay untouched."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return Path(config.output_dir).resolve() / data_name(config) / stamp
+
+
+def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
+    """The task runner of ``engine: dask``: a running cluster, or a LocalCluster on 127.0.0.1."""
+    if cfg.address:
+        return DaskTaskRunner(address=cfg.address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": cfg.workers or default_workers(), "threads_per_worker": 1,
+        "processes": True, "memory_limit": cfg.memory_limit, "host": "127.0.0.1",
+        "dashboard_address": None})
+
+
+@flow(name="train-shards", log_prints=False)
+def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
+                   ) -> dict[str, Any]:
+    """Validate, split and score the baselines shard by shard.
+
+    The per-shard tasks of the ``dask`` engine run on this subflow's Dask task runner.
+    """
+    clock = StageClock()
+    data = validate_sharded(data, config.validation, run_id)
+    clock.done("validate")
+    protocol, _ = split_event_shards(sorted(data.events.glob("*.parquet")),
+                                     config.split.model_dump(), data.ordered_only,
+                                     work / "split")
+    clock.done("split")
+    exclude_seen = config.evaluation.exclude_seen
+    if exclude_seen is None:
+        exclude_seen = protocol == "leave_one_out"
+    n_items = catalogue_size(data)
+    scores = evaluate_baselines_sharded(work / "split", config.evaluation.ks, n_items,
+                                        exclude_seen, config.baselines.recent_days,
+                                        work / "baselines")
+    clock.done("baselines")
+    return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
+            "rows": data.rows, "seconds": clock.seconds}
+
+
+class StageClock:
+    """Wall seconds of each stage, logged as each one ends (progress for a person watching)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def done(self, stage: str) -> None:
+        """Record and log the stage that just ended."""
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._start
+        self._start = now
+        get_run_logger().info("stage %s done in %.1f s", stage, self.seconds[stage])
+
+
+def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
+                  ) -> tuple[str, dict[str, Any]]:
+    """The ``dask`` engine's stages; returns the protocol and every model's metrics."""
+    logger = get_run_logger()
+    skipped = [name for name, on in (("transformer", config.transformer.enabled),
+                                     ("lgbm_ranker", config.ranker.enabled),
+                                     ("release", config.registry.enabled)) if on]
+    if skipped:
+        logger.warning("engine dask runs the data stages and the baselines on shards; not yet "
+                       "%s (run them with engine local)", ", ".join(skipped))
+    result = sharded_stages.with_options(task_runner=dask_runner(config.dask))(
+        config, data, run_id, workdir)
+    client = MlflowClient(tracking.tracking_uri(config.tracking_uri))
+    client.set_tag(run_id, "protocol", result["protocol"])
+    client.set_tag(run_id, "engine", "dask")
+    client.log_artifact(run_id, str(workdir / "split" / "info.json"), "split")
+    client.log_param(run_id, "resolved.exclude_seen", result["exclude_seen"])
+    for name, stages in result["scores"].items():
+        for stage, metrics in stages.items():
+            tracking.log_metrics(run_id, name, stage, metrics)
+    return result["protocol"], result["scores"]
 
 
 @flow(name="train", log_prints=False)
@@ -37,8 +128,13 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
     seed_everything(config.seed)
     workdir = run_folder(config)
     cfg = config.data
-    data = load_data(cfg.path, cfg.format, cfg.column_map, cfg.event_map, cfg.name, workdir,
-                     cfg.demo_events, cfg.demo_seed)
+    sharded = config.engine == "dask"
+    load = load_sharded if sharded else load_data
+    extra = {"n_shards": config.dask.shards} if sharded else {}
+    start = time.perf_counter()
+    data = load(cfg.path, cfg.format, cfg.column_map, cfg.event_map, cfg.name, workdir,
+                cfg.demo_events, cfg.demo_seed, **extra)
+    logger.info("stage load done in %.1f s", time.perf_counter() - start)
 
     uri = tracking.tracking_uri(config.tracking_uri)
     experiment_id = tracking.ensure_experiment(data.name, uri)
@@ -48,6 +144,14 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
     try:
         tracking.log_run_context(run_id, config.model_dump(mode="json"), data.name, data.source,
                                  data.fingerprint, data.rows)
+        if sharded:
+            protocol, scores = train_sharded(config, data, run_id, workdir)
+            report = report_metrics(scores, protocol, run_id)
+            client.set_terminated(run_id, "FINISHED")
+            logger.info("run finished; outputs in %s\n%s", workdir, report)
+            return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
+                    "workdir": str(workdir), "protocol": protocol, "scores": scores,
+                    "release": None}
         data = validate_data(data, config.validation, run_id)
         split = split_data(data, config.split.model_dump())
         protocol = split.protocol

@@ -18,7 +18,13 @@ from tasks import tracking
 from tasks.adapters import load_raw
 from tasks.demo_data import write_demo_shop
 from tasks.split import Split, cut_times, leave_one_out, time_split
-from tasks.validate import ValidationSettings, raise_on_failure, validate_tables
+from tasks.validate import (
+    ValidationReport,
+    ValidationSettings,
+    raise_on_failure,
+    validate_tables,
+)
+from tasks.validate_shards import validate_event_shards
 
 
 @dataclass
@@ -75,12 +81,38 @@ def load_data(
 @task(name="validate")
 def validate_data(data: DataPaths, settings: ValidationSettings, run_id: str | None) -> DataPaths:
     """Run the expectation suites; stop the run with a readable report when one fails."""
-    logger = get_run_logger()
     events = pl.read_parquet(data.events)
     items = pl.read_parquet(data.items) if data.items else None
     report, clean = validate_tables(events, items, settings)
+    publish_report(report, data.events.parent, run_id)
+    if clean.height != events.height:
+        clean.write_parquet(data.events)
+        data.rows["events"] = clean.height
+    return data
+
+
+def validate_sharded(data: DataPaths, settings: ValidationSettings, run_id: str | None
+                     ) -> DataPaths:
+    """:func:`validate_data` for events stored as shards: a task per shard, one merged report.
+
+    Call inside a flow: the per-shard tasks run on the flow's task runner (Dask workers).
+    """
+    shards = sorted(data.events.glob("*.parquet"))
+    report, _ = validate_event_shards(shards, data.items, settings)
+    publish_report(report, data.events.parent, run_id)
+    data.rows["events"] = report.rows.get("events", 0) - report.dropped_duplicates
+    return data
+
+
+def publish_report(report: ValidationReport, folder: Path, run_id: str | None) -> None:
+    """Write the validation report beside the tables and as a Prefect and MLflow artifact.
+
+    Raises:
+        ValidationFailedError: The report failed (its message is the readable report).
+    """
+    logger = get_run_logger()
     markdown = report.to_markdown()
-    (data.events.parent / "validation_report.md").write_text(markdown)
+    (folder / "validation_report.md").write_text(markdown)
     create_markdown_artifact(markdown, key="validation-report", description="Data validation")
     if run_id:
         tracking.log_text(run_id, markdown, "validation/report.md")
@@ -88,12 +120,8 @@ def validate_data(data: DataPaths, settings: ValidationSettings, run_id: str | N
         logger.warning(warning)
     if not report.success:
         logger.error("data validation failed: %d failed expectation(s); report in %s and in the "
-                     "run's artifacts", len(report.failures), data.events.parent)
+                     "run's artifacts", len(report.failures), folder)
         raise_on_failure(report)
-    if clean.height != events.height:
-        clean.write_parquet(data.events)
-        data.rows["events"] = clean.height
-    return data
 
 
 def _choose_split(events: pl.DataFrame, protocol: str, ordered_only: bool, cfg: dict) -> Split:
@@ -143,8 +171,12 @@ def read_split(folder: Path) -> Split:
 
 
 def catalogue_size(data: DataPaths) -> int:
-    """Items that can be recommended: the catalogue joined with every item seen in events."""
-    ids = pl.read_parquet(data.events, columns=[ITEM])[ITEM]
+    """Items that can be recommended: the catalogue joined with every item seen in events.
+
+    Events stored as shards are scanned one column at a time (memory: the distinct ids).
+    """
+    source = data.events / "*.parquet" if data.events.is_dir() else data.events
+    ids = pl.scan_parquet(source).select(ITEM).unique().collect()[ITEM]
     if data.items:
         ids = pl.concat([ids, pl.read_parquet(data.items, columns=[ITEM])[ITEM]])
     return ids.n_unique()

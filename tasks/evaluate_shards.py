@@ -1,0 +1,173 @@
+"""The baselines of a sharded split, by map-reduce: same lists and metrics as in one process.
+
+Per stage (``valid``: fitted on ``train``; ``test``: fitted on ``test_history``):
+
+1. **map**, a task per shard: the shard's additive tables (:func:`models.baselines.weighted_counts`
+   per item, with the plain event count for novelty; raw co-visitation pair sums), each written to
+   one Parquet file per shard with a ``bucket`` column (item id, CRC-32 mod the number of buckets)
+   and one row group per bucket, so that a reducer reads only its bucket;
+2. **reduce**, a task per bucket: the counts summed; then, with every bucket's counts at hand (one
+   row per item), the pairs summed, normalised and pruned per source item
+   (:meth:`models.baselines.CoVisitation.neighbours_from`);
+3. **score**, a task per shard: each baseline fitted on the shard's users with the whole history's
+   tables (:class:`models.baselines.SharedState`), asked for the shard's target users, scored with
+   :func:`models.metrics.partial_metrics`; the parts merge exactly into the metrics of one process.
+
+Memory: a map or score task holds one shard plus the catalogue-sized tables (counts, neighbours);
+a reduce task one bucket of every shard's pairs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from models.baselines import (
+    ALL_TIME,
+    DEFAULT_EVENT_WEIGHTS,
+    CoVisitation,
+    SharedState,
+    sum_partials,
+    weighted_counts,
+)
+from models.columns import ITEM, SCORE, TIMESTAMP, USER
+from models.metrics import COUNT, merge_partials, partial_metrics
+from tasks.evaluate import baseline_factories
+from tasks.shards import shard_of
+from tasks.split_shards import read_split_shard, split_shard_files
+from tasks.validate_shards import gather
+
+logger = logging.getLogger(__name__)
+
+STAGES = {"valid": ("train", "valid_targets"), "test": ("test_history", "test_targets")}
+BUCKET = "bucket"
+RECENT = "recent"
+
+
+def _history_t_max(split_dir: Path, table: str) -> dt.datetime:
+    """The latest timestamp of a sharded history table (from the Parquet statistics)."""
+    frame = pl.scan_parquet(split_dir / table / "*.parquet").select(pl.col(TIMESTAMP).max())
+    return frame.collect().item()
+
+
+def _write_buckets(frame: pl.DataFrame, key: str, n_buckets: int, path: Path) -> None:
+    """``frame`` with a bucket column, one row group per bucket (read back by filter)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bucketed = frame.with_columns(shard_of(frame[key], n_buckets).alias(BUCKET)).sort(BUCKET)
+    table = bucketed.to_arrow()
+    with pq.ParquetWriter(path, table.schema) as writer:
+        for bucket in range(n_buckets):
+            part = bucketed.filter(pl.col(BUCKET) == bucket).to_arrow()
+            if part.num_rows:
+                writer.write_table(part)
+
+
+def _read_bucket(files: list[Path], bucket: int) -> pl.DataFrame:
+    return pl.scan_parquet(files).filter(pl.col(BUCKET) == bucket).drop(BUCKET).collect()
+
+
+@task(name="baseline-map", retries=1, cache_policy=NO_CACHE)
+def map_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, recent_days: float,
+              n_buckets: int, work: Path) -> None:
+    """Write one shard's additive tables of one stage's history (see the module docstring)."""
+    history = getattr(read_split_shard(split_dir, shard), STAGES[stage][0])
+    counts = weighted_counts(history, DEFAULT_EVENT_WEIGHTS, t_max, recent_days).rename(
+        {SCORE: RECENT}).join(history.group_by(ITEM).len(COUNT), on=ITEM)
+    pairs = CoVisitation().partial(history, t_max)["pairs"]
+    _write_buckets(counts, ITEM, n_buckets, work / stage / "counts" / f"shard-{shard:05d}.parquet")
+    _write_buckets(pairs, "src", n_buckets, work / stage / "pairs" / f"shard-{shard:05d}.parquet")
+
+
+@task(name="baseline-reduce-counts", retries=1, cache_policy=NO_CACHE)
+def reduce_counts(work: Path, stage: str, bucket: int) -> pl.DataFrame:
+    """One bucket of the whole history's counts per item."""
+    files = sorted((work / stage / "counts").glob("*.parquet"))
+    return sum_partials([{"counts": _read_bucket(files, bucket)}])["counts"]
+
+
+@task(name="baseline-reduce-pairs", retries=1, cache_policy=NO_CACHE)
+def reduce_pairs(work: Path, stage: str, bucket: int, popularity: pl.DataFrame) -> Path:
+    """One bucket of source items' neighbours, from every shard's pairs; returns its file."""
+    files = sorted((work / stage / "pairs").glob("*.parquet"))
+    pairs = sum_partials([{"pairs": _read_bucket(files, bucket)}])["pairs"]
+    out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    CoVisitation().neighbours_from(pairs, popularity).write_parquet(out)
+    return out
+
+
+def _shared(name: str, t_max: dt.datetime, counts: pl.DataFrame, neighbours: pl.DataFrame
+            ) -> SharedState:
+    """The shared state each baseline ``name`` fits with."""
+    window = counts.select(ITEM, pl.col(RECENT).alias(SCORE), ALL_TIME)
+    whole = counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE), ALL_TIME)
+    tables = {"counts": window if name == "recent_popularity" else whole}
+    if name == "covisitation":
+        tables["neighbours"] = neighbours
+    return SharedState(t_max, tables)
+
+
+@task(name="baseline-score", retries=1, cache_policy=NO_CACHE)
+def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
+                exclude_seen: bool, recent_days: float, counts: Path, neighbours: Path
+                ) -> dict[str, dict[str, Any]]:
+    """Fit every baseline on one shard's users with the shared tables; partial metrics."""
+    split = read_split_shard(split_dir, shard)
+    history_name, targets_name = STAGES[stage]
+    history, targets = getattr(split, history_name), getattr(split, targets_name)
+    whole = pl.read_parquet(counts)
+    neighbour_table = pl.read_parquet(neighbours)
+    popularity = whole.select(ITEM, COUNT)
+    parts = {}
+    users = targets[USER].unique(maintain_order=True)
+    for name, factory in baseline_factories(recent_days).items():
+        model = factory().fit(history, _shared(name, t_max, whole, neighbour_table))
+        recs = model.recommend(users, k=max(ks), exclude_seen=exclude_seen)
+        parts[name] = partial_metrics(recs, targets, ks, popularity)
+    return parts
+
+
+def evaluate_baselines_sharded(
+    split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
+    work: Path,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Every baseline's ``valid`` and ``test`` metrics on a sharded split (call inside a flow).
+
+    Returns the same ``{name: {stage: metrics}}`` as :func:`tasks.evaluate.evaluate_baselines`.
+    """
+    log = get_run_logger()
+    shards = split_shard_files(split_dir)
+    n_buckets = len(shards)
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for stage, (history_name, _) in STAGES.items():
+        t_max = _history_t_max(split_dir, history_name)
+        gather(map_shard.map(unmapped(split_dir), shards, stage=unmapped(stage),
+                             t_max=unmapped(t_max), recent_days=unmapped(recent_days),
+                             n_buckets=unmapped(n_buckets), work=unmapped(work)))
+        counts = pl.concat(gather(reduce_counts.map(unmapped(work), unmapped(stage),
+                                                    list(range(n_buckets)))))
+        counts_file = work / stage / "counts.parquet"
+        counts.write_parquet(counts_file)
+        popularity = counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE))
+        files = gather(reduce_pairs.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
+                                        popularity=unmapped(popularity)))
+        neighbours_file = work / stage / "neighbours.parquet"
+        pl.concat([pl.read_parquet(f) for f in files]).write_parquet(neighbours_file)
+        parts = gather(score_shard.map(
+            unmapped(split_dir), shards, stage=unmapped(stage), t_max=unmapped(t_max),
+            ks=unmapped(ks), exclude_seen=unmapped(exclude_seen),
+            recent_days=unmapped(recent_days), counts=unmapped(counts_file),
+            neighbours=unmapped(neighbours_file)))
+        for name in parts[0] if parts else ():
+            merged = merge_partials([part[name] for part in parts], n_items)
+            scores.setdefault(name, {})[stage] = merged
+        log.info("baselines %s: %d shards, %d items, %d neighbour rows", stage, len(shards),
+                 counts.height, pl.scan_parquet(neighbours_file).select(pl.len()).collect().item())
+    return scores

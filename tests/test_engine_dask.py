@@ -1,0 +1,120 @@
+"""``engine: dask`` against ``engine: local``: same split and baseline metrics, faults survived.
+
+Every test runs the real ``train`` flow (Prefect test harness, a real MLflow store) on a real
+``distributed.LocalCluster`` of 2 worker processes on 127.0.0.1, started and stopped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from distributed import Client, LocalCluster
+
+from flows.cli import run
+from flows.config import load_config
+from flows.train import train
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+SKIP = ("fit_seconds",)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as local:
+        yield local
+
+
+def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
+    return load_config(None, output_dir=str(tmp_path / engine), engine=engine,
+                       data__path=str(shop), data__format="parquet", ranker__enabled=False,
+                       transformer__enabled=False, registry__enabled=False, **overrides)
+
+
+def _assert_same_scores(local: dict, dask: dict) -> None:
+    assert set(local) == set(dask)
+    for model, stages in local.items():
+        for stage, metrics in stages.items():
+            for key, value in metrics.items():
+                if key not in SKIP:
+                    assert dask[model][stage][key] == pytest.approx(value, rel=1e-9, abs=1e-12), \
+                        (model, stage, key)
+
+
+@pytest.fixture(scope="module")
+def local_result(tmp_path_factory, demo_shop_dir):
+    tmp = tmp_path_factory.mktemp("local")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    try:
+        return train(_config(tmp, demo_shop_dir, "local"))
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, demo_shop_dir,
+                                                       cluster, local_result):
+    result = train(_config(tmp_path, demo_shop_dir, "dask", dask__address=cluster.scheduler_address,
+                           dask__shards=4))
+    _assert_same_scores(local_result["scores"], result["scores"])
+    local_split = Path(local_result["workdir"]) / "split"
+    dask_split = Path(result["workdir"]) / "split"
+    assert json.loads((dask_split / "info.json").read_text())["summary"] == json.loads(
+        (local_split / "info.json").read_text())["summary"]
+    for table in ("train", "valid_targets", "test_history", "test_targets"):
+        whole = pl.read_parquet(local_split / f"{table}.parquet")
+        shards = pl.read_parquet(dask_split / table / "*.parquet")
+        assert shards.sort(whole.columns).equals(whole.sort(whole.columns)), table
+    assert len(list((Path(result["workdir"]) / "events").glob("shard-*.parquet"))) == 4
+
+
+def test_a_killed_worker_is_survived(tmp_path, mlflow_store, demo_shop_dir, local_result):
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as own, Client(own) as client:
+        pids = list(client.run(os.getpid).values())
+        config = _config(tmp_path, demo_shop_dir, "dask", dask__address=own.scheduler_address,
+                         dask__shards=6)
+        killed = threading.Event()
+
+        def kill_when_the_baselines_start() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if any(tmp_path.glob("dask/*/*/baselines/valid/counts/*.parquet")):
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.set()
+                    return
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=kill_when_the_baselines_start, daemon=True)
+        watcher.start()
+        result = train(config)
+        watcher.join(timeout=5)
+        assert killed.is_set()
+        assert pids[0] not in client.run(os.getpid).values()
+    _assert_same_scores(local_result["scores"], result["scores"])
+
+
+def test_a_corrupt_shard_is_one_clear_error(tmp_path, mlflow_store, demo_shop_dir, capsys,
+                                            cluster):
+    shop = tmp_path / "sharded-shop"
+    (shop / "events").mkdir(parents=True)
+    events = pl.read_parquet(demo_shop_dir / "events.parquet")
+    half = events.height // 2
+    events.head(half).write_parquet(shop / "events" / "shard-00000.parquet")
+    good = shop / "events" / "shard-00001.parquet"
+    events.tail(events.height - half).write_parquet(good)
+    (shop / "events" / "shard-00001.parquet").write_bytes(good.read_bytes()[:200])
+    (shop / "items.parquet").write_bytes((demo_shop_dir / "items.parquet").read_bytes())
+    code = run(["train", "--data", str(shop), "--format", "parquet", "--engine", "dask",
+                "--dask-address", cluster.scheduler_address, "--no-ranker",
+                "--no-transformer", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "shard-00001.parquet" in err
+    assert "Traceback" not in err
