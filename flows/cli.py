@@ -83,7 +83,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run the training flow."""
     from flows.config import load_config
-    from flows.train import run_train
+    from flows.train import train
 
     config = load_config(
         args.config,
@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         engine=args.engine, dask__address=args.dask_address, dask__workers=args.dask_workers,
         dask__shards=args.shards,
     )
-    result = run_train(config)
+    result = train(config)
     print(  # noqa: T201
         f"\nMLflow run {result['run_id']} ({result['tracking_uri']}); outputs in "
         f"{result['workdir']}.\nSee it with: mlflow ui --backend-store-uri {result['tracking_uri']}"
