@@ -122,9 +122,11 @@ class ServingModel:
         self.manifest = manifest
         self.trending = trending.sort(POP_RANK)
         self.neighbours = neighbours
+        # the session model as arrays: item -> rows of (neighbour code, score), best first
         ordered = neighbours.sort(ITEM, SCORE, "neighbour", descending=[False, True, False])
-        self._neighbour_ids = ordered["neighbour"].to_list()
-        self._neighbour_scores = ordered[SCORE].to_list()
+        self._neighbour_ids = ordered["neighbour"].unique().sort().to_numpy()
+        self._neighbour_codes = (ordered["neighbour"].rank("dense") - 1).cast(pl.Int32).to_numpy()
+        self._neighbour_scores = ordered[SCORE].to_numpy()
         spans = ordered.with_row_index("at").group_by(ITEM).agg(
             pl.col("at").min().alias("start"), (pl.col("at").max() + 1).alias("end"))
         self._neighbour_span = {item: (start, end) for item, start, end in spans.iter_rows()}
@@ -289,16 +291,18 @@ class ServingModel:
         ages: dict[str, int] = {}
         for age, item in enumerate(reversed(recent[-self.session_items:])):
             ages.setdefault(item, age)
-        scores: dict[str, float] = {}
+        scores: dict[int, float] = {}
         for item, age in ages.items():
             span = self._neighbour_span.get(item)
             if span is None:
                 continue
             weight = self.session_decay ** age
-            for j in range(*span):
-                neighbour = self._neighbour_ids[j]
-                scores[neighbour] = scores.get(neighbour, 0.0) + weight * self._neighbour_scores[j]
-        return sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
+            rows = slice(*span)
+            for code, score in zip(self._neighbour_codes[rows].tolist(),
+                                   self._neighbour_scores[rows].tolist(), strict=True):
+                scores[code] = scores.get(code, 0.0) + weight * score
+        named = [(self._neighbour_ids[code], score) for code, score in scores.items()]
+        return sorted(named, key=lambda pair: (-pair[1], pair[0]))
 
     def _assemble(
         self, requests: Sequence[Request], lists: dict[str, list[tuple[str, float]]]
