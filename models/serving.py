@@ -211,10 +211,9 @@ class ServingModel:
         if not (folder / MANIFEST).is_file():
             raise DataError(f"{folder} is not a serving bundle: {MANIFEST} is missing.")
         manifest = json.loads((folder / MANIFEST).read_text())
-        family = family_class(manifest["family"])
 
-        def load_model() -> Any:
-            return family.load(folder / "model")
+        def load_model() -> Any:  # the family's module (lightgbm, torch) is imported only here
+            return family_class(manifest["family"]).load(folder / "model")
 
         users = pl.read_parquet(folder / "users.parquet")[USER]
         items = pl.read_parquet(folder / "items.parquet")[ITEM]
