@@ -124,8 +124,10 @@ class ServingModel:
         self.neighbours = neighbours
         # the session model as arrays: item -> rows of (neighbour code, score), best first
         ordered = neighbours.sort(ITEM, SCORE, "neighbour", descending=[False, True, False])
-        self._neighbour_ids = ordered["neighbour"].unique().sort().to_numpy()
-        self._neighbour_codes = (ordered["neighbour"].rank("dense") - 1).cast(pl.Int32).to_numpy()
+        vocabulary = ordered["neighbour"].unique().sort()
+        self._neighbour_ids = vocabulary.to_numpy()
+        self._neighbour_codes = ordered["neighbour"].cast(pl.Enum(vocabulary)).to_physical(
+            ).to_numpy()
         self._neighbour_scores = ordered[SCORE].to_numpy()
         spans = ordered.with_row_index("at").group_by(ITEM).agg(
             pl.col("at").min().alias("start"), (pl.col("at").max() + 1).alias("end"))
