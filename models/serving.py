@@ -15,8 +15,10 @@ A *bundle* is a folder holding everything needed to answer a request without the
 
 A request record has ``user_id``, optional ``k`` (default 10), optional ``recent_items`` (item ids
 of a live session, newest last) and optional ``exclude`` (item ids never to return). Known users
-are answered from their precomputed list; with ``recent_items``, that list is blended with the
-session model's list of the session (weighted reciprocal rank, ``session_weight``); unknown users
+are answered from their precomputed list; with ``recent_items``, a model that reads sessions
+(``recommend_session``: the transformer) answers with the session appended to the user's sequence,
+any other model's list is blended with the session model's list of the session (weighted
+reciprocal rank, ``session_weight``); unknown users
 get the session model's list when their recent items have neighbours, else trending items; every
 list is filled from trending items up to ``k``. The model itself is loaded only when a request
 goes deeper than the precomputed lists. A malformed record raises :class:`RequestError`, naming
@@ -142,6 +144,7 @@ class ServingModel:
         self.session_decay = float(manifest.get("session_decay", 0.5))
         self.session_weight = float(manifest.get("session_weight", DEFAULT_SESSION_WEIGHT))
         self.list_depth = int(manifest.get("list_depth", LEGACY_LIST_DEPTH))
+        self.session_model = bool(manifest.get("session_model", False))
         top = self.trending[SCORE].max() if self.trending.height else None
         self._trend_scale = 1.0 / top if top else 0.0
         head = self.trending.head(self.max_k + TRENDING_SLACK)
@@ -197,7 +200,7 @@ class ServingModel:
         logger.info("precomputed the top %d of %d users in %.1f s (%.1f MB)", depth, len(lists),
                     time.perf_counter() - start, lists.nbytes / 1e6)
         manifest = {"format_version": FORMAT_VERSION, "family": family, "list_depth": depth,
-                    **settings}
+                    "session_model": hasattr(loader_class, "recommend_session"), **settings}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         (folder / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         return folder
@@ -224,8 +227,11 @@ class ServingModel:
         else:
             recommend = _recommender(load_model(), bool(manifest.get("exclude_seen", False)))
             lists = UserLists.compute(recommend, users, items, LEGACY_LIST_DEPTH)
-        return cls(load_model, manifest, pl.read_parquet(folder / "trending.parquet"),
-                   pl.read_parquet(folder / "neighbours.parquet"), users, items, lists, folder)
+        serving = cls(load_model, manifest, pl.read_parquet(folder / "trending.parquet"),
+                      pl.read_parquet(folder / "neighbours.parquet"), users, items, lists, folder)
+        if serving.session_model:  # it answers every live session: load it now, not mid-traffic
+            serving.model  # noqa: B018
+        return serving
 
     # ------------------------------------------------------------------ answering
     def predict(self, records: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
@@ -236,8 +242,9 @@ class ServingModel:
         """Top-``k`` lists of every request.
 
         A known user's list is read from the precomputed lists (the model runs only when ``k``
-        plus the exclusions go deeper); a request with ``recent_items`` blends it with the
-        session model's list (:func:`models.user_lists.blend`, ``session_weight``); an unknown
+        plus the exclusions go deeper); a request with ``recent_items`` is answered by the
+        model itself when it reads sessions (``recommend_session``), else blends the list with
+        the session model's (:func:`models.user_lists.blend`, ``session_weight``); an unknown
         user with ``recent_items`` gets the session model's list; then trending items fill.
 
         Returns:
@@ -255,7 +262,14 @@ class ServingModel:
             else:
                 deep.append(r)
         lists.update(_grouped(self._model_lists(deep)))
+        live: dict[str, list[tuple[str, float]]] = {}
+        if self.session_model:
+            live = _grouped(self._model_session_lists(
+                [r for r in requests if r.recent_items and r.user_id in self.lists]))
+            lists.update(live)
         for r in requests:
+            if r.user_id in live:
+                continue
             session = self._session_list(r.recent_items) if r.recent_items else []
             if session:
                 own = lists.get(r.user_id)
@@ -282,6 +296,16 @@ class ServingModel:
                 self.model.recommend(users, k=depth, exclude_seen=self.exclude_seen))
             parts.append(recs.select(USER, ITEM, SCORE, pl.col(RANK).alias(_POS)))
         return pl.concat(parts)
+
+    def _model_session_lists(self, requests: Sequence[Request]) -> pl.DataFrame:
+        """A session-aware model's own lists for known users' live sessions."""
+        if not requests:
+            return _empty_lists()
+        depth = max(r.k + len(r.exclude) for r in requests)
+        recs = self.model.recommend_session(
+            [r.user_id for r in requests], [list(r.recent_items) for r in requests], k=depth,
+            exclude_seen=self.exclude_seen)
+        return as_lists_frame(recs).select(USER, ITEM, SCORE, pl.col(RANK).alias(_POS))
 
     def _session_list(self, recent: Sequence[str]) -> list[tuple[str, float]]:
         """Co-visitation neighbours of a session's newest ``session_items`` items.

@@ -308,6 +308,10 @@ class SASRec(nn.Module):
         return self.ln_f(x)
 
 
+SESSION_GAPS = (86_400.0, 60.0)
+"""Seconds assumed before a live session's first item and between its items."""
+
+
 class NotFittedError(ShoprankError):
     """The estimator was used before ``fit`` or ``load``."""
 
@@ -658,6 +662,60 @@ class SequentialTransformer:
         frame[RANK] = frame.groupby("p").cumcount().astype(np.int64) + 1
         frame.insert(0, USER, users.to_numpy()[frame["p"].to_numpy()])
         return frame.drop(columns="p").reset_index(drop=True)
+
+    def recommend_session(
+        self, users: list[str], sessions: list[list[str]], k: int = 10, exclude_seen: bool = True
+    ) -> pd.DataFrame:
+        """Top-``k`` of known users whose live session extends their fitted sequence.
+
+        Each session's known items (newest last) are appended to the user's events as views,
+        the first :data:`SESSION_GAPS` ``[0]`` seconds after the user's last fitted event and the
+        next ones ``[1]`` apart (a live session carries no times); the model reads the whole
+        sequence again. Users it does not know, and sessions without a known item, are left out
+        of the answer (the caller falls back).
+
+        Returns:
+            ``user_id, item_id, score, rank`` like :meth:`recommend`.
+        """
+        self._check_fitted()
+        seqs, index = self.sequences_, pd.Index(self.item_ids_)
+        rows = seqs.rows(pd.Series(users, dtype=str))
+        buckets = [min(2 + int(math.log2(1.0 + g)), self.config.n_time_buckets - 1)
+                   for g in SESSION_GAPS]
+        view = EVENT_TYPES.index("view") + 1
+        parts: list[tuple[np.ndarray, ...]] = []
+        kept = []
+        for position, (row, session) in enumerate(zip(rows, sessions, strict=True)):
+            extra = index.get_indexer(list(session))
+            extra = extra[extra >= 0] + 1
+            if row < 0 or not len(extra):
+                continue
+            span = slice(seqs.offsets[row], seqs.offsets[row + 1])
+            gaps = np.full(len(extra), buckets[1], dtype=seqs.gaps.dtype)
+            gaps[0] = buckets[0]
+            parts.append((np.concatenate([seqs.items[span], extra]),
+                          np.concatenate([seqs.types[span], np.full(len(extra), view)]),
+                          np.concatenate([seqs.gaps[span], gaps])))
+            kept.append(position)
+        if not kept:
+            return pd.DataFrame({USER: [], ITEM: [], SCORE: [], RANK: []})
+        lengths = [len(items) for items, _, _ in parts]
+        extended = seqdata.Sequences(
+            users=np.asarray(users, dtype=str)[kept],
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(seqs.offsets.dtype),
+            items=np.concatenate([p[0] for p in parts]).astype(seqs.items.dtype),
+            types=np.concatenate([p[1] for p in parts]).astype(seqs.types.dtype),
+            gaps=np.concatenate([p[2] for p in parts]).astype(seqs.gaps.dtype))
+        scores = self._masked_scores(extended, np.arange(len(kept)), exclude_seen)
+        top = torch.topk(scores, min(int(k), scores.shape[1]), dim=1)
+        values, items = top.values.float().cpu().numpy(), top.indices.cpu().numpy()
+        real = np.isfinite(values)
+        return pd.DataFrame({
+            USER: np.repeat(extended.users, real.sum(1)),
+            ITEM: self.item_ids_[items[real] - 1],
+            SCORE: values[real].astype(np.float64),
+            RANK: (np.cumsum(real, axis=1)[real]).astype(np.int64),
+        })
 
     def _popular(self, positions: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
         """Fallback lists: the ``k`` most popular fitted items for each of ``positions``."""

@@ -413,3 +413,28 @@ def test_mlflow_scoring_server_gives_the_same_answers(tmp_path, champion_store, 
         assert "k must be an integer" in bad[1]["message"]
     finally:
         stop_group(proc)
+
+
+def test_a_session_reading_model_answers_live_sessions_itself(tmp_path, demo_shop_dir):
+    from models.transformer import SequentialTransformer, TransformerConfig
+
+    events = pl.read_parquet(demo_shop_dir / "events.parquet")
+    model = SequentialTransformer(TransformerConfig(
+        hidden_size=16, n_blocks=1, n_heads=1, max_len=10, epochs=1, batch_size=256,
+        n_negatives=8, device="cpu", num_threads=1, seed=1)).fit(events)
+    model.save(tmp_path / "transformer")
+    covis = CoVisitation().fit(events)
+    bundle = ServingModel.build(
+        tmp_path / "bundle", family="transformer", model_dir=tmp_path / "transformer",
+        trending=Popularity(window_days=7).fit(events).popularity_,
+        neighbours=covis.neighbours_, users=events["user_id"], items=events["item_id"],
+        exclude_seen=False, max_k=20)
+    serving = ServingModel.load(bundle)
+    assert serving.session_model
+    assert serving._model is not None  # loaded before traffic
+    user, recent = serving.users[0], serving.neighbours["item_id"].head(2).to_list()
+    answer = serving.predict([{"user_id": user, "k": 5, "recent_items": recent},
+                              {"user_id": "someone-new", "k": 5, "recent_items": recent}])
+    own = model.recommend_session([user], [recent], k=5, exclude_seen=False)
+    assert _items(answer, user) == own["item_id"].tolist()
+    assert _items(answer, "someone-new") == [i for i, _ in serving._session_list(recent)][:5]

@@ -370,3 +370,27 @@ def test_real_beauty_slice_trains_and_ranks(shared_data: object) -> None:
     assert 0 <= model.history_[-1]["ndcg@10"] <= 1
     recs = model.recommend(last[USER], k=10)
     assert len(recs) == 10 * last[USER].nunique()
+
+
+def test_a_live_session_extends_the_fitted_sequence(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    train, _ = toy
+    users = ["u0", "u1", "u2"]
+    sessions = [["i3", "i4"], ["not-an-item", "i10"], ["i20"]]
+    live = fitted.recommend_session(users, sessions, k=5, exclude_seen=False)
+    # the same as the events appended as views, a day after the last event then a minute apart
+    extra = []
+    for user, session in zip(users, sessions, strict=True):
+        last = train.loc[train[USER] == user, TIMESTAMP].max()
+        known = [i for i in session if i != "not-an-item"]
+        for j, item in enumerate(known):
+            extra.append({USER: user, ITEM: item, EVENT_TYPE: "view",
+                          TIMESTAMP: last + pd.Timedelta(days=1) + pd.Timedelta(minutes=j)})
+    history = pd.concat([train, pd.DataFrame(extra)], ignore_index=True)
+    expected = fitted.recommend(users, k=5, exclude_seen=False, history=history)
+    assert live[[USER, ITEM, RANK]].equals(expected[[USER, ITEM, RANK]])
+    assert np.allclose(live[SCORE], expected[SCORE], atol=1e-5)
+    # the next item of the walk is on top: the session, not the old history, decides
+    assert live.loc[(live[USER] == "u0") & (live[RANK] == 1), ITEM].item() == "i5"
+    assert fitted.recommend_session(["nobody", "u0"], [["i1"], ["nothing"]], k=3).empty
