@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,21 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 # Nothing a test does may touch the user's Prefect home.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="shoprank-prefect-home-")
+
+
+SYS_PATH = list(sys.path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    """Put sys.path back as it was when the session began, after every test.
+
+    Loading a pyfunc prepends its code folder to sys.path (in tests and in module fixtures);
+    later tests, and the Dask worker processes they spawn (which inherit sys.path), must import
+    the project, not that copy.
+    """
+    yield
+    sys.path[:] = SYS_PATH
 
 
 @pytest.fixture(scope="session")
