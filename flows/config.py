@@ -116,8 +116,9 @@ class RegistryConfig(_Strict):
         0.5, ge=0, description="Largest relative growth of the p99 latency of one-user requests."
     )
     latency_slack_ms: float = Field(
-        5.0, ge=0, description="Latency growth in ms always tolerated (timing noise)."
-    )
+        25.0, ge=0, description="Latency growth in ms always tolerated (timing noise: both "
+        "models answer from precomputed lists in 1-5 ms in process, and one scheduling hiccup "
+        "on a busy machine moves a p99 of 200 requests by 10 ms or more).")
     latency_requests: int = Field(
         200, gt=0, description="Single-user requests timed per model for the latency guardrail."
     )

@@ -63,7 +63,7 @@ class PromotionPolicy:
     margin: float = 0.0
     coverage_tolerance: float = 0.1
     latency_tolerance: float = 0.5
-    latency_slack_ms: float = 5.0
+    latency_slack_ms: float = 25.0
     latency_requests: int = 200
     guard_k: int = 10
     session_items: int = 5

@@ -144,7 +144,8 @@ def test_evaluation_event_promotes_and_then_recommends(deployed, prefect_api, st
     assert promoted.state.is_completed(), promoted.state
     assert promoted.parameters["version"] == "2"
     client = MlflowClient(uri)
-    assert client.get_model_version("shoprank", "2").tags[DECISION_TAG] == "promoted"
+    tags = client.get_model_version("shoprank", "2").tags
+    assert tags[DECISION_TAG] == "promoted", tags
     assert alias_version(client, "shoprank", "champion") == "2"
 
     recommended = _wait_for_run("recommend", log)
