@@ -61,12 +61,9 @@ def _write_buckets(frame: pl.DataFrame, key: str, n_buckets: int, path: Path) ->
     """``frame`` with a bucket column, one row group per bucket (read back by filter)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     bucketed = frame.with_columns(shard_of(frame[key], n_buckets).alias(BUCKET)).sort(BUCKET)
-    table = bucketed.to_arrow()
-    with pq.ParquetWriter(path, table.schema) as writer:
-        for bucket in range(n_buckets):
-            part = bucketed.filter(pl.col(BUCKET) == bucket).to_arrow()
-            if part.num_rows:
-                writer.write_table(part)
+    with pq.ParquetWriter(path, bucketed.head(0).to_arrow().schema) as writer:
+        for part in bucketed.partition_by(BUCKET, maintain_order=True):
+            writer.write_table(part.to_arrow())
 
 
 def _read_bucket(files: list[Path], bucket: int) -> pl.DataFrame:
