@@ -37,6 +37,7 @@ from tasks.prepare import (
     validate_data,
     validate_sharded,
 )
+from tasks.rank_shards import evaluate_ranker_sharded
 from tasks.split_shards import split_event_shards
 
 
@@ -70,16 +71,29 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
                                      config.split.model_dump(), data.ordered_only,
                                      work / "split")
     clock.done("split")
-    exclude_seen = config.evaluation.exclude_seen
-    if exclude_seen is None:
-        exclude_seen = protocol == "leave_one_out"
+    exclude_seen = resolved_exclude_seen(config, protocol)
     n_items = catalogue_size(data)
     scores = evaluate_baselines_sharded(work / "split", config.evaluation.ks, n_items,
                                         exclude_seen, config.baselines.recent_days,
                                         work / "baselines")
     clock.done("baselines")
+    if config.ranker.enabled:
+        ranker = evaluate_ranker_sharded(
+            work / "split", data.items, config.ranker.settings(config.seed),
+            config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
+            config.dask.workers or default_workers(), run_id,
+            tracking.tracking_uri(config.tracking_uri))
+        scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
+        clock.done("ranker")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
             "rows": data.rows, "seconds": clock.seconds}
+
+
+def resolved_exclude_seen(config: TrainConfig, protocol: str) -> bool:
+    """The configured ``evaluation.exclude_seen``; by default True for leave-one-out only."""
+    if config.evaluation.exclude_seen is None:
+        return protocol == "leave_one_out"
+    return config.evaluation.exclude_seen
 
 
 class StageClock:
@@ -102,11 +116,10 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
     """The ``dask`` engine's stages; returns the protocol and every model's metrics."""
     logger = get_run_logger()
     skipped = [name for name, on in (("transformer", config.transformer.enabled),
-                                     ("lgbm_ranker", config.ranker.enabled),
                                      ("release", config.registry.enabled)) if on]
     if skipped:
-        logger.warning("engine dask runs the data stages and the baselines on shards; not yet "
-                       "%s (run them with engine local)", ", ".join(skipped))
+        logger.warning("engine dask runs the data stages, the baselines and the ranker on "
+                       "shards; not yet %s (run them with engine local)", ", ".join(skipped))
     result = sharded_stages.with_options(task_runner=dask_runner(config.dask))(
         config, data, run_id, workdir)
     client = MlflowClient(tracking.tracking_uri(config.tracking_uri))
@@ -116,8 +129,47 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
     client.log_param(run_id, "resolved.exclude_seen", result["exclude_seen"])
     for name, stages in result["scores"].items():
         for stage, metrics in stages.items():
-            tracking.log_metrics(run_id, name, stage, metrics)
+            if name != "lgbm_ranker":  # logged with its candidate recall and plots
+                tracking.log_metrics(run_id, name, stage, metrics)
     return result["protocol"], result["scores"]
+
+
+def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path, uri: str
+                ) -> tuple[str, dict[str, Any], str, dict[str, Any] | None]:
+    """The ``local`` engine's stages: protocol, metrics, their report and the release."""
+    client = MlflowClient(uri)
+    data = validate_data(data, config.validation, run_id)
+    split = split_data(data, config.split.model_dump())
+    protocol = split.protocol
+    client.set_tag(run_id, "protocol", protocol)
+    client.log_artifact(run_id, str(split.folder / "info.json"), "split")
+    exclude_seen = resolved_exclude_seen(config, protocol)
+    client.log_param(run_id, "resolved.exclude_seen", exclude_seen)
+    n_items = catalogue_size(data)
+    scores = evaluate_baselines(
+        split.folder, config.evaluation.ks, n_items, exclude_seen,
+        config.baselines.recent_days, workdir / "models", run_id,
+    )
+    transformer = None
+    sequence_config = config.transformer.settings(config.seed)
+    if config.transformer.enabled:
+        transformer = evaluate_transformer(
+            split.folder, data.items, sequence_config, config.evaluation.ks, n_items,
+            exclude_seen, workdir, run_id)
+        scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
+    if config.ranker.enabled:
+        scores["lgbm_ranker"] = evaluate_lgbm_ranker(
+            split.folder, data.items, config.ranker.settings(config.seed),
+            config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id,
+            transformer, sequence_config)
+    report = report_metrics(scores, protocol, run_id)
+    # ---- release: the best model on validation is packaged, registered and promoted ----
+    release = None
+    if config.registry.enabled:
+        release = release_best_model(scores, config, ReleaseRun(
+            run_id, uri, split.folder, workdir / "models", data.name, data.fingerprint,
+            protocol, exclude_seen, config.model_dump(mode="json")))
+    return protocol, scores, report, release
 
 
 @flow(name="train", log_prints=False)
@@ -144,49 +196,12 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
     try:
         tracking.log_run_context(run_id, config.model_dump(mode="json"), data.name, data.source,
                                  data.fingerprint, data.rows)
+        release = None
         if sharded:
             protocol, scores = train_sharded(config, data, run_id, workdir)
             report = report_metrics(scores, protocol, run_id)
-            client.set_terminated(run_id, "FINISHED")
-            logger.info("run finished; outputs in %s\n%s", workdir, report)
-            return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-                    "workdir": str(workdir), "protocol": protocol, "scores": scores,
-                    "release": None}
-        data = validate_data(data, config.validation, run_id)
-        split = split_data(data, config.split.model_dump())
-        protocol = split.protocol
-        client.set_tag(run_id, "protocol", protocol)
-        client.log_artifact(run_id, str(split.folder / "info.json"), "split")
-        exclude_seen = config.evaluation.exclude_seen
-        if exclude_seen is None:
-            exclude_seen = protocol == "leave_one_out"
-        client.log_param(run_id, "resolved.exclude_seen", exclude_seen)
-        n_items = catalogue_size(data)
-        scores = evaluate_baselines(
-            split.folder, config.evaluation.ks, n_items, exclude_seen,
-            config.baselines.recent_days, workdir / "models", run_id,
-        )
-        transformer = None
-        sequence_config = config.transformer.settings(config.seed)
-        if config.transformer.enabled:
-            transformer = evaluate_transformer(
-                split.folder, data.items, sequence_config, config.evaluation.ks, n_items,
-                exclude_seen, workdir, run_id)
-            scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
-        if config.ranker.enabled:
-            scores["lgbm_ranker"] = evaluate_lgbm_ranker(
-                split.folder, data.items, config.ranker.settings(config.seed),
-                config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id,
-                transformer, sequence_config)
-        report = report_metrics(scores, protocol, run_id)
-
-        # ---- release: the best model on validation is packaged, registered and promoted ----
-        release = None
-        if config.registry.enabled:
-            release = release_best_model(scores, config, ReleaseRun(
-                run_id, uri, split.folder, workdir / "models", data.name, data.fingerprint,
-                protocol, exclude_seen, config.model_dump(mode="json")))
-        # ---- end of release ----
+        else:
+            protocol, scores, report, release = train_local(config, data, run_id, workdir, uri)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

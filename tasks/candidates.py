@@ -250,23 +250,29 @@ class CandidateBuilder:
         config: Quotas and options; defaults to ``CandidateConfig()``.
         items: Items table; its ``category_id`` feeds the ``category`` source.
         ordered_only: Timestamps only order events (no real time): no popularity window.
+        popular: ``item_id, score`` of the popular source, when the whole history's is known
+            (``history`` is then a part of it, by user); else counted from ``history``.
+        popularity: ``item_id, score``: all-time popularity for the category tops, likewise.
     """
 
     def __init__(self, history: pl.DataFrame | PreparedHistory, covis: CoVisitation,
                  config: CandidateConfig | None = None, items: pl.DataFrame | None = None,
-                 ordered_only: bool = False) -> None:
+                 ordered_only: bool = False, popular: pl.DataFrame | None = None,
+                 popularity: pl.DataFrame | None = None) -> None:
         self.config = config or CandidateConfig()
         self.covis = covis
         self.history = prepared_history(history, self.config.event_weights)
         events = self.history.events
-        self.popular = item_popularity(events, self.config.popular_days, ordered_only).sort(
-            [SCORE, ITEM], descending=[True, False])
+        if popular is None:
+            popular = item_popularity(events, self.config.popular_days, ordered_only)
+        self.popular = popular.sort([SCORE, ITEM], descending=[True, False])
         self.categories: pl.DataFrame | None = None
         self.category_tops: pl.DataFrame | None = None
         if self.config.n_category and items is not None and CATEGORY in items.columns:
             self.categories = items.select(ITEM, CATEGORY).drop_nulls().unique(ITEM, keep="first")
-            self.category_tops = _category_tops(item_popularity(events, None, ordered_only),
-                                                self.categories)
+            if popularity is None:
+                popularity = item_popularity(events, None, ordered_only)
+            self.category_tops = _category_tops(popularity, self.categories)
 
     def sources(self, users: pl.Series | list[str] | pl.DataFrame,
                 external: Mapping[str, pl.DataFrame] | None = None,
@@ -428,25 +434,40 @@ def label_candidates(cands: pl.DataFrame, targets: pl.DataFrame) -> pl.DataFrame
     )
 
 
+def recall_counts(cands: pl.DataFrame, targets: pl.DataFrame) -> dict[str, float]:
+    """The counts behind :func:`candidate_recall` of one part of the users (they add up).
+
+    ``targets``: the number of distinct target pairs; ``all`` and each source: those found;
+    ``pairs`` and ``users``: candidate rows and their distinct users.
+    """
+    require_columns(targets.columns, (USER, ITEM), "targets")
+    pairs = targets.select(USER, ITEM).unique()
+    # the candidates of target pairs first: a join on every candidate would hash them all
+    ranks = cands.select(USER, ITEM, CAND_RANK, *rank_columns(cands)).join(
+        pairs, on=[USER, ITEM], how="semi")
+    found = pairs.join(ranks, on=[USER, ITEM], how="left")
+    counts = {col.removeprefix(RANK_PREFIX): float(found[col].is_not_null().sum())
+              for col in rank_columns(cands)}
+    counts["all"] = float(found[CAND_RANK].is_not_null().sum())
+    return {**counts, "targets": float(pairs.height), "pairs": float(cands.height),
+            "users": float(cands[USER].n_unique())}
+
+
+def merge_recall(parts: list[dict[str, float]]) -> dict[str, float]:
+    """:func:`candidate_recall` from the :func:`recall_counts` of disjoint sets of users."""
+    total = {key: sum(part.get(key, 0.0) for part in parts) for key in parts[0]}
+    if not total["targets"]:
+        raise DataError("candidate recall needs targets; the target table is empty.")
+    result = {key: value / total["targets"] for key, value in total.items()
+              if key not in ("targets", "pairs", "users")}
+    result["candidates_per_user"] = total["pairs"] / max(total["users"], 1.0)
+    return result
+
+
 def candidate_recall(cands: pl.DataFrame, targets: pl.DataFrame) -> dict[str, float]:
     """Share of target pairs present in the candidates, per source and merged (``all``).
 
     A source's recall counts the targets it proposed among the kept candidates. Also gives
     ``candidates_per_user``. Every target counts, including those of users without candidates.
     """
-    require_columns(targets.columns, (USER, ITEM), "targets")
-    pairs = targets.select(USER, ITEM).unique()
-    if pairs.is_empty():
-        raise DataError("candidate recall needs targets; the target table is empty.")
-    # the candidates of target pairs first: a join on every candidate would hash them all
-    ranks = cands.select(USER, ITEM, CAND_RANK, *rank_columns(cands)).join(
-        pairs, on=[USER, ITEM], how="semi")
-    found = pairs.join(ranks, on=[USER, ITEM], how="left")
-    result = {
-        col.removeprefix(RANK_PREFIX): float(found[col].is_not_null().mean())
-        for col in rank_columns(cands)
-    }
-    result["all"] = float(found[CAND_RANK].is_not_null().mean())
-    users = max(cands[USER].n_unique(), 1)
-    result["candidates_per_user"] = cands.height / users
-    return result
+    return merge_recall([recall_counts(cands, targets)])

@@ -57,7 +57,7 @@ def _history_t_max(split_dir: Path, table: str) -> dt.datetime:
     return frame.collect().item()
 
 
-def _write_buckets(frame: pl.DataFrame, key: str, n_buckets: int, path: Path) -> None:
+def write_buckets(frame: pl.DataFrame, key: str, n_buckets: int, path: Path) -> None:
     """``frame`` with a bucket column, one row group per bucket (read back by filter)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     bucketed = frame.with_columns(shard_of(frame[key], n_buckets).alias(BUCKET)).sort(BUCKET)
@@ -66,7 +66,8 @@ def _write_buckets(frame: pl.DataFrame, key: str, n_buckets: int, path: Path) ->
             writer.write_table(part.to_arrow())
 
 
-def _read_bucket(files: list[Path], bucket: int) -> pl.DataFrame:
+def read_bucket(files: list[Path], bucket: int) -> pl.DataFrame:
+    """The rows of ``bucket`` in files written by :func:`write_buckets`."""
     return pl.scan_parquet(files).filter(pl.col(BUCKET) == bucket).drop(BUCKET).collect()
 
 
@@ -78,22 +79,22 @@ def map_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, recen
     counts = weighted_counts(history, DEFAULT_EVENT_WEIGHTS, t_max, recent_days).rename(
         {SCORE: RECENT}).join(history.group_by(ITEM).len(COUNT), on=ITEM)
     pairs = CoVisitation().partial(history, t_max)["pairs"]
-    _write_buckets(counts, ITEM, n_buckets, work / stage / "counts" / f"shard-{shard:05d}.parquet")
-    _write_buckets(pairs, "src", n_buckets, work / stage / "pairs" / f"shard-{shard:05d}.parquet")
+    write_buckets(counts, ITEM, n_buckets, work / stage / "counts" / f"shard-{shard:05d}.parquet")
+    write_buckets(pairs, "src", n_buckets, work / stage / "pairs" / f"shard-{shard:05d}.parquet")
 
 
 @task(name="baseline-reduce-counts", retries=1, cache_policy=NO_CACHE)
 def reduce_counts(work: Path, stage: str, bucket: int) -> pl.DataFrame:
     """One bucket of the whole history's counts per item."""
     files = sorted((work / stage / "counts").glob("*.parquet"))
-    return sum_partials([{"counts": _read_bucket(files, bucket)}])["counts"]
+    return sum_partials([{"counts": read_bucket(files, bucket)}])["counts"]
 
 
 @task(name="baseline-reduce-pairs", retries=1, cache_policy=NO_CACHE)
 def reduce_pairs(work: Path, stage: str, bucket: int, popularity: pl.DataFrame) -> Path:
     """One bucket of source items' neighbours, from every shard's pairs; returns its file."""
     files = sorted((work / stage / "pairs").glob("*.parquet"))
-    pairs = sum_partials([{"pairs": _read_bucket(files, bucket)}])["pairs"]
+    pairs = sum_partials([{"pairs": read_bucket(files, bucket)}])["pairs"]
     out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     CoVisitation().neighbours_from(pairs, popularity).write_parquet(out)

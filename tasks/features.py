@@ -64,6 +64,7 @@ from tasks.candidates import (
     prepared_history,
     user_frame,
 )
+from tasks.history_tables import HistoryTables, TableSettings, history_tables, window_name
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,14 @@ class FeatureConfig(BaseModel):
     )
 
 
+def table_settings(candidates: CandidateConfig, features: FeatureConfig, ordered_only: bool
+                   ) -> TableSettings:
+    """What the whole-history tables of these candidate and feature settings depend on."""
+    return TableSettings(candidates.event_weights, candidates.popular_days,
+                         features.event_weights, features.windows_days, features.tail_events,
+                         not ordered_only)
+
+
 def _days(expr: pl.Expr) -> pl.Expr:
     return expr.dt.total_microseconds() / _US_PER_DAY
 
@@ -105,24 +114,6 @@ def _days(expr: pl.Expr) -> pl.Expr:
 def _type_counts(prefix: str) -> list[pl.Expr]:
     return [(pl.col(EVENT_TYPE) == t).sum().cast(pl.Float64).alias(f"{prefix}_n_{t}")
             for t in EVENT_TYPES]
-
-
-def _item_prices(hist: pl.DataFrame, items: pl.DataFrame | None) -> pl.DataFrame | None:
-    """``item_id, price``: the catalogue price, else the mean price in events; None without any."""
-    frames = []
-    if items is not None and PRICE in items.columns:
-        frames.append(items.select(ITEM, pl.col(PRICE).cast(pl.Float64)).drop_nulls())
-    if PRICE in hist.columns:
-        frames.append(hist.group_by(ITEM).agg(pl.col(PRICE).cast(pl.Float64).mean()).drop_nulls())
-    if not frames:
-        return None
-    return pl.concat(frames).unique(ITEM, keep="first")
-
-
-def _categories(items: pl.DataFrame | None) -> pl.DataFrame | None:
-    if items is None or CATEGORY not in items.columns:
-        return None
-    return items.select(ITEM, CATEGORY).drop_nulls().unique(ITEM, keep="first")
 
 
 def user_features(hist: pl.DataFrame, end: object, real_time: bool,
@@ -148,48 +139,8 @@ def user_features(hist: pl.DataFrame, end: object, real_time: bool,
     return frame.group_by(USER).agg(aggs)
 
 
-def item_features(hist: pl.DataFrame, end: object, real_time: bool, config: FeatureConfig,
-                  categories: pl.DataFrame | None, prices: pl.DataFrame | None) -> pl.DataFrame:
-    """One row per item of ``hist``: popularity, windows, trend, tail, funnel, price, category."""
-    n_users = pl.col(USER).n_unique().cast(pl.Float64)
-    aggs = [
-        pl.col(WEIGHT).sum().alias("i_pop"),
-        pl.len().cast(pl.Float64).alias("i_n_events"),
-        n_users.alias("i_n_users"),
-        pl.col("__tail").sum().cast(pl.Float64).alias("i_pop_tail"),
-        *(pl.col(USER).filter(pl.col(EVENT_TYPE) == t).n_unique().cast(pl.Float64)
-          .truediv(n_users).alias(f"i_{t}_user_share") for t in EVENT_TYPES if t != "view"),
-    ]
-    if real_time:
-        age = _days(pl.lit(end) - pl.col(TIMESTAMP))
-        aggs += [(age <= w).sum().cast(pl.Float64).alias(f"i_n_{_w(w)}d")
-                 for w in config.windows_days]
-        aggs += [age.max().alias("i_days_since_first"), age.min().alias("i_days_since_last"),
-                 pl.col(USER).filter(age <= min(config.windows_days, default=1.0)).n_unique()
-                 .cast(pl.Float64).alias("i_n_users_recent")]
-    tail = (pl.len().over(USER) - pl.col(POS)) <= config.tail_events
-    out = hist.with_columns(tail.alias("__tail")).group_by(ITEM).agg(aggs)
-    if real_time and len(config.windows_days) >= 2:
-        short, long = min(config.windows_days), max(config.windows_days)
-        out = out.with_columns(
-            ((pl.col(f"i_n_{_w(short)}d") / short + 0.1) / (pl.col(f"i_n_{_w(long)}d") / long + 0.1)
-             ).alias("i_trend")
-        )
-    if prices is not None:
-        out = out.join(prices.rename({PRICE: "i_price"}), on=ITEM, how="left")
-    if categories is not None:
-        cat_pop = pl.when(pl.col(CATEGORY).is_not_null()).then(pl.col("i_pop").sum().over(CATEGORY))
-        out = out.join(categories, on=ITEM, how="left").with_columns(
-            cat_pop.alias("i_cat_pop")
-        ).with_columns(
-            (pl.col("i_pop") / pl.col("i_cat_pop")).fill_nan(0.0).alias("i_cat_share"),
-            pl.col("i_cat_pop").fill_null(0.0),
-        ).drop(CATEGORY)
-    return out
-
-
 def _w(days: float) -> str:
-    return f"{days:g}".replace(".", "_")
+    return window_name(days)
 
 
 def user_item_features(pairs: pl.DataFrame, hist: pl.DataFrame, end: object, real_time: bool,
@@ -342,19 +293,23 @@ class FeatureBuilder:
         covis: The :class:`CoVisitation` model of the candidates, for last-item links.
         ordered_only: Timestamps only order events: time-based features are left out.
         config: Windows and depths; defaults to ``FeatureConfig()``.
+        tables: The whole history's tables when ``history`` is a part of it (by user); else
+            computed from ``history``.
     """
 
     def __init__(self, history: pl.DataFrame | PreparedHistory, items: pl.DataFrame | None = None,
                  covis: CoVisitation | None = None, ordered_only: bool = False,
-                 config: FeatureConfig | None = None) -> None:
+                 config: FeatureConfig | None = None, tables: HistoryTables | None = None
+                 ) -> None:
         self.config = config or FeatureConfig()
         self.history = prepared_history(history, self.config.event_weights)
         self.covis, self.real_time = covis, not ordered_only
-        hist = self.history.events
-        self.end = hist[TIMESTAMP].max()
-        self.categories, self.prices = _categories(items), _item_prices(hist, items)
-        self.item_table = item_features(hist, self.end, self.real_time, self.config,
-                                        self.categories, self.prices)
+        if tables is None:
+            tables = history_tables(self.history.events, table_settings(
+                CandidateConfig(event_weights=self.config.event_weights), self.config,
+                ordered_only), items)
+        self.end, self.categories, self.prices = tables.end, tables.categories, tables.prices
+        self.item_table = tables.item_table
         self.items = items if items is not None and ATTRIBUTES in items.columns else None
         self.attributes = None if self.items is None else _item_attributes(self.items)
 
@@ -413,6 +368,7 @@ def candidate_features(
     ordered_only: bool = False,
     targets: pl.DataFrame | None = None,
     user_chunk: int = USER_CHUNK,
+    tables: HistoryTables | None = None,
 ) -> pl.DataFrame:
     """Candidates of ``users`` with their features (and labels), ``user_chunk`` users at a time.
 
@@ -434,6 +390,8 @@ def candidate_features(
         ordered_only: Timestamps only order events: no time windows or time features.
         targets: ``user_id, item_id`` of the window to learn; adds ``label`` when given.
         user_chunk: Users per chunk; working memory follows it (see :data:`USER_CHUNK`).
+        tables: The whole history's tables (:mod:`tasks.history_tables`) when ``history`` holds
+            only some users' events (a shard); else computed from ``history``.
 
     Returns:
         The candidate pairs with ``rank_*``, ``cand_rank``, co-visitation evidence, the feature
@@ -447,10 +405,16 @@ def candidate_features(
         require_columns(targets.columns, (USER, ITEM), "targets")
         targets = targets.select(USER, ITEM).unique()
     users_df = user_frame(users)
-    candidates = CandidateBuilder(history, covis, candidate_config, items, ordered_only)
-    shared = candidates.history.event_weights == dict(feature_config.event_weights)
-    features = FeatureBuilder(candidates.history if shared else history, items, covis,
-                              ordered_only, feature_config)
+    prepared = PreparedHistory(history, candidate_config.event_weights)
+    if tables is None:
+        tables = history_tables(prepared.events,
+                                table_settings(candidate_config, feature_config, ordered_only),
+                                items)
+    candidates = CandidateBuilder(prepared, covis, candidate_config, items, ordered_only,
+                                  tables.popular, tables.popularity)
+    shared = prepared.event_weights == dict(feature_config.event_weights)
+    features = FeatureBuilder(prepared if shared else history, items, covis, ordered_only,
+                              feature_config, tables)
     n_chunks = max(-(-users_df.height // user_chunk), 1)
     parts = []
     for i in range(n_chunks):

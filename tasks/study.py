@@ -35,12 +35,22 @@ def derived_study_name(family: str, split: Split, settings: BaseModel) -> str:
     The digest covers the training events, the validation targets and every setting except
     the budget (:data:`RESUME_EXCLUDED`), so a re-run with a larger budget resumes the study.
     """
+    data = [str((frame.height, frame.hash_rows(seed=0).sum()))
+            for frame in (split.train, split.valid_targets)]
+    return digest_study_name(family, split.protocol, data, settings)
+
+
+def digest_study_name(family: str, protocol: str, data: list[str], settings: BaseModel) -> str:
+    """``<family>-<protocol>-<digest>`` of texts naming the data and of the settings.
+
+    Every setting counts except those of :data:`RESUME_EXCLUDED`.
+    """
     digest = hashlib.sha256()
-    for frame in (split.train, split.valid_targets):
-        digest.update(str((frame.height, frame.hash_rows(seed=0).sum())).encode())
+    for text in data:
+        digest.update(text.encode())
     values = settings.model_dump(mode="json", exclude=RESUME_EXCLUDED)
     digest.update(json.dumps(values, sort_keys=True).encode())
-    return f"{family}-{split.protocol}-{digest.hexdigest()[:12]}"
+    return f"{family}-{protocol}-{digest.hexdigest()[:12]}"
 
 
 def default_storage() -> str:
@@ -99,14 +109,17 @@ class TrialLogger:
     Args:
         parent_run_id: The training run; None logs nothing.
         prefix: Model family, the start of each trial run's name (``<prefix>-trial-<n>``).
+        tracking_uri: The tracking store (default: the process's, as ``MlflowClient()``); give it
+            in a process that did not set it, such as a Dask worker.
     """
 
-    def __init__(self, parent_run_id: str | None, prefix: str) -> None:
+    def __init__(self, parent_run_id: str | None, prefix: str,
+                 tracking_uri: str | None = None) -> None:
         self.parent, self.prefix = parent_run_id, prefix
         if parent_run_id:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient()
+            self.client = MlflowClient(tracking_uri)
             self.experiment = self.client.get_run(parent_run_id).info.experiment_id
 
     def start(self, trial: optuna.Trial, params: dict[str, Any]) -> str | None:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-import numpy as np
 import optuna
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,6 +47,7 @@ from tasks.candidates import (
     user_frame,
 )
 from tasks.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
+from tasks.shards import shard_of
 from tasks.split import Split, leave_one_out
 from tasks.study import TrialLogger, derived_study_name, open_study, run_study
 
@@ -86,6 +86,10 @@ class RankerConfig(BaseModel):
         1.0, gt=0, le=1, description="Step between time-split training windows, in window lengths."
     )
     holdout_share: float = Field(0.2, gt=0, lt=1, description="Users held out for early stopping.")
+    sample_groups: int = Field(
+        40_000, ge=1, description="engine dask: training groups (user x window) the ranker "
+        "learns from, a seeded sample (the held-out groups are bounded alike, by the holdout "
+        "share of it); the local engine learns from every group.")
     n_trials: int = Field(20, ge=1, description="Optuna trials of the study (in total).")
     timeout_s: float | None = Field(None, gt=0, description="Stop starting trials after this.")
     storage: str | None = Field(
@@ -115,41 +119,45 @@ def training_windows(split: Split, n: int, stride: float = 1.0
     Leave-one-out peels one more item off every user per window. A time split cuts windows of
     the validation window's length that end by ``t_valid``, each ``stride`` window lengths
     before the previous one (below 1 they overlap). Nothing at or after ``t_valid`` is used.
+    The windows stop at the first one without history or targets.
     """
-    earlier = _loo_windows(split.train, n) if split.protocol == "leave_one_out" else \
-        _time_windows(split, n, stride)
-    return [(split.train, split.valid_targets), *earlier]
-
-
-def _loo_windows(history: pl.DataFrame, n: int) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     windows = []
-    for j in range(1, n + 1):
-        try:
-            earlier = leave_one_out(history)
-        except DataError as err:
-            logger.warning("training window %d skipped: %s", j, err)
-            break
-        history = earlier.test_history
-        windows.append((history, earlier.test_targets))
-    return windows
-
-
-def _time_windows(split: Split, n: int, stride: float
-                  ) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
-    t_valid, t_test = (_as_time(split.info[k]) for k in ("t_valid", "t_test"))
-    types = str(split.info.get("target_event_types") or ",".join(EVENT_TYPES)).split(",")
-    windows = []
-    for j in range(n):
-        start = t_valid - (t_test - t_valid) * (1 + j * stride)
-        history = split.train.filter(pl.col(TIMESTAMP) < start)
-        window = split.train.filter(pl.col(TIMESTAMP).is_between(
-            start, start + (t_test - t_valid), closed="left"))
-        targets = (window.filter(pl.col(EVENT_TYPE).is_in(types)).select(USER, ITEM).unique()
-                   .join(history.select(USER).unique(), on=USER, how="semi"))
+    for history, targets in every_window(split, n, stride):
         if history.is_empty() or targets.is_empty():
+            logger.warning("training window %d skipped: no history or no targets", len(windows))
             break
         windows.append((history, targets))
     return windows
+
+
+def every_window(split: Split, n: int, stride: float = 1.0
+                 ) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    """All ``n + 1`` windows of :func:`training_windows`, empty ones included.
+
+    For one shard of a split (some users): a window empty here may not be empty elsewhere.
+    """
+    windows = [(split.train, split.valid_targets)]
+    history = split.train
+    for j in range(n):
+        if split.protocol == "leave_one_out":
+            earlier = leave_one_out(history, check=False)
+            history = earlier.test_history
+            windows.append((history, earlier.test_targets))
+        else:
+            windows.append(_time_window(split, j, stride))
+    return windows
+
+
+def _time_window(split: Split, j: int, stride: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    t_valid, t_test = (_as_time(split.info[k]) for k in ("t_valid", "t_test"))
+    types = str(split.info.get("target_event_types") or ",".join(EVENT_TYPES)).split(",")
+    start = t_valid - (t_test - t_valid) * (1 + j * stride)
+    history = split.train.filter(pl.col(TIMESTAMP) < start)
+    window = split.train.filter(pl.col(TIMESTAMP).is_between(
+        start, start + (t_test - t_valid), closed="left"))
+    targets = (window.filter(pl.col(EVENT_TYPE).is_in(types)).select(USER, ITEM).unique()
+               .join(history.select(USER).unique(), on=USER, how="semi"))
+    return history, targets
 
 
 def _as_time(value: Any) -> dt.datetime:
@@ -160,6 +168,26 @@ def _as_time(value: Any) -> dt.datetime:
     except ValueError as err:
         raise ConfigError(f"the split's cut time {value!r} is not an ISO datetime; split the "
                           "data with tasks.split.time_split.") from err
+
+
+HOLDOUT_SCALE = 1_000_000
+
+
+def holdout_key(users: pl.Series, seed: int) -> pl.Series:
+    """A user's place in the holdout draw: CRC-32 of ``<seed>:<user_id>`` in [0, 10^6).
+
+    The same in every process and shard (:func:`tasks.shards.shard_of`), so a user sharded
+    anywhere is held out or not alike.
+    """
+    return shard_of(f"{seed}:" + users.cast(pl.String), HOLDOUT_SCALE)
+
+
+def holdout_users(users: pl.Series, share: float, seed: int) -> pl.Series:
+    """The ``users`` drawn into the holdout: those whose :func:`holdout_key` is below the share.
+
+    The caller holds out the user with the smallest key when none is drawn (a tiny shop).
+    """
+    return users.filter(holdout_key(users, seed) < share * HOLDOUT_SCALE)
 
 
 @dataclass
@@ -217,10 +245,11 @@ class RankingPipeline:
         model fitted on that window's history only); the validation window's candidate recall
         is returned with the frames.
         """
-        valid_users = user_frame(split.valid_targets)[USER].to_numpy()
-        rng = np.random.default_rng(self.config.seed)
-        n_held = max(1, round(len(valid_users) * self.config.holdout_share))
-        held = pl.Series(USER, rng.permutation(valid_users)[:n_held]).implode()
+        valid_users = user_frame(split.valid_targets)[USER]
+        held = holdout_users(valid_users, self.config.holdout_share, self.config.seed)
+        held = held if held.len() else valid_users.sort_by(holdout_key(valid_users,
+                                                                       self.config.seed)).head(1)
+        held = held.implode()
         train, holdout, targets, recall = [], [], [], {}
         for j, (history, window) in enumerate(
                 training_windows(split, self.config.extra_windows, self.config.window_stride)):
@@ -276,14 +305,8 @@ class RankingPipeline:
         """Top-``k`` of scored candidate pairs, filled with popular items, like a recommender."""
         counts = self.history_.group_by(ITEM).agg(
             event_weight_expr(self.config.candidates.event_weights).sum().alias(SCORE))
-        exclude = None
-        if exclude_seen:
-            exclude = self.history_.select(USER, ITEM).unique()
-        personal = self.ranker_.recommend(frame, k) if frame.height else None
-        if personal is not None:  # shift scores above the fill's [-1, 0]
-            personal = personal.with_columns(pl.col(SCORE) - pl.col(SCORE).min() + 1.0)
-        return top_k_with_fallback(user_frame(users), personal, popularity_table(counts), k,
-                                   exclude)
+        exclude = self.history_.select(USER, ITEM).unique() if exclude_seen else None
+        return rank_scored(self.ranker_, frame, users, k, counts, exclude)
 
     def recommend(self, users: Any, k: int = 10, exclude_seen: bool | None = None,
                   external: dict[str, pl.DataFrame] | None = None) -> pl.DataFrame:
@@ -325,6 +348,19 @@ class RankingPipeline:
 
             pipe.source = SequenceSource.load(path / SOURCE_DIR)
         return pipe.set_history(pl.read_parquet(path / "history.parquet"))
+
+
+def rank_scored(ranker: LightGBMRanker, frame: pl.DataFrame, users: Any, k: int,
+                popularity: pl.DataFrame, exclude: pl.DataFrame | None) -> pl.DataFrame:
+    """Each user's top ``k`` of the ranker's scores of ``frame``, filled with popular items.
+
+    ``popularity`` is ``item_id, score`` of the history; ``exclude`` the pairs never returned.
+    """
+    personal = ranker.recommend(frame, k) if frame.height else None
+    if personal is not None:  # shift scores above the fill's [-1, 0]
+        personal = personal.with_columns(pl.col(SCORE) - pl.col(SCORE).min() + 1.0)
+    return top_k_with_fallback(user_frame(users), personal, popularity_table(popularity), k,
+                               exclude)
 
 
 def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
@@ -448,7 +484,8 @@ def log_plots(run_id: str, study: optuna.Study, ranker: LightGBMRanker) -> None:
         plt.close(fig)
 
 
-def _log_results(run_id: str, result: dict[str, Any], config: RankerConfig) -> None:
+def log_results(run_id: str, result: dict[str, Any], config: RankerConfig) -> None:
+    """Log the ranker's metrics, candidate recall and result (with its config) to the run."""
     from tasks import tracking
 
     for stage in ("valid", "test"):
@@ -541,7 +578,7 @@ def tune_and_evaluate_lgbm(
         "study_name": study.study_name, "n_trials": len(study.trials), "model_dir": str(model_dir),
     }
     if run_id:
-        _log_results(run_id, result, config)
+        log_results(run_id, result, config)
         log_plots(run_id, study, pipe.ranker_)
     logger.info("lgbm ranker: test %s", {k: round(v, 4) for k, v in test.items() if "@" in k})
     return result
