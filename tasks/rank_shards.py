@@ -289,9 +289,13 @@ def read_sample(work: Path) -> TrainingData:
 
 @task(name="ranker-trials", cache_policy=NO_CACHE)
 def run_trials(work: Path, study_name: str, storage: str, config: RankerConfig, ks: list[int],
-               n_trials: int, run_id: str | None, tracking_uri: str) -> int:
-    """Run ``n_trials`` trials of the shared study on this worker; returns how many ran."""
-    study = open_study(study_name, storage, config.seed, config.sampler_startup_trials,
+               n_trials: int, seed: int, run_id: str | None, tracking_uri: str) -> int:
+    """Run ``n_trials`` trials of the shared study on this worker; returns how many ran.
+
+    ``seed`` seeds this worker's sampler: the same seed in two workers would propose the same
+    random start-up trials twice.
+    """
+    study = open_study(study_name, storage, seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     objective = make_objective(RankingPipeline(config), read_sample(work), ks,
                                TrialLogger(run_id, MODEL_NAME, tracking_uri))
@@ -396,9 +400,11 @@ def evaluate_ranker_sharded(
     name = sharded_study_name(split_dir, config)
     study = open_study(name, storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
-    shares = trial_shares(config.n_trials - finished_trials(study), workers)
+    done = finished_trials(study)
+    shares = trial_shares(config.n_trials - done, workers)
+    seeds = [config.seed + done + i for i in range(len(shares))]  # a fresh study: seed first
     gather(run_trials.map(unmapped(work), unmapped(name), unmapped(storage), unmapped(config),
-                          unmapped(ks), shares, unmapped(run_id), unmapped(tracking_uri)))
+                          unmapped(ks), shares, seeds, unmapped(run_id), unmapped(tracking_uri)))
     study = open_study(name, storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     best = study.best_trial

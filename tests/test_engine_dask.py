@@ -1,4 +1,4 @@
-"""``engine: dask`` against ``engine: local``: same split and baseline metrics, faults survived.
+"""``engine: dask`` against ``engine: local``: same split, ranker frames, metrics; faults survived.
 
 Every test runs the real ``train`` flow (Prefect test harness, a real MLflow store) on a real
 ``distributed.LocalCluster`` of 2 worker processes on 127.0.0.1, started and stopped here.
@@ -16,10 +16,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 from distributed import Client, LocalCluster
+from polars.testing import assert_frame_equal
 
 from flows.cli import run
 from flows.config import load_config
 from flows.train import train
+from tasks.prepare import read_split
+from tasks.tune import RankingPipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 SKIP = ("fit_seconds",)
@@ -32,9 +35,14 @@ def cluster():
         yield local
 
 
+RANKER = {"num_boost_round": 40, "extra_windows": 1}
+
+
 def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
+    overrides = {"ranker__n_trials": 1, "ranker__extra": RANKER,
+                 "ranker__storage": f"sqlite:///{tmp_path / f'optuna-{engine}.db'}", **overrides}
     return load_config(None, output_dir=str(tmp_path / engine), engine=engine,
-                       data__path=str(shop), data__format="parquet", ranker__enabled=False,
+                       data__path=str(shop), data__format="parquet",
                        transformer__enabled=False, registry__enabled=False, **overrides)
 
 
@@ -72,6 +80,17 @@ def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, d
         shards = pl.read_parquet(dask_split / table / "*.parquet")
         assert shards.sort(whole.columns).equals(whole.sort(whole.columns)), table
     assert len(list((Path(result["workdir"]) / "events").glob("shard-*.parquet"))) == 4
+    # the ranker learnt from the same candidate groups and features (every group sampled)
+    local = _config(tmp_path, demo_shop_dir, "local")
+    config = local.ranker.settings(local.seed)
+    pipe = RankingPipeline(config, pl.read_parquet(demo_shop_dir / "items.parquet"))
+    expected = pipe.training_frames(read_split(local_split))
+    ranker = Path(result["workdir"]) / "ranker"
+    for name in ("train", "holdout"):
+        got = pl.read_parquet(ranker / f"{name}.parquet")
+        assert_frame_equal(got, getattr(expected, name), check_exact=False, rel_tol=1e-9,
+                           abs_tol=1e-12)
+    assert len(list((ranker / "lists").glob("shard-*.parquet"))) == 4
 
 
 def test_a_killed_worker_is_survived(tmp_path, mlflow_store, demo_shop_dir, local_result):
