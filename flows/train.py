@@ -1,7 +1,8 @@
 """The ``train`` flow: load, validate, split, baselines, transformer, LightGBM ranker, release.
 
 With ``engine: dask`` the events are user shards and the subflow ``train-shards`` runs the
-per-shard tasks (validation, split, the baselines by map-reduce) on a Dask cluster.
+per-shard tasks (validation, split, the baselines by map-reduce, the transformer from a sample,
+the ranker) on a Dask cluster; nothing is released yet.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tasks.prepare import (
     validate_sharded,
 )
 from tasks.rank_shards import evaluate_ranker_sharded
+from tasks.sequence_shards import evaluate_transformer_sharded
 from tasks.split_shards import split_event_shards
 
 
@@ -60,7 +62,7 @@ def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
 @flow(name="train-shards", log_prints=False)
 def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
                    ) -> dict[str, Any]:
-    """Validate, split and score the baselines shard by shard.
+    """Validate, split, and score the baselines, the transformer and the ranker shard by shard.
 
     The per-shard tasks of the ``dask`` engine run on this subflow's Dask task runner.
     """
@@ -77,12 +79,19 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
                                         exclude_seen, config.baselines.recent_days,
                                         work / "baselines")
     clock.done("baselines")
+    uri = tracking.tracking_uri(config.tracking_uri)
+    if config.transformer.enabled:
+        sequence = evaluate_transformer_sharded(
+            work / "split", data.items, config.transformer.settings(config.seed),
+            config.evaluation.ks, n_items, exclude_seen, work / "transformer",
+            work / "baselines", run_id, uri)
+        scores["transformer"] = {"valid": sequence["valid"], "test": sequence["test"]}
+        clock.done("transformer")
     if config.ranker.enabled:
         ranker = evaluate_ranker_sharded(
             work / "split", data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
-            config.dask.workers or default_workers(), run_id,
-            tracking.tracking_uri(config.tracking_uri))
+            config.dask.workers or default_workers(), run_id, uri)
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
@@ -115,11 +124,12 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
                   ) -> tuple[str, dict[str, Any]]:
     """The ``dask`` engine's stages; returns the protocol and every model's metrics."""
     logger = get_run_logger()
-    skipped = [name for name, on in (("transformer", config.transformer.enabled),
-                                     ("release", config.registry.enabled)) if on]
-    if skipped:
-        logger.warning("engine dask runs the data stages, the baselines and the ranker on "
-                       "shards; not yet %s (run them with engine local)", ", ".join(skipped))
+    if config.registry.enabled:
+        logger.warning("engine dask evaluates every model on shards but does not release one "
+                       "yet: run the release with engine local")
+    if config.transformer.enabled and config.transformer.candidates and config.ranker.enabled:
+        logger.warning("engine dask: the transformer does not feed the ranker's candidates "
+                       "(transformer.candidates is ignored)")
     result = sharded_stages.with_options(task_runner=dask_runner(config.dask))(
         config, data, run_id, workdir)
     client = MlflowClient(tracking.tracking_uri(config.tracking_uri))
@@ -129,7 +139,7 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
     client.log_param(run_id, "resolved.exclude_seen", result["exclude_seen"])
     for name, stages in result["scores"].items():
         for stage, metrics in stages.items():
-            if name != "lgbm_ranker":  # logged with its candidate recall and plots
+            if name not in ("lgbm_ranker", "transformer"):  # logged with their plots
                 tracking.log_metrics(run_id, name, stage, metrics)
     return result["protocol"], result["scores"]
 

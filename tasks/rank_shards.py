@@ -10,13 +10,16 @@ shard, one bucket, or the bounded training sample:
    co-visitation pair sums (:mod:`tasks.history_tables`), written by item bucket; summed per
    bucket; the neighbours pruned per bucket. A shard's task then reads the summed item table and
    only the neighbours of its users' items.
-3. **frames**: per shard and window, the labelled candidates and features of the window's target
-   users, exactly as :meth:`tasks.tune.RankingPipeline.training_frames` builds them, with each
-   group's holdout and sampling keys (seeded CRC-32 of the user and of the group).
-4. **sample**: the training groups with a positive, not held out, kept when their key falls in
-   ``ranker.sample_groups`` / (groups with a positive); the held-out groups alike, bounded by the
-   holdout share of that size. On a shop with fewer groups every group is kept, and the model is
-   the one the local engine learns.
+3. **draw**: a window's groups are its target users; the groups of users outside the holdout
+   are drawn (seeded CRC-32 of the group) at the rate ``ranker.sample_groups`` / (such groups in
+   every window), the held-out users' groups likewise, bounded by the holdout share of that size.
+   Only drawn groups are built, so the frames' cost follows the sample, not the log; on a shop
+   with fewer groups every group is drawn and the model is the one the local engine learns.
+4. **frames**: per shard and window, the drawn groups' labelled candidates and features, exactly
+   as :meth:`tasks.tune.RankingPipeline.training_frames` builds them; then one task gathers them
+   into the sample (training groups with a positive, held-out groups, held-out targets) in the
+   local engine's row order. The candidate recall of the validation window is that of its drawn
+   users.
 5. **study**: the trials in parallel, one task per worker, each running its share of the missing
    trials of the study in its RDB storage (any SQLAlchemy URL; a server database when the
    workers are on several machines).
@@ -30,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,24 +104,63 @@ def stage_events(split: Split, stage: str, config: RankerConfig
 
 
 @task(name="ranker-windows", retries=1, cache_policy=NO_CACHE)
-def window_stats(split_dir: Path, shard: int, config: RankerConfig
-                 ) -> list[tuple[dt.datetime | None, int]]:
-    """Each training window's latest history timestamp (None: no history) and target count."""
-    windows = every_window(read_split_shard(split_dir, shard), config.extra_windows,
-                           config.window_stride)
-    return [(history[TIMESTAMP].max() if history.height else None, targets.height)
-            for history, targets in windows]
+def window_stats(split_dir: Path, shard: int, config: RankerConfig) -> list[dict[str, Any]]:
+    """One shard's counts per training window, for :func:`kept_windows` and :func:`draw`.
+
+    Per window: the latest history timestamp (None: no history), the target count, the target
+    users outside and inside the holdout, and the shard's first validation user in the holdout
+    draw (``(key, user)``, the fallback of a tiny shop).
+    """
+    split = read_split_shard(split_dir, shard)
+    valid = split.valid_targets.select(USER).unique()
+    first = None
+    if valid.height:
+        row = valid.with_columns(holdout_key(valid[USER], config.seed).alias("key")).sort(
+            "key", USER).row(0)
+        first = (row[1], row[0])
+    stats = []
+    for j, (history, targets) in enumerate(every_window(split, config.extra_windows,
+                                                         config.window_stride)):
+        users = _keys(targets.select(USER).unique(), valid, j, config.seed)
+        held = users.select(_held(config).sum()).item()
+        stats.append({"end": history[TIMESTAMP].max() if history.height else None,
+                      "targets": targets.height, "held": held, "free": users.height - held,
+                      "fallback": first})
+    return stats
 
 
-def kept_windows(stats: list[list[tuple[dt.datetime | None, int]]]) -> dict[str, dt.datetime]:
+def kept_windows(stats: list[list[dict[str, Any]]]) -> dict[str, dt.datetime]:
     """``{w<j>: history end}`` of the windows to learn from (see the module docstring)."""
     kept = {}
     for j in range(len(stats[0]) if stats else 0):
-        ends = [shard[j][0] for shard in stats if shard[j][0] is not None]
-        if not ends or not sum(shard[j][1] for shard in stats):
+        ends = [shard[j]["end"] for shard in stats if shard[j]["end"] is not None]
+        if not ends or not sum(shard[j]["targets"] for shard in stats):
             break
         kept[f"w{j}"] = max(ends)
     return kept
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Which groups the ranker learns from: sampling rates and the tiny-shop fallback user."""
+
+    train_rate: float
+    held_rate: float
+    fallback: str | None
+
+
+def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) -> Draw:
+    """Rates that bound the training groups to ``sample_groups`` (held-out: its share)."""
+    rows = [shard[j] for shard in stats for j in range(windows)]
+    free, held = sum(r["free"] for r in rows), sum(r["held"] for r in rows)
+    fallback = None
+    if not sum(shard[0]["held"] for shard in stats):  # a tiny shop: hold out one user
+        fallback = min((s[0]["fallback"] for s in stats if s[0]["fallback"]),
+                       default=(0, None))[1]
+        held = max(held, windows)
+    bound_held = max(1, round(config.sample_groups * config.holdout_share))
+    return Draw(min(1.0, config.sample_groups / max(free, 1)),
+                min(1.0, bound_held / max(held, 1)), fallback)
 
 
 # ---- 2. tables --------------------------------------------------------------------------------
@@ -194,45 +237,43 @@ def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
 # ---- 3. frames --------------------------------------------------------------------------------
 
 @task(name="ranker-frames", retries=1, cache_policy=NO_CACHE)
-def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
-                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
-                 work: Path) -> dict[str, Any]:
-    """Write one shard's labelled candidate groups of one window; return its counts."""
+def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
+                 config: RankerConfig, settings: TableSettings, items_path: Path | None,
+                 ordered_only: bool, work: Path) -> dict[str, Any]:
+    """Write one shard's drawn, labelled candidate groups of one window; return their counts."""
     split = read_split_shard(split_dir, shard)
     history, targets = stage_events(split, stage, config)
-    out = {"positive_groups": 0, "held_groups": 0, "recall": None, "fallback": None}
+    out: dict[str, Any] = {"positive_groups": 0, "held_groups": 0, "recall": None}
     if history.is_empty() or targets.is_empty():
+        return out
+    j = int(stage.removeprefix("w"))
+    keys = _keys(targets.select(USER).unique(), split.valid_targets.select(USER).unique(), j,
+                 config.seed)
+    held = _held(config, draw.fallback)
+    keys = keys.filter(pl.when(held).then(pl.col(GROUP_KEY) < draw.held_rate * HOLDOUT_SCALE)
+                       .otherwise(pl.col(GROUP_KEY) < draw.train_rate * HOLDOUT_SCALE))
+    targets = targets.join(keys.select(USER), on=USER, how="semi")
+    if targets.is_empty():
         return out
     items = pl.read_parquet(items_path) if items_path else None
     tables, covis = shard_state(work, stage, history, end, config, settings, items)
-    frame = candidate_features(history, targets[USER].unique(), covis, config.candidates,
+    frame = candidate_features(history, keys[USER], covis, config.candidates,
                                config.features, items, None, ordered_only, targets,
                                config.user_chunk, tables)
     if stage == "w0":
         out["recall"] = recall_counts(frame, targets)
         if config.check_features:
             check_features(frame)
-    j = int(stage.removeprefix("w"))
-    valid = split.valid_targets.select(USER).unique()
-    keys = _keys(frame.select(USER).unique(), valid, j, config.seed)
-    frame = frame.with_columns((pl.lit(f"{j}:") + pl.col(USER)).alias(QUERY)).join(
-        keys, on=USER, how="left", maintain_order="left").with_columns(
-        (pl.col(LABEL).max().over(USER) > 0).alias(POSITIVE))
-    held = _held(config)
+    query = (pl.lit(f"{j}:") + pl.col(USER)).alias(QUERY)
+    frame = frame.with_columns(query).join(keys, on=USER, how="left", maintain_order="left")
+    frame = frame.with_columns((pl.col(LABEL).max().over(USER) > 0).alias(POSITIVE))
     out["positive_groups"] = frame.filter(~held & pl.col(POSITIVE))[USER].n_unique()
     out["held_groups"] = frame.filter(held)[USER].n_unique()
-    if valid.height:
-        first = valid.with_columns(holdout_key(valid[USER], config.seed).alias("key")).sort(
-            "key", USER).row(0)
-        out["fallback"] = (first[1], first[0])
-    path = shard_file(work / "frames" / stage, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(path)
-    target_path = shard_file(work / "targets" / stage, shard)
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    targets.select(USER, ITEM).unique().with_columns(
-        (pl.lit(f"{j}:") + pl.col(USER)).alias(QUERY)).join(
-        keys, on=USER, how="left").write_parquet(target_path)
+    for folder, table in (("frames", frame), ("targets", targets.select(USER, ITEM).unique()
+                                              .with_columns(query).join(keys, on=USER))):
+        path = shard_file(work / folder / stage, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.write_parquet(path)
     return out
 
 
@@ -257,20 +298,21 @@ def _held(config: RankerConfig, fallback: str | None = None) -> pl.Expr:
 # ---- 4. sample --------------------------------------------------------------------------------
 
 @task(name="ranker-sample", retries=1, cache_policy=NO_CACHE)
-def sample_groups(work: Path, stages: list[str], train_rate: float, held_rate: float,
-                  fallback: str | None, config: RankerConfig) -> dict[str, int]:
-    """Write the training sample: ``train``, ``holdout`` and ``holdout_targets`` Parquet files."""
+def sample_groups(work: Path, stages: list[str], fallback: str | None, config: RankerConfig
+                  ) -> dict[str, int]:
+    """Write the drawn groups as ``train``, ``holdout`` and ``holdout_targets`` Parquet files.
+
+    ``train`` keeps the groups with a positive that are not held out; the rows are in the local
+    engine's order.
+    """
     held = _held(config, fallback)
     frames = pl.scan_parquet([work / "frames" / s / "*.parquet" for s in stages])
     targets = pl.scan_parquet([work / "targets" / s / "*.parquet" for s in stages])
     order = [WINDOW, USER, CAND_RANK]
-    train = (frames.filter(~held & pl.col(POSITIVE)
-                           & (pl.col(GROUP_KEY) < train_rate * HOLDOUT_SCALE))
-             .sort(order).drop(HELPERS).collect())
-    in_holdout = held & (pl.col(GROUP_KEY) < held_rate * HOLDOUT_SCALE)
-    holdout = frames.filter(in_holdout).sort(order).drop(HELPERS).collect()
-    holdout_targets = (targets.filter(in_holdout).sort(WINDOW, USER, ITEM)
-                       .select(QUERY, ITEM).collect())
+    train = frames.filter(~held & pl.col(POSITIVE)).sort(order).drop(HELPERS).collect()
+    holdout = frames.filter(held).sort(order).drop(HELPERS).collect()
+    holdout_targets = (targets.filter(held).sort(WINDOW, USER, ITEM).select(QUERY, ITEM)
+                       .collect())
     train.write_parquet(work / "train.parquet")
     holdout.write_parquet(work / "holdout.parquet")
     holdout_targets.write_parquet(work / "holdout_targets.parquet")
@@ -371,30 +413,25 @@ def evaluate_ranker_sharded(
     shards = split_shard_files(split_dir)
     common = {"config": unmapped(config), "settings": unmapped(settings),
               "work": unmapped(work)}
-    windows = kept_windows(gather(window_stats.map(unmapped(split_dir), shards,
-                                                   config=unmapped(config))))
+    stats = gather(window_stats.map(unmapped(split_dir), shards, config=unmapped(config)))
+    windows = kept_windows(stats)
     if "w0" not in windows:
         raise DataError("the ranker has no training window: the validation window has no "
                         "targets with a history. Check the split.")
+    drawn = draw(stats, len(windows), config)
+    log.info("ranker: %d windows; groups drawn at %.4f (held out at %.4f)", len(windows),
+             drawn.train_rate, drawn.held_rate)
     counts = []
     for stage, end in windows.items():
         build_tables(split_dir, shards, stage, end, config, settings, work)
         counts.append(gather(shard_frames.map(
             unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
-            items_path=unmapped(items_path), ordered_only=unmapped(ordered_only), **common)))
-        log.info("ranker window %s: %d groups with a positive", stage,
+            draw=unmapped(drawn), items_path=unmapped(items_path),
+            ordered_only=unmapped(ordered_only), **common)))
+        log.info("ranker window %s: %d drawn groups with a positive", stage,
                  sum(c["positive_groups"] for c in counts[-1]))
-    fallback = None
-    if not sum(c["held_groups"] for c in counts[0]):  # a tiny shop: hold out one user
-        fallback = min((c["fallback"] for c in counts[0] if c["fallback"]), default=(0, None))[1]
-    positive = sum(c["positive_groups"] for stage in counts for c in stage)
-    held = sum(c["held_groups"] for stage in counts for c in stage)
-    bound_held = max(1, round(config.sample_groups * config.holdout_share))
-    sample = gather([sample_groups.submit(
-        work, list(windows), min(1.0, config.sample_groups / max(positive, 1)),
-        min(1.0, bound_held / max(held, 1)), fallback, config)])[0]
-    log.info("ranker sample: %s of %d groups with a positive, %d held out", sample, positive,
-             held)
+    sample = gather([sample_groups.submit(work, list(windows), drawn.fallback, config)])[0]
+    log.info("ranker sample: %s", sample)
 
     storage = config.storage or default_storage()
     name = sharded_study_name(split_dir, config)

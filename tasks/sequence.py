@@ -107,6 +107,9 @@ class SequenceConfig(BaseModel):
     pruner_warmup_epochs: int = Field(2, ge=0, description="Epochs before a trial can be pruned.")
     candidates: bool = Field(True, description="Feed the ranker's candidate stage.")
     n_candidates: int = Field(50, gt=0, description="Nearest items per user as candidates.")
+    sample_users: int = Field(
+        100_000, ge=1, description="engine dask: users whose sequences the transformer learns "
+        "from (a seeded sample, the same every epoch); the local engine learns from every user.")
 
     def transformer(self, params: dict[str, Any], **fixed: Any) -> TransformerConfig:
         """The :class:`TransformerConfig` of ``params`` on top of the fixed settings."""
@@ -241,6 +244,23 @@ def fit_final(history: pl.DataFrame, items: pl.DataFrame | None, config: Sequenc
         history, None, items)
 
 
+def run_transformer_study(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
+                          runs: TrialLogger, ks: list[int], exclude_seen: bool,
+                          n_items: int | None) -> tuple[optuna.Study, _Objective]:
+    """Run the study's missing trials; returns it and the objective (its ``best_model``)."""
+    study = open_study(study_name(split, config), config.storage, config.seed,
+                       config.sampler_startup_trials, config.pruner_startup_trials,
+                       config.pruner_warmup_epochs)
+    objective = _Objective(split, items, config, runs, ks, exclude_seen, n_items)
+    run_study(study, objective, config.n_trials, config.timeout_s)
+    return study, objective
+
+
+def best_epochs(trial: optuna.trial.FrozenTrial) -> int:
+    """The epochs the best trial needed (its best epoch), to refit for."""
+    return int(trial.user_attrs.get("best_epoch", trial.params.get("epochs", 1)))
+
+
 def tune_and_evaluate_transformer(
     split: Split,
     items: pl.DataFrame | None,
@@ -270,14 +290,10 @@ def tune_and_evaluate_transformer(
     """
     ks = list(ks or [10, 20])
     seen = split.protocol == "leave_one_out" if exclude_seen is None else exclude_seen
-    study = open_study(study_name(split, config), config.storage, config.seed,
-                       config.sampler_startup_trials, config.pruner_startup_trials,
-                       config.pruner_warmup_epochs)
-    objective = _Objective(split, items, config, TrialLogger(run_id, MODEL_NAME), ks, seen,
-                           n_items)
-    run_study(study, objective, config.n_trials, config.timeout_s)
+    study, _ = run_transformer_study(split, items, config, TrialLogger(run_id, MODEL_NAME), ks,
+                                     seen, n_items)
     best = study.best_trial
-    epochs = int(best.user_attrs.get("best_epoch", best.params.get("epochs", 1)))
+    epochs = best_epochs(best)
     final = fit_final(split.test_history, items, config, dict(best.params), epochs)
     test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
     model_dir = Path(workdir) / "models" / MODEL_NAME
@@ -291,7 +307,7 @@ def tune_and_evaluate_transformer(
                   for h in final.history_],
     }
     if run_id:
-        _log_results(run_id, result, config, study)
+        log_results(run_id, result, config, study)
     logger.info("transformer: best trial %d (%d epochs), test %s", best.number, epochs,
                 {k: round(v, 4) for k, v in test.items() if "@" in k})
     return result
@@ -320,8 +336,9 @@ def ranker_sources(split: Split, items: pl.DataFrame | None, result: dict[str, A
             SequenceSource(serving, config.n_candidates, seen))
 
 
-def _log_results(run_id: str, result: dict[str, Any], config: SequenceConfig,
+def log_results(run_id: str, result: dict[str, Any], config: SequenceConfig,
                  study: optuna.Study) -> None:
+    """Log the transformer's metrics, result and study plots to the run."""
     import warnings
 
     import matplotlib

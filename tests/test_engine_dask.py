@@ -36,14 +36,17 @@ def cluster():
 
 
 RANKER = {"num_boost_round": 40, "extra_windows": 1}
+TRANSFORMER = {"space": {"epochs": [2, 2], "hidden_size": [32], "max_len": [20]}}
 
 
 def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
-    overrides = {"ranker__n_trials": 1, "ranker__extra": RANKER,
-                 "ranker__storage": f"sqlite:///{tmp_path / f'optuna-{engine}.db'}", **overrides}
+    storage = f"sqlite:///{tmp_path / f'optuna-{engine}.db'}"
+    overrides = {"ranker__n_trials": 1, "ranker__extra": RANKER, "ranker__storage": storage,
+                 "transformer__n_trials": 1, "transformer__extra": TRANSFORMER,
+                 "transformer__candidates": False, "transformer__storage": storage, **overrides}
     return load_config(None, output_dir=str(tmp_path / engine), engine=engine,
-                       data__path=str(shop), data__format="parquet",
-                       transformer__enabled=False, registry__enabled=False, **overrides)
+                       data__path=str(shop), data__format="parquet", registry__enabled=False,
+                       **overrides)
 
 
 def _assert_same_scores(local: dict, dask: dict) -> None:

@@ -1,0 +1,155 @@
+"""The sequential transformer on a sharded split: learnt from a bounded sample, scored per shard.
+
+1. **sample**: the users drawn by a seeded CRC-32 of their id (the same in every process) at the
+   rate ``transformer.sample_users`` / (users of the split), each shard writing its drawn users' four
+   split tables to ``sample/<table>/shard-XXXXX.parquet``. Every epoch of every trial sees those
+   sequences: the study's memory and time are bounded by the sample, not by the log.
+2. **study and refit**, one task on a worker: the study of :mod:`tasks.sequence` on the sample
+   (trials, pruning, nested MLflow runs), the best trial's model kept for validation, the best
+   parameters refitted on the sample's train + validation events for the test.
+3. **score**, a task per shard: the shard's validation users ranked from their train events by
+   the best trial's model, its test users from their test history by the refitted one, with
+   partial metrics merged exactly (:func:`models.metrics.merge_partials`). Users outside the
+   sample are represented by their own events; items the sample never saw are not in the
+   model's catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import polars as pl
+from prefect import get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from models.columns import ITEM, USER
+from models.errors import DataError
+from models.metrics import COUNT, merge_partials, partial_metrics
+from tasks.sequence import (
+    MODEL_NAME,
+    SequenceConfig,
+    best_epochs,
+    fit_final,
+    log_results,
+    run_transformer_study,
+)
+from tasks.shards import shard_file, shard_of
+from tasks.split import Split
+from tasks.split_shards import TABLES, read_split_shard, split_shard_files
+from tasks.study import TrialLogger, default_storage
+from tasks.tune import HOLDOUT_SCALE
+from tasks.validate_shards import gather
+
+STAGES = {"valid": ("train", "valid_targets", "best"), "test": ("test_history", "test_targets",
+                                                                 "model")}
+
+
+@task(name="transformer-users", retries=1, cache_policy=NO_CACHE)
+def count_users(split_dir: Path, shard: int) -> int:
+    """The users of one shard's test history (train + validation: every user of the split)."""
+    return pl.scan_parquet(shard_file(split_dir / "test_history", shard)).select(
+        pl.col(USER).n_unique()).collect().item()
+
+
+@task(name="transformer-sample", retries=1, cache_policy=NO_CACHE)
+def sample_shard(split_dir: Path, shard: int, rate: float, seed: int, out: Path) -> int:
+    """Write the drawn users' four split tables of one shard; returns how many were drawn."""
+    split = read_split_shard(split_dir, shard)
+    users = split.test_history[USER].unique()
+    drawn = users.filter(shard_of(f"{seed}:sequence:" + users, HOLDOUT_SCALE)
+                         < rate * HOLDOUT_SCALE).implode()
+    for table in TABLES:
+        path = shard_file(out / table, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        getattr(split, table).filter(pl.col(USER).is_in(drawn)).write_parquet(path)
+    return drawn.list.len().item()
+
+
+def read_sample(split_dir: Path, sample: Path) -> Split:
+    """The sample's four tables as one :class:`~tasks.split.Split` (the split's protocol)."""
+    info = json.loads((split_dir / "info.json").read_text())
+    tables = {t: pl.read_parquet(sample / t / "*.parquet") for t in TABLES}
+    return Split(protocol=info["protocol"], info=info["summary"], **tables)
+
+
+@task(name="transformer-study", cache_policy=NO_CACHE)
+def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config: SequenceConfig,
+                   ks: list[int], exclude_seen: bool, n_items: int, run_id: str | None,
+                   tracking_uri: str) -> dict[str, Any]:
+    """Run the study on the sample; save the best trial's model and the refit; their summary."""
+    split = read_sample(split_dir, work / "sample")
+    if split.valid_targets.is_empty():
+        raise DataError("the transformer's sample has no validation targets: raise "
+                        "transformer.sample_users.")
+    items = pl.read_parquet(items_path) if items_path else None
+    study, objective = run_transformer_study(
+        split, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks, exclude_seen,
+        n_items)
+    best = study.best_trial
+    epochs = best_epochs(best)
+    model = objective.best_model if objective.best_value == best.value else None
+    if model is None:  # the best trial ran before (a resumed study): refit it on train
+        model = fit_final(split.train, items, config, dict(best.params), epochs)
+    model.save(work / "best")
+    fit_final(split.test_history, items, config, dict(best.params), epochs).save(work / "model")
+    return {"best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
+            "study_name": study.study_name, "n_trials": len(study.trials),
+            "sample_valid": best.user_attrs.get("metrics", {})}
+
+
+@task(name="transformer-score", retries=1, cache_policy=NO_CACHE)
+def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Path,
+                ks: list[int], exclude_seen: bool) -> dict[str, Any] | None:
+    """One shard's partial metrics of a stage (None without targets)."""
+    from models.transformer import SequentialTransformer
+
+    history_name, targets_name, model_name = STAGES[stage]
+    split = read_split_shard(split_dir, shard)
+    history, targets = getattr(split, history_name), getattr(split, targets_name)
+    if targets.is_empty():
+        return None
+    model = SequentialTransformer.load(work / model_name)
+    users = targets[USER].unique(maintain_order=True)
+    recs = pl.from_pandas(model.recommend(users.to_list(), k=max(ks), exclude_seen=exclude_seen,
+                                          history=history))
+    popularity = pl.read_parquet(counts).select(ITEM, COUNT)
+    return partial_metrics(recs, targets, ks, popularity)
+
+
+def evaluate_transformer_sharded(
+    split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
+    n_items: int, exclude_seen: bool, work: Path, baselines: Path, run_id: str | None,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """Tune on a sample, refit, and score the transformer shard by shard (call inside a flow).
+
+    ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty).
+    Returns ``valid`` and ``test`` metrics like the local engine, with the study's summary.
+    """
+    log = get_run_logger()
+    shards = split_shard_files(split_dir)
+    users = sum(gather(count_users.map(unmapped(split_dir), shards)))
+    rate = min(1.0, config.sample_users / max(users, 1))
+    drawn = sum(gather(sample_shard.map(unmapped(split_dir), shards, unmapped(rate),
+                                        unmapped(config.seed), unmapped(work / "sample"))))
+    log.info("transformer sample: %d of %d users", drawn, users)
+    config = config.model_copy(update={"storage": config.storage or default_storage()})
+    result = gather([tune_on_sample.submit(split_dir, work, items_path, config, ks, exclude_seen,
+                                           n_items, run_id, tracking_uri)])[0]
+    for stage in STAGES:
+        parts = gather(score_shard.map(unmapped(split_dir), shards, unmapped(stage),
+                                       unmapped(work), unmapped(baselines / stage /
+                                                                "counts.parquet"),
+                                       unmapped(ks), unmapped(exclude_seen)))
+        result[stage] = merge_partials([p for p in parts if p is not None], n_items)
+    result.update({"model_dir": str(work / "model"), "exclude_seen": exclude_seen,
+                   "sample": {"users": drawn, "of": users}})
+    if run_id:
+        study = optuna.load_study(study_name=result["study_name"], storage=config.storage)
+        log_results(run_id, result, config, study)
+    log.info("transformer: test %s", {k: round(v, 4) for k, v in result["test"].items()
+                                      if "@" in k})
+    return result
