@@ -5,11 +5,13 @@ For each size: the demo shop is streamed into user shards (``shoprank demo-data 
 each), and ``shoprank train --engine dask --dask-address ...`` runs on it as a child process. The
 table gives each stage's wall time (from the run's log), the CPU time and peak resident memory of
 every process (the demo writer, the flow process, each Dask worker, the scheduler) and the
-baselines' test NDCG@10. ``--local`` also runs ``engine: local`` on the same shop for the quality
+test NDCG@10 of co-visitation and of the ranker (``--ranker-trials N``; left out with 0).
+``--local`` also runs ``engine: local`` with the same settings on the same shop for the quality
 comparison. Results are appended to ``benchmarks/results/scale.json``.
 
     .venv/bin/python benchmarks/scale.py --events 10000000 30000000 100000000 --workdir /tmp/scale
     .venv/bin/python benchmarks/scale.py --events 10000000 --workers 1 2 --local
+    .venv/bin/python benchmarks/scale.py --events 3000000 --ranker-trials 4 --local
 """
 
 from __future__ import annotations
@@ -53,7 +55,20 @@ def _usage() -> dict[str, float]:
     return {"cpu_s": mine.ru_utime + mine.ru_stime, "peak_rss_mib": mine.ru_maxrss / 1024}
 
 
-def train_on_cluster(shop: Path, out: Path, workers: int, log: Path) -> dict:
+def write_config(path: Path, args: argparse.Namespace) -> Path:
+    """The run's settings: nothing registered; the ranker's budget when it runs."""
+    ranker = {"enabled": bool(args.ranker_trials), "n_trials": max(args.ranker_trials, 1),
+              "storage": f"sqlite:///{args.workdir / 'optuna.db'}",
+              "extra": {"extra_windows": args.extra_windows,
+                        "sample_groups": args.sample_groups}}
+    transformer = {"enabled": args.transformer, "candidates": False,
+                   "storage": ranker["storage"]}
+    path.write_text(json.dumps({"registry": {"enabled": False}, "ranker": ranker,
+                                "transformer": transformer}))
+    return path
+
+
+def train_on_cluster(shop: Path, out: Path, workers: int, log: Path, config: Path) -> dict:
     """``shoprank train --engine dask`` on a fresh LocalCluster; every process's usage."""
     from distributed import Client, LocalCluster
 
@@ -62,8 +77,8 @@ def train_on_cluster(shop: Path, out: Path, workers: int, log: Path) -> dict:
             Client(cluster) as client:
         flow = run_measured(
             [str(BIN / "shoprank"), "train", "--data", str(shop), "--format", "parquet",
-             "--engine", "dask", "--dask-address", cluster.scheduler_address, "--no-ranker",
-             "--no-transformer", "--output-dir", str(out)], log)
+             "--engine", "dask", "--dask-address", cluster.scheduler_address,
+             "--config", str(config), "--output-dir", str(out)], log)
         workers_usage = list(client.run(_usage).values())
         scheduler = client.run_on_scheduler(_usage)
     text = log.read_text()
@@ -78,14 +93,11 @@ def _test_ndcg(text: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in NDCG.finditer(section) if m[1] != "model"}
 
 
-def train_local(shop: Path, out: Path, log: Path) -> dict:
-    """``shoprank train`` (engine local, baselines only, nothing registered) on the same shop."""
-    config = out.parent / "local.yaml"
-    config.write_text("registry: {enabled: false}\n")
+def train_local(shop: Path, out: Path, log: Path, config: Path) -> dict:
+    """``shoprank train`` (engine local, same settings) on the same shop."""
     flow = run_measured(
         [str(BIN / "shoprank"), "train", "--data", str(shop), "--format", "parquet",
-         "--config", str(config), "--no-ranker", "--no-transformer", "--output-dir", str(out)],
-        log)
+         "--config", str(config), "--output-dir", str(out)], log)
     text = log.read_text()
     return {"flow": flow, "test_ndcg@10": _test_ndcg(text)}
 
@@ -97,6 +109,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/shoprank-scale"))
     parser.add_argument("--local", action="store_true", help="also run engine local")
     parser.add_argument("--keep", action="store_true", help="keep the shops and outputs")
+    parser.add_argument("--ranker-trials", type=int, default=0,
+                        help="Optuna trials of the LightGBM ranker; 0 leaves the ranker out")
+    parser.add_argument("--extra-windows", type=int, default=3,
+                        help="the ranker's earlier training windows")
+    parser.add_argument("--sample-groups", type=int, default=40_000,
+                        help="the ranker's training groups (engine dask)")
+    parser.add_argument("--transformer", action="store_true",
+                        help="also tune and test the transformer (default settings)")
     args = parser.parse_args()
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{args.workdir / 'mlflow.db'}"}
     os.environ.update(env)
@@ -104,6 +124,7 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for n in args.events:
         shop = args.workdir / f"shop-{n}"
+        config = write_config(args.workdir / "config.json", args)
         shards = max(2, -(-n // 1_000_000))
         writer = run_measured([str(BIN / "shoprank"), "demo-data", "--out", str(shop),
                                "--events", str(n), "--shards", str(shards)],
@@ -112,8 +133,10 @@ def main() -> None:
               f"{writer['peak_rss_mib']:.0f} MiB", flush=True)
         for workers in args.workers:
             out = args.workdir / f"out-{n}-{workers}"
-            row = train_on_cluster(shop, out, workers, args.workdir / f"train-{n}-{workers}.log")
+            row = train_on_cluster(shop, out, workers, args.workdir / f"train-{n}-{workers}.log",
+                                   config)
             row.update({"events": n, "shards": shards, "n_workers": workers, "writer": writer,
+                        "ranker": json.loads(config.read_text())["ranker"],
                         "date": dt.date.today().isoformat(),
                         "machine": f"{platform.machine()}, {os.cpu_count()} cores"})
             print(json.dumps(row), flush=True)
@@ -121,8 +144,10 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
         if args.local:
-            local = train_local(shop, args.workdir / f"local-{n}", args.workdir / f"local-{n}.log")
-            local.update({"events": n, "engine": "local", "date": dt.date.today().isoformat()})
+            local = train_local(shop, args.workdir / f"local-{n}", args.workdir / f"local-{n}.log",
+                                config)
+            local.update({"events": n, "engine": "local", "date": dt.date.today().isoformat(),
+                          "ranker": json.loads(config.read_text())["ranker"]})
             print(json.dumps(local), flush=True)
             results.append(local)
         if not args.keep:
@@ -133,10 +158,10 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    stages = ["load", "validate", "split", "baselines"]
+    stages = ["load", "validate", "split", "baselines", "transformer", "ranker"]
     print("\n| events | workers | " + " | ".join(f"{s} s" for s in stages)
           + " | flow CPU s | workers CPU s | peak RSS flow / max worker / scheduler MiB |"
-          " covisitation NDCG@10 |")
+          " NDCG@10 covisitation / transformer / ranker |")
     print("|---" * (5 + len(stages)) + "|")
     for r in rows:
         cells = [f"{r['stages'].get(s, float('nan')):.0f}" for s in stages]
@@ -146,7 +171,8 @@ def print_table(rows: list[dict]) -> None:
               + f" | {r['flow']['cpu_s']:.0f} | {workers_cpu:.0f} | "
               f"{r['flow']['peak_rss_mib']:.0f} / {peak:.0f} / "
               f"{r['scheduler']['peak_rss_mib']:.0f} | "
-              f"{r['test_ndcg@10'].get('covisitation', float('nan')):.4f} |")
+              + " / ".join(f"{r['test_ndcg@10'].get(m, float('nan')):.4f}"
+                           for m in ("covisitation", "transformer", "lgbm_ranker")) + " |")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
         ranker = evaluate_ranker_sharded(
             work / "split", data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
-            config.dask.workers or default_workers(), run_id, uri)
+            config.dask.workers or default_workers(), run_id, uri, work / "baselines")
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,

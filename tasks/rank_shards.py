@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,13 @@ import polars as pl
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from models.baselines import ALL_TIME, CoVisitation, SharedState
+from models.baselines import (
+    ALL_TIME,
+    DEFAULT_EVENT_WEIGHTS,
+    CoVisitation,
+    SharedState,
+    weighted_counts,
+)
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.errors import DataError
 from models.lgbm_ranker import LightGBMRanker
@@ -167,18 +174,22 @@ def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) 
 
 @task(name="ranker-tables-map", retries=1, cache_policy=NO_CACHE)
 def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
-               settings: TableSettings, n_buckets: int, work: Path) -> None:
-    """Write one shard's item partials and co-visitation pair sums of a stage, by bucket."""
+               settings: TableSettings, n_buckets: int, work: Path, pairs: bool) -> None:
+    """Write one shard's item partials (and co-visitation pair sums) of a stage, by bucket."""
     history, _ = stage_events(read_split_shard(split_dir, shard), stage, config)
     if history.is_empty():
         return
-    covis = CoVisitation(**config.covisitation).partial(history, end)
+    covis = CoVisitation(**config.covisitation)
+    weights = covis.event_weights
+    counts = weighted_counts(history, DEFAULT_EVENT_WEIGHTS if weights is None else weights, end)
     partials = item_partials(prepare_history(history, settings.candidate_weights), end,
-                             settings).join(covis["counts"].select(
+                             settings).join(counts.select(
                                  ITEM, pl.col(ALL_TIME).alias(COVIS_ALL)), on=ITEM)
     name = shard_file(Path(), shard).name
     write_buckets(partials, ITEM, n_buckets, work / stage / "items" / name)
-    write_buckets(covis["pairs"], "src", n_buckets, work / stage / "pairs" / name)
+    if pairs:
+        write_buckets(covis.partial(history, end)["pairs"], "src", n_buckets,
+                      work / stage / "pairs" / name)
 
 
 @task(name="ranker-tables-reduce-items", retries=1, cache_policy=NO_CACHE)
@@ -203,15 +214,24 @@ def reduce_neighbours(work: Path, stage: str, bucket: int, popularity: pl.DataFr
 
 
 def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetime,
-                 config: RankerConfig, settings: TableSettings, work: Path) -> None:
-    """Map-reduce the stage's tables into ``work/<stage>/items.parquet`` and ``neighbours``."""
+                 config: RankerConfig, settings: TableSettings, work: Path,
+                 neighbours: Path | None = None) -> None:
+    """Map-reduce the stage's tables into ``work/<stage>/items.parquet`` and ``neighbours``.
+
+    ``neighbours``: the same history's co-visitation neighbours, already reduced (by the
+    baselines, with the same settings); the pairs are then not counted again.
+    """
     n_buckets = len(shards)
     gather(map_tables.map(unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
                           config=unmapped(config), settings=unmapped(settings),
-                          n_buckets=unmapped(n_buckets), work=unmapped(work)))
+                          n_buckets=unmapped(n_buckets), work=unmapped(work),
+                          pairs=unmapped(neighbours is None)))
     items = pl.concat(gather(reduce_items.map(unmapped(work), unmapped(stage),
                                               list(range(n_buckets)))))
     items.write_parquet(work / stage / "items.parquet")
+    if neighbours is not None:
+        shutil.copyfile(neighbours, work / stage / "neighbours.parquet")
+        return
     popularity = items.select(ITEM, pl.col(COVIS_ALL).alias(SCORE))
     files = gather(reduce_neighbours.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
                                          popularity=unmapped(popularity),
@@ -399,9 +419,12 @@ def sharded_study_name(split_dir: Path, config: RankerConfig) -> str:
 def evaluate_ranker_sharded(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, work: Path, workers: int, run_id: str | None,
-    tracking_uri: str,
+    tracking_uri: str, baselines: Path | None = None,
 ) -> dict[str, Any]:
     """Tune, refit and test the re-ranker on a sharded split (call inside a flow).
+
+    ``baselines``: the baselines' work folder, whose co-visitation neighbours of train and of
+    the test history are the ranker's too when ``ranker.covisitation`` is left at its defaults.
 
     Returns ``valid`` and ``test`` metrics like the local engine, plus ``candidate_recall``,
     ``sample`` (its size), ``best_params``, ``study_name``, ``n_trials`` and ``model_dir``.
@@ -419,11 +442,17 @@ def evaluate_ranker_sharded(
         raise DataError("the ranker has no training window: the validation window has no "
                         "targets with a history. Check the split.")
     drawn = draw(stats, len(windows), config)
+    reused = {}  # the baselines' neighbours of the same histories, when counted alike
+    if baselines is not None and not config.covisitation:
+        reused = {"w0": baselines / "valid" / "neighbours.parquet",
+                  TEST: baselines / "test" / "neighbours.parquet"}
+        reused = {stage: path for stage, path in reused.items() if path.is_file()}
     log.info("ranker: %d windows; groups drawn at %.4f (held out at %.4f)", len(windows),
              drawn.train_rate, drawn.held_rate)
     counts = []
     for stage, end in windows.items():
-        build_tables(split_dir, shards, stage, end, config, settings, work)
+        build_tables(split_dir, shards, stage, end, config, settings, work,
+                     reused.get(stage))
         counts.append(gather(shard_frames.map(
             unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
             draw=unmapped(drawn), items_path=unmapped(items_path),
@@ -449,7 +478,7 @@ def evaluate_ranker_sharded(
     model = gather([refit.submit(work, dict(best.params), rounds, config)])[0]
 
     end = _test_end(split_dir)
-    build_tables(split_dir, shards, TEST, end, config, settings, work)
+    build_tables(split_dir, shards, TEST, end, config, settings, work, reused.get(TEST))
     parts = gather(score_shard.map(unmapped(split_dir), shards, end=unmapped(end),
                                    items_path=unmapped(items_path),
                                    ordered_only=unmapped(ordered_only), ks=unmapped(ks),

@@ -1,9 +1,10 @@
 """The sequential transformer on a sharded split: learnt from a bounded sample, scored per shard.
 
-1. **sample**: the users drawn by a seeded CRC-32 of their id (the same in every process) at the
-   rate ``transformer.sample_users`` / (users of the split), each shard writing its drawn users' four
-   split tables to ``sample/<table>/shard-XXXXX.parquet``. Every epoch of every trial sees those
-   sequences: the study's memory and time are bounded by the sample, not by the log.
+1. **sample**: the users drawn by a seeded CRC-32 of their id (the same in every process) at
+   the rate ``transformer.sample_users`` / (users of the split), each shard writing its drawn
+   users' four split tables to ``sample/<table>/shard-XXXXX.parquet``. Every epoch of every
+   trial sees those sequences: the study's memory and time are bounded by the sample, not by
+   the log.
 2. **study and refit**, one task on a worker: the study of :mod:`tasks.sequence` on the sample
    (trials, pruning, nested MLflow runs), the best trial's model kept for validation, the best
    parameters refitted on the sample's train + validation events for the test.
