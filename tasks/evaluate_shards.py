@@ -13,8 +13,8 @@ Per stage (``valid``: fitted on ``train``; ``test``: fitted on ``test_history``)
    tables (:class:`models.baselines.SharedState`), asked for the shard's target users, scored with
    :func:`models.metrics.partial_metrics`; the parts merge exactly into the metrics of one process.
 
-Memory: a map or score task holds one shard plus the catalogue-sized tables (counts, neighbours);
-a reduce task one bucket of every shard's pairs.
+Memory: a map or score task holds one shard plus the catalogue-sized counts and the neighbours of
+the shard's items; a reduce task one bucket of every shard's pairs.
 """
 
 from __future__ import annotations
@@ -112,6 +112,12 @@ def _shared(name: str, t_max: dt.datetime, counts: pl.DataFrame, neighbours: pl.
     return SharedState(t_max, tables)
 
 
+def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
+    """The neighbours of the items in ``history`` only (a shard needs no other source items)."""
+    items = history.select(ITEM).unique().lazy()
+    return pl.scan_parquet(path).join(items, on=ITEM, how="semi").collect()
+
+
 @task(name="baseline-score", retries=1, cache_policy=NO_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
                 exclude_seen: bool, recent_days: float, counts: Path, neighbours: Path
@@ -121,7 +127,7 @@ def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks:
     history_name, targets_name = STAGES[stage]
     history, targets = getattr(split, history_name), getattr(split, targets_name)
     whole = pl.read_parquet(counts)
-    neighbour_table = pl.read_parquet(neighbours)
+    neighbour_table = read_neighbours(neighbours, history)
     popularity = whole.select(ITEM, COUNT)
     parts = {}
     users = targets[USER].unique(maintain_order=True)

@@ -54,7 +54,7 @@ from models.errors import DataError
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.candidates import CAND_RANK, LABEL, merge_recall, prepare_history, recall_counts
-from tasks.evaluate_shards import read_bucket, write_buckets
+from tasks.evaluate_shards import read_bucket, read_neighbours, write_buckets
 from tasks.features import candidate_features, check_features, table_settings
 from tasks.history_tables import (
     HistoryTables,
@@ -245,8 +245,7 @@ def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
                 ) -> tuple[HistoryTables, CoVisitation]:
     """The whole history's tables and a co-visitation model of this shard's users."""
     partials = pl.read_parquet(work / stage / "items.parquet")
-    neighbours = (pl.scan_parquet(work / stage / "neighbours.parquet")
-                  .join(history.select(ITEM).unique().lazy(), on=ITEM, how="semi").collect())
+    neighbours = read_neighbours(work / stage / "neighbours.parquet", history)
     counts = partials.select(ITEM, pl.col(COVIS_ALL).alias(SCORE), pl.col(COVIS_ALL)
                              .alias(ALL_TIME))
     covis = CoVisitation(**config.covisitation).fit(
