@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
@@ -82,7 +89,28 @@ class EvalConfig(_Strict):
     exclude_seen: bool | None = Field(
         None, description="Remove already seen items; empty means the protocol's default."
     )
-    primary_metric: str = Field("ndcg@10", description="Metric that selects and promotes models.")
+    primary_metric: str = Field(
+        "ndcg@10", description="Metric that selects and promotes models; at a cut-off of ks "
+        "(left at its default, ndcg at the smallest K when ks leaves out 10).")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError(f"ks must list positive cut-offs; got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _primary_at_a_cut_off(self) -> EvalConfig:
+        name, _, k = self.primary_metric.partition("@")
+        if k.isdigit() and int(k) in self.ks:
+            return self
+        if "primary_metric" in self.model_fields_set:
+            raise ValueError(
+                f"primary_metric {self.primary_metric!r} is not at a cut-off of ks {self.ks}: "
+                f"add its K to ks or choose one of {', '.join(f'{name}@{k}' for k in self.ks)}")
+        self.primary_metric = f"ndcg@{min(self.ks)}"
+        return self
 
 
 class BaselineConfig(_Strict):

@@ -48,15 +48,23 @@ def _check_inputs(recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int]) 
             f"recommendations have rank values below 1 (min {recs[RANK].min()}); ranks are "
             "1-based positions in each user's list."
         )
+    _check_distinct(recs, ITEM, "list the same item twice for a user",
+                    "each list must hold distinct items")
+    _check_distinct(recs, RANK, "give two items the same rank for a user",
+                    "ranks are distinct positions 1, 2, ... in each user's list (break ties)")
+
+
+def _check_distinct(recs: pl.DataFrame, column: str, problem: str, fix: str) -> None:
+    """Raise :class:`DataError` when a (user, ``column``) pair repeats."""
     # hashing the pairs is a cheap first test; the exact search runs only when it fails
-    if recs.select(pl.struct(USER, ITEM).hash().n_unique()).item() == recs.height:
+    if recs.select(pl.struct(USER, column).hash().n_unique()).item() == recs.height:
         return
-    dupes = recs.filter(pl.struct(USER, ITEM).is_duplicated())
+    dupes = recs.filter(pl.struct(USER, column).is_duplicated())
     if dupes.height:
         example = dupes.row(0, named=True)
         raise DataError(
-            f"recommendations list the same item twice for a user ({dupes.height} rows, e.g. "
-            f"user {example[USER]!r}, item {example[ITEM]!r}); each list must hold distinct items."
+            f"recommendations {problem} ({dupes.height} rows, e.g. user {example[USER]!r}, "
+            f"{column} {example[column]!r}); {fix}."
         )
 
 

@@ -132,8 +132,13 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
                   f"{challenger[LATENCY]:.1f} ms within their guardrails")
 
 
-def request_records(split: Split, n_recent: int, exclude_seen: bool) -> pd.DataFrame:
-    """One request per test user: its last ``n_recent`` history items, seen items excluded."""
+def request_records(split: Split, n_recent: int, exclude_seen: bool, k: int) -> pd.DataFrame:
+    """One request per test user for ``k`` items, with its recent and (maybe) seen items.
+
+    ``recent_items`` are the user's last ``n_recent`` history items; ``exclude`` its seen items
+    when the protocol removes them; ``k`` is the largest cut-off scored, so that every metric
+    sees a full list.
+    """
     users = split.test_targets.select(USER).unique().sort(USER)
     last = (split.test_history.join(users, on=USER, how="semi")
             .group_by(USER, ITEM).agg(pl.col(TIMESTAMP).max())
@@ -143,6 +148,7 @@ def request_records(split: Split, n_recent: int, exclude_seen: bool) -> pd.DataF
     frame = users.join(last, on=USER, how="left")
     columns = [USER, "recent_items"] + (["seen"] if exclude_seen else [])
     frame = frame.select(columns).rename({"seen": "exclude"}, strict=False)
+    frame = frame.with_columns(pl.lit(k, pl.Int64).alias("k"))
     return pd.DataFrame({name: frame[name].to_list() for name in frame.columns})
 
 
@@ -164,7 +170,7 @@ def latency_ms(pyfunc: Any, users: list[str], n: int, seed: int = 0) -> dict[str
 def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
             policy: PromotionPolicy) -> dict[str, float]:
     """Metrics of a pyfunc's answers on the split's test window, plus its latency."""
-    records = request_records(split, policy.session_items, exclude_seen)
+    records = request_records(split, policy.session_items, exclude_seen, max(ks))
     recs = pl.from_pandas(pyfunc.predict(records))
     popularity = split.test_history.group_by(ITEM).len("count")
     metrics = evaluate(recs, split.test_targets, ks=ks, n_items=n_items,

@@ -133,9 +133,15 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     }
 
 
-def study_name(split: Split, config: SequenceConfig) -> str:
-    """The configured study name, else one derived from the data and settings (re-runs resume)."""
-    return config.study_name or derived_study_name(MODEL_NAME, split, config)
+def study_name(split: Split, config: SequenceConfig, ks: list[int] | None = None,
+               exclude_seen: bool | None = None, items: pl.DataFrame | None = None) -> str:
+    """The configured study name, else one derived from the data and settings (re-runs resume).
+
+    The cut-offs, ``exclude_seen`` and the items table change what a trial measures, so they
+    name another study.
+    """
+    return config.study_name or derived_study_name(MODEL_NAME, split, config, {
+        "ks": ks, "exclude_seen": exclude_seen, "items": items})
 
 
 def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
@@ -248,9 +254,9 @@ def run_transformer_study(split: Split, items: pl.DataFrame | None, config: Sequ
                           runs: TrialLogger, ks: list[int], exclude_seen: bool,
                           n_items: int | None) -> tuple[optuna.Study, _Objective]:
     """Run the study's missing trials; returns it and the objective (its ``best_model``)."""
-    study = open_study(study_name(split, config), config.storage, config.seed,
-                       config.sampler_startup_trials, config.pruner_startup_trials,
-                       config.pruner_warmup_epochs)
+    study = open_study(study_name(split, config, ks, exclude_seen, items), config.storage,
+                       config.seed, config.sampler_startup_trials,
+                       config.pruner_startup_trials, config.pruner_warmup_epochs)
     objective = _Objective(split, items, config, runs, ks, exclude_seen, n_items)
     run_study(study, objective, config.n_trials, config.timeout_s)
     return study, objective

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import polars as pl
 from pydantic import BaseModel
 
 from models.errors import DataError
@@ -29,15 +31,27 @@ RESUME_EXCLUDED = {"n_trials", "timeout_s", "storage", "user_chunk"}
 work is chunked)."""
 
 
-def derived_study_name(family: str, split: Split, settings: BaseModel) -> str:
+def derived_study_name(family: str, split: Split, settings: BaseModel,
+                       measured: Mapping[str, Any] | None = None) -> str:
     """``<family>-<protocol>-<digest>``: the same for the same data tuned with the same settings.
 
-    The digest covers the training events, the validation targets and every setting except
-    the budget (:data:`RESUME_EXCLUDED`), so a re-run with a larger budget resumes the study.
+    The digest covers the training events, the validation targets, every setting except the
+    budget (:data:`RESUME_EXCLUDED`) and ``measured``: what else changes what a trial measures
+    (the cut-offs, whether seen items are removed, the items table). A re-run with a larger
+    budget resumes the study; one that would measure trials differently starts another.
     """
-    data = [str((frame.height, frame.hash_rows(seed=0).sum()))
-            for frame in (split.train, split.valid_targets)]
+    data = [frame_digest(frame) for frame in (split.train, split.valid_targets)]
+    for key, value in sorted((measured or {}).items()):
+        text = frame_digest(value) if isinstance(value, pl.DataFrame) else json.dumps(value)
+        data.append(f"{key}={text}")
     return digest_study_name(family, split.protocol, data, settings)
+
+
+def frame_digest(frame: pl.DataFrame | None) -> str:
+    """Rows and a content hash of a table (``none`` for None)."""
+    if frame is None:
+        return "none"
+    return str((frame.height, frame.hash_rows(seed=0).sum()))
 
 
 def digest_study_name(family: str, protocol: str, data: list[str], settings: BaseModel) -> str:

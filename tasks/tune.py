@@ -350,6 +350,16 @@ class RankingPipeline:
         return pipe.set_history(pl.read_parquet(path / "history.parquet"))
 
 
+def above_fill(score: pl.Expr) -> pl.Expr:
+    """``softplus(score)``: the same order and every value above the fill's [-1, 0].
+
+    Each score is mapped on its own (a shift by the batch's minimum made a user's scores depend
+    on who else was asked). Computed as ``max(x, 0) + log1p(exp(-|x|))``: no overflow, and
+    relative precision kept for very negative scores.
+    """
+    return pl.max_horizontal(score, pl.lit(0.0)) + (-score.abs()).exp().log1p()
+
+
 def rank_scored(ranker: LightGBMRanker, frame: pl.DataFrame, users: Any, k: int,
                 popularity: pl.DataFrame, exclude: pl.DataFrame | None) -> pl.DataFrame:
     """Each user's top ``k`` of the ranker's scores of ``frame``, filled with popular items.
@@ -357,8 +367,8 @@ def rank_scored(ranker: LightGBMRanker, frame: pl.DataFrame, users: Any, k: int,
     ``popularity`` is ``item_id, score`` of the history; ``exclude`` the pairs never returned.
     """
     personal = ranker.recommend(frame, k) if frame.height else None
-    if personal is not None:  # shift scores above the fill's [-1, 0]
-        personal = personal.with_columns(pl.col(SCORE) - pl.col(SCORE).min() + 1.0)
+    if personal is not None:  # above the fill's [-1, 0], whoever else is in the batch
+        personal = personal.with_columns(above_fill(pl.col(SCORE)))
     return top_k_with_fallback(user_frame(users), personal, popularity_table(popularity), k,
                                exclude)
 
@@ -378,14 +388,17 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
     return evaluate(recs, targets.rename({QUERY: USER}), ks=ks)
 
 
-def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None) -> str:
+def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None,
+               ks: list[int] | None = None, items: pl.DataFrame | None = None) -> str:
     """The configured study name, else one derived from the data and settings (re-runs resume).
 
     ``sources`` names the external candidate sources (their features change what a trial
-    learns): ``lgbm_ranker-seq-...`` is another study than ``lgbm_ranker-...``.
+    learns): ``lgbm_ranker-seq-...`` is another study than ``lgbm_ranker-...``. The cut-offs
+    and the items table (categories, prices) change what a trial measures: another study.
     """
     family = "-".join([MODEL_NAME, *sorted(sources or [])])
-    return config.study_name or derived_study_name(family, split, config)
+    return config.study_name or derived_study_name(family, split, config,
+                                                   {"ks": ks, "items": items})
 
 
 def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
@@ -443,15 +456,23 @@ def make_objective(pipe: RankingPipeline, data: TrainingData, ks: list[int],
         except Exception:
             runs.end(run_id, "FAILED", {})
             raise
-        metrics = holdout_metrics(ranker, data, ks)
+        # the trial's value is NDCG@eval_at whether or not the reported cut-offs include it
+        metrics = holdout_metrics(ranker, data, sorted({*ks, pipe.config.eval_at}))
+        value = metrics[metric]
+        metrics = _at(metrics, ks)
         trial.set_user_attr("best_iteration", ranker.best_iteration_)
         trial.set_user_attr("metrics", metrics)
         # the validation window alone: the users every other family is validated on
         trial.set_user_attr("valid_metrics", holdout_metrics(ranker, data, ks, window=0))
         runs.end(run_id, "FINISHED", {**metrics, "best_iteration": ranker.best_iteration_})
-        return metrics[metric]
+        return value
 
     return objective
+
+
+def _at(metrics: dict[str, float], ks: list[int]) -> dict[str, float]:
+    """The metrics at the cut-offs ``ks`` (and those without a cut-off)."""
+    return {k: v for k, v in metrics.items() if "@" not in k or int(k.split("@")[1]) in ks}
 
 
 def log_plots(run_id: str, study: optuna.Study, ranker: LightGBMRanker) -> None:
@@ -556,9 +577,9 @@ def tune_and_evaluate_lgbm(
     data = pipe.training_frames(split, external)
     external_names = [c.removeprefix(RANK_PREFIX) for c in rank_columns(data.train)
                       if c.removeprefix(RANK_PREFIX) not in BUILTIN_SOURCES]
-    study = open_study(study_name(split, config, external_names), config.storage, config.seed,
-                       config.sampler_startup_trials, config.pruner_startup_trials,
-                       config.pruner_warmup_rounds)
+    study = open_study(study_name(split, config, external_names, ks, items), config.storage,
+                       config.seed, config.sampler_startup_trials,
+                       config.pruner_startup_trials, config.pruner_warmup_rounds)
     run_study(study, make_objective(pipe, data, ks, TrialLogger(run_id, MODEL_NAME)),
               config.n_trials, config.timeout_s)
     best = study.best_trial

@@ -128,6 +128,13 @@ def test_bad_inputs_raise_named_errors() -> None:
         evaluate(RECS, TARGETS, ks=(0,))
 
 
+def test_tied_ranks_are_rejected_not_scored_above_one() -> None:
+    # two hits both at rank 1: scored, NDCG@10 would be 1.226
+    tied = pl.DataFrame({"user_id": ["u1", "u1"], "item_id": ["a", "b"], "rank": [1, 1]})
+    with pytest.raises(DataError, match="same rank.*user 'u1'"):
+        evaluate(tied, _targets({"u1": ["a", "b"]}))
+
+
 def test_metrics_table_is_markdown() -> None:
     table = metrics_table({"pop": {"ndcg@10": 0.12345, "users": 3.0}, "cov": {"ndcg@10": 0.5}})
     lines = table.splitlines()

@@ -14,6 +14,7 @@ from tasks.sequence import (
     SequenceSource,
     _Objective,
     ranker_sources,
+    study_name,
     tune_and_evaluate_transformer,
 )
 from tasks.split import cut_times, time_split
@@ -55,6 +56,19 @@ def test_study_reports_every_epoch_and_a_rerun_resumes(shop, tmp_path):
                                           n_items=items.height)
     assert again["n_trials"] == 2  # resumed: no trial added
     assert again["best_params"] == result["best_params"]
+
+
+def test_a_study_under_other_evaluation_settings_is_another_study(shop):
+    split, items = shop
+    config = _config("sqlite://")
+    names = {study_name(split, config, [10, 20], False, items),
+             study_name(split, config, [10, 20], True, items),  # seen items removed
+             study_name(split, config, [20, 50], False, items),  # other cut-offs
+             study_name(split, config, [10, 20], False, items.head(10)),  # another catalogue
+             study_name(split, config, [10, 20], False, None)}
+    assert len(names) == 5
+    assert study_name(split, config, [10, 20], False, items) == study_name(
+        split, config.model_copy(update={"n_trials": 9}), [10, 20], False, items)  # the budget
 
 
 def test_pruner_stops_a_trial_after_an_epoch(shop, tmp_path):

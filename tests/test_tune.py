@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import optuna
+import polars as pl
 import pytest
 
 from tasks.demo_data import generate_shop
@@ -79,6 +80,25 @@ def test_pipeline_fits_recommends_and_round_trips(shop, tmp_path):
     seen = split.test_history.select("user_id", "item_id").unique()
     unseen = loaded.recommend(users, k=7, exclude_seen=True)
     assert unseen.join(seen, on=["user_id", "item_id"], how="semi").is_empty()
+
+
+def test_a_users_scores_do_not_depend_on_who_else_is_asked(shop):
+    split, items = shop
+    pipe = RankingPipeline(_config("sqlite://"), items).fit(split)
+    users = split.test_targets["user_id"].unique().sort().to_list()
+    together = pipe.recommend(users, k=10)
+    for user in users[:3]:
+        alone = pipe.recommend([user], k=10)
+        assert alone.equals(together.filter(pl.col("user_id") == user)), user
+
+
+def test_cut_offs_without_10_tune_and_report_only_those(shop, tmp_path):
+    split, items = shop
+    result = tune_and_evaluate_lgbm(split, items, _config("sqlite://", n_trials=1), None,
+                                    tmp_path / "run", ks=[20, 50], n_items=100)
+    for stage in ("valid", "test"):
+        cut_offs = {key.split("@")[1] for key in result[stage] if "@" in key}
+        assert cut_offs == {"20", "50"}, stage
 
 
 _STUDY_SCRIPT = """
