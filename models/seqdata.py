@@ -122,12 +122,13 @@ class Sequences:
         return pd.Index(self.users).get_indexer(users.astype(str))
 
 
-def item_vocabulary(events: pd.DataFrame, items: pd.DataFrame | None) -> np.ndarray:
-    """Sorted distinct item ids of the events and the catalogue; item index = position + 1."""
-    ids = events[ITEM].astype(str).unique()
-    if items is not None:
-        ids = np.union1d(ids, items[ITEM].astype(str).unique())
-    return np.sort(np.asarray(ids, dtype=str))
+def item_vocabulary(events: pd.DataFrame) -> np.ndarray:
+    """Sorted distinct item ids of the fitted events; item index = position + 1.
+
+    Only items of the history a model is fitted on: a catalogue item first seen later (in a
+    validation or test window) would otherwise be ranked with an embedding nothing trained.
+    """
+    return np.sort(np.asarray(events[ITEM].astype(str).unique(), dtype=str))
 
 
 def build_sequences(events: pd.DataFrame, item_ids: np.ndarray, n_time_buckets: int) -> Sequences:

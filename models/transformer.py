@@ -389,8 +389,8 @@ class SequentialTransformer:
             events: ``user_id, item_id, event_type, timestamp``.
             valid_targets: ``user_id, item_id``, one held-out next item per user, for the
                 per-epoch validation metrics and early stopping (seen items filtered).
-            items: Catalogue (``item_id``; optional ``category_id``, ``attributes``). Its items
-                join the ranked catalogue; its attributes feed the item features.
+            items: Catalogue (``item_id``; optional ``category_id``, ``attributes``): its
+                attributes feed the item features. Only items of ``events`` are ranked.
             on_epoch: Called as ``on_epoch(epoch, metrics)`` after every epoch; returning True
                 stops training (e.g. an Optuna pruner).
         """
@@ -402,7 +402,7 @@ class SequentialTransformer:
         catalogue = None if items is None else seqdata.as_pandas(items, "items")
         if catalogue is not None:
             require_columns(catalogue.columns, (ITEM,), "items")
-        self.item_ids_ = seqdata.item_vocabulary(events, catalogue)
+        self.item_ids_ = seqdata.item_vocabulary(events)
         self.sequences_ = seqdata.build_sequences(events, self.item_ids_, cfg.n_time_buckets)
         self.item_attrs_, self.attribute_names_ = seqdata.item_attribute_matrix(
             catalogue if cfg.use_item_features else None, self.item_ids_

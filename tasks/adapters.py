@@ -52,8 +52,8 @@ from tasks.readers import (
     finish_events,
     finish_items,
     first_line,
+    first_per_item,
     is_gzip,
-    latest_per_item,
     locate,
     map_event_types,
     read_csv,
@@ -254,9 +254,9 @@ def _load_rees46(path: Path, opts: _Options) -> RawData:
         items = pl.concat([items, frame.select(codes)], how="horizontal")
     drop = () if "remove_from_cart" in opts.event_map else ("remove_from_cart",)
     frame, notes = map_event_types(frame, opts.event_map, str(path), drop)
-    notes.append("items: the latest category, brand and price seen per product; "
-                 "category_code as the attribute")
-    return RawData(finish_events(frame), finish_items(latest_per_item(items)), "rees46",
+    notes.append("items: the first category, brand and price seen per product (known "
+                 "before any window that holds it); category_code as the attribute")
+    return RawData(finish_events(frame), finish_items(first_per_item(items)), "rees46",
                    notes=notes)
 
 
@@ -387,7 +387,8 @@ def _load_uci(path: Path, opts: _Options) -> RawData:
             TIMESTAMP: "InvoiceDate", PRICE: "UnitPrice", QUANTITY: "Quantity"}
     frame = _purchases(convert(raw, str(file), spec, _UCI_FORMATS))
     priced = [pl.when(pl.col(PRICE) > 0).then(PRICE).alias(PRICE)] * (PRICE in frame.columns)
-    items = latest_per_item(frame.select(ITEM, *[TITLE] * (TITLE in frame.columns), *priced))
+    items = first_per_item(frame.sort(TIMESTAMP, maintain_order=True).select(
+        ITEM, *[TITLE] * (TITLE in frame.columns), *priced))
     notes = []
     for keep, what in (
         (pl.col(USER).is_not_null(), "without CustomerID"),

@@ -420,10 +420,15 @@ def map_event_types(
 # --- canonical tables -------------------------------------------------------------------------
 
 
-def latest_per_item(frame: pl.DataFrame) -> pl.DataFrame:
-    """Keep one row per item: the last non-missing value of every other column."""
+def first_per_item(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep one row per item: the first non-missing value of every other column.
+
+    ``frame`` is in time order. The first values were known when the item first appeared, so a
+    model fitted on any history that holds the item sees none from after that history (the last
+    values would carry later prices and categories back into every earlier window).
+    """
     others = [column for column in frame.columns if column != ITEM]
-    return frame.group_by(ITEM, maintain_order=True).agg(pl.col(others).drop_nulls().last())
+    return frame.group_by(ITEM, maintain_order=True).agg(pl.col(others).drop_nulls().first())
 
 
 def _select_cast(frame: pl.DataFrame, columns: Sequence[str], dtypes: Mapping[str, str]

@@ -11,12 +11,15 @@ import polars as pl
 import pytest
 
 from models.columns import (
+    BRAND,
+    CATEGORY,
     EVENT_DTYPES,
     EVENT_REQUIRED,
     EVENT_TYPE,
     EVENT_TYPES,
     ITEM,
     ITEM_DTYPES,
+    PRICE,
     TIMESTAMP,
     USER,
 )
@@ -131,6 +134,19 @@ def test_rees46_drops_remove_from_cart_with_a_note(tmp_path: Path) -> None:
     raw = load_raw(tmp_path, "rees46")
     assert raw.events[EVENT_TYPE].to_list() == ["view", "cart"]
     assert any("1 'remove_from_cart'" in note for note in raw.notes)
+
+
+def test_rees46_items_keep_the_values_first_seen(tmp_path: Path) -> None:
+    # the price and category later in the log must not reach windows before them
+    header = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,"
+    rows = [
+        "2019-10-02 00:00:00 UTC,view,1,11,c.d,y,9.0,8,s2",
+        "2019-10-01 00:00:00 UTC,view,1,10,a.b,x,1.5,7,s1",
+        "2019-10-03 00:00:00 UTC,cart,1,12,,z,4.0,7,s3",
+    ]
+    (tmp_path / "2019-Oct.csv").write_text(header + "user_session\n" + "\n".join(rows) + "\n")
+    items = load_raw(tmp_path, "rees46").items
+    assert items.select(ITEM, CATEGORY, BRAND, PRICE).row(0) == ("1", "10", "x", 1.5)
 
 
 def test_diginetica_purchases_views_and_anonymous_users(loaded: Callable[[str], RawData]) -> None:

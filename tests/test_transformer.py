@@ -158,7 +158,7 @@ def test_popularity_negatives_follow_their_probabilities() -> None:
 def test_sequences_padding_and_time_gaps() -> None:
     events = _events([("b", "x"), ("a", "y"), ("b", "y"), ("b", "z")])
     events.loc[3, TIMESTAMP] = events.loc[2, TIMESTAMP] + pd.Timedelta(seconds=7)
-    item_ids = seqdata.item_vocabulary(events, None)
+    item_ids = seqdata.item_vocabulary(events)
     seqs = seqdata.build_sequences(events, item_ids, n_time_buckets=10)
     assert seqs.users.tolist() == ["a", "b"]
     assert seqs.offsets.tolist() == [0, 1, 4]
@@ -335,8 +335,10 @@ def test_accepts_frames_with_to_pandas_and_item_features(
     )
     model = SequentialTransformer(_tiny(epochs=1)).fit(_FrameLike(train), items=_FrameLike(items))
     assert model.model_.attr_emb is not None
-    assert len(model.item_ids_) == N_TOY_ITEMS + 2
+    assert len(model.item_ids_) == N_TOY_ITEMS  # catalogue-only items are never ranked
     assert len(model.recommend(["u0"], k=5)) == 5
+    assert not set(model.recommend(["u0"], k=N_TOY_ITEMS)[ITEM]) & {
+        f"i{N_TOY_ITEMS}", f"i{N_TOY_ITEMS + 1}"}
 
 
 def test_invalid_inputs_raise_named_errors() -> None:
