@@ -351,16 +351,16 @@ def read_sample(work: Path) -> TrainingData:
 @task(name="ranker-trials", cache_policy=NO_CACHE)
 def run_trials(work: Path, study_name: str, storage: str, config: RankerConfig, ks: list[int],
                n_trials: int, seed: int, run_id: str | None, tracking_uri: str) -> int:
-    """Run ``n_trials`` trials of the shared study on this worker; returns how many ran.
+    """Run up to ``n_trials`` trials of the shared study on this worker; returns ``n_trials``.
 
-    ``seed`` seeds this worker's sampler: the same seed in two workers would propose the same
-    random start-up trials twice.
+    No trial starts after ``ranker.timeout_s``. ``seed`` seeds this worker's sampler: the same
+    seed in two workers would propose the same random start-up trials twice.
     """
     study = open_study(study_name, storage, seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     objective = make_objective(RankingPipeline(config), read_sample(work), ks,
                                TrialLogger(run_id, MODEL_NAME, tracking_uri))
-    study.optimize(objective, n_trials=n_trials)
+    study.optimize(objective, n_trials=n_trials, timeout=config.timeout_s)
     return n_trials
 
 
