@@ -123,29 +123,30 @@ def test_rees46_sample(loaded: Callable[[str], RawData]) -> None:
     assert codes.str.contains(r"^[a-z_]+(\.[a-z_]+)*$").all()
 
 
-def test_rees46_drops_remove_from_cart_with_a_note(tmp_path: Path) -> None:
+def _rees46(folder: Path, rows: list[str]) -> RawData:
+    """Load a rees46 month file holding ``rows``."""
     header = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,"
-    rows = [
+    (folder / "2019-Oct.csv").write_text(header + "user_session\n" + "\n".join(rows) + "\n")
+    return load_raw(folder, "rees46")
+
+
+def test_rees46_drops_remove_from_cart_with_a_note(tmp_path: Path) -> None:
+    raw = _rees46(tmp_path, [
         "2019-10-01 00:00:00 UTC,view,1,10,a.b,x,1.5,7,s1",
         "2019-10-01 00:00:05 UTC,remove_from_cart,1,10,a.b,x,1.5,7,s1",
         "2019-10-01 00:00:09 UTC,cart,2,10,,,2.0,7,s1",
-    ]
-    (tmp_path / "2019-Oct.csv").write_text(header + "user_session\n" + "\n".join(rows) + "\n")
-    raw = load_raw(tmp_path, "rees46")
+    ])
     assert raw.events[EVENT_TYPE].to_list() == ["view", "cart"]
     assert any("1 'remove_from_cart'" in note for note in raw.notes)
 
 
 def test_rees46_items_keep_the_values_first_seen(tmp_path: Path) -> None:
     # the price and category later in the log must not reach windows before them
-    header = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,"
-    rows = [
+    items = _rees46(tmp_path, [
         "2019-10-02 00:00:00 UTC,view,1,11,c.d,y,9.0,8,s2",
         "2019-10-01 00:00:00 UTC,view,1,10,a.b,x,1.5,7,s1",
         "2019-10-03 00:00:00 UTC,cart,1,12,,z,4.0,7,s3",
-    ]
-    (tmp_path / "2019-Oct.csv").write_text(header + "user_session\n" + "\n".join(rows) + "\n")
-    items = load_raw(tmp_path, "rees46").items
+    ]).items
     assert items.select(ITEM, CATEGORY, BRAND, PRICE).row(0) == ("1", "10", "x", 1.5)
 
 
