@@ -51,8 +51,8 @@ BUCKET = "bucket"
 RECENT = "recent"
 
 
-def _history_t_max(split_dir: Path, table: str) -> dt.datetime:
-    """The latest timestamp of a sharded history table (from the Parquet statistics)."""
+def history_end(split_dir: Path, table: str) -> dt.datetime:
+    """The latest timestamp of a sharded split table (``train``, ``test_history``)."""
     frame = pl.scan_parquet(split_dir / table / "*.parquet").select(pl.col(TIMESTAMP).max())
     return frame.collect().item()
 
@@ -151,7 +151,7 @@ def evaluate_baselines_sharded(
     n_buckets = len(shards)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for stage, (history_name, _) in STAGES.items():
-        t_max = _history_t_max(split_dir, history_name)
+        t_max = history_end(split_dir, history_name)
         gather(map_shard.map(unmapped(split_dir), shards, stage=unmapped(stage),
                              t_max=unmapped(t_max), recent_days=unmapped(recent_days),
                              n_buckets=unmapped(n_buckets), work=unmapped(work)))

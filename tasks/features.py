@@ -64,7 +64,15 @@ from tasks.candidates import (
     prepared_history,
     user_frame,
 )
-from tasks.history_tables import HistoryTables, TableSettings, history_tables, window_name
+from tasks.history_tables import (
+    HistoryTables,
+    TableSettings,
+    history_tables,
+    window_name,
+)
+from tasks.history_tables import (
+    days as _days,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +80,6 @@ ID_COLUMNS: tuple[str, ...] = (USER, ITEM)
 USER_CHUNK = 10_000
 """Default users per chunk of :func:`candidate_features`: 5,000-20,000 cost about the same time
 (smaller chunks a little less on 10M events), and working memory grows with the chunk."""
-_US_PER_DAY = 86_400 * 1e6
 _US_PER_HOUR = 3_600 * 1e6
 
 
@@ -107,10 +114,6 @@ def table_settings(candidates: CandidateConfig, features: FeatureConfig, ordered
                          not ordered_only)
 
 
-def _days(expr: pl.Expr) -> pl.Expr:
-    return expr.dt.total_microseconds() / _US_PER_DAY
-
-
 def _type_counts(prefix: str) -> list[pl.Expr]:
     return [(pl.col(EVENT_TYPE) == t).sum().cast(pl.Float64).alias(f"{prefix}_n_{t}")
             for t in EVENT_TYPES]
@@ -139,10 +142,6 @@ def user_features(hist: pl.DataFrame, end: object, real_time: bool,
     return frame.group_by(USER).agg(aggs)
 
 
-def _w(days: float) -> str:
-    return window_name(days)
-
-
 def user_item_features(pairs: pl.DataFrame, hist: pl.DataFrame, end: object, real_time: bool,
                        config: FeatureConfig) -> pl.DataFrame:
     """``user_id, item_id`` of ``pairs`` with the user's past interactions with the item.
@@ -157,8 +156,8 @@ def user_item_features(pairs: pl.DataFrame, hist: pl.DataFrame, end: object, rea
     if real_time:
         age = _days(pl.lit(end) - pl.col(TIMESTAMP))
         aggs += [pl.col(TIMESTAMP).max().alias("__ts"),
-                 *((pl.col(WEIGHT) * pl.lit(0.5).pow(age / h)).sum().alias(f"ui_decay_{_w(h)}d")
-                   for h in config.half_lives_days),
+                 *((pl.col(WEIGHT) * pl.lit(0.5).pow(age / h)).sum()
+                   .alias(f"ui_decay_{window_name(h)}d") for h in config.half_lives_days),
                  pl.col(TIMESTAMP).dt.date().n_unique().cast(pl.Float64).alias("ui_n_days"),
                  (_days(pl.col(TIMESTAMP).max() - pl.col(TIMESTAMP).min()) * 24)
                  .alias("ui_span_hours"),

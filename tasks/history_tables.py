@@ -78,7 +78,8 @@ class HistoryTables:
     item_table: pl.DataFrame
 
 
-def _days(expr: pl.Expr) -> pl.Expr:
+def days(expr: pl.Expr) -> pl.Expr:
+    """A duration expression in days."""
     return expr.dt.total_microseconds() / _US_PER_DAY
 
 
@@ -114,7 +115,7 @@ def item_partials(events: pl.DataFrame, end: object, settings: TableSettings) ->
         pl.col(TIMESTAMP).max().alias(LAST),
     ]
     if settings.real_time:
-        age = _days(pl.lit(end) - pl.col(TIMESTAMP))
+        age = days(pl.lit(end) - pl.col(TIMESTAMP))
         aggs += [(age <= w).sum().cast(pl.Float64).alias(f"i_n_{window_name(w)}d")
                  for w in settings.windows_days]
         aggs.append(pl.col(USER).filter(age <= min(settings.windows_days, default=1.0))
@@ -171,8 +172,8 @@ def finish_tables(partials: pl.DataFrame, end: dt.datetime, settings: TableSetti
                 *(f"i_{t}_user_share" for t in FUNNEL_TYPES)]
     if settings.real_time:
         windows = [f"i_n_{window_name(w)}d" for w in settings.windows_days]
-        table = table.with_columns(_days(pl.lit(end) - pl.col(FIRST)).alias("i_days_since_first"),
-                                   _days(pl.lit(end) - pl.col(LAST)).alias("i_days_since_last"))
+        table = table.with_columns(days(pl.lit(end) - pl.col(FIRST)).alias("i_days_since_first"),
+                                   days(pl.lit(end) - pl.col(LAST)).alias("i_days_since_last"))
         features += [*windows, "i_days_since_first", "i_days_since_last", "i_n_users_recent"]
     table = table.select(ITEM, *features)
     if settings.real_time and len(settings.windows_days) >= 2:

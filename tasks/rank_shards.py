@@ -47,6 +47,7 @@ from models.baselines import (
     DEFAULT_EVENT_WEIGHTS,
     CoVisitation,
     SharedState,
+    sum_partials,
     weighted_counts,
 )
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
@@ -54,7 +55,7 @@ from models.errors import DataError
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.candidates import CAND_RANK, LABEL, merge_recall, prepare_history, recall_counts
-from tasks.evaluate_shards import read_bucket, read_neighbours, write_buckets
+from tasks.evaluate_shards import history_end, read_bucket, read_neighbours, write_buckets
 from tasks.features import candidate_features, check_features, table_settings
 from tasks.history_tables import (
     HistoryTables,
@@ -203,8 +204,6 @@ def reduce_items(work: Path, stage: str, bucket: int) -> pl.DataFrame:
 def reduce_neighbours(work: Path, stage: str, bucket: int, popularity: pl.DataFrame,
                       config: RankerConfig) -> Path:
     """One bucket of source items' co-visitation neighbours; returns its file."""
-    from models.baselines import sum_partials
-
     files = sorted((work / stage / "pairs").glob("*.parquet"))
     pairs = sum_partials([{"pairs": read_bucket(files, bucket)}])["pairs"]
     out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
@@ -476,7 +475,7 @@ def evaluate_ranker_sharded(
     rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
     model = gather([refit.submit(work, dict(best.params), rounds, config)])[0]
 
-    end = _test_end(split_dir)
+    end = history_end(split_dir, "test_history")
     build_tables(split_dir, shards, TEST, end, config, settings, work, reused.get(TEST))
     parts = gather(score_shard.map(unmapped(split_dir), shards, end=unmapped(end),
                                    items_path=unmapped(items_path),
@@ -495,8 +494,3 @@ def evaluate_ranker_sharded(
         log_plots(run_id, study, LightGBMRanker.load(model))
     log.info("lgbm ranker: test %s", {k: round(v, 4) for k, v in test.items() if "@" in k})
     return result
-
-
-def _test_end(split_dir: Path) -> dt.datetime:
-    return (pl.scan_parquet(split_dir / "test_history" / "*.parquet")
-            .select(pl.col(TIMESTAMP).max()).collect().item())
