@@ -64,7 +64,7 @@ from tasks.history_tables import (
     item_partials,
     sum_item_partials,
 )
-from tasks.shards import shard_file, shard_of
+from tasks.shards import host_cores, shard_file, shard_of
 from tasks.split import Split
 from tasks.split_shards import read_split_shard, split_shard_files
 from tasks.study import (
@@ -373,10 +373,17 @@ def trial_shares(missing: int, workers: int) -> list[int]:
 
 @task(name="ranker-refit", retries=1, cache_policy=NO_CACHE)
 def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig) -> Path:
-    """Fit the best parameters on the whole sample (training and held-out groups); save it."""
+    """Fit the best parameters on the whole sample (training and held-out groups); save it.
+
+    The refit is the stage's only task: it uses every core of its host unless
+    ``ranker.num_threads`` is set; the saved model keeps the configured threads for scoring.
+    """
     data = read_sample(work)
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
-    ranker = RankingPipeline(config).new_ranker(params, num_boost_round=rounds).fit(everyone)
+    ranker = RankingPipeline(config).new_ranker(params, num_boost_round=rounds)
+    ranker.num_threads = config.num_threads or host_cores()
+    ranker.fit(everyone)
+    ranker.num_threads = config.num_threads
     ranker.save(work / "model")
     return work / "model"
 

@@ -37,7 +37,7 @@ from tasks.sequence import (
     log_results,
     run_transformer_study,
 )
-from tasks.shards import shard_file, shard_of
+from tasks.shards import host_cores, shard_file, shard_of
 from tasks.split import Split
 from tasks.split_shards import TABLES, read_split_shard, split_shard_files
 from tasks.study import TrialLogger, default_storage
@@ -81,21 +81,29 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
                    ks: list[int], exclude_seen: bool, n_items: int, run_id: str | None,
                    tracking_uri: str) -> dict[str, Any]:
     """Run the study on the sample; save the best trial's model and the refit; their summary."""
+    import torch
+
     split = read_sample(split_dir, work / "sample")
     if split.valid_targets.is_empty():
         raise DataError("the transformer's sample has no validation targets: raise "
                         "transformer.sample_users.")
     items = pl.read_parquet(items_path) if items_path else None
-    study, objective = run_transformer_study(
-        split, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks, exclude_seen,
-        n_items)
-    best = study.best_trial
-    epochs = best_epochs(best)
-    model = objective.best_model if objective.best_value == best.value else None
-    if model is None:  # the best trial ran before (a resumed study): refit it on train
-        model = fit_final(split.train, items, config, dict(best.params), epochs)
-    model.save(work / "best")
-    fit_final(split.test_history, items, config, dict(best.params), epochs).save(work / "model")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.model.get("num_threads") or host_cores())  # the stage's one task
+    try:
+        study, objective = run_transformer_study(
+            split, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks,
+            exclude_seen, n_items)
+        best = study.best_trial
+        epochs = best_epochs(best)
+        model = objective.best_model if objective.best_value == best.value else None
+        if model is None:  # the best trial ran before (a resumed study): refit it on train
+            model = fit_final(split.train, items, config, dict(best.params), epochs)
+        model.save(work / "best")
+        fit_final(split.test_history, items, config, dict(best.params), epochs).save(
+            work / "model")
+    finally:
+        torch.set_num_threads(threads)  # the score tasks run side by side, one thread each
     return {"best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
             "study_name": study.study_name, "n_trials": len(study.trials),
             "sample_valid": best.user_attrs.get("metrics", {})}

@@ -11,6 +11,7 @@ be written a batch at a time.
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +25,15 @@ from models.columns import USER
 from models.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+def host_cores() -> int:
+    """The cores this process may run on: the threads of a task that runs alone on its host.
+
+    A Dask worker runs one task per thread with BLAS/OpenMP pinned to one thread; a stage made of
+    one task (the transformer's study, the ranker's refit) would leave the host's other cores idle.
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def shard_file(folder: Path, shard: int) -> Path:
     """The path of shard number ``shard`` in ``folder``."""
