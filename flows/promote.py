@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import RegistryConfig, TrainConfig
 from tasks import tracking
+from tasks.gate import promote_version
 from tasks.packaging import ReleaseRun, register_best
 from tasks.registry import (
     EVALUATED,
@@ -29,7 +30,6 @@ from tasks.registry import (
     emit_model_event,
     get_version,
     metrics_payload,
-    promote_version,
 )
 
 register_task = task(name="register", cache_policy=NO_CACHE)(register_best)
@@ -72,7 +72,9 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
                            config.serve.session_items)
         decision = promote_task(name, version, run.tracking_uri, policy, run.split_dir)
         announce(decision)
-        result.update(decision=decision.decision, reason=decision.reason)
+        result.update(decision=decision.decision, reason=decision.reason,
+                      released_version=decision.released_version,
+                      champion=alias_version(MlflowClient(run.tracking_uri), name, "champion"))
         logger.info("%s v%s (%s): %s, %s", name, version, family, decision.decision,
                     decision.reason)
     return result
@@ -111,5 +113,6 @@ def promote(
     logger.info("%s v%s: %s (%s)", model_name, decision.version, decision.decision,
                 decision.reason)
     return {"model": model_name, "version": decision.version, "decision": decision.decision,
-            "reason": decision.reason, "challenger": decision.challenger,
+            "reason": decision.reason, "released_version": decision.released_version,
+            "challenger": decision.challenger,
             "champion": decision.champion, "champion_version": decision.champion_version}

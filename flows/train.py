@@ -29,7 +29,7 @@ from tasks.evaluate import (
 )
 from tasks.evaluate_shards import evaluate_baselines_sharded
 from tasks.load_shards import load_sharded
-from tasks.packaging import ReleaseRun
+from tasks.packaging import ReleaseRun, check_shop
 from tasks.prepare import (
     DataPaths,
     catalogue_size,
@@ -201,6 +201,8 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
     uri = tracking.tracking_uri(config.tracking_uri)
     experiment_id = tracking.ensure_experiment(data.name, uri)
     client = MlflowClient(uri)
+    if config.registry.enabled and not sharded:  # before hours of training, not after
+        check_shop(client, config.registry.model_name, data.name)
     run_id = client.create_run(experiment_id, run_name=f"train-{workdir.name}").info.run_id
     logger.info("MLflow run %s in experiment %r at %s", run_id, data.name, uri)
     try:

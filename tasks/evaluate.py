@@ -15,6 +15,13 @@ from models.columns import ITEM, USER
 from models.metrics import evaluate, metrics_table
 from tasks import tracking
 from tasks.prepare import read_split
+from tasks.recipes import (
+    baseline_recipe,
+    ranker_recipe,
+    read_recipe,
+    transformer_recipe,
+    write_recipe,
+)
 from tasks.sequence import SequenceConfig
 from tasks.split import Split
 from tasks.tune import RankerConfig
@@ -72,6 +79,7 @@ def evaluate_baselines(
     for name, factory in baseline_factories(recent_days).items():
         scores[name], model = score_model(factory, split, ks, n_items, exclude_seen)
         model.save(model_dir / name)
+        write_recipe(model_dir / name, baseline_recipe(name, recent_days, exclude_seen))
         logger.info("%s: test %s", name, _brief(scores[name]["test"], ks))
         if run_id:
             for stage, metrics in scores[name].items():
@@ -95,6 +103,7 @@ def evaluate_transformer(
     items = pl.read_parquet(items_path) if items_path else None
     result = tune_and_evaluate_transformer(split, items, config, run_id, workdir, ks=ks,
                                            exclude_seen=exclude_seen, n_items=n_items)
+    write_recipe(Path(result["model_dir"]), transformer_recipe(config, result))
     get_run_logger().info("transformer: best trial %s of %s (%s epochs), test %s",
                           result["best_trial"], result["n_trials"], result["best_epoch"],
                           _brief(result["test"], ks))
@@ -126,6 +135,8 @@ def evaluate_lgbm_ranker(
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
                                     exclude_seen=exclude_seen, ordered_only=ordered_only,
                                     n_items=n_items, external=external, source=source)
+    write_recipe(Path(result["model_dir"]), ranker_recipe(
+        result, read_recipe(Path(transformer["model_dir"])) if source is not None else None))
     recall = result["candidate_recall"]
     get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
                           result["best_trial"], result["n_trials"], recall["test"])

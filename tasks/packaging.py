@@ -10,6 +10,8 @@ the training run and registered as a new version of the registered model with al
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import tempfile
 import time
@@ -44,6 +46,7 @@ from models.serving import (
     family_class,
     register_family,
 )
+from tasks.recipes import last_event, read_recipe
 from tasks.tracking import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,11 @@ ARTIFACT_PATH = "model"
 BASE_REQUIREMENTS = ("mlflow", "polars", "pandas", "numpy", "pyarrow", "pydantic")
 OPTIONAL_REQUIREMENTS = ("torch", "lightgbm")
 SPLIT_DIR_TAG = "shoprank.split_dir"
+DATA_TAG = "data.name"
+RECIPE_TAG = "shoprank.recipe"
+LAST_EVENT_TAG = "shoprank.last_event"
+T_TEST_TAG = "shoprank.t_test"
+KIND_TAG = "release.kind"
 
 
 class ShoprankPyfunc(mlflow.pyfunc.PythonModel):
@@ -186,21 +194,46 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def ensure_registered_model(client: MlflowClient, name: str) -> None:
-    """Create the registered model ``name`` unless it exists (safe against a concurrent create)."""
+def check_shop(client: MlflowClient, name: str, shop: str | None) -> None:
+    """Raise :class:`ConfigError` when the registered model ``name`` belongs to another shop.
+
+    One registered model holds one shop's champion: the first registration binds it to its
+    data name (registered-model tag ``data.name``).
+    """
+    try:
+        bound = client.get_registered_model(name).tags.get(DATA_TAG)
+    except MlflowException:
+        return  # not registered yet: this shop will own it
+    if shop and bound and bound != shop:
+        raise ConfigError(
+            f"the registered model {name!r} holds the champion of the shop {bound!r}, not "
+            f"{shop!r}: one registered model per shop. Set registry.model_name (for example "
+            f"--model-name shoprank-{shop}) or registry.enabled: false.")
+
+
+def ensure_registered_model(client: MlflowClient, name: str, shop: str | None = None) -> None:
+    """Create the registered model ``name`` for ``shop`` unless it exists (safe when raced).
+
+    Raises:
+        ConfigError: If it exists for another shop (:func:`check_shop`).
+    """
     try:
         client.create_registered_model(
-            name, description="shoprank top-K recommender; aliases champion and challenger.")
+            name, tags={DATA_TAG: shop} if shop else None,
+            description="shoprank top-K recommender of one shop; aliases champion and "
+            "challenger.")
     except MlflowException as err:
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
+        check_shop(client, name, shop)
 
 
 def package_and_register(
     run_id: str, bundle: Path, split_dir: Path, *, family: str, model_name: str,
-    tracking_uri: str, tags: dict[str, str], description: str,
+    tracking_uri: str, tags: dict[str, str], description: str, alias: str | None = CHALLENGER,
+    artifact_path: str = ARTIFACT_PATH,
 ) -> PackagedModel:
-    """Save, log (to ``run_id``) and register the bundle; point alias ``challenger`` at it."""
+    """Save, log (to ``run_id``) and register the bundle; point ``alias`` (if any) at it."""
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="shoprank-pyfunc-") as tmp:
         local = Path(tmp) / ARTIFACT_PATH
@@ -209,17 +242,18 @@ def package_and_register(
         start = time.perf_counter()
         mlflow.pyfunc.load_model(str(local))
         load_seconds = time.perf_counter() - start
-        client.log_artifacts(run_id, str(local), ARTIFACT_PATH)
+        client.log_artifacts(run_id, str(local), artifact_path)
     client.log_metric(run_id, "serving.artifact_bytes", size)
     client.log_metric(run_id, "serving.load_seconds", load_seconds)
-    ensure_registered_model(client, model_name)
-    source = f"{client.get_run(run_id).info.artifact_uri}/{ARTIFACT_PATH}"
+    ensure_registered_model(client, model_name, tags.get(DATA_TAG))
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(
         model_name, source, run_id=run_id, description=description,
-        tags={**tags, "serving.artifact_bytes": str(size),
-              "serving.load_seconds": f"{load_seconds:.3f}", SPLIT_DIR_TAG: str(split_dir)},
+        tags={SPLIT_DIR_TAG: str(split_dir), **tags, "serving.artifact_bytes": str(size),
+              "serving.load_seconds": f"{load_seconds:.3f}"},
     ).version
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version)
     logger.info("registered %s version %s (%s, %.1f MB, loads in %.2f s)", model_name, version,
                 family, size / 1e6, load_seconds)
     return PackagedModel(model_name, str(version), f"models:/{model_name}/{version}", size,
@@ -288,7 +322,18 @@ def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRu
         config=cfg,
         exclude_seen=run.exclude_seen, model_name=family, run_id=run.run_id)
     key = metric.replace("@", "_at_")
-    tags = {"model.family": family, "data.name": run.data_name,
+    recipe = read_recipe(run.model_root / family)
+    history = pl.read_parquet(run.split_dir / "test_history.parquet", columns=[TIMESTAMP])
+    info = json.loads((run.split_dir / "info.json").read_text())["summary"]
+    t_test = info.get("t_test")  # none for leave-one-out
+    t_test = dt.datetime.fromisoformat(t_test).isoformat() if t_test else ""
+    release = {LAST_EVENT_TAG: last_event(history), T_TEST_TAG: t_test,
+               KIND_TAG: "evaluated"}
+    if recipe is not None:
+        path = f"recipes/{family}.json"
+        MlflowClient(run.tracking_uri).log_dict(run.run_id, recipe, path)
+        release[RECIPE_TAG] = f"runs:/{run.run_id}/{path}"
+    tags = {**release, "model.family": family, DATA_TAG: run.data_name,
             "data.fingerprint": run.fingerprint, "protocol": run.protocol,
             "primary_metric": metric, f"valid.{key}": f"{scores[family]['valid'][metric]:.6g}",
             f"test.{key}": f"{scores[family]['test'][metric]:.6g}",

@@ -1,18 +1,14 @@
-"""Promotion: alias ``champion`` moves to the challenger only when it is measurably better.
+"""Registry primitives: the promotion policy and decision, aliases, versions and the lock.
 
-Both models are loaded as the pyfuncs a user would serve and answer the same requests: every user
-of the challenger run's test targets, with the user's last items of the test history as
-``recent_items`` (and the seen items as ``exclude`` when the protocol removes them). Their lists
-are scored by :func:`models.metrics.evaluate` against the same targets. The challenger wins when
-its primary metric beats the champion's by the relative ``margin`` and no guardrail regresses:
-``coverage@10`` may drop by at most ``coverage_tolerance`` (relative) and the p99 latency of
-single-user requests, measured in-process, may grow by at most ``latency_tolerance`` (relative)
-plus ``latency_slack_ms``. The first model becomes champion.
+The gate that uses them (scoring, recipes, the release) is :mod:`tasks.gate`. The challenger
+wins when its primary metric beats the champion's by the relative ``margin`` and no guardrail
+regresses: ``coverage@10`` may drop by at most ``coverage_tolerance`` (relative) and the p99
+latency of single-user requests, measured in-process, may grow by at most ``latency_tolerance``
+(relative) plus ``latency_slack_ms``. The first model becomes champion.
 
-The compare-and-set runs under an exclusive file lock (``fcntl.flock``) beside the local store,
-and the champion is read again inside the lock, so two runs finishing together never leave the
-aliases inconsistent. The decision and its numbers are written on the model version (tags and
-description) and sent as a Prefect event.
+The compare-and-set runs under an exclusive file lock (``fcntl.flock``) beside the local store.
+The decision and its numbers are written on the model version (tags and description) and sent
+as a Prefect event.
 """
 
 from __future__ import annotations
@@ -31,18 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import pandas as pd
-import polars as pl
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from models.columns import ITEM, TIMESTAMP, USER
 from models.errors import ConfigError, ShoprankError
-from models.metrics import evaluate
-from tasks.packaging import CHALLENGER, CHAMPION, SPLIT_DIR_TAG
-from tasks.prepare import read_split
-from tasks.split import Split
 from tasks.tracking import metric_key
 
 logger = logging.getLogger(__name__)
@@ -76,13 +64,14 @@ class Decision:
 
     model_name: str
     version: str
-    decision: str  # promoted | rejected | unchanged
+    decision: str  # promoted | rejected | incomparable | unchanged
     reason: str
     metric: str
     margin: float
     challenger: dict[str, float] = field(default_factory=dict)
     champion: dict[str, float] | None = None
     champion_version: str | None = None
+    released_version: str | None = None  # the version the champion alias moved to
 
     @property
     def promoted(self) -> bool:
@@ -94,6 +83,7 @@ class Decision:
         tags = {DECISION_TAG: self.decision, "promotion.reason": self.reason[:4000],
                 "promotion.metric": self.metric, "promotion.margin": str(self.margin),
                 "promotion.champion_version": self.champion_version or "none",
+                "promotion.released_version": self.released_version or "none",
                 "promotion.decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         for role, values in (("challenger", self.challenger), ("champion", self.champion or {})):
             for name, value in values.items():
@@ -104,7 +94,8 @@ class Decision:
         """The Prefect event payload."""
         return {"model": self.model_name, "version": self.version, "decision": self.decision,
                 "reason": self.reason, "metric": self.metric, "margin": self.margin,
-                "champion_version": self.champion_version, "challenger": self.challenger,
+                "champion_version": self.champion_version,
+                "released_version": self.released_version, "challenger": self.challenger,
                 "champion": self.champion}
 
 
@@ -130,62 +121,6 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
     return True, (f"{metric} {ours:.4f} beats the champion's {theirs:.4f} by more than "
                   f"{policy.margin:.1%}; {cov} {challenger[cov]:.4f} and p99 latency "
                   f"{challenger[LATENCY]:.1f} ms within their guardrails")
-
-
-def request_records(split: Split, n_recent: int, exclude_seen: bool, k: int) -> pd.DataFrame:
-    """One request per test user for ``k`` items, with its recent and (maybe) seen items.
-
-    ``recent_items`` are the user's last ``n_recent`` history items; ``exclude`` its seen items
-    when the protocol removes them; ``k`` is the largest cut-off scored, so that every metric
-    sees a full list.
-    """
-    users = split.test_targets.select(USER).unique().sort(USER)
-    last = (split.test_history.join(users, on=USER, how="semi")
-            .group_by(USER, ITEM).agg(pl.col(TIMESTAMP).max())
-            .sort([USER, TIMESTAMP, ITEM])
-            .group_by(USER, maintain_order=True)
-            .agg(pl.col(ITEM).tail(n_recent).alias("recent_items"), pl.col(ITEM).alias("seen")))
-    frame = users.join(last, on=USER, how="left")
-    columns = [USER, "recent_items"] + (["seen"] if exclude_seen else [])
-    frame = frame.select(columns).rename({"seen": "exclude"}, strict=False)
-    frame = frame.with_columns(pl.lit(k, pl.Int64).alias("k"))
-    return pd.DataFrame({name: frame[name].to_list() for name in frame.columns})
-
-
-def latency_ms(pyfunc: Any, users: list[str], n: int, seed: int = 0) -> dict[str, float]:
-    """p50 and p99 of single-user top-10 requests through ``pyfunc.predict`` (in-process)."""
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(np.asarray(users, dtype=object), size=n, replace=True)
-    for user in chosen[:5]:  # warm-up
-        pyfunc.predict(pd.DataFrame([{USER: user, "k": 10}]))
-    times = []
-    for user in chosen:
-        start = time.perf_counter()
-        pyfunc.predict(pd.DataFrame([{USER: user, "k": 10}]))
-        times.append((time.perf_counter() - start) * 1000)
-    return {"latency_p50_ms": float(np.percentile(times, 50)),
-            LATENCY: float(np.percentile(times, 99))}
-
-
-def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
-            policy: PromotionPolicy) -> dict[str, float]:
-    """Metrics of a pyfunc's answers on the split's test window, plus its latency."""
-    records = request_records(split, policy.session_items, exclude_seen, max(ks))
-    recs = pl.from_pandas(pyfunc.predict(records))
-    popularity = split.test_history.group_by(ITEM).len("count")
-    metrics = evaluate(recs, split.test_targets, ks=ks, n_items=n_items,
-                       item_popularity=popularity)
-    users = records[USER].tolist()
-    return {**metrics, **latency_ms(pyfunc, users, policy.latency_requests)}
-
-
-def n_items_of(split_dir: Path, split: Split) -> int:
-    """Catalogue size of a run: items of its events and catalogue (as training counts them)."""
-    ids = [split.test_history[ITEM], split.test_targets[ITEM]]
-    for name in ("events.parquet", "items.parquet"):
-        if (split_dir.parent / name).is_file():
-            ids.append(pl.read_parquet(split_dir.parent / name, columns=[ITEM])[ITEM])
-    return pl.concat(ids).n_unique()
 
 
 def lock_path(tracking_uri: str, model_name: str) -> Path:
@@ -266,87 +201,20 @@ def load_version(client: MlflowClient, model_name: str, version: str) -> Any:
     return mlflow.pyfunc.load_model(client.get_model_version_download_uri(model_name, version))
 
 
-def version_settings(client: MlflowClient, model_name: str, version: str,
-                     split_dir: Path | None) -> tuple[Path, list[int], bool]:
-    """Split folder, cut-offs and ``exclude_seen`` a version was evaluated with (from its tags)."""
-    tags = get_version(client, model_name, version).tags
-    folder = Path(split_dir or tags.get(SPLIT_DIR_TAG, ""))
-    if not (folder / "test_targets.parquet").is_file():
-        raise ConfigError(
-            f"the test split of {model_name} version {version} was not found at {folder or '?'} "
-            f"(tag {SPLIT_DIR_TAG}). Give the split folder of its training run (--split DIR).")
-    ks = [int(k) for k in tags.get("ks", "10,20").split(",")]
-    return folder, ks, tags.get("exclude_seen", "false").lower() == "true"
-
-
-def compare(client: MlflowClient, model_name: str, version: str, champion: str | None,
-            split_dir: Path | None, policy: PromotionPolicy) -> Decision:
-    """Score challenger and champion on the challenger's test window and decide."""
-    folder, ks, exclude_seen = version_settings(client, model_name, version, split_dir)
-    split = read_split(folder)
-    n_items = n_items_of(folder, split)
-    if policy.guard_k not in ks:
-        ks = sorted({*ks, policy.guard_k})
-    scores = {}
-    for role, ver in (("challenger", version), ("champion", champion)):
-        if ver is not None:
-            pyfunc = load_version(client, model_name, ver)
-            scores[role] = measure(pyfunc, split, ks, n_items, exclude_seen, policy)
-    promote, reason = decide(scores["challenger"], scores.get("champion"), policy)
-    keep = (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms")
-    pick = {role: {m: values[m] for m in keep if m in values} for role, values in scores.items()}
-    return Decision(model_name, version, "promoted" if promote else "rejected", reason,
-                    policy.primary_metric, policy.margin, pick["challenger"],
-                    pick.get("champion"), champion)
-
-
 def record(client: MlflowClient, decision: Decision) -> None:
     """Write the decision on the model version: tags and a line of its description."""
     name, version, tags = decision.model_name, decision.version, decision.tags()
+    released = decision.released_version
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     before = client.get_model_version(name, version).description or ""
     line = (f"Promotion {tags['promotion.decided_at']}: {decision.decision.upper()} "
-            f"against champion {decision.champion_version or '(none)'}. {decision.reason}.")
+            f"against champion {decision.champion_version or '(none)'}. {decision.reason}."
+            + (f" Released as v{released}." if released and released != version else ""))
     client.update_model_version(name, version, description=f"{before}\n\n{line}".strip())
-    if decision.promoted and decision.champion_version:
+    if released and decision.champion_version and released != decision.champion_version:
         client.set_model_version_tag(name, decision.champion_version, "promotion.replaced_by",
-                                     version)
-
-
-def promote_version(
-    model_name: str, version: str | None, tracking_uri: str, policy: PromotionPolicy,
-    split_dir: Path | None = None, force: bool = False,
-) -> Decision:
-    """Decide on ``version`` (default: alias ``challenger``) and move ``champion`` if it wins.
-
-    A version that already carries a decision is left alone unless ``force``.
-    """
-    client = MlflowClient(tracking_uri)
-    version = version or alias_version(client, model_name, CHALLENGER)
-    if version is None:
-        raise ConfigError(f"{model_name!r} has no version with alias {CHALLENGER!r}: train a "
-                          "model first or give --version N.")
-    version = str(version)
-    recorded = get_version(client, model_name, version).tags.get(DECISION_TAG)
-    if recorded and not force:
-        return Decision(model_name, version, "unchanged", f"already {recorded} earlier",
-                        policy.primary_metric, policy.margin)
-    with registry_lock(tracking_uri, model_name, policy.lock_timeout_s):
-        recorded = client.get_model_version(model_name, version).tags.get(DECISION_TAG)
-        if recorded and not force:  # decided while this one waited for the lock
-            return Decision(model_name, version, "unchanged", f"already {recorded} earlier",
-                            policy.primary_metric, policy.margin)
-        champion = alias_version(client, model_name, CHAMPION)  # read again inside the lock
-        if champion == version:
-            return Decision(model_name, version, "unchanged", "already the champion",
-                            policy.primary_metric, policy.margin, champion_version=champion)
-        decision = compare(client, model_name, version, champion, split_dir, policy)
-        if decision.promoted:
-            client.set_registered_model_alias(model_name, CHAMPION, version)
-        record(client, decision)
-    logger.info("%s version %s %s: %s", model_name, version, decision.decision, decision.reason)
-    return decision
+                                     released)
 
 
 def emit_model_event(event: str, model_name: str, version: str, payload: dict[str, Any]) -> None:

@@ -597,6 +597,8 @@ def tune_and_evaluate_lgbm(
         "candidate_recall": {"valid": data.recall, "test": test_recall},
         "best_params": dict(best.params), "best_trial": best.number, "best_iteration": rounds,
         "study_name": study.study_name, "n_trials": len(study.trials), "model_dir": str(model_dir),
+        "config": config.model_dump(mode="json"), "ordered_only": pipe.ordered_only,
+        "exclude_seen": seen,
     }
     if run_id:
         log_results(run_id, result, config)

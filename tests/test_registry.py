@@ -7,6 +7,7 @@ history, package and register.
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import threading
 import time
@@ -20,7 +21,16 @@ from flows.config import load_config
 from models.errors import ConfigError, ShoprankError
 from tasks import tracking
 from tasks.evaluate import baseline_factories, score_model
-from tasks.packaging import ReleaseRun, register_best, select_best
+from tasks.gate import EVALUATED_TAG, promote_version
+from tasks.packaging import (
+    KIND_TAG,
+    LAST_EVENT_TAG,
+    T_TEST_TAG,
+    ReleaseRun,
+    check_shop,
+    register_best,
+    select_best,
+)
 from tasks.prepare import read_split, write_split
 from tasks.registry import (
     DECISION_TAG,
@@ -28,7 +38,6 @@ from tasks.registry import (
     alias_version,
     decide,
     lock_path,
-    promote_version,
     registry_lock,
 )
 from tasks.split import cut_times, time_split
@@ -198,34 +207,80 @@ def test_promote_without_any_model_is_a_clear_error(tmp_path, mlflow_store):
         promote_version("shoprank", "9", mlflow_store, FAST)
 
 
-@pytest.mark.usefixtures("prefect_server")
-def test_second_training_run_registers_v2_and_promotes_only_if_it_wins(tmp_path, mlflow_store,
-                                                                     demo_shop_dir):
-    from flows.train import train
-    from tasks.demo_data import write_demo_shop
-
-    changed = tmp_path / "changed-shop"
-    write_demo_shop(changed, n_events=20_000, seed=2)
-    common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
-              "data__name": "demo", "registry__latency_requests": 20,
-              "ranker__enabled": False, "transformer__enabled": False}
-    first = train(load_config(None, data__path=str(demo_shop_dir), **common))["release"]
-    assert (first["version"], first["decision"]) == ("1", "promoted")
-    second = train(load_config(None, data__path=str(changed), **common))["release"]
-    assert second["version"] == "2"
-
+def test_a_champion_without_recipe_that_saw_the_test_window_is_incomparable(
+        tmp_path, mlflow_store, demo_shop_dir):
     client = MlflowClient(mlflow_store)
-    tags = client.get_model_version("shoprank", "2").tags
-    assert tags[DECISION_TAG] == second["decision"]
-    assert tags["data.fingerprint"] != client.get_model_version("shoprank", "1").tags[
-        "data.fingerprint"]
-    ours = float(tags["promotion.challenger.ndcg_at_10"])
-    theirs = float(tags["promotion.champion.ndcg_at_10"])
-    if second["decision"] == "promoted":
-        assert ours > theirs
-        assert alias_version(client, "shoprank", "champion") == "2"
-    else:
-        assert second["decision"] == "rejected"
-        assert alias_version(client, "shoprank", "champion") == "1"
-    assert alias_version(client, "shoprank", "challenger") == "2"
-    assert second["decision"].upper() in client.get_model_version("shoprank", "2").description
+    v1 = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
+    assert promote_version("shoprank", v1, mlflow_store, FAST).promoted
+    client.set_model_version_tag("shoprank", v1, LAST_EVENT_TAG, "2999-01-01T00:00:00")
+    v2 = register_version(tmp_path, demo_shop_dir, mlflow_store, "buy_again")
+    decision = promote_version("shoprank", v2, mlflow_store, FAST)
+    assert decision.decision == "incomparable"
+    assert "no recipe" in decision.reason
+    assert "--force" in decision.reason
+    assert alias_version(client, "shoprank", "champion") == v1  # nothing moved
+    forced = promote_version("shoprank", v2, mlflow_store, FAST, force=True)
+    assert forced.decision == "promoted"
+    assert forced.reason.startswith("forced")
+    assert alias_version(client, "shoprank", "champion") == v2
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_gate_refits_the_champions_recipe_on_the_challengers_split_and_serves_fresh(
+        tmp_path, mlflow_store, demo_shop_dir):
+    from flows.train import train
+    from tasks.packaging import load_serving
+
+    common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
+              "data__path": str(demo_shop_dir), "data__name": "demo",
+              "registry__latency_requests": 20, "registry__families": ["buy_again"],
+              "ranker__enabled": False, "transformer__enabled": False}
+    first = train(load_config(None, **common))["release"]
+    assert (first["version"], first["decision"], first["released_version"]) == (
+        "1", "promoted", "2")
+    client = MlflowClient(mlflow_store)
+    assert alias_version(client, "shoprank", "challenger") == "1"
+    assert alias_version(client, "shoprank", "champion") == "2"
+    evaluated, served = (client.get_model_version("shoprank", v).tags for v in ("1", "2"))
+    # the served copy saw the test window; the evaluated copy (whose metrics it carries) did not
+    moment = {name: dt.datetime.fromisoformat(tags[name]) for name, tags in (
+        (T_TEST_TAG, evaluated), ("evaluated", {"evaluated": evaluated[LAST_EVENT_TAG]}),
+        ("served", {"served": served[LAST_EVENT_TAG]}))}
+    assert moment["evaluated"] < moment[T_TEST_TAG] <= moment["served"]
+    assert (served[KIND_TAG], served[EVALUATED_TAG]) == ("challenger", "1")
+    assert served["test.ndcg_at_10"] == evaluated["test.ndcg_at_10"]
+    events = pl.read_parquet(demo_shop_dir / "events.parquet")
+    newcomers = set(events["user_id"]) - set(
+        events.filter(pl.col("timestamp") < moment[T_TEST_TAG])["user_id"])
+    assert newcomers
+    known = {v: set(load_serving(f"models:/shoprank/{v}", mlflow_store)[1].users)
+             for v in ("1", "2")}
+    assert newcomers <= known["2"]
+    assert not newcomers & known["1"]
+
+    # the same recipe on a longer test window: the champion is refitted on this split, so it
+    # cannot have seen it (served as is, it had seen 2/3 of it); a tie keeps the champion's
+    # recipe, released again on today's events
+    second = train(load_config(None, split__test_share=0.3, **common))["release"]
+    decision = client.get_model_version("shoprank", second["version"]).tags
+    assert second["decision"] == "rejected"
+    assert float(decision["promotion.challenger.ndcg_at_10"]) == pytest.approx(
+        float(decision["promotion.champion.ndcg_at_10"]))
+    assert "recipe (buy_again) refitted on this split" in decision["promotion.reason"]
+    refresh = second["released_version"]
+    assert alias_version(client, "shoprank", "champion") == refresh == second["champion"]
+    assert client.get_model_version("shoprank", refresh).tags[KIND_TAG] == "refresh"
+    assert client.get_model_version("shoprank", "2").tags["promotion.replaced_by"] == refresh
+
+
+def test_one_registered_model_holds_one_shops_champion(tmp_path, mlflow_store, demo_shop_dir):
+    from flows.train import train
+
+    register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")  # shop "demo"
+    with pytest.raises(ConfigError, match="holds the champion of the shop 'demo'"):
+        train(load_config(None, data__path=str(demo_shop_dir), data__format="parquet",
+                          data__name="other", ranker__enabled=False,
+                          transformer__enabled=False, output_dir=str(tmp_path / "out")))
+    client = MlflowClient(mlflow_store)
+    check_shop(client, "shoprank", "demo")
+    check_shop(client, "shoprank-other", "other")  # not registered yet: free

@@ -101,6 +101,25 @@ def test_cut_offs_without_10_tune_and_report_only_those(shop, tmp_path):
         assert cut_offs == {"20", "50"}, stage
 
 
+def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
+    from tasks.recipes import fit_recipe, ranker_recipe, release_split
+    from tasks.tune import score_test
+
+    split, items = shop
+    result = tune_and_evaluate_lgbm(split, items, _config("sqlite://", n_trials=2), None,
+                                    tmp_path / "run", n_items=100)
+    recipe = ranker_recipe(result, None)
+    refit = RankingPipeline.load(fit_recipe(recipe, split, items, tmp_path / "refit"))
+    assert score_test(refit, split, [10, 20], 100)[0] == result["test"]  # the same model
+    # the released copy: the test window is its last training window, every event its history
+    events = pl.concat([split.test_history, split.test_history.head(0)])
+    shifted = release_split(split, events)
+    assert shifted.train.equals(split.test_history)
+    assert shifted.valid_targets.equals(split.test_targets)
+    fit_recipe(recipe, shifted, items, tmp_path / "released")
+    assert (tmp_path / "released" / "recipe.json").is_file()
+
+
 _STUDY_SCRIPT = """
 import sys, time
 import tasks.tune as tune
