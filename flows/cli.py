@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         transformer__n_trials=args.transformer_trials,
         transformer__enabled=False if args.no_transformer else None,
         engine=args.engine, dask__address=args.dask_address, dask__workers=args.dask_workers,
-        dask__shards=args.shards,
+        dask__shards=args.shards, registry__model_name=args.model_name,
     )
     result = train(config)
     print(  # noqa: T201
@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "load, validate, split, the baselines, the sequential transformer "
                         "(Optuna), the LightGBM ranker (Optuna; the transformer is one of its "
                         "candidate sources), then register the best model on validation and "
-                        "promote it if it beats the champion. Without --data it trains on the "
-                        "built-in demo shop.")
+                        "release the winner of the gate refitted on every event. Without "
+                        "--data it trains on the built-in demo shop.")
     _add_data_flags(tr)
     tr.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
     tr.add_argument("--name", help="dataset name, used as the MLflow experiment")
@@ -252,20 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LocalCluster worker processes (one per CPU core)")
     tr.add_argument("--shards", type=int, metavar="N",
                     help="user shards of the events (one per million events, at least 2)")
+    tr.add_argument("--model-name", metavar="NAME",
+                    help="registered model of this shop (shoprank; one per shop)")
     tr.set_defaults(func=cmd_train)
 
     tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"
     pro = sub.add_parser(
         "promote", help="promote a registered version if it beats the champion",
         description="Run the Prefect flow `promote`: score the version (default: the one with "
-        "alias challenger) and the current champion on the version's test window; move the "
-        "alias champion only if the primary metric wins by registry.margin and coverage@10 and "
-        "p99 latency stay within their guardrails. The decision is written on the version.")
+        "alias challenger) and the champion's recipe refitted on the version's split, on its "
+        "test window; the challenger wins only if the primary metric wins by registry.margin "
+        "and coverage@10 and p99 latency stay within their guardrails. The winning recipe is "
+        "refitted on every event and registered with alias champion (a refresh when the "
+        "champion's recipe wins). The decision is written on the version.")
     pro.add_argument("--version", metavar="N", help="model version (default: @challenger)")
     pro.add_argument("--model-name", metavar="NAME", help="registered model (shoprank)")
     pro.add_argument("--split", metavar="DIR",
                      help="test split folder (default: the one recorded on the version)")
-    pro.add_argument("--force", action="store_true", help="decide again on a decided version")
+    pro.add_argument("--force", action="store_true",
+                     help="decide again on a decided version; promote an incomparable one")
     pro.add_argument("--config", metavar="FILE", help="YAML file of settings (registry: ...)")
     pro.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     pro.set_defaults(func=cmd_promote)

@@ -22,6 +22,7 @@ from models.columns import EVENT_TYPES
 from models.errors import ConfigError
 from tasks.adapters import FORMATS
 from tasks.sequence import SequenceConfig
+from tasks.split import Selection
 from tasks.tune import RankerConfig
 from tasks.validate import ValidationSettings
 
@@ -92,6 +93,14 @@ class EvalConfig(_Strict):
     primary_metric: str = Field(
         "ndcg@10", description="Metric that selects and promotes models; at a cut-off of ks "
         "(left at its default, ndcg at the smallest K when ks leaves out 10).")
+    selection_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of the validation users (drawn by hash) every "
+        "family is selected on and none is tuned on: no early stopping, trial or boosting uses "
+        "their targets. 0: select and tune on every validation user.")
+
+    def selection(self, seed: int) -> Selection:
+        """The selection holdout of a run."""
+        return Selection(self.selection_share, seed)
 
     @field_validator("ks")
     @classmethod

@@ -75,23 +75,25 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
     clock.done("split")
     exclude_seen = resolved_exclude_seen(config, protocol)
     n_items = catalogue_size(data)
+    selection = config.evaluation.selection(config.seed)
     scores = evaluate_baselines_sharded(work / "split", config.evaluation.ks, n_items,
                                         exclude_seen, config.baselines.recent_days,
-                                        work / "baselines")
+                                        work / "baselines", selection)
     clock.done("baselines")
     uri = tracking.tracking_uri(config.tracking_uri)
     if config.transformer.enabled:
         sequence = evaluate_transformer_sharded(
             work / "split", data.items, config.transformer.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, work / "transformer",
-            work / "baselines", run_id, uri)
+            work / "baselines", run_id, uri, selection)
         scores["transformer"] = {"valid": sequence["valid"], "test": sequence["test"]}
         clock.done("transformer")
     if config.ranker.enabled:
         ranker = evaluate_ranker_sharded(
             work / "split", data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
-            config.dask.workers or default_workers(), run_id, uri, work / "baselines")
+            config.dask.workers or default_workers(), run_id, uri, work / "baselines",
+            selection)
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
@@ -156,22 +158,23 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
     exclude_seen = resolved_exclude_seen(config, protocol)
     client.log_param(run_id, "resolved.exclude_seen", exclude_seen)
     n_items = catalogue_size(data)
+    selection = config.evaluation.selection(config.seed)
     scores = evaluate_baselines(
         split.folder, config.evaluation.ks, n_items, exclude_seen,
-        config.baselines.recent_days, workdir / "models", run_id,
+        config.baselines.recent_days, workdir / "models", run_id, selection,
     )
     transformer = None
     sequence_config = config.transformer.settings(config.seed)
     if config.transformer.enabled:
         transformer = evaluate_transformer(
             split.folder, data.items, sequence_config, config.evaluation.ks, n_items,
-            exclude_seen, workdir, run_id)
+            exclude_seen, workdir, run_id, selection)
         scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
     if config.ranker.enabled:
         scores["lgbm_ranker"] = evaluate_lgbm_ranker(
             split.folder, data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id,
-            transformer, sequence_config)
+            transformer, sequence_config, selection)
     report = report_metrics(scores, protocol, run_id)
     # ---- release: the best model on validation is packaged, registered and promoted ----
     release = None

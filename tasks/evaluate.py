@@ -23,7 +23,7 @@ from tasks.recipes import (
     write_recipe,
 )
 from tasks.sequence import SequenceConfig
-from tasks.split import Split
+from tasks.split import Selection, Split
 from tasks.tune import RankerConfig
 
 
@@ -43,17 +43,19 @@ def item_counts(events: pl.DataFrame) -> pl.DataFrame:
 
 
 def score_model(
-    factory: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool
+    factory: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
+    selection: Selection | None = None,
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Fit on train → score validation; refit on train+validation → score test.
 
+    ``selection``: validation is scored on its users only (default: every validation user).
     Returns metrics per stage (``valid``, ``test``, with ``fit_seconds``) and the test model.
     """
     k = max(ks)
     results: dict[str, dict[str, float]] = {}
     model = None
     for stage, history, targets in (
-        ("valid", split.train, split.valid_targets),
+        ("valid", split.train, (selection or Selection()).targets(split)),
         ("test", split.test_history, split.test_targets),
     ):
         start = time.perf_counter()
@@ -70,14 +72,19 @@ def score_model(
 @task(name="baselines")
 def evaluate_baselines(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
-    model_dir: Path, run_id: str | None,
+    model_dir: Path, run_id: str | None, selection: Selection | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Fit, score and save every baseline; log each metric per model, stage and K."""
+    """Fit, score and save every baseline; log each metric per model, stage and K.
+
+    ``valid`` metrics are on the users of ``selection`` (default: every validation user).
+    """
     logger = get_run_logger()
     split = read_split(split_dir)
+    selection = selection or Selection()
+    selection.check(selection.targets(split)[USER].n_unique())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for name, factory in baseline_factories(recent_days).items():
-        scores[name], model = score_model(factory, split, ks, n_items, exclude_seen)
+        scores[name], model = score_model(factory, split, ks, n_items, exclude_seen, selection)
         model.save(model_dir / name)
         write_recipe(model_dir / name, baseline_recipe(name, recent_days, exclude_seen))
         logger.info("%s: test %s", name, _brief(scores[name]["test"], ks))
@@ -91,6 +98,7 @@ def evaluate_baselines(
 def evaluate_transformer(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, workdir: Path, run_id: str | None,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Tune (Optuna, per-epoch pruning), refit and test the sequential transformer.
 
@@ -102,7 +110,8 @@ def evaluate_transformer(
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
     result = tune_and_evaluate_transformer(split, items, config, run_id, workdir, ks=ks,
-                                           exclude_seen=exclude_seen, n_items=n_items)
+                                           exclude_seen=exclude_seen, n_items=n_items,
+                                           selection=selection)
     write_recipe(Path(result["model_dir"]), transformer_recipe(config, result))
     get_run_logger().info("transformer: best trial %s of %s (%s epochs), test %s",
                           result["best_trial"], result["n_trials"], result["best_epoch"],
@@ -115,6 +124,7 @@ def evaluate_lgbm_ranker(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, workdir: Path, run_id: str | None,
     transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
+    selection: Selection | None = None,
 ) -> dict[str, dict[str, float]]:
     """Tune (Optuna), refit and test the LightGBM re-ranker; metrics per stage like baselines.
 
@@ -134,9 +144,11 @@ def evaluate_lgbm_ranker(
                                           earliest)
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
                                     exclude_seen=exclude_seen, ordered_only=ordered_only,
-                                    n_items=n_items, external=external, source=source)
+                                    n_items=n_items, external=external, source=source,
+                                    selection=selection)
     write_recipe(Path(result["model_dir"]), ranker_recipe(
-        result, read_recipe(Path(transformer["model_dir"])) if source is not None else None))
+        result, read_recipe(Path(transformer["model_dir"])) if source is not None else None,
+        selection))
     recall = result["candidate_recall"]
     get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
                           result["best_trial"], result["n_trials"], recall["test"])

@@ -41,6 +41,7 @@ from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.evaluate import baseline_factories
 from tasks.shards import shard_of
+from tasks.split import Selection
 from tasks.split_shards import read_split_shard, split_shard_files
 from tasks.validate_shards import gather
 
@@ -120,12 +121,17 @@ def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
 
 @task(name="baseline-score", retries=1, cache_policy=NO_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
-                exclude_seen: bool, recent_days: float, counts: Path, neighbours: Path
-                ) -> dict[str, dict[str, Any]]:
-    """Fit every baseline on one shard's users with the shared tables; partial metrics."""
+                exclude_seen: bool, recent_days: float, counts: Path, neighbours: Path,
+                selection: Selection) -> dict[str, dict[str, Any]]:
+    """Fit every baseline on one shard's users with the shared tables; partial metrics.
+
+    Validation is scored on the users of the selection holdout only.
+    """
     split = read_split_shard(split_dir, shard)
     history_name, targets_name = STAGES[stage]
     history, targets = getattr(split, history_name), getattr(split, targets_name)
+    if stage == "valid":
+        targets = selection.targets(split)
     whole = pl.read_parquet(counts)
     neighbour_table = read_neighbours(neighbours, history)
     popularity = whole.select(ITEM, COUNT)
@@ -140,9 +146,11 @@ def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks:
 
 def evaluate_baselines_sharded(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
-    work: Path,
+    work: Path, selection: Selection | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Every baseline's ``valid`` and ``test`` metrics on a sharded split (call inside a flow).
+
+    ``valid`` is on the users of ``selection`` (default: every validation user).
 
     Returns the same ``{name: {stage: metrics}}`` as :func:`tasks.evaluate.evaluate_baselines`.
     """
@@ -168,10 +176,12 @@ def evaluate_baselines_sharded(
             unmapped(split_dir), shards, stage=unmapped(stage), t_max=unmapped(t_max),
             ks=unmapped(ks), exclude_seen=unmapped(exclude_seen),
             recent_days=unmapped(recent_days), counts=unmapped(counts_file),
-            neighbours=unmapped(neighbours_file)))
+            neighbours=unmapped(neighbours_file), selection=unmapped(selection or Selection())))
         for name in parts[0] if parts else ():
             merged = merge_partials([part[name] for part in parts], n_items)
             scores.setdefault(name, {})[stage] = merged
+            if stage == "valid":
+                (selection or Selection()).check(int(merged.get("users", 0)))
         log.info("baselines %s: %d shards, %d items, %d neighbour rows", stage, len(shards),
                  counts.height, pl.scan_parquet(neighbours_file).select(pl.len()).collect().item())
     return scores

@@ -65,7 +65,7 @@ from tasks.history_tables import (
     sum_item_partials,
 )
 from tasks.shards import host_cores, shard_file, shard_of
-from tasks.split import Split
+from tasks.split import Selection, Split
 from tasks.split_shards import read_split_shard, split_shard_files
 from tasks.study import (
     TrialLogger,
@@ -112,14 +112,16 @@ def stage_events(split: Split, stage: str, config: RankerConfig
 
 
 @task(name="ranker-windows", retries=1, cache_policy=NO_CACHE)
-def window_stats(split_dir: Path, shard: int, config: RankerConfig) -> list[dict[str, Any]]:
+def window_stats(split_dir: Path, shard: int, config: RankerConfig, selection: Selection
+                 ) -> list[dict[str, Any]]:
     """One shard's counts per training window, for :func:`kept_windows` and :func:`draw`.
 
     Per window: the latest history timestamp (None: no history), the target count, the target
     users outside and inside the holdout, and the shard's first validation user in the holdout
-    draw (``(key, user)``, the fallback of a tiny shop).
+    draw (``(key, user)``, the fallback of a tiny shop). The selection holdout's validation
+    targets are left out.
     """
-    split = read_split_shard(split_dir, shard)
+    split = selection.tuning(read_split_shard(split_dir, shard))
     valid = split.valid_targets.select(USER).unique()
     first = None
     if valid.height:
@@ -257,9 +259,12 @@ def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
 @task(name="ranker-frames", retries=1, cache_policy=NO_CACHE)
 def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
                  config: RankerConfig, settings: TableSettings, items_path: Path | None,
-                 ordered_only: bool, work: Path) -> dict[str, Any]:
-    """Write one shard's drawn, labelled candidate groups of one window; return their counts."""
-    split = read_split_shard(split_dir, shard)
+                 ordered_only: bool, work: Path, selection: Selection) -> dict[str, Any]:
+    """Write one shard's drawn, labelled candidate groups of one window; return their counts.
+
+    The selection holdout's validation targets are left out.
+    """
+    split = selection.tuning(read_split_shard(split_dir, shard))
     history, targets = stage_events(split, stage, config)
     out: dict[str, Any] = {"positive_groups": 0, "held_groups": 0, "recall": None}
     if history.is_empty() or targets.is_empty():
@@ -389,26 +394,33 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig)
 
 
 @task(name="ranker-score", retries=1, cache_policy=NO_CACHE)
-def score_shard(split_dir: Path, shard: int, end: dt.datetime, config: RankerConfig,
+def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
-                work: Path, ks: list[int], model: Path) -> dict[str, Any]:
-    """One shard's test lists (written), partial metrics and candidate recall counts."""
+                work: Path, ks: list[int], model: Path, selection: Selection) -> dict[str, Any]:
+    """One shard's partial metrics and candidate recall counts of a stage.
+
+    ``test``: the test users from the test history (their lists are written); ``w0``: the
+    selection holdout's validation users from train.
+    """
     split = read_split_shard(split_dir, shard)
     history, targets = split.test_history, split.test_targets
+    if stage != TEST:
+        history, targets = split.train, selection.targets(split)
     users = targets[USER].unique()
     if users.is_empty():
         return {"metrics": None, "recall": None}
     items = pl.read_parquet(items_path) if items_path else None
-    tables, covis = shard_state(work, TEST, history, end, config, settings, items)
+    tables, covis = shard_state(work, stage, history, end, config, settings, items)
     frame = candidate_features(history, users, covis, config.candidates, config.features,
                                items, None, ordered_only, None, config.user_chunk, tables)
     exclude = history.select(USER, ITEM).unique() if config.candidates.exclude_seen else None
     recs = rank_scored(LightGBMRanker.load(model), frame, users, max(ks), tables.popularity,
                        exclude)
-    path = shard_file(work / "lists", shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recs.write_parquet(path)
-    counts = pl.read_parquet(work / TEST / "items.parquet").select(
+    if stage == TEST:
+        path = shard_file(work / "lists", shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recs.write_parquet(path)
+    counts = pl.read_parquet(work / stage / "items.parquet").select(
         ITEM, pl.col("i_n_events").cast(pl.Int64).alias(COUNT))
     return {"metrics": partial_metrics(recs, targets, ks, counts),
             "recall": recall_counts(frame, targets)}
@@ -424,7 +436,7 @@ def sharded_study_name(split_dir: Path, config: RankerConfig) -> str:
 def evaluate_ranker_sharded(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, work: Path, workers: int, run_id: str | None,
-    tracking_uri: str, baselines: Path | None = None,
+    tracking_uri: str, baselines: Path | None = None, selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Tune, refit and test the re-ranker on a sharded split (call inside a flow).
 
@@ -441,7 +453,9 @@ def evaluate_ranker_sharded(
     shards = split_shard_files(split_dir)
     common = {"config": unmapped(config), "settings": unmapped(settings),
               "work": unmapped(work)}
-    stats = gather(window_stats.map(unmapped(split_dir), shards, config=unmapped(config)))
+    tuned_on = selection or Selection()
+    stats = gather(window_stats.map(unmapped(split_dir), shards, config=unmapped(config),
+                                    selection=unmapped(tuned_on)))
     windows = kept_windows(stats)
     if "w0" not in windows:
         raise DataError("the ranker has no training window: the validation window has no "
@@ -461,7 +475,7 @@ def evaluate_ranker_sharded(
         counts.append(gather(shard_frames.map(
             unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
             draw=unmapped(drawn), items_path=unmapped(items_path),
-            ordered_only=unmapped(ordered_only), **common)))
+            ordered_only=unmapped(ordered_only), selection=unmapped(tuned_on), **common)))
         log.info("ranker window %s: %d drawn groups with a positive", stage,
                  sum(c["positive_groups"] for c in counts[-1]))
     sample = gather([sample_groups.submit(work, list(windows), drawn.fallback, config)])[0]
@@ -482,17 +496,29 @@ def evaluate_ranker_sharded(
     rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
     model = gather([refit.submit(work, dict(best.params), rounds, config)])[0]
 
-    end = history_end(split_dir, "test_history")
-    build_tables(split_dir, shards, TEST, end, config, settings, work, reused.get(TEST))
-    parts = gather(score_shard.map(unmapped(split_dir), shards, end=unmapped(end),
-                                   items_path=unmapped(items_path),
-                                   ordered_only=unmapped(ordered_only), ks=unmapped(ks),
-                                   model=unmapped(model), **common))
-    scored = [p for p in parts if p["metrics"] is not None]
-    test = merge_partials([p["metrics"] for p in scored], n_items)
+    valid = best.user_attrs.get("valid_metrics", {})
+    build_tables(split_dir, shards, TEST, history_end(split_dir, "test_history"), config,
+                 settings, work, reused.get(TEST))
+    stages = {TEST: history_end(split_dir, "test_history")}
+    if selection is not None:  # the refitted ranker on the selection holdout, from train
+        stages["w0"] = windows["w0"]
+    merged = {}
+    for stage, end in stages.items():
+        parts = gather(score_shard.map(unmapped(split_dir), shards, stage=unmapped(stage),
+                                       end=unmapped(end), items_path=unmapped(items_path),
+                                       ordered_only=unmapped(ordered_only), ks=unmapped(ks),
+                                       model=unmapped(model), selection=unmapped(tuned_on),
+                                       **common))
+        merged[stage] = merge_partials([p["metrics"] for p in parts if p["metrics"]], n_items)
+        if stage == TEST:
+            scored = [p for p in parts if p["metrics"] is not None]
+    if selection is not None:
+        valid = merged["w0"]
+        selection.check(int(valid.get("users", 0)))
+    test = merged[TEST]
     recall = {"valid": merge_recall([c["recall"] for c in counts[0] if c["recall"]]),
               "test": merge_recall([p["recall"] for p in scored])}
-    result = {"valid": best.user_attrs.get("valid_metrics", {}), "test": test,
+    result = {"valid": valid, "test": test,
               "candidate_recall": recall, "sample": sample, "best_params": dict(best.params),
               "best_trial": best.number, "best_iteration": rounds, "study_name": name,
               "n_trials": len(study.trials), "model_dir": str(model)}

@@ -28,7 +28,7 @@ import polars as pl
 
 from models.columns import TIMESTAMP
 from models.errors import ConfigError
-from tasks.split import Split
+from tasks.split import Selection, Split
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,17 @@ def transformer_recipe(config: Any, result: dict[str, Any]) -> dict[str, Any]:
             "exclude_seen": bool(result["exclude_seen"])}
 
 
-def ranker_recipe(result: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
-    """The recipe of the tuned re-ranker; ``source``: the transformer's, when it feeds it."""
+def ranker_recipe(result: dict[str, Any], source: dict[str, Any] | None,
+                  selection: Selection | None = None) -> dict[str, Any]:
+    """The recipe of the tuned re-ranker; ``source``: the transformer's, when it feeds it.
+
+    ``selection``: the selection holdout whose users' validation targets it did not learn.
+    """
+    selection = selection or Selection()
     return {"family": "lgbm_ranker", "config": result["config"],
             "ordered_only": result["ordered_only"], "params": result["best_params"],
             "rounds": result["best_iteration"], "exclude_seen": result["exclude_seen"],
-            "source": source}
+            "source": source, "selection": [selection.share, selection.seed]}
 
 
 def fit_recipe(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None, out: Path
@@ -114,7 +119,8 @@ def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None
                                   bool(source["exclude_seen"]))
         serving = SequenceSource(_fit_transformer(source, split.test_history, items), n,
                                  bool(source["exclude_seen"]))
-    data = pipe.training_frames(split, training)
+    data = pipe.training_frames(Selection(*recipe.get("selection", [0.0, 0])).tuning(split),
+                                training)
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
     pipe.ranker_ = pipe.new_ranker(dict(recipe["params"]), int(recipe["rounds"])).fit(everyone)
     pipe.source = serving

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from models.columns import ITEM, SCORE, USER
 from models.errors import DataError
 from models.metrics import evaluate
-from tasks.split import Split
+from tasks.split import Selection, Split
 from tasks.study import TrialLogger, derived_study_name, open_study, run_study
 
 if TYPE_CHECKING:  # torch is imported only when a transformer is built
@@ -276,6 +276,7 @@ def tune_and_evaluate_transformer(
     ks: list[int] | None = None,
     exclude_seen: bool | None = None,
     n_items: int | None = None,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Tune, refit, test and save the transformer; log everything under ``run_id``.
 
@@ -288,24 +289,32 @@ def tune_and_evaluate_transformer(
         ks: Metric cut-offs (default 10 and 20).
         exclude_seen: Remove history items (default: True for leave-one-out, else False).
         n_items: Catalogue size for coverage; None leaves coverage out.
+        selection: The selection holdout: the study is tuned on the other validation users and
+            ``valid`` is the best trial's model on its users (None: the best trial's metrics on
+            every validation user).
 
     Returns:
-        ``valid`` (best trial's metrics), ``test`` metrics, ``best_params``, ``best_trial``,
+        ``valid`` metrics, ``test`` metrics, ``best_params``, ``best_trial``,
         ``best_epoch``, ``study_name``, ``n_trials``, ``model_dir`` and ``curve`` (the refit's
         per-epoch loss).
     """
     ks = list(ks or [10, 20])
     seen = split.protocol == "leave_one_out" if exclude_seen is None else exclude_seen
-    study, _ = run_transformer_study(split, items, config, TrialLogger(run_id, MODEL_NAME), ks,
-                                     seen, n_items)
+    study, objective = run_transformer_study(
+        split if selection is None else selection.tuning(split), items, config,
+        TrialLogger(run_id, MODEL_NAME), ks, seen, n_items)
     best = study.best_trial
     epochs = best_epochs(best)
+    valid = best.user_attrs.get("metrics", {"ndcg@10": best.value})
+    if selection is not None:
+        valid = selected_metrics(split, items, config, study, objective, selection, ks, seen,
+                                 n_items)
     final = fit_final(split.test_history, items, config, dict(best.params), epochs)
     test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
     model_dir = Path(workdir) / "models" / MODEL_NAME
     final.save(model_dir)
     result = {
-        "valid": best.user_attrs.get("metrics", {"ndcg@10": best.value}), "test": test,
+        "valid": valid, "test": test,
         "best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
         "study_name": study.study_name, "n_trials": len(study.trials),
         "model_dir": str(model_dir), "exclude_seen": seen,
@@ -317,6 +326,28 @@ def tune_and_evaluate_transformer(
     logger.info("transformer: best trial %d (%d epochs), test %s", best.number, epochs,
                 {k: round(v, 4) for k, v in test.items() if "@" in k})
     return result
+
+
+def best_trial_model(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
+                     study: optuna.Study, objective: _Objective) -> SequentialTransformer:
+    """The best trial's model, fitted on ``split.train``.
+
+    Refitted when the best trial ran in an earlier process (a resumed study).
+    """
+    best = study.best_trial
+    if objective.best_model is not None and objective.best_value == best.value:
+        return objective.best_model
+    return fit_final(split.train, items, config, dict(best.params), best_epochs(best))
+
+
+def selected_metrics(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
+                     study: optuna.Study, objective: _Objective, selection: Selection,
+                     ks: list[int], exclude_seen: bool, n_items: int | None) -> dict[str, float]:
+    """The best trial's model scored on the selection holdout's validation targets."""
+    targets = selection.targets(split)
+    selection.check(targets[USER].n_unique())
+    model = best_trial_model(split, items, config, study, objective)
+    return full_metrics(model, split.train, targets, ks, exclude_seen, n_items)
 
 
 def ranker_sources(split: Split, items: pl.DataFrame | None, result: dict[str, Any],

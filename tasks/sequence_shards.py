@@ -33,12 +33,13 @@ from tasks.sequence import (
     MODEL_NAME,
     SequenceConfig,
     best_epochs,
+    best_trial_model,
     fit_final,
     log_results,
     run_transformer_study,
 )
 from tasks.shards import host_cores, shard_file, shard_of
-from tasks.split import Split
+from tasks.split import Selection, Split
 from tasks.split_shards import TABLES, read_split_shard, split_shard_files
 from tasks.study import TrialLogger, default_storage
 from tasks.tune import HOLDOUT_SCALE
@@ -79,12 +80,16 @@ def read_sample(split_dir: Path, sample: Path) -> Split:
 @task(name="transformer-study", cache_policy=NO_CACHE)
 def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config: SequenceConfig,
                    ks: list[int], exclude_seen: bool, n_items: int, run_id: str | None,
-                   tracking_uri: str) -> dict[str, Any]:
-    """Run the study on the sample; save the best trial's model and the refit; their summary."""
+                   tracking_uri: str, selection: Selection) -> dict[str, Any]:
+    """Run the study on the sample; save the best trial's model and the refit; their summary.
+
+    The study is tuned on the sample's validation users outside the selection holdout.
+    """
     import torch
 
     split = read_sample(split_dir, work / "sample")
-    if split.valid_targets.is_empty():
+    tuning = selection.tuning(split)
+    if tuning.valid_targets.is_empty():
         raise DataError("the transformer's sample has no validation targets: raise "
                         "transformer.sample_users.")
     items = pl.read_parquet(items_path) if items_path else None
@@ -92,14 +97,11 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
     torch.set_num_threads(config.model.get("num_threads") or host_cores())  # the stage's one task
     try:
         study, objective = run_transformer_study(
-            split, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks,
+            tuning, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks,
             exclude_seen, n_items)
         best = study.best_trial
         epochs = best_epochs(best)
-        model = objective.best_model if objective.best_value == best.value else None
-        if model is None:  # the best trial ran before (a resumed study): refit it on train
-            model = fit_final(split.train, items, config, dict(best.params), epochs)
-        model.save(work / "best")
+        best_trial_model(split, items, config, study, objective).save(work / "best")
         fit_final(split.test_history, items, config, dict(best.params), epochs).save(
             work / "model")
     finally:
@@ -111,13 +113,19 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
 
 @task(name="transformer-score", retries=1, cache_policy=NO_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Path,
-                ks: list[int], exclude_seen: bool) -> dict[str, Any] | None:
-    """One shard's partial metrics of a stage (None without targets)."""
+                ks: list[int], exclude_seen: bool, selection: Selection
+                ) -> dict[str, Any] | None:
+    """One shard's partial metrics of a stage (None without targets).
+
+    Validation is scored on the selection holdout's users.
+    """
     from models.transformer import SequentialTransformer
 
     history_name, targets_name, model_name = STAGES[stage]
     split = read_split_shard(split_dir, shard)
     history, targets = getattr(split, history_name), getattr(split, targets_name)
+    if stage == "valid":
+        targets = selection.targets(split)
     if targets.is_empty():
         return None
     model = SequentialTransformer.load(work / model_name)
@@ -131,7 +139,7 @@ def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Pat
 def evaluate_transformer_sharded(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, work: Path, baselines: Path, run_id: str | None,
-    tracking_uri: str,
+    tracking_uri: str, selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Tune on a sample, refit, and score the transformer shard by shard (call inside a flow).
 
@@ -146,14 +154,17 @@ def evaluate_transformer_sharded(
                                         unmapped(config.seed), unmapped(work / "sample"))))
     log.info("transformer sample: %d of %d users", drawn, users)
     config = config.model_copy(update={"storage": config.storage or default_storage()})
+    selection = selection or Selection()
     result = gather([tune_on_sample.submit(split_dir, work, items_path, config, ks, exclude_seen,
-                                           n_items, run_id, tracking_uri)])[0]
+                                           n_items, run_id, tracking_uri, selection)])[0]
     for stage in STAGES:
         parts = gather(score_shard.map(unmapped(split_dir), shards, unmapped(stage),
                                        unmapped(work), unmapped(baselines / stage /
                                                                 "counts.parquet"),
-                                       unmapped(ks), unmapped(exclude_seen)))
+                                       unmapped(ks), unmapped(exclude_seen),
+                                       unmapped(selection)))
         result[stage] = merge_partials([p for p in parts if p is not None], n_items)
+    selection.check(int(result["valid"].get("users", 0)))
     result.update({"model_dir": str(work / "model"), "exclude_seen": exclude_seen,
                    "sample": {"users": drawn, "of": users}})
     if run_id:

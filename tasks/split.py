@@ -208,3 +208,51 @@ def require_targets(valid_targets: int, test_targets: int) -> None:
                 f"the {name} window has no targets for users with a history: the data is too "
                 "small or too short for this split. Use more data or change the split windows."
             )
+
+
+SELECTION_SCALE = 1_000_000
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The selection holdout: the validation users every family is selected on.
+
+    A user is drawn when the CRC-32 of ``selection:<seed>:<user_id>`` modulo 10^6 is below
+    ``share`` x 10^6: the same draw in every process and shard. Their validation targets are used
+    by no family's early stopping, trials or boosting (:meth:`tuning`); every family, baselines
+    included, reports its ``valid`` metrics on them (:meth:`targets`). ``share`` 0 turns it off:
+    every validation user is tuned and selected on.
+    """
+
+    share: float = 0.0
+    seed: int = 0
+
+    def drawn(self, users: pl.Series) -> pl.Series:
+        """Whether each user is in the selection holdout."""
+        from tasks.shards import shard_of
+
+        if self.share <= 0:
+            return pl.Series(USER, [True] * users.len(), dtype=pl.Boolean)
+        key = shard_of(f"selection:{self.seed}:" + users.cast(pl.String), SELECTION_SCALE)
+        return key < self.share * SELECTION_SCALE
+
+    def targets(self, split: Split) -> pl.DataFrame:
+        """The validation targets of the drawn users (all of them with ``share`` 0)."""
+        return split.valid_targets.filter(self.drawn(split.valid_targets[USER]))
+
+    def tuning(self, split: Split) -> Split:
+        """``split`` without the drawn users' validation targets (itself with ``share`` 0)."""
+        if self.share <= 0:
+            return split
+        kept = split.valid_targets.filter(~self.drawn(split.valid_targets[USER]))
+        return Split(split.protocol, split.train, kept, split.test_history, split.test_targets,
+                     split.info)
+
+    def check(self, users: int) -> None:
+        """Raise :class:`DataError` when no validation user was drawn (``users`` drawn)."""
+        if users == 0:
+            raise DataError(
+                f"no validation user was drawn into the selection holdout "
+                f"(evaluation.selection_share {self.share}): the validation window has too few "
+                "users. Raise evaluation.selection_share, or set it to 0 to select on every "
+                "validation user.")

@@ -48,7 +48,7 @@ from tasks.candidates import (
 )
 from tasks.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
 from tasks.shards import shard_of
-from tasks.split import Split, leave_one_out
+from tasks.split import Selection, Split, leave_one_out
 from tasks.study import TrialLogger, derived_study_name, open_study, run_study
 
 logger = logging.getLogger(__name__)
@@ -518,16 +518,21 @@ def log_results(run_id: str, result: dict[str, Any], config: RankerConfig) -> No
                       f"{MODEL_NAME}/result.json")
 
 
-def score_test(pipe: RankingPipeline, split: Split, ks: list[int], n_items: int | None,
-               external: ExternalSources | None = None
-               ) -> tuple[dict[str, float], dict[str, float]]:
-    """Test metrics (full catalogue) and test candidate recall of a fitted pipeline."""
-    users = split.test_targets[USER].unique()
-    frame = pipe.candidate_frame(users, external(split.test_history, users) if external else None)
+def score_window(pipe: RankingPipeline, targets: pl.DataFrame, ks: list[int],
+                 n_items: int | None, external: ExternalSources | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Metrics (full catalogue) and candidate recall of the targets' users.
+
+    The lists come from the pipeline's current history (the test history for the test window,
+    train for validation).
+    """
+    users = targets[USER].unique()
+    history = pipe.history_
+    frame = pipe.candidate_frame(users, external(history, users) if external else None)
     recs = pipe.rank(frame, users, max(ks), pipe.config.candidates.exclude_seen)
-    counts = split.test_history.group_by(ITEM).len("count")
-    metrics = evaluate(recs, split.test_targets, ks=ks, n_items=n_items, item_popularity=counts)
-    return metrics, candidate_recall(frame, split.test_targets)
+    counts = history.group_by(ITEM).len("count")
+    metrics = evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
+    return metrics, candidate_recall(frame, targets)
 
 
 def tune_and_evaluate_lgbm(
@@ -542,6 +547,7 @@ def tune_and_evaluate_lgbm(
     n_items: int | None = None,
     external: ExternalSources | None = None,
     source: ExternalSource | None = None,
+    selection: Selection | None = None,
 ) -> dict[str, Any]:
     """Tune, refit, test and save the LightGBM re-ranker; log everything under ``run_id``.
 
@@ -561,10 +567,12 @@ def tune_and_evaluate_lgbm(
         source: The external source the fitted pipeline keeps, saves and calls for the test
             window and for serving (for example the transformer refitted on train +
             validation); it must propose under the same names as ``external``.
+        selection: The selection holdout: its users' validation targets train nothing (the
+            windows, the holdout and the trials are the other users'), and ``valid`` is the
+            refitted ranker on them (None: the best trial's metrics on the held-out users).
 
     Returns:
-        ``valid`` (the best trial's metrics on the held-out users of the validation window: a
-        random share of the users the other families are validated on), ``test`` metrics,
+        ``valid`` metrics, ``test`` metrics,
         ``candidate_recall`` per stage, ``best_params``, ``best_trial``, ``study_name``,
         ``n_trials`` and ``model_dir``.
     """
@@ -574,7 +582,8 @@ def tune_and_evaluate_lgbm(
     config = config.model_copy(update={"candidates": config.candidates.model_copy(
         update={"exclude_seen": seen})})
     pipe = RankingPipeline(config, items, loo if ordered_only is None else ordered_only)
-    data = pipe.training_frames(split, external)
+    data = pipe.training_frames(split if selection is None else selection.tuning(split),
+                                external)
     external_names = [c.removeprefix(RANK_PREFIX) for c in rank_columns(data.train)
                       if c.removeprefix(RANK_PREFIX) not in BUILTIN_SOURCES]
     study = open_study(study_name(split, config, external_names, ks, items), config.storage,
@@ -586,14 +595,20 @@ def tune_and_evaluate_lgbm(
     rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
     pipe.ranker_ = pipe.new_ranker(dict(best.params), num_boost_round=rounds).fit(everyone)
+    valid = best.user_attrs.get("valid_metrics", best.user_attrs.get(
+        "metrics", {"ndcg@10": best.value}))
+    if selection is not None:  # the refitted ranker on the selection holdout
+        targets = selection.targets(split)
+        selection.check(targets[USER].n_unique())
+        valid = score_window(pipe.set_history(split.train), targets, ks, n_items, external)[0]
     pipe.source = source
-    test, test_recall = score_test(pipe.set_history(split.test_history), split, ks, n_items,
-                                   None if source is not None else external)
+    pipe.set_history(split.test_history)
+    test, test_recall = score_window(pipe, split.test_targets, ks, n_items,
+                                     None if source is not None else external)
     model_dir = Path(workdir) / "models" / MODEL_NAME
     pipe.save(model_dir)
     result = {
-        "valid": best.user_attrs.get("valid_metrics", best.user_attrs.get(
-            "metrics", {"ndcg@10": best.value})), "test": test,
+        "valid": valid, "test": test,
         "candidate_recall": {"valid": data.recall, "test": test_recall},
         "best_params": dict(best.params), "best_trial": best.number, "best_iteration": rounds,
         "study_name": study.study_name, "n_trials": len(study.trials), "model_dir": str(model_dir),

@@ -87,7 +87,8 @@ def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, d
     local = _config(tmp_path, demo_shop_dir, "local")
     config = local.ranker.settings(local.seed)
     pipe = RankingPipeline(config, pl.read_parquet(demo_shop_dir / "items.parquet"))
-    expected = pipe.training_frames(read_split(local_split))
+    selection = local.evaluation.selection(local.seed)  # its validation targets train nothing
+    expected = pipe.training_frames(selection.tuning(read_split(local_split)))
     ranker = Path(result["workdir"]) / "ranker"
     for name in ("train", "holdout"):
         got = pl.read_parquet(ranker / f"{name}.parquet")

@@ -50,6 +50,9 @@ def test_train_tunes_the_transformer_and_feeds_its_candidates_to_the_ranker(
                      registry__families=["transformer"], registry__latency_requests=20)
     result = train(config)
     assert set(result["scores"]) == {*BASELINES, "transformer", "lgbm_ranker"}
+    # every family is selected on the same validation users (the selection holdout)
+    selected = {name: stages["valid"]["users"] for name, stages in result["scores"].items()}
+    assert len(set(selected.values())) == 1, selected
     client = MlflowClient(mlflow_store)
     metrics = client.get_run(result["run_id"]).data.metrics
     for stage in ("valid", "test"):

@@ -138,3 +138,19 @@ def test_time_budget_stops_a_running_trial_after_its_epoch(shop, tmp_path):
     result = tune_and_evaluate_transformer(split, items, config, None, tmp_path)
     assert result["n_trials"] == 1  # no trial starts after the budget
     assert result["best_epoch"] == 1  # and the running one stopped after one epoch
+
+
+def test_the_selection_holdout_trains_nothing_in_the_transformer(shop, tmp_path):
+    from tasks.split import Selection
+    from tests.test_tune import altered_selection
+
+    split, items = shop
+    selection = Selection(0.3, seed=11)
+    runs = [tune_and_evaluate_transformer(s, items, _config("sqlite://"), None, tmp_path / str(i),
+                                          n_items=items.height, selection=selection)
+            for i, s in enumerate((split, altered_selection(split, items, selection)))]
+    assert runs[0]["best_params"] == runs[1]["best_params"]
+    assert runs[0]["best_epoch"] == runs[1]["best_epoch"]  # early stopping did not see them
+    assert runs[0]["test"] == runs[1]["test"]
+    assert runs[0]["valid"] != runs[1]["valid"]
+    assert runs[0]["valid"]["users"] == selection.targets(split)["user_id"].n_unique()

@@ -89,3 +89,25 @@ def test_leave_one_out_keeps_file_order_for_equal_timestamps():
 def test_empty_events_are_a_clear_error():
     with pytest.raises(DataError, match="empty"):
         leave_one_out(LOG.head(0))
+
+
+def test_selection_holdout_partitions_the_validation_users_alike_everywhere():
+    from tasks.demo_data import generate_shop
+    from tasks.split import Selection
+
+    shop, _ = generate_shop(3_000, seed=1)
+    split = time_split(shop, *cut_times(shop))
+    selection = Selection(0.3, seed=5)
+    chosen, tuning = selection.targets(split), selection.tuning(split)
+    assert chosen.height + tuning.valid_targets.height == split.valid_targets.height
+    assert not set(chosen[USER]) & set(tuning.valid_targets[USER])
+    assert tuning.train.equals(split.train)
+    assert tuning.test_targets.equals(split.test_targets)
+    # a user's draw depends on nothing but the user and the seed: the same in any shard
+    users = split.valid_targets[USER]
+    assert selection.drawn(users.head(7)).to_list() == selection.drawn(users).head(7).to_list()
+    assert 0 < chosen[USER].n_unique() < users.n_unique()
+    assert Selection(0.0).tuning(split) is split
+    assert Selection(0.0).targets(split).equals(split.valid_targets)
+    with pytest.raises(DataError, match="evaluation.selection_share"):
+        selection.check(0)

@@ -103,14 +103,14 @@ def test_cut_offs_without_10_tune_and_report_only_those(shop, tmp_path):
 
 def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
     from tasks.recipes import fit_recipe, ranker_recipe, release_split
-    from tasks.tune import score_test
+    from tasks.tune import score_window
 
     split, items = shop
     result = tune_and_evaluate_lgbm(split, items, _config("sqlite://", n_trials=2), None,
                                     tmp_path / "run", n_items=100)
     recipe = ranker_recipe(result, None)
     refit = RankingPipeline.load(fit_recipe(recipe, split, items, tmp_path / "refit"))
-    assert score_test(refit, split, [10, 20], 100)[0] == result["test"]  # the same model
+    assert score_window(refit, split.test_targets, [10, 20], 100)[0] == result["test"]
     # the released copy: the test window is its last training window, every event its history
     events = pl.concat([split.test_history, split.test_history.head(0)])
     shifted = release_split(split, events)
@@ -118,6 +118,31 @@ def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
     assert shifted.valid_targets.equals(split.test_targets)
     fit_recipe(recipe, shifted, items, tmp_path / "released")
     assert (tmp_path / "released" / "recipe.json").is_file()
+
+
+def altered_selection(split, items, selection):
+    """``split`` with the selection users' validation targets replaced by another item."""
+    from tasks.split import Split
+
+    changed = selection.targets(split).with_columns(
+        pl.lit(items["item_id"][0]).alias("item_id")).unique()
+    return Split(split.protocol, split.train,
+                 pl.concat([selection.tuning(split).valid_targets, changed]),
+                 split.test_history, split.test_targets, split.info)
+
+
+def test_the_selection_holdout_trains_nothing(shop, tmp_path):
+    from tasks.split import Selection
+
+    split, items = shop
+    selection = Selection(0.3, seed=11)
+    runs = [tune_and_evaluate_lgbm(s, items, _config("sqlite://", n_trials=2), None,
+                                   tmp_path / str(i), n_items=100, selection=selection)
+            for i, s in enumerate((split, altered_selection(split, items, selection)))]
+    assert runs[0]["best_params"] == runs[1]["best_params"]
+    assert runs[0]["test"] == runs[1]["test"]  # the same model: it learned nothing from them
+    assert runs[0]["valid"] != runs[1]["valid"]  # selected on exactly those targets
+    assert runs[0]["valid"]["users"] == selection.targets(split)["user_id"].n_unique()
 
 
 _STUDY_SCRIPT = """

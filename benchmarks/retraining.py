@@ -1,0 +1,155 @@
+"""A retraining backtest: the built-in shop arriving day by day, the gate deciding each time.
+
+The demo shop (``--events`` over ``--days`` days; its items launch over time) is cut at day
+``--start`` and then every ``--every`` days. At each cut, ``train`` runs on the events seen so far
+(the same shop name, one registered model, one MLflow store, one Optuna storage) and its release
+step decides: the challenger's evaluated copy against the champion's recipe refitted on the
+challenger's split, then the winning recipe is refitted on every event and served as
+``@champion``. At the retrainings listed in ``--worse-at`` a worse recipe is offered
+(``--no-ranker --no-transformer``, popularity only): it must lose and the champion's recipe be
+refreshed instead.
+
+For each retraining the table gives the decision, both scores on the challenger's test window,
+the served version, its kind and the last event it saw, and how many of the items first seen
+since the previous retraining appear in the served lists (top 20 of the users active in the last
+7 days) against the evaluated copy's lists. Results go to ``benchmarks/results/retraining.json``.
+
+    .venv/bin/python benchmarks/retraining.py --workdir /tmp/backtest
+    .venv/bin/python benchmarks/retraining.py --events 40000 --start 30 --every 4 --worse-at 3 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "retraining.json"
+WORSE = {"ranker__enabled": False, "transformer__enabled": False,
+         "registry__families": ["popularity"]}
+
+
+def lists_with(pyfunc, users: list[str], items: set[str], k: int = 20) -> int:
+    """How many of ``items`` appear in the top-``k`` lists of ``users``."""
+    import pandas as pd
+
+    recs = pyfunc.predict(pd.DataFrame({"user_id": users, "k": [k] * len(users)}))
+    return len(items & set(recs["item_id"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/shoprank-backtest"))
+    parser.add_argument("--events", type=int, default=60_000, help="events of the whole shop")
+    parser.add_argument("--days", type=int, default=60, help="days of the whole shop")
+    parser.add_argument("--start", type=int, default=32, help="day of the first retraining")
+    parser.add_argument("--every", type=int, default=4, help="days between retrainings")
+    parser.add_argument("--worse-at", type=int, nargs="*", default=[3, 5],
+                        help="retrainings (from 1) offered the worse recipe")
+    parser.add_argument("--trials", type=int, default=2, help="ranker trials per study")
+    parser.add_argument("--transformer-trials", type=int, default=1)
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir / 'mlruns' / 'mlflow.db'}"
+    (args.workdir / "mlruns").mkdir()
+
+    import polars as pl
+    from mlflow import MlflowClient
+
+    from flows.config import load_config
+    from flows.train import train
+    from tasks.demo_data import generate_shop
+    from tasks.packaging import KIND_TAG, LAST_EVENT_TAG, load_serving
+
+    events, items = generate_shop(args.events, seed=7, n_days=args.days)
+    first = events["timestamp"].min()
+    storage = f"sqlite:///{args.workdir / 'optuna.db'}"
+    common = {"output_dir": str(args.workdir / "outputs"), "data__format": "parquet",
+              "data__name": "backtest", "registry__model_name": "backtest",
+              "registry__latency_requests": 50, "ranker__n_trials": args.trials,
+              "ranker__storage": storage, "transformer__n_trials": args.transformer_trials,
+              "transformer__storage": storage}
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    rows, previous = [], None
+    day = args.start
+    retraining = 0
+    while day <= args.days:
+        retraining += 1
+        cut = first + dt.timedelta(days=day)
+        seen = events.filter(pl.col("timestamp") < cut)
+        folder = args.workdir / f"day-{day:03d}"
+        folder.mkdir()
+        seen.write_parquet(folder / "events.parquet")
+        items.join(seen.select("item_id").unique(), on="item_id", how="semi").write_parquet(
+            folder / "items.parquet")
+        worse = retraining in args.worse_at
+        start = time.perf_counter()
+        result = train(load_config(None, data__path=str(folder), **common,
+                                   **(WORSE if worse else {})))
+        seconds = time.perf_counter() - start
+        release = result["release"]
+        evaluated = client.get_model_version("backtest", release["version"]).tags
+        served_version = release["champion"]
+        served = client.get_model_version("backtest", served_version).tags
+        firsts = seen.group_by("item_id").agg(pl.col("timestamp").min())
+        new = set(firsts.filter(pl.col("timestamp") >= previous)["item_id"]) if previous \
+            else set()
+        active = seen.filter(pl.col("timestamp") >= cut - dt.timedelta(days=7))
+        users = active["user_id"].unique().sort().to_list()
+        row = {"retraining": retraining, "day": day, "events": seen.height,
+               "offered": release["family"] + (" (worse recipe)" if worse else ""),
+               "decision": release["decision"],
+               "challenger": float(evaluated.get("promotion.challenger.ndcg_at_10", "nan")),
+               "champion": float(evaluated.get("promotion.champion.ndcg_at_10", "nan")),
+               "served_version": served_version, "served_kind": served.get(KIND_TAG),
+               "served_family": served.get("model.family"),
+               "served_last_event": served.get(LAST_EVENT_TAG), "seconds": round(seconds, 1),
+               "new_items": len(new)}
+        if new:
+            row["new_in_served"] = lists_with(
+                load_serving(f"models:/backtest/{served_version}", client.tracking_uri)[0],
+                users, new)
+            row["new_in_evaluated"] = lists_with(
+                load_serving(f"models:/backtest/{release['version']}", client.tracking_uri)[0],
+                users, new)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        previous, day = cut, day + args.every
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    results.append({"date": dt.date.today().isoformat(), "commit": commit,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The Markdown table of BENCHMARKS.md."""
+    print("\n| # | day | events | offered | decision | challenger NDCG@10 | champion NDCG@10 "
+          "(refitted) | served | served last event | new items | in served lists | in "
+          "evaluated copy's | s |")
+    print("|---:|---:|---:|---|---|---:|---:|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['retraining']} | {r['day']} | {r['events']:,} | {r['offered']} | "
+              f"{r['decision']} | {r['challenger']:.4f} | {r['champion']:.4f} | "
+              f"v{r['served_version']} {r['served_family']} ({r['served_kind']}) | "
+              f"{(r['served_last_event'] or '')[:16]} | {r['new_items']} | "
+              f"{r.get('new_in_served', '-')} | {r.get('new_in_evaluated', '-')} | "
+              f"{r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
