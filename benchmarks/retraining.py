@@ -60,6 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
+    os.environ.update(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
+                      DO_NOT_TRACK="true")  # before anything imports prefect
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir / 'mlruns' / 'mlflow.db'}"
     (args.workdir / "mlruns").mkdir()
 

@@ -234,6 +234,13 @@ def champion_side(client: MlflowClient, model_name: str, version: str, champion:
 def compare(client: MlflowClient, model_name: str, version: str, champion: str | None,
             split_dir: Path | None, policy: PromotionPolicy, work: Path) -> Decision:
     """Score the challenger and the champion's recipe on the challenger's test window; decide."""
+    kind = get_version(client, model_name, version).tags.get(KIND_TAG, "evaluated")
+    if kind != "evaluated":  # a released copy has seen its own test window
+        evaluated = get_version(client, model_name, version).tags.get(EVALUATED_TAG, "?")
+        return Decision(model_name, version, "incomparable",
+                        f"v{version} is a released copy ({kind}) that has seen its test window; "
+                        f"decide on its evaluated version v{evaluated} instead",
+                        policy.primary_metric, policy.margin, champion_version=champion)
     folder, ks, exclude_seen = version_settings(client, model_name, version, split_dir)
     split = read_split(folder)
     n_items = n_items_of(folder, split)
@@ -333,7 +340,9 @@ def promote_version(
         if decision.decision == "incomparable" and force:
             decision.decision, decision.reason = "promoted", f"forced: {decision.reason}"
         winner, kind, metrics = None, None, None
-        if decision.promoted:
+        released_copy = get_version(client, model_name, version).tags.get(KIND_TAG,
+                                                                        "evaluated") != "evaluated"
+        if decision.promoted and not released_copy:  # (a forced released copy is served as is)
             winner, kind = version_recipe(client, model_name, version), "challenger"
         elif decision.decision == "rejected" and champion is not None:
             winner, kind = version_recipe(client, model_name, champion), "refresh"
