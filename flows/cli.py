@@ -108,8 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         outcome = release["decision"] or "promotion left to the promote flow"
         if release.get("reason"):
             outcome += f": {release['reason']}"
+        served = release.get("champion")
         print(f"Registered {release['model']} version {release['version']} "  # noqa: T201
-              f"({release['family']}), {outcome}.")
+              f"({release['family']}, the evaluated copy), {outcome}."
+              + (f"\nServed: models:/{release['model']}@champion = version {served}"
+                 f"{' (refitted on every event)' if release.get('released_version') else ''}."
+                 if served else ""))
     return 0
 
 
