@@ -55,10 +55,14 @@ def _usage() -> dict[str, float]:
     return {"cpu_s": mine.ru_utime + mine.ru_stime, "peak_rss_mib": mine.ru_maxrss / 1024}
 
 
-def write_config(path: Path, args: argparse.Namespace) -> Path:
-    """The run's settings: nothing registered; the ranker's budget when it runs."""
+def write_config(path: Path, args: argparse.Namespace, run: str) -> Path:
+    """The run's settings: nothing registered; the ranker's budget when it runs.
+
+    Each run (``run``: size, workers, engine) has an Optuna storage of its own, so that no run
+    resumes the studies of another and every run times its trials.
+    """
     ranker = {"enabled": bool(args.ranker_trials), "n_trials": max(args.ranker_trials, 1),
-              "storage": f"sqlite:///{args.workdir / 'optuna.db'}",
+              "storage": f"sqlite:///{args.workdir / f'optuna-{run}.db'}",
               "extra": {"extra_windows": args.extra_windows,
                         "sample_groups": args.sample_groups}}
     transformer = {"enabled": args.transformer, "candidates": False,
@@ -124,7 +128,6 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for n in args.events:
         shop = args.workdir / f"shop-{n}"
-        config = write_config(args.workdir / "config.json", args)
         shards = max(2, -(-n // 1_000_000))
         writer = run_measured([str(BIN / "shoprank"), "demo-data", "--out", str(shop),
                                "--events", str(n), "--shards", str(shards)],
@@ -133,6 +136,7 @@ def main() -> None:
               f"{writer['peak_rss_mib']:.0f} MiB", flush=True)
         for workers in args.workers:
             out = args.workdir / f"out-{n}-{workers}"
+            config = write_config(args.workdir / "config.json", args, f"{n}-{workers}")
             row = train_on_cluster(shop, out, workers, args.workdir / f"train-{n}-{workers}.log",
                                    config)
             row.update({"events": n, "shards": shards, "n_workers": workers, "writer": writer,
@@ -144,6 +148,7 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
         if args.local:
+            config = write_config(args.workdir / "config.json", args, f"{n}-local")
             local = train_local(shop, args.workdir / f"local-{n}", args.workdir / f"local-{n}.log",
                                 config)
             local.update({"events": n, "engine": "local", "date": dt.date.today().isoformat(),
