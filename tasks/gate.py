@@ -234,9 +234,10 @@ def champion_side(client: MlflowClient, model_name: str, version: str, champion:
 def compare(client: MlflowClient, model_name: str, version: str, champion: str | None,
             split_dir: Path | None, policy: PromotionPolicy, work: Path) -> Decision:
     """Score the challenger and the champion's recipe on the challenger's test window; decide."""
-    kind = get_version(client, model_name, version).tags.get(KIND_TAG, "evaluated")
+    tags = get_version(client, model_name, version).tags
+    kind = tags.get(KIND_TAG, "evaluated")
     if kind != "evaluated":  # a released copy has seen its own test window
-        evaluated = get_version(client, model_name, version).tags.get(EVALUATED_TAG, "?")
+        evaluated = tags.get(EVALUATED_TAG, "?")
         return Decision(model_name, version, "incomparable",
                         f"v{version} is a released copy ({kind}) that has seen its test window; "
                         f"decide on its evaluated version v{evaluated} instead",
@@ -326,7 +327,8 @@ def promote_version(
                         policy.primary_metric, policy.margin)
     with registry_lock(tracking_uri, model_name, policy.lock_timeout_s), \
             tempfile.TemporaryDirectory(prefix="shoprank-gate-") as tmp:
-        recorded = client.get_model_version(model_name, version).tags.get(DECISION_TAG)
+        tags = client.get_model_version(model_name, version).tags
+        recorded = tags.get(DECISION_TAG)
         if recorded and not force:  # decided while this one waited for the lock
             return Decision(model_name, version, "unchanged", f"already {recorded} earlier",
                             policy.primary_metric, policy.margin)
@@ -340,8 +342,7 @@ def promote_version(
         if decision.decision == "incomparable" and force:
             decision.decision, decision.reason = "promoted", f"forced: {decision.reason}"
         winner, kind, metrics = None, None, None
-        released_copy = get_version(client, model_name, version).tags.get(KIND_TAG,
-                                                                        "evaluated") != "evaluated"
+        released_copy = tags.get(KIND_TAG, "evaluated") != "evaluated"
         if decision.promoted and not released_copy:  # (a forced released copy is served as is)
             winner, kind = version_recipe(client, model_name, version), "challenger"
         elif decision.decision == "rejected" and champion is not None:
@@ -349,8 +350,7 @@ def promote_version(
             metrics = decision.champion
         released = version if decision.promoted else None  # a version without a recipe
         if winner is not None:
-            folder = split_dir or Path(get_version(client, model_name, version).tags.get(
-                SPLIT_DIR_TAG, ""))
+            folder = split_dir or Path(tags.get(SPLIT_DIR_TAG, ""))
             released = release(client, model_name, version, winner, kind, folder,
                                {m: v for m, v in (metrics or {}).items() if "@" in m},
                                Path(tmp) / "release", tracking_uri)

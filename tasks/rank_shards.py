@@ -497,9 +497,8 @@ def evaluate_ranker_sharded(
     model = gather([refit.submit(work, dict(best.params), rounds, config)])[0]
 
     valid = best.user_attrs.get("valid_metrics", {})
-    build_tables(split_dir, shards, TEST, history_end(split_dir, "test_history"), config,
-                 settings, work, reused.get(TEST))
     stages = {TEST: history_end(split_dir, "test_history")}
+    build_tables(split_dir, shards, TEST, stages[TEST], config, settings, work, reused.get(TEST))
     if selection is not None:  # the refitted ranker on the selection holdout, from train
         stages["w0"] = windows["w0"]
     merged = {}
