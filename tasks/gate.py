@@ -46,6 +46,7 @@ from tasks.packaging import (
     CHALLENGER,
     CHAMPION,
     DATA_TAG,
+    GATE_DATA_TAG,
     KIND_TAG,
     LAST_EVENT_TAG,
     RECIPE_TAG,
@@ -134,17 +135,38 @@ def n_items_of(split_dir: Path, split: Split) -> int:
     return pl.concat(ids).n_unique()
 
 
-def version_settings(client: MlflowClient, model_name: str, version: str,
-                     split_dir: Path | None) -> tuple[Path, list[int], bool]:
-    """Split folder, cut-offs and ``exclude_seen`` a version was evaluated with (from its tags)."""
-    tags = get_version(client, model_name, version).tags
-    folder = Path(split_dir or tags.get(SPLIT_DIR_TAG, ""))
+def gate_split(client: MlflowClient, model_name: str, version: str, split_dir: Path | None,
+               work: Path) -> Path:
+    """The local split folder the gate scores ``version`` on (its tables in the parent folder).
+
+    ``split_dir`` when given; else the run's gate artifacts (tag ``shoprank.gate_data``),
+    downloaded through the tracking server into ``work`` once; else, for a version registered
+    before they were logged, the folder its tag ``shoprank.split_dir`` names.
+    """
+    if split_dir is not None:
+        folder = Path(split_dir)
+    else:
+        tags = get_version(client, model_name, version).tags
+        uri = tags.get(GATE_DATA_TAG, "")
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        local = work / "gate-data" / version
+        if run_id and path and not (local / path).is_dir():
+            local.mkdir(parents=True, exist_ok=True)
+            client.download_artifacts(run_id, path, str(local))
+        folder = local / path / "split" if run_id and path else Path(tags.get(SPLIT_DIR_TAG, ""))
     if not (folder / "test_targets.parquet").is_file():
         raise ConfigError(
-            f"the test split of {model_name} version {version} was not found at {folder or '?'} "
-            f"(tag {SPLIT_DIR_TAG}). Give the split folder of its training run (--split DIR).")
+            f"the test split of {model_name} version {version} was not found (looked in "
+            f"{folder}; tags {GATE_DATA_TAG}, {SPLIT_DIR_TAG}). Give the split folder of its "
+            "training run (--split DIR), or register the version again with shoprank train.")
+    return folder
+
+
+def version_settings(client: MlflowClient, model_name: str, version: str) -> tuple[list[int], bool]:
+    """Cut-offs and ``exclude_seen`` a version was evaluated with (from its tags)."""
+    tags = get_version(client, model_name, version).tags
     ks = [int(k) for k in tags.get("ks", "10,20").split(",")]
-    return folder, ks, tags.get("exclude_seen", "false").lower() == "true"
+    return ks, tags.get("exclude_seen", "false").lower() == "true"
 
 
 class BundlePyfunc:
@@ -242,7 +264,8 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
                         f"v{version} is a released copy ({kind}) that has seen its test window; "
                         f"decide on its evaluated version v{evaluated} instead",
                         policy.primary_metric, policy.margin, champion_version=champion)
-    folder, ks, exclude_seen = version_settings(client, model_name, version, split_dir)
+    folder = gate_split(client, model_name, version, split_dir, work)
+    ks, exclude_seen = version_settings(client, model_name, version)
     split = read_split(folder)
     n_items = n_items_of(folder, split)
     if policy.guard_k not in ks:
@@ -256,7 +279,8 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
     ours = score(load_version(client, model_name, version))
     theirs, how = None, "no champion yet"
     if champion is not None:
-        pyfunc, how = champion_side(client, model_name, version, champion, folder, work)
+        pyfunc, how = champion_side(client, model_name, version, champion, folder,
+                                    work / "champion")
         if pyfunc is None:
             return Decision(model_name, version, "incomparable", how, policy.primary_metric,
                             policy.margin, ours, None, champion)
@@ -295,8 +319,7 @@ def release(client: MlflowClient, model_name: str, evaluated: str, recipe: dict[
         tags.update({f"test.{m.replace('@', '_at_')}": f"{v:.6g}"
                      for m, v in (metrics or {}).items()})
     tags.update({"model.family": recipe["family"], RECIPE_TAG: f"runs:/{run_id}/{path}",
-                 LAST_EVENT_TAG: last_event(events), KIND_TAG: kind, EVALUATED_TAG: evaluated,
-                 SPLIT_DIR_TAG: str(split_dir)})
+                 LAST_EVENT_TAG: last_event(events), KIND_TAG: kind, EVALUATED_TAG: evaluated})
     description = (f"{recipe['family']} refitted on every event ({events.height:,}, last "
                    f"{tags[LAST_EVENT_TAG]}) after the decision on v{evaluated}: {kind}.")
     packaged = package_and_register(
@@ -337,8 +360,7 @@ def promote_version(
                 client, model_name, champion).tags.get(EVALUATED_TAG) == version):
             return Decision(model_name, version, "unchanged", "already the champion",
                             policy.primary_metric, policy.margin, champion_version=champion)
-        decision = compare(client, model_name, version, champion, split_dir, policy,
-                           Path(tmp) / "champion")
+        decision = compare(client, model_name, version, champion, split_dir, policy, Path(tmp))
         if decision.decision == "incomparable" and force:
             decision.decision, decision.reason = "promoted", f"forced: {decision.reason}"
         winner, kind, metrics = None, None, None
@@ -350,7 +372,7 @@ def promote_version(
             metrics = decision.champion
         released = version if decision.promoted else None  # a version without a recipe
         if winner is not None:
-            folder = split_dir or Path(tags.get(SPLIT_DIR_TAG, ""))
+            folder = gate_split(client, model_name, version, split_dir, Path(tmp))
             released = release(client, model_name, version, winner, kind, folder,
                                {m: v for m, v in (metrics or {}).items() if "@" in m},
                                Path(tmp) / "release", tracking_uri)

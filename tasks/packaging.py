@@ -47,7 +47,7 @@ from models.serving import (
     register_family,
 )
 from tasks.recipes import last_event, read_recipe
-from tasks.tracking import PROJECT_ROOT
+from tasks.tracking import PROJECT_ROOT, fingerprint, log_dataset
 
 logger = logging.getLogger(__name__)
 # the LightGBM re-ranker lives with its candidate and feature state in tasks.tune
@@ -58,7 +58,9 @@ CHAMPION = "champion"
 ARTIFACT_PATH = "model"
 BASE_REQUIREMENTS = ("mlflow", "polars", "pandas", "numpy", "pyarrow", "pydantic")
 OPTIONAL_REQUIREMENTS = ("torch", "lightgbm")
-SPLIT_DIR_TAG = "shoprank.split_dir"
+SPLIT_DIR_TAG = "shoprank.split_dir"  # versions registered before the gate data was logged
+GATE_DATA_TAG = "shoprank.gate_data"
+GATE_ARTIFACTS = "gate"
 DATA_TAG = "data.name"
 RECIPE_TAG = "shoprank.recipe"
 LAST_EVENT_TAG = "shoprank.last_event"
@@ -249,7 +251,7 @@ def package_and_register(
     source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(
         model_name, source, run_id=run_id, description=description,
-        tags={SPLIT_DIR_TAG: str(split_dir), **tags, "serving.artifact_bytes": str(size),
+        tags={**tags, "serving.artifact_bytes": str(size),
               "serving.load_seconds": f"{load_seconds:.3f}"},
     ).version
     if alias:
@@ -258,6 +260,25 @@ def package_and_register(
                 family, size / 1e6, load_seconds)
     return PackagedModel(model_name, str(version), f"models:/{model_name}/{version}", size,
                          load_seconds)
+
+
+def log_gate_data(client: MlflowClient, run_id: str, split_dir: Path) -> str:
+    """Log what the gate needs of a run as its artifacts ``gate/``; returns their URI.
+
+    ``gate/split/`` holds the split (the test window and the histories a recipe is refitted
+    on), ``gate/events.parquet`` and ``gate/items.parquet`` the tables the release refits on.
+    They travel through the tracking server, so a promotion needs no path on the training
+    machine. The split is also recorded as the run's dataset input of context ``evaluation``.
+    """
+    client.log_artifacts(run_id, str(split_dir), f"{GATE_ARTIFACTS}/split")
+    for name in ("events.parquet", "items.parquet"):
+        if (split_dir.parent / name).is_file():
+            client.log_artifact(run_id, str(split_dir.parent / name), GATE_ARTIFACTS)
+    uri = f"runs:/{run_id}/{GATE_ARTIFACTS}"
+    log_dataset(run_id, f"{client.get_run(run_id).data.tags.get(DATA_TAG, 'data')}-split",
+                f"{client.get_run(run_id).info.artifact_uri}/{GATE_ARTIFACTS}/split",
+                fingerprint([split_dir]), "evaluation", client)
+    return uri
 
 
 def load_serving(model_uri: str, tracking_uri: str) -> tuple[Any, ServingModel]:
@@ -327,11 +348,13 @@ def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRu
     info = json.loads((run.split_dir / "info.json").read_text())["summary"]
     t_test = info.get("t_test")  # none for leave-one-out
     t_test = dt.datetime.fromisoformat(t_test).isoformat() if t_test else ""
+    client = MlflowClient(run.tracking_uri)
     release = {LAST_EVENT_TAG: last_event(history), T_TEST_TAG: t_test,
-               KIND_TAG: "evaluated"}
+               KIND_TAG: "evaluated",
+               GATE_DATA_TAG: log_gate_data(client, run.run_id, run.split_dir)}
     if recipe is not None:
         path = f"recipes/{family}.json"
-        MlflowClient(run.tracking_uri).log_dict(run.run_id, recipe, path)
+        client.log_dict(run.run_id, recipe, path)
         release[RECIPE_TAG] = f"runs:/{run.run_id}/{path}"
     tags = {**release, "model.family": family, DATA_TAG: run.data_name,
             "data.fingerprint": run.fingerprint, "protocol": run.protocol,

@@ -6,9 +6,11 @@ regresses: ``coverage@10`` may drop by at most ``coverage_tolerance`` (relative)
 latency of single-user requests, measured in-process, may grow by at most ``latency_tolerance``
 (relative) plus ``latency_slack_ms``. The first model becomes champion.
 
-The compare-and-set runs under an exclusive file lock (``fcntl.flock``) beside the local store.
-The decision and its numbers are written on the model version (tags and description) and sent
-as a Prefect event.
+The compare-and-set runs under a lock (:func:`registry_lock`): with a Prefect server configured
+(``PREFECT_API_URL``), a Prefect global concurrency limit of one slot, held by every host that
+talks to that server; without one, an exclusive file lock (``fcntl.flock``) beside the local
+store, which holds on this host only. The decision and its numbers are written on the model
+version (tags and description) and sent as a Prefect event.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,14 +129,75 @@ def lock_path(tracking_uri: str, model_name: str) -> Path:
     """The lock file beside a local SQLite store; in the temp folder for other stores."""
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri.removeprefix("sqlite:///")).parent / f".{model_name}.lock"
+    return Path(tempfile.gettempdir()) / f"{lock_name(tracking_uri, model_name)}.lock"
+
+
+def lock_name(tracking_uri: str, model_name: str) -> str:
+    """The name of the lock on ``model_name`` in the store at ``tracking_uri``.
+
+    The store's URI enters only as a digest, so no credential in it reaches a lock's name.
+    """
     digest = hashlib.sha256(f"{tracking_uri}|{model_name}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"shoprank-registry-{digest}.lock"
+    return f"shoprank-registry-{digest}"
+
+
+def prefect_server() -> str | None:
+    """The configured Prefect API URL (a server every host can reach), or None."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 @contextmanager
 def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 900.0) -> Iterator[None]:
-    """Hold an exclusive lock on the aliases of ``model_name`` in the store at ``tracking_uri``."""
-    path = lock_path(tracking_uri, model_name)
+    """Hold an exclusive lock on the aliases of ``model_name`` in the store at ``tracking_uri``.
+
+    A Prefect global concurrency limit when a Prefect server is configured (it holds across
+    hosts, and a holder that dies loses its lease); else a file lock on this host.
+
+    Raises:
+        ShoprankError: The lock was not obtained within ``timeout_s``.
+    """
+    server = prefect_server()
+    if server:
+        with _server_lock(server, lock_name(tracking_uri, model_name), model_name, timeout_s):
+            yield
+        return
+    if not tracking_uri.startswith("sqlite:///"):
+        logger.warning("no Prefect server configured (PREFECT_API_URL): the promotion lock of "
+                       "%s holds on this host only; set PREFECT_API_URL when promotions run "
+                       "on several hosts", model_name)
+    with _file_lock(lock_path(tracking_uri, model_name), model_name, timeout_s):
+        yield
+
+
+@contextmanager
+def _server_lock(server: str, name: str, model_name: str, timeout_s: float) -> Iterator[None]:
+    """One slot of the global concurrency limit ``name`` (limit 1, created when missing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name,
+                                                                            limit=1))
+    with ExitStack() as held:
+        try:
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s,
+                                           strict=True))
+        except TimeoutError as err:
+            raise ShoprankError(
+                f"could not lock {model_name!r} within {timeout_s:.0f} s: another promotion "
+                f"holds the global concurrency limit {name!r} of the Prefect server {server}. "
+                f"Retry later; if no promotion runs, free it with `prefect gcl update {name} "
+                "--active-slots 0`.") from err
+        yield
+
+
+@contextmanager
+def _file_lock(path: Path, model_name: str, timeout_s: float) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released by the kernel if this process dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     with path.open("a+") as handle:
@@ -146,8 +209,7 @@ def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 900.0) 
                 if time.monotonic() > deadline:
                     raise ShoprankError(
                         f"could not lock {path} within {timeout_s:.0f} s: another promotion of "
-                        f"{model_name!r} holds it. Retry later, or remove the file if no "
-                        "shoprank process is running.") from err
+                        f"{model_name!r} holds it. Retry later.") from err
                 time.sleep(0.05)
         try:
             yield

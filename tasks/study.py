@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +68,17 @@ def digest_study_name(family: str, protocol: str, data: list[str], settings: Bas
     return f"{family}-{protocol}-{digest.hexdigest()[:12]}"
 
 
+STORAGE_ENV = "SHOPRANK_OPTUNA_STORAGE"
+
+
 def default_storage() -> str:
-    """``sqlite:///<cwd>/mlruns/optuna.db`` (the folder is created)."""
+    """``SHOPRANK_OPTUNA_STORAGE``, else ``sqlite:///<cwd>/mlruns/optuna.db`` (folder created).
+
+    The environment variable is how a shared storage's URL (with its password) reaches the
+    studies without being written into the config, and so into MLflow params.
+    """
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV]
     folder = Path.cwd() / "mlruns"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"

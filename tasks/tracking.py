@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import warnings
@@ -27,6 +28,7 @@ PACKAGES = (
     "polars", "pandas", "numpy", "pyarrow",
 )
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^/:@\s]*:)[^@/\s]+@")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -100,11 +102,8 @@ def log_run_context(
     rows: dict[str, int],
 ) -> None:
     """Log the resolved config, package versions, git commit and the input dataset."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
-
     client = MlflowClient()
+    config = redacted(config)  # no credential of a storage URL reaches a param or artifact
     client.log_dict(run_id, config, "config.json")
     client.log_dict(run_id, package_versions(), "package_versions.json")
     for key, value in _flatten(config).items():
@@ -116,12 +115,23 @@ def log_run_context(
     client.set_tag(run_id, "data.name", data_name)
     for table, count in rows.items():
         client.log_param(run_id, f"rows.{table}", count)
+    log_dataset(run_id, data_name, str(source.resolve()), digest, "training")
+
+
+def log_dataset(run_id: str, name: str, source: str, digest: str, context: str,
+                client: MlflowClient | None = None) -> None:
+    """Record a dataset (a path or an artifact URI, and its digest) as an input of the run."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
     with warnings.catch_warnings():  # a local path matches two equivalent source classes
         warnings.simplefilter("ignore", UserWarning)
-        dataset_source = resolve_dataset_source(str(source.resolve()))
-    dataset = MetaDataset(dataset_source, name=data_name, digest=digest[:36])
-    context = InputTag(key="mlflow.data.context", value="training")
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [context])])
+        dataset_source = resolve_dataset_source(source)
+    dataset = MetaDataset(dataset_source, name=name, digest=digest[:36])
+    tag = InputTag(key="mlflow.data.context", value=context)
+    (client or MlflowClient()).log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [tag])])
 
 
 def metric_key(model: str, stage: str, metric: str) -> str:
@@ -143,7 +153,8 @@ def log_text(run_id: str, text: str, artifact_file: str) -> None:
 
 def log_json(run_id: str, payload: Any, artifact_file: str) -> None:
     """Write ``payload`` as a JSON artifact of the run."""
-    MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), artifact_file)
+    MlflowClient().log_text(run_id, json.dumps(redacted(payload), indent=2, default=str),
+                            artifact_file)
 
 
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
@@ -152,6 +163,20 @@ def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
         path = Path(tmp) / Path(artifact_file).name
         figure.savefig(path, dpi=110, bbox_inches="tight")
         MlflowClient().log_artifact(run_id, str(path), str(Path(artifact_file).parent or ""))
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``."""
+    return _CREDENTIALS.sub(r"\g<1>***@", text)
+
+
+def redacted(tree: Any) -> Any:
+    """A copy of a JSON-like tree with :func:`redact` applied to every string."""
+    if isinstance(tree, dict):
+        return {key: redacted(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [redacted(value) for value in tree]
+    return redact(tree) if isinstance(tree, str) else tree
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

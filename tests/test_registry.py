@@ -23,8 +23,10 @@ from tasks import tracking
 from tasks.evaluate import baseline_factories, score_model
 from tasks.gate import EVALUATED_TAG, promote_version
 from tasks.packaging import (
+    GATE_DATA_TAG,
     KIND_TAG,
     LAST_EVENT_TAG,
+    SPLIT_DIR_TAG,
     T_TEST_TAG,
     ReleaseRun,
     check_shop,
@@ -37,6 +39,7 @@ from tasks.registry import (
     PromotionPolicy,
     alias_version,
     decide,
+    lock_name,
     lock_path,
     registry_lock,
 )
@@ -112,10 +115,8 @@ def test_select_best_uses_validation_and_skips_unservable():
         select_best({"mystery": scores["mystery"]}, "ndcg@10")
 
 
-def test_lock_is_exclusive_and_lives_beside_the_store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert lock_path(uri, "shoprank").parent == tmp_path
-    assert lock_path("http://127.0.0.1:5000", "shoprank").name.startswith("shoprank-registry-")
+def _assert_exclusive(uri: str) -> None:
+    """Two threads holding the lock run one after the other; a third times out clearly."""
     inside: list[tuple[str, float, float]] = []
 
     def hold(name: str) -> None:
@@ -132,8 +133,46 @@ def test_lock_is_exclusive_and_lives_beside_the_store(tmp_path):
     (_, s1, e1), (_, s2, _) = sorted(inside, key=lambda x: x[1])
     assert s2 >= e1  # the second holder entered only after the first left
     with (registry_lock(uri, "shoprank"), pytest.raises(ShoprankError, match="could not lock"),
-          registry_lock(uri, "shoprank", timeout_s=0.2)):
+          registry_lock(uri, "shoprank", timeout_s=0.5)):
         pass
+
+
+def test_lock_is_exclusive_and_lives_beside_the_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server: a file on this host
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert lock_path(uri, "shoprank").parent == tmp_path
+    assert lock_path("http://127.0.0.1:5000", "shoprank").name.startswith("shoprank-registry-")
+    _assert_exclusive(uri)
+    assert lock_path(uri, "shoprank").is_file()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_with_a_prefect_server_the_lock_is_its_global_concurrency_limit(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    uri = "postgresql://shoprank:s3cret@127.0.0.1:5432/mlflow"
+    name = lock_name(uri, "shoprank")
+    assert "s3cret" not in name
+    _assert_exclusive(uri)
+    assert not lock_path(uri, "shoprank").exists()  # no file anywhere
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert (limit.limit, limit.active_slots) == (1, 0)  # released after use
+
+
+def test_no_password_of_a_storage_url_reaches_params_or_the_config_artifact(tmp_path,
+                                                                           mlflow_store):
+    config = load_config(None, ranker__storage="postgresql://optuna:s3cret@127.0.0.1/optuna")
+    client = MlflowClient(mlflow_store)
+    experiment = tracking.ensure_experiment("demo", mlflow_store)
+    run_id = client.create_run(experiment).info.run_id
+    tracking.log_run_context(run_id, config.model_dump(mode="json"), "demo", tmp_path, "f" * 64,
+                             {"events": 1})
+    params = client.get_run(run_id).data.params
+    assert params["ranker.storage"] == "postgresql://optuna:***@127.0.0.1/optuna"
+    logged = Path(client.download_artifacts(run_id, "config.json", str(tmp_path)))
+    assert "s3cret" not in logged.read_text()
+    assert "s3cret" not in str(params)
 
 
 def test_first_model_becomes_champion_and_better_one_replaces_it(tmp_path, mlflow_store,
@@ -271,6 +310,33 @@ def test_the_gate_refits_the_champions_recipe_on_the_challengers_split_and_serve
     assert alias_version(client, "shoprank", "champion") == refresh == second["champion"]
     assert client.get_model_version("shoprank", refresh).tags[KIND_TAG] == "refresh"
     assert client.get_model_version("shoprank", "2").tags["promotion.replaced_by"] == refresh
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_gate_reads_the_split_from_the_tracking_store_not_the_training_disk(
+        tmp_path, mlflow_store, demo_shop_dir):
+    from flows.train import train
+
+    common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
+              "data__path": str(demo_shop_dir), "data__name": "demo",
+              "registry__latency_requests": 20, "registry__families": ["buy_again"],
+              "registry__promote": False, "ranker__enabled": False,
+              "transformer__enabled": False}
+    first = train(load_config(None, **common))
+    second = train(load_config(None, split__test_share=0.3, **common))
+    shutil.rmtree(tmp_path / "outputs")  # the training machine's outputs are gone
+    client = MlflowClient(mlflow_store)
+    tags = client.get_model_version("shoprank", first["release"]["version"]).tags
+    assert tags[GATE_DATA_TAG] == f"runs:/{first['run_id']}/gate"
+    assert SPLIT_DIR_TAG not in tags
+    inputs = client.get_run(first["run_id"]).inputs.dataset_inputs
+    assert {tag.value for i in inputs for tag in i.tags} == {"training", "evaluation"}
+    one = promote_version("shoprank", first["release"]["version"], mlflow_store, FAST)
+    assert (one.decision, one.released_version) == ("promoted", "3")
+    two = promote_version("shoprank", second["release"]["version"], mlflow_store, FAST)
+    assert two.decision == "rejected"  # the same recipe ties: the champion's is refreshed
+    assert "refitted on this split" in two.reason
+    assert alias_version(client, "shoprank", "champion") == two.released_version == "4"
 
 
 def test_one_registered_model_holds_one_shops_champion(tmp_path, mlflow_store, demo_shop_dir):
