@@ -5,6 +5,8 @@ The Prefect UI renders this model as the flow's parameter form; every field is d
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,6 +286,20 @@ def data_name(config: TrainConfig) -> str:
         return "demo"
     return config.data.format if config.data.format not in ("csv", "parquet") else Path(
         config.data.path).stem.split(".")[0]
+
+
+DIGEST_EXCLUDED = {"tracking_uri"}
+"""Settings that do not change a run's results: a run may be resumed with another value."""
+
+
+def config_digest(config: TrainConfig) -> str:
+    """SHA-256 of the resolved settings (sorted JSON) except :data:`DIGEST_EXCLUDED`.
+
+    Two runs with the same digest compute the same thing: ``train --resume`` continues only a
+    run with the digest of its own settings.
+    """
+    values = config.model_dump(mode="json", exclude=DIGEST_EXCLUDED)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from prefect import flow, get_run_logger
 from prefect_dask import DaskTaskRunner
 
-from flows.config import DaskConfig, TrainConfig, data_name
+from flows.config import DaskConfig, TrainConfig, config_digest, data_name
 from flows.promote import release_best_model
 from flows.serve import default_workers
 from models.seed import seed_everything
@@ -39,6 +40,14 @@ from tasks.prepare import (
     validate_sharded,
 )
 from tasks.rank_shards import evaluate_ranker_sharded
+from tasks.resume import (
+    DIGEST_TAG,
+    FINGERPRINT_TAG,
+    WORKDIR_TAG,
+    reopen_run,
+    resumed_workdir,
+    unfinished_run,
+)
 from tasks.sequence_shards import evaluate_transformer_sharded
 from tasks.split_shards import split_event_shards
 
@@ -148,9 +157,15 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
 
 def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path, uri: str
                 ) -> tuple[str, dict[str, Any], str, dict[str, Any] | None]:
-    """The ``local`` engine's stages: protocol, metrics, their report and the release."""
+    """The ``local`` engine's stages: protocol, metrics, their report and the release.
+
+    Every stage starts from the configured seed, so its result depends on no earlier stage nor
+    on whether that stage ran or came from the result cache (``resume``).
+    """
     client = MlflowClient(uri)
+    seed_everything(config.seed)
     data = validate_data(data, config.validation, run_id)
+    seed_everything(config.seed)
     split = split_data(data, config.split.model_dump())
     protocol = split.protocol
     client.set_tag(run_id, "protocol", protocol)
@@ -159,6 +174,7 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
     client.log_param(run_id, "resolved.exclude_seen", exclude_seen)
     n_items = catalogue_size(data)
     selection = config.evaluation.selection(config.seed)
+    seed_everything(config.seed)
     scores = evaluate_baselines(
         split.folder, config.evaluation.ks, n_items, exclude_seen,
         config.baselines.recent_days, workdir / "models", run_id, selection,
@@ -166,11 +182,13 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
     transformer = None
     sequence_config = config.transformer.settings(config.seed)
     if config.transformer.enabled:
+        seed_everything(config.seed)
         transformer = evaluate_transformer(
             split.folder, data.items, sequence_config, config.evaluation.ks, n_items,
             exclude_seen, workdir, run_id, selection)
         scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
     if config.ranker.enabled:
+        seed_everything(config.seed)
         scores["lgbm_ranker"] = evaluate_lgbm_ranker(
             split.folder, data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id,
@@ -185,13 +203,51 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
     return protocol, scores, report, release
 
 
+def resumable_run(config: TrainConfig) -> Run | None:
+    """The unfinished run that ``resume`` continues, or None (logged) to start a fresh run."""
+    logger = get_run_logger()
+    uri = tracking.tracking_uri(config.tracking_uri)
+    found = unfinished_run(MlflowClient(uri), config_digest(config))
+    if found is None:
+        logger.info("resume: no unfinished run of %r with these settings in %s: nothing to "
+                    "resume, starting a fresh run", data_name(config), uri)
+        return None
+    logger.info("resume: resuming MLflow run %s (%s, status %s) in %s; the stages it finished "
+                "are read from Prefect's result storage", found.info.run_id,
+                found.info.run_name, found.info.status, found.data.tags.get(WORKDIR_TAG))
+    if config.engine == "dask":
+        logger.warning("resume: engine dask caches no stage; every stage runs again")
+    return found
+
+
+def open_run(client: MlflowClient, experiment_id: str, config: TrainConfig, workdir: Path,
+             fingerprint: str, previous: Run | None) -> str:
+    """A new MLflow run tagged with the settings' digest and the run folder, or ``previous``.
+
+    ``previous`` (a run to resume) is reopened after checking that the data did not change.
+    """
+    if previous is not None:
+        return reopen_run(client, previous, fingerprint)
+    tags = {DIGEST_TAG: config_digest(config), WORKDIR_TAG: str(workdir)}
+    return client.create_run(experiment_id, run_name=f"train-{workdir.name}",
+                             tags=tags).info.run_id
+
+
 @flow(name="train", log_prints=False)
-def train(config: TrainConfig | None = None) -> dict[str, Any]:
-    """Train and evaluate every model on one shop's data; one MLflow run records it all."""
+def train(config: TrainConfig | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate every model on one shop's data; one MLflow run records it all.
+
+    Args:
+        config: Every setting (the defaults when empty).
+        resume: Continue the newest unfinished run (killed, failed, or left running) made with
+            the same settings: its MLflow run and run folder, the stages it finished read from
+            Prefect's result storage. Without one, a fresh run starts.
+    """
     config = config or TrainConfig()
     logger = get_run_logger()
     seed_everything(config.seed)
-    workdir = run_folder(config)
+    previous = resumable_run(config) if resume else None
+    workdir = resumed_workdir(previous) if previous else run_folder(config)
     cfg = config.data
     sharded = config.engine == "dask"
     load = load_sharded if sharded else load_data
@@ -206,11 +262,12 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
     client = MlflowClient(uri)
     if config.registry.enabled and not sharded:  # before hours of training, not after
         check_shop(client, config.registry.model_name, data.name)
-    run_id = client.create_run(experiment_id, run_name=f"train-{workdir.name}").info.run_id
+    run_id = open_run(client, experiment_id, config, workdir, data.fingerprint, previous)
     logger.info("MLflow run %s in experiment %r at %s", run_id, data.name, uri)
     try:
-        tracking.log_run_context(run_id, config.model_dump(mode="json"), data.name, data.source,
-                                 data.fingerprint, data.rows)
+        if previous is None or FINGERPRINT_TAG not in previous.data.tags:
+            tracking.log_run_context(run_id, config.model_dump(mode="json"), data.name,
+                                     data.source, data.fingerprint, data.rows)
         release = None
         if sharded:
             protocol, scores = train_sharded(config, data, run_id, workdir)
@@ -224,5 +281,4 @@ def train(config: TrainConfig | None = None) -> dict[str, Any]:
     logger.info("run finished; outputs in %s\n%s", workdir, report)
     return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
             "workdir": str(workdir), "protocol": protocol, "scores": scores,
-            "release": release}
-
+            "release": release, "resumed": previous is not None}

@@ -22,6 +22,7 @@ from tasks.recipes import (
     transformer_recipe,
     write_recipe,
 )
+from tasks.resume import STAGE_CACHE
 from tasks.sequence import SequenceConfig
 from tasks.split import Selection, Split
 from tasks.tune import RankerConfig
@@ -69,7 +70,7 @@ def score_model(
     return results, model
 
 
-@task(name="baselines")
+@task(name="baselines", persist_result=True, cache_policy=STAGE_CACHE)
 def evaluate_baselines(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
     model_dir: Path, run_id: str | None, selection: Selection | None = None,
@@ -94,7 +95,7 @@ def evaluate_baselines(
     return scores
 
 
-@task(name="transformer")
+@task(name="transformer", persist_result=True, cache_policy=STAGE_CACHE)
 def evaluate_transformer(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, workdir: Path, run_id: str | None,
@@ -119,7 +120,7 @@ def evaluate_transformer(
     return result
 
 
-@task(name="lgbm-ranker")
+@task(name="lgbm-ranker", persist_result=True, cache_policy=STAGE_CACHE)
 def evaluate_lgbm_ranker(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, workdir: Path, run_id: str | None,

@@ -1,6 +1,7 @@
 """Prefect tasks of the data half of the pipeline: load, validate, split.
 
-Tasks pass file paths, not frames: Prefect keeps task results in memory.
+Tasks pass file paths, not frames: Prefect keeps task results in memory, and persists the
+results of these stages in its result storage for ``train --resume`` (see :mod:`tasks.resume`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from models.columns import ITEM
 from tasks import tracking
 from tasks.adapters import load_raw
 from tasks.demo_data import write_demo_shop
+from tasks.resume import LOAD_CACHE, STAGE_CACHE
 from tasks.split import Split, cut_times, leave_one_out, time_split
 from tasks.validate import (
     ValidationReport,
@@ -49,7 +51,7 @@ def demo_source(root: Path, n_events: int, seed: int) -> Path:
     return folder
 
 
-@task(name="load")
+@task(name="load", persist_result=True, cache_policy=LOAD_CACHE)
 def load_data(
     path: str | None, fmt: str, column_map: dict[str, str], event_map: dict[str, str],
     name: str | None, workdir: Path, demo_events: int, demo_seed: int,
@@ -78,7 +80,7 @@ def load_data(
                      tracking.fingerprint([source]), raw.ordered_only, rows)
 
 
-@task(name="validate")
+@task(name="validate", persist_result=True, cache_policy=STAGE_CACHE)
 def validate_data(data: DataPaths, settings: ValidationSettings, run_id: str | None) -> DataPaths:
     """Run the expectation suites; stop the run with a readable report when one fails."""
     events = pl.read_parquet(data.events)
@@ -142,7 +144,7 @@ class SplitPaths:
     protocol: str
 
 
-@task(name="split")
+@task(name="split", persist_result=True, cache_policy=STAGE_CACHE)
 def split_data(data: DataPaths, split_cfg: dict) -> SplitPaths:
     """Cut the events into train/validation/test and write them beside the tables."""
     events = pl.read_parquet(data.events)
