@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         engine=args.engine, dask__address=args.dask_address, dask__workers=args.dask_workers,
         dask__shards=args.shards, registry__model_name=args.model_name,
     )
-    result = train(config)
+    result = train(config, resume=args.resume)
     print(  # noqa: T201
         f"\nMLflow run {result['run_id']} ({result['tracking_uri']}); outputs in "
         f"{result['workdir']}.\nSee it with: mlflow ui --backend-store-uri {result['tracking_uri']}"
@@ -175,8 +175,34 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     config.tracking_uri = _tracking_uri(args, config)
     names = deploy(config, cron=args.cron, timezone=args.timezone,
                    promote_in_train=args.promote_in_train, recommend_k=args.k,
-                   recommend_out=args.out, serve_them=not args.no_serve, limit=args.limit)
+                   recommend_out=args.out, serve_them=not args.no_serve, limit=args.limit,
+                   pool=args.pool)
     print(f"\ndeployments: {', '.join(names)}")  # noqa: T201
+    if args.pool:
+        print(f"start workers: prefect worker start --pool {args.pool}")  # noqa: T201
+    return 0
+
+
+def cmd_team(args: argparse.Namespace) -> int:
+    """Start or stop the team servers (PostgreSQL, Prefect server, MLflow server)."""
+    from flows.team import Team
+
+    team = Team(Path(args.dir), host=args.host, pg_port=args.pg_port,
+                prefect_port=args.prefect_port, mlflow_port=args.mlflow_port, pool=args.pool)
+    if args.action == "down":
+        team.down()
+        print(f"stopped the team servers of {team.folder} (their data stays)")  # noqa: T201
+        return 0
+    env = team.up()
+    print(textwrap.dedent(f"""\
+        PostgreSQL :{team.pg_port} (databases prefect, mlflow, optuna), Prefect server
+        {team.env()["PREFECT_API_URL"]}, MLflow server {team.env()["MLFLOW_TRACKING_URI"]}
+        (artifacts in {team.folder / "artifacts"}), work pool {team.pool!r}.
+        Next, in each shell that runs shoprank or a worker:
+          source {env}
+          shoprank deploy --pool {team.pool}
+          prefect worker start --pool {team.pool}
+        Stop them with: shoprank team down --dir {args.dir}"""))  # noqa: T201
     return 0
 
 
@@ -258,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="user shards of the events (one per million events, at least 2)")
     tr.add_argument("--model-name", metavar="NAME",
                     help="registered model of this shop (shoprank; one per shop)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the newest unfinished run (killed, failed, or left running) "
+                    "made with the same settings: its MLflow run and run folder are reused, "
+                    "and the stages it finished are read from Prefect's result storage "
+                    "($PREFECT_HOME/storage; PREFECT_LOCAL_STORAGE_PATH moves it) instead of "
+                    "being run again (engine local; the release always runs). Fails if the "
+                    "data changed since. Without such a run, a fresh run starts. Do not resume "
+                    "a run that is still going")
     tr.set_defaults(func=cmd_train)
 
     tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"
@@ -342,8 +376,32 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--limit", type=int, help="most flow runs at once (no limit)")
     dep.add_argument("--no-serve", action="store_true",
                      help="only create the deployments; a later `shoprank deploy` serves them")
+    dep.add_argument("--pool", metavar="NAME",
+                     help="create the deployments on this process work pool of a Prefect server "
+                     "(e.g. `shoprank team up`'s 'shoprank'); workers started with `prefect "
+                     "worker start --pool NAME` run them (train on the work queue 'train', "
+                     "promote and recommend on 'release'); nothing is served from here")
     dep.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     dep.set_defaults(func=cmd_deploy)
+
+    team = sub.add_parser(
+        "team", help="start or stop PostgreSQL, a Prefect server and an MLflow server",
+        description="The team setup on this machine: PostgreSQL (Debian's package) holding the "
+        "databases of a Prefect server, of an MLflow tracking server (artifacts under "
+        "DIR/artifacts, standing for object storage) and of the Optuna studies; a process "
+        "work pool. Every server binds 127.0.0.1 unless --host says otherwise. `up` writes "
+        "DIR/env (mode 600: the generated database password) to source before running "
+        "shoprank or `prefect worker start`; `down` stops them, keeping their data.")
+    team.add_argument("action", choices=("up", "down"))
+    team.add_argument("--dir", default=".team", help="folder of the servers' data (.team)")
+    team.add_argument("--host", default="127.0.0.1",
+                      help="address the servers bind (127.0.0.1; put a TLS proxy with "
+                      "authentication in front of any other)")
+    team.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL port (5433)")
+    team.add_argument("--prefect-port", type=int, default=4200, help="Prefect server port (4200)")
+    team.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (5000)")
+    team.add_argument("--pool", default="shoprank", help="process work pool (shoprank)")
+    team.set_defaults(func=cmd_team)
     return parser
 
 
@@ -413,3 +471,7 @@ def run(argv: Sequence[str] | None, handler: Callable[[argparse.Namespace], int]
 def main() -> None:
     """Entry point of the ``shoprank`` command."""
     sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

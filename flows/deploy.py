@@ -9,7 +9,11 @@
 
 By default the deployments are created and then served from this process (``prefect.serve``:
 blocking, each run a subprocess); with ``serve=False`` they are only created, and a later
-``shoprank deploy`` serves them.
+``shoprank deploy`` serves them. With a work ``pool`` (a Prefect server's process work pool, see
+:mod:`flows.team`) they are created on the pool and workers started with
+``prefect worker start --pool NAME`` run them: ``train`` on the pool's work queue ``train``,
+``promote`` and ``recommend`` on ``release``, so that training and releasing may run on
+different machines (``prefect worker start --pool NAME --work-queue release``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tasks.registry import EVALUATED, PROMOTED
 logger = logging.getLogger(__name__)
 
 DEFAULT_CRON = "0 3 * * *"
+QUEUES = {"train": "train", "promote": "release", "recommend": "release"}
 VERSION_FROM_EVENT = "{{ event.resource['shoprank.model.version'] }}"
 
 
@@ -46,6 +51,7 @@ def _model_events(event: str, model_name: str) -> dict[str, Any]:
 def build_deployments(
     config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
     promote_in_train: bool = False, recommend_k: int = 10, recommend_out: str | None = None,
+    pool: str | None = None,
 ) -> list[RunnerDeployment]:
     """The three deployments, with absolute paths and the tracking URI baked in.
 
@@ -58,12 +64,16 @@ def build_deployments(
     nightly.output_dir = str(Path(config.output_dir).resolve())
     nightly.registry.promote = promote_in_train
     common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["shoprank"]}
+
+    def queue(name: str) -> dict[str, Any]:
+        return {"work_queue_name": QUEUES[name]} if pool else {}
+
     return [
         train.to_deployment(
             name="train", schedules=[Cron(cron, timezone=timezone)],
             parameters={"config": nightly.model_dump(mode="json")},
             description=f"Retrain nightly ({cron} {timezone}) and register the best model.",
-            **common),
+            **queue("train"), **common),
         promote.to_deployment(
             name="promote",
             parameters={"model_name": name, "tracking_uri": uri,
@@ -72,7 +82,7 @@ def build_deployments(
                 name="promote-on-evaluation", **_model_events(EVALUATED, name),
                 parameters={"version": VERSION_FROM_EVENT})],
             description="Promote a registered version when its evaluation event arrives.",
-            **common),
+            **queue("promote"), **common),
         recommend.to_deployment(
             name="recommend",
             parameters={"model_uri": f"models:/{name}@champion", "tracking_uri": uri,
@@ -80,24 +90,33 @@ def build_deployments(
             triggers=[DeploymentEventTrigger(
                 name="recommend-after-promotion", **_model_events(PROMOTED, name))],
             description="Write batch recommendations of the champion after each promotion.",
-            **common),
+            **queue("recommend"), **common),
     ]
 
 
 def deploy(config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
            promote_in_train: bool = False, recommend_k: int = 10,
            recommend_out: str | None = None, serve_them: bool = True,
-           limit: int | None = None) -> list[str]:
+           limit: int | None = None, pool: str | None = None) -> list[str]:
     """Create the deployments on the Prefect API and (by default) serve them until stopped.
+
+    With ``pool`` they are created on that work pool for its workers to run; nothing is served.
 
     Returns:
         The deployment names (``flow/deployment``) once created (or when serving stops).
     """
     deployments = build_deployments(config, cron, timezone, promote_in_train, recommend_k,
-                                    recommend_out)
+                                    recommend_out, pool)
+    names = [f"{d.flow_name}/{d.name}" for d in deployments]
+    if pool:
+        for deployment in deployments:
+            deployment.apply(work_pool_name=pool)
+        logger.info("created %s on the work pool %r; start workers with `prefect worker start "
+                    "--pool %s` (add `--work-queue train` or `--work-queue release` to split "
+                    "training from releasing)", ", ".join(names), pool, pool)
+        return names
     # the flow runs of served deployments are subprocesses: they read the store from here
     os.environ["MLFLOW_TRACKING_URI"] = config.tracking_uri or tracking.tracking_uri()
-    names = [f"{d.flow_name}/{d.name}" for d in deployments]
     if not serve_them:
         for deployment in deployments:
             deployment.apply()
