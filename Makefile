@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: run test lint install install-dev browser-deps clean
+.PHONY: run test test-team lint install install-dev browser-deps team-deps team-up team-down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,22 @@ browser-deps:  ## Debian's Chromium and ChromeDriver for the browser tests, when
 		$$SUDO apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; \
 	fi
+
+test-team: install-dev team-deps  ## the team-setup test (slow: PostgreSQL, Prefect and MLflow servers, workers)
+	$(BIN)/pytest -q -m slow tests/test_team.py
+
+team-deps:  ## Debian's PostgreSQL for the team setup, when missing
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y postgresql; \
+	fi
+
+team-up: install team-deps  ## PostgreSQL, a Prefect server and an MLflow server on 127.0.0.1 (data in .team/)
+	$(BIN)/shoprank team up $(ARGS)
+
+team-down: install  ## stop them (their data stays in .team/)
+	$(BIN)/shoprank team down $(ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check flows tasks models tests benchmarks

@@ -158,7 +158,9 @@ class Team:
             "mlflow": ([str(bin_dir / "mlflow"), "server", "--host", self.host, "--port",
                         str(self.mlflow_port), "--workers", "1", "--artifacts-destination",
                         str(self.folder / "artifacts")],
-                       {"MLFLOW_BACKEND_STORE_URI": self.url("mlflow")},
+                       {"MLFLOW_BACKEND_STORE_URI": self.url("mlflow"),
+                        # no GenAI job runners (seven processes of ~270 MB) for shoprank
+                        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                        f"http://127.0.0.1:{self.mlflow_port}/health"),
         }
         for name, (command, env, _) in commands.items():

@@ -120,14 +120,23 @@ def log_run_context(
 
 def log_dataset(run_id: str, name: str, source: str, digest: str, context: str,
                 client: MlflowClient | None = None) -> None:
-    """Record a dataset (a path or an artifact URI, and its digest) as an input of the run."""
+    """Record a dataset (a path or an artifact URI, and its digest) as an input of the run.
+
+    Nothing is recorded for a source MLflow has no dataset source class for (an artifact
+    proxied by a tracking server, ``mlflow-artifacts:``).
+    """
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     with warnings.catch_warnings():  # a local path matches two equivalent source classes
         warnings.simplefilter("ignore", UserWarning)
-        dataset_source = resolve_dataset_source(source)
+        try:
+            dataset_source = resolve_dataset_source(source)
+        except MlflowException:
+            logger.debug("no MLflow dataset source for %s; not recorded as an input", source)
+            return
     dataset = MetaDataset(dataset_source, name=name, digest=digest[:36])
     tag = InputTag(key="mlflow.data.context", value=context)
     (client or MlflowClient()).log_inputs(
