@@ -264,16 +264,21 @@ def test_a_champion_without_recipe_that_saw_the_test_window_is_incomparable(
     assert alias_version(client, "shoprank", "champion") == v2
 
 
+def _buy_again_settings(tmp_path: Path, shop: Path, **extra: object) -> dict[str, object]:
+    """``train`` settings of the demo shop releasing buy-again (fast, with a recipe)."""
+    return {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
+            "data__path": str(shop), "data__name": "demo", "registry__latency_requests": 20,
+            "registry__families": ["buy_again"], "ranker__enabled": False,
+            "transformer__enabled": False, **extra}
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_the_gate_refits_the_champions_recipe_on_the_challengers_split_and_serves_fresh(
         tmp_path, mlflow_store, demo_shop_dir):
     from flows.train import train
     from tasks.packaging import load_serving
 
-    common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
-              "data__path": str(demo_shop_dir), "data__name": "demo",
-              "registry__latency_requests": 20, "registry__families": ["buy_again"],
-              "ranker__enabled": False, "transformer__enabled": False}
+    common = _buy_again_settings(tmp_path, demo_shop_dir)
     first = train(load_config(None, **common))["release"]
     assert (first["version"], first["decision"], first["released_version"]) == (
         "1", "promoted", "2")
@@ -317,11 +322,7 @@ def test_the_gate_reads_the_split_from_the_tracking_store_not_the_training_disk(
         tmp_path, mlflow_store, demo_shop_dir):
     from flows.train import train
 
-    common = {"output_dir": str(tmp_path / "outputs"), "data__format": "parquet",
-              "data__path": str(demo_shop_dir), "data__name": "demo",
-              "registry__latency_requests": 20, "registry__families": ["buy_again"],
-              "registry__promote": False, "ranker__enabled": False,
-              "transformer__enabled": False}
+    common = _buy_again_settings(tmp_path, demo_shop_dir, registry__promote=False)
     first = train(load_config(None, **common))
     second = train(load_config(None, split__test_share=0.3, **common))
     shutil.rmtree(tmp_path / "outputs")  # the training machine's outputs are gone

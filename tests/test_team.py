@@ -98,7 +98,8 @@ def test_two_workers_train_at_once_and_the_release_needs_no_training_disk(team, 
         logs.append(log)
         workers.append(start_group(
             [str(BIN / "prefect"), "worker", "start", "--pool", team.pool, "--work-queue",
-             queue, "--name", f"{queue}-{uuid.uuid4().hex[:6]}"], log, env, cwd=tmp_path))
+             queue, "--limit", "1", "--name", f"{queue}-{uuid.uuid4().hex[:6]}"], log, env,
+            cwd=tmp_path))
 
     try:
         for _ in range(2):
