@@ -138,11 +138,14 @@ def _assert_exclusive(uri: str) -> None:
 
 
 def test_lock_is_exclusive_and_lives_beside_the_store(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server: a file on this host
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert lock_path(uri, "shoprank").parent == tmp_path
     assert lock_path("http://127.0.0.1:5000", "shoprank").name.startswith("shoprank-registry-")
-    _assert_exclusive(uri)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even beside the harness
+        _assert_exclusive(uri)
     assert lock_path(uri, "shoprank").is_file()
 
 
