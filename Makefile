@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: run test test-team lint install install-dev browser-deps team-deps team-up team-down clean
+.PHONY: run test test-release lint install install-dev browser-deps team-deps team-up team-down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,8 @@ browser-deps:  ## Debian's Chromium and ChromeDriver for the browser tests, when
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; \
 	fi
 
-test-team: install-dev team-deps  ## the team-setup test (slow: PostgreSQL, Prefect and MLflow servers, workers)
-	$(BIN)/pytest -q -m slow tests/test_team.py
+test-release: install-dev team-deps  ## the slow release-loop tests: the team setup (PostgreSQL, servers, workers) and a killed train resumed
+	$(BIN)/pytest -q -m slow tests/test_team.py tests/test_resume.py
 
 team-deps:  ## Debian's PostgreSQL for the team setup, when missing
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \

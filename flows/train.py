@@ -215,8 +215,6 @@ def resumable_run(config: TrainConfig) -> Run | None:
     logger.info("resume: resuming MLflow run %s (%s, status %s) in %s; the stages it finished "
                 "are read from Prefect's result storage", found.info.run_id,
                 found.info.run_name, found.info.status, found.data.tags.get(WORKDIR_TAG))
-    if config.engine == "dask":
-        logger.warning("resume: engine dask caches no stage; every stage runs again")
     return found
 
 

@@ -27,7 +27,6 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task, unmapped
-from prefect.cache_policies import NO_CACHE
 
 from models.baselines import (
     ALL_TIME,
@@ -40,6 +39,7 @@ from models.baselines import (
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.evaluate import baseline_factories
+from tasks.resume import STAGE_CACHE
 from tasks.shards import shard_of
 from tasks.split import Selection
 from tasks.split_shards import read_split_shard, split_shard_files
@@ -72,7 +72,7 @@ def read_bucket(files: list[Path], bucket: int) -> pl.DataFrame:
     return pl.scan_parquet(files).filter(pl.col(BUCKET) == bucket).drop(BUCKET).collect()
 
 
-@task(name="baseline-map", retries=1, cache_policy=NO_CACHE)
+@task(name="baseline-map", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def map_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, recent_days: float,
               n_buckets: int, work: Path) -> None:
     """Write one shard's additive tables of one stage's history (see the module docstring)."""
@@ -84,14 +84,14 @@ def map_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, recen
     write_buckets(pairs, "src", n_buckets, work / stage / "pairs" / f"shard-{shard:05d}.parquet")
 
 
-@task(name="baseline-reduce-counts", retries=1, cache_policy=NO_CACHE)
+@task(name="baseline-reduce-counts", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_counts(work: Path, stage: str, bucket: int) -> pl.DataFrame:
     """One bucket of the whole history's counts per item."""
     files = sorted((work / stage / "counts").glob("*.parquet"))
     return sum_partials([{"counts": read_bucket(files, bucket)}])["counts"]
 
 
-@task(name="baseline-reduce-pairs", retries=1, cache_policy=NO_CACHE)
+@task(name="baseline-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_pairs(work: Path, stage: str, bucket: int, popularity: pl.DataFrame) -> Path:
     """One bucket of source items' neighbours, from every shard's pairs; returns its file."""
     files = sorted((work / stage / "pairs").glob("*.parquet"))
@@ -119,7 +119,7 @@ def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
     return pl.scan_parquet(path).join(items, on=ITEM, how="semi").collect()
 
 
-@task(name="baseline-score", retries=1, cache_policy=NO_CACHE)
+@task(name="baseline-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
                 exclude_seen: bool, recent_days: float, counts: Path, neighbours: Path,
                 selection: Selection) -> dict[str, dict[str, Any]]:

@@ -33,6 +33,7 @@ from tasks.adapters import _generic_files, _generic_items, _stem, load_raw
 from tasks.demo_data import write_demo_shop
 from tasks.prepare import DataPaths
 from tasks.readers import find_files, reading
+from tasks.resume import LOAD_CACHE
 from tasks.shards import ShardWriter
 
 EVENTS_PER_SHARD = 1_000_000
@@ -132,7 +133,7 @@ def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
     return _Loaded(source, raw.name, raw.ordered_only, raw.notes)
 
 
-@task(name="load-sharded")
+@task(name="load-sharded", persist_result=True, cache_policy=LOAD_CACHE)
 def load_sharded(
     path: str | None, fmt: str, column_map: dict[str, str], event_map: dict[str, str],
     name: str | None, workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None,

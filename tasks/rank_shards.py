@@ -40,7 +40,6 @@ from typing import Any
 
 import polars as pl
 from prefect import get_run_logger, task, unmapped
-from prefect.cache_policies import NO_CACHE
 
 from models.baselines import (
     ALL_TIME,
@@ -64,6 +63,7 @@ from tasks.history_tables import (
     item_partials,
     sum_item_partials,
 )
+from tasks.resume import STAGE_CACHE
 from tasks.shards import host_cores, shard_file, shard_of
 from tasks.split import Selection, Split
 from tasks.split_shards import read_split_shard, split_shard_files
@@ -111,7 +111,7 @@ def stage_events(split: Split, stage: str, config: RankerConfig
     return every_window(split, j, config.window_stride)[j]
 
 
-@task(name="ranker-windows", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-windows", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def window_stats(split_dir: Path, shard: int, config: RankerConfig, selection: Selection
                  ) -> list[dict[str, Any]]:
     """One shard's counts per training window, for :func:`kept_windows` and :func:`draw`.
@@ -175,7 +175,7 @@ def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) 
 
 # ---- 2. tables --------------------------------------------------------------------------------
 
-@task(name="ranker-tables-map", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-tables-map", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                settings: TableSettings, n_buckets: int, work: Path, pairs: bool) -> None:
     """Write one shard's item partials (and co-visitation pair sums) of a stage, by bucket."""
@@ -195,14 +195,14 @@ def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config
                       work / stage / "pairs" / name)
 
 
-@task(name="ranker-tables-reduce-items", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-tables-reduce-items", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_items(work: Path, stage: str, bucket: int) -> pl.DataFrame:
     """One bucket of the stage's summed item partials."""
     files = sorted((work / stage / "items").glob("*.parquet"))
     return sum_item_partials([read_bucket(files, bucket)])
 
 
-@task(name="ranker-tables-reduce-pairs", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-tables-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_neighbours(work: Path, stage: str, bucket: int, popularity: pl.DataFrame,
                       config: RankerConfig) -> Path:
     """One bucket of source items' co-visitation neighbours; returns its file."""
@@ -256,7 +256,7 @@ def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
 
 # ---- 3. frames --------------------------------------------------------------------------------
 
-@task(name="ranker-frames", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-frames", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
                  config: RankerConfig, settings: TableSettings, items_path: Path | None,
                  ordered_only: bool, work: Path, selection: Selection) -> dict[str, Any]:
@@ -320,7 +320,7 @@ def _held(config: RankerConfig, fallback: str | None = None) -> pl.Expr:
 
 # ---- 4. sample --------------------------------------------------------------------------------
 
-@task(name="ranker-sample", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-sample", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def sample_groups(work: Path, stages: list[str], fallback: str | None, config: RankerConfig
                   ) -> dict[str, int]:
     """Write the drawn groups as ``train``, ``holdout`` and ``holdout_targets`` Parquet files.
@@ -352,7 +352,7 @@ def read_sample(work: Path) -> TrainingData:
 
 # ---- 5. study ---------------------------------------------------------------------------------
 
-@task(name="ranker-trials", cache_policy=NO_CACHE)
+@task(name="ranker-trials", persist_result=True, cache_policy=STAGE_CACHE)
 def run_trials(work: Path, study_name: str, storage: str, config: RankerConfig, ks: list[int],
                n_trials: int, seed: int, run_id: str | None, tracking_uri: str) -> int:
     """Run up to ``n_trials`` trials of the shared study on this worker; returns ``n_trials``.
@@ -376,7 +376,7 @@ def trial_shares(missing: int, workers: int) -> list[int]:
 
 # ---- 6. refit and test ------------------------------------------------------------------------
 
-@task(name="ranker-refit", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-refit", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig) -> Path:
     """Fit the best parameters on the whole sample (training and held-out groups); save it.
 
@@ -393,7 +393,7 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig)
     return work / "model"
 
 
-@task(name="ranker-score", retries=1, cache_policy=NO_CACHE)
+@task(name="ranker-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
                 work: Path, ks: list[int], model: Path, selection: Selection) -> dict[str, Any]:

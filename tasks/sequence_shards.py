@@ -24,11 +24,11 @@ from typing import Any
 import optuna
 import polars as pl
 from prefect import get_run_logger, task, unmapped
-from prefect.cache_policies import NO_CACHE
 
 from models.columns import ITEM, USER
 from models.errors import DataError
 from models.metrics import COUNT, merge_partials, partial_metrics
+from tasks.resume import STAGE_CACHE
 from tasks.sequence import (
     MODEL_NAME,
     SequenceConfig,
@@ -49,14 +49,14 @@ STAGES = {"valid": ("train", "valid_targets", "best"), "test": ("test_history", 
                                                                  "model")}
 
 
-@task(name="transformer-users", retries=1, cache_policy=NO_CACHE)
+@task(name="transformer-users", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def count_users(split_dir: Path, shard: int) -> int:
     """The users of one shard's test history (train + validation: every user of the split)."""
     return pl.scan_parquet(shard_file(split_dir / "test_history", shard)).select(
         pl.col(USER).n_unique()).collect().item()
 
 
-@task(name="transformer-sample", retries=1, cache_policy=NO_CACHE)
+@task(name="transformer-sample", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def sample_shard(split_dir: Path, shard: int, rate: float, seed: int, out: Path) -> int:
     """Write the drawn users' four split tables of one shard; returns how many were drawn."""
     split = read_split_shard(split_dir, shard)
@@ -77,7 +77,7 @@ def read_sample(split_dir: Path, sample: Path) -> Split:
     return Split(protocol=info["protocol"], info=info["summary"], **tables)
 
 
-@task(name="transformer-study", cache_policy=NO_CACHE)
+@task(name="transformer-study", persist_result=True, cache_policy=STAGE_CACHE)
 def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config: SequenceConfig,
                    ks: list[int], exclude_seen: bool, n_items: int, run_id: str | None,
                    tracking_uri: str, selection: Selection) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
             "sample_valid": best.user_attrs.get("metrics", {})}
 
 
-@task(name="transformer-score", retries=1, cache_policy=NO_CACHE)
+@task(name="transformer-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Path,
                 ks: list[int], exclude_seen: bool, selection: Selection
                 ) -> dict[str, Any] | None:

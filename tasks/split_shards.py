@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 from prefect import task, unmapped
-from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from models.columns import TIMESTAMP
 from models.errors import DataError
 from tasks.readers import reading
+from tasks.resume import STAGE_CACHE
 from tasks.shards import shard_file
 from tasks.split import (
     Split,
@@ -94,7 +94,7 @@ def _timestamps(path: Path) -> pl.DataFrame:
         return pl.read_parquet(path, columns=[TIMESTAMP])
 
 
-@task(name="shard-time-stats", retries=1, cache_policy=NO_CACHE,
+@task(name="shard-time-stats", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
       retry_condition_fn=_retry_unless_bad_data)
 def shard_time_stats(path: Path, hours: bool) -> TimeStats:
     """Count a shard's rows (and with ``hours`` its timestamps per hour); take its latest time."""
@@ -106,7 +106,7 @@ def shard_time_stats(path: Path, hours: bool) -> TimeStats:
     return TimeStats(frame.height, frame[TIMESTAMP].max(), counts)
 
 
-@task(name="shard-times-in", retries=1, cache_policy=NO_CACHE,
+@task(name="shard-times-in", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
       retry_condition_fn=_retry_unless_bad_data)
 def shard_times_in(path: Path, hours: list[int]) -> pl.DataFrame:
     """The distinct timestamps of a shard within ``hours``, with how often each occurs."""
@@ -180,7 +180,7 @@ def shard_number(path: Path) -> int:
     return int(match.group(1))
 
 
-@task(name="split-shard", retries=1, cache_policy=NO_CACHE,
+@task(name="split-shard", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
       retry_condition_fn=_retry_unless_bad_data)
 def split_shard(path: Path, cuts: Cuts | None, target_event_types: tuple[str, ...] | None,
                 split_dir: Path) -> ShardSplit:
@@ -225,7 +225,8 @@ def split_event_shards(
     for name in TABLES:  # no shard of an earlier split may be left beside the new ones
         (split_dir / name).mkdir(parents=True, exist_ok=True)
         for old in (split_dir / name).glob("shard-*.parquet"):
-            old.unlink()
+            if shard_number(old) not in numbers:  # (a resumed run keeps its cached shards)
+                old.unlink()
     parts = _results(split_shard.map(shards, cuts=unmapped(cuts), target_event_types=unmapped(
         types), split_dir=unmapped(split_dir)))
     require_events(sum(p.rows for p in parts))

@@ -25,12 +25,12 @@ from typing import Any
 
 import polars as pl
 from prefect import task, unmapped
-from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from models.columns import EVENT_DTYPES, ITEM, ITEM_DTYPES
 from models.errors import ConfigError, DataError
 from tasks.readers import reading
+from tasks.resume import STAGE_CACHE
 from tasks.validate import (
     EXIST,
     IS_DUPLICATE,
@@ -140,7 +140,7 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-@task(name="validate-shard", retries=1, cache_policy=NO_CACHE,
+@task(name="validate-shard", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
       retry_condition_fn=_retry_unless_bad_data)
 def validate_shard(
     path: Path, items: Path | None, settings: ValidationSettings, now: dt.datetime
@@ -166,7 +166,7 @@ def validate_shard(
                        outcomes)
 
 
-@task(name="drop-shard-duplicates", retries=1, cache_policy=NO_CACHE,
+@task(name="drop-shard-duplicates", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
       retry_condition_fn=_retry_unless_bad_data)
 def drop_shard_duplicates(path: Path) -> int:
     """Rewrite a shard without its exact duplicate rows (the first copy kept); return how many.

@@ -71,9 +71,11 @@ def local_result(tmp_path_factory, demo_shop_dir):
 
 def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, demo_shop_dir,
                                                        cluster, local_result):
-    result = train(_config(tmp_path, demo_shop_dir, "dask", dask__address=cluster.scheduler_address,
-                           dask__shards=4))
+    config = _config(tmp_path, demo_shop_dir, "dask", dask__address=cluster.scheduler_address,
+                     dask__shards=4)
+    result = train(config)
     _assert_same_scores(local_result["scores"], result["scores"])
+    _assert_resumed_from_cache(config, result, mlflow_store)
     local_split = Path(local_result["workdir"]) / "split"
     dask_split = Path(result["workdir"]) / "split"
     assert json.loads((dask_split / "info.json").read_text())["summary"] == json.loads(
@@ -95,6 +97,32 @@ def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, d
         assert_frame_equal(got, getattr(expected, name), check_exact=False, rel_tol=1e-9,
                            abs_tol=1e-12)
     assert len(list((ranker / "lists").glob("shard-*.parquet"))) == 4
+
+
+def _assert_resumed_from_cache(config, result: dict, store: str) -> None:
+    """A run marked failed at its very end resumes: every per-shard task comes from the cache.
+
+    (``validate-shard`` runs again: "no event in the future" is checked against the time now.)
+    """
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    MlflowClient(store).set_terminated(result["run_id"], "FAILED")
+    again = train(config, resume=True)
+    assert (again["resumed"], again["run_id"], again["workdir"]) == (
+        True, result["run_id"], result["workdir"])
+    _assert_same_scores(result["scores"], again["scores"])
+    with get_client(sync_client=True) as client:
+        subflow = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["train-shards"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [subflow.id]}))
+    states = {(t.name.rsplit("-", 1)[0], t.state_name) for t in tasks}
+    names = {name for name, _ in states}
+    assert {"baseline-score", "ranker-frames", "ranker-score", "transformer-study"} <= names
+    assert {name for name, state in states if state != "Cached"} == {"validate-shard"}
 
 
 def test_a_killed_worker_is_survived(tmp_path, mlflow_store, demo_shop_dir, local_result):

@@ -114,6 +114,7 @@ def _final_states(flow_run_id, names: set[str]) -> dict[str, Any] | None:
     return None
 
 
+@pytest.mark.slow  # about 100 s: run by `make test-release` (and CI) on its own line
 def test_killed_train_resumes_from_its_finished_stages(tmp_path, mlflow_store, demo_shop_dir,
                                                        monkeypatch):
     argv = _train_argv(demo_shop_dir, TINY, tmp_path)
