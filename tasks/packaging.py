@@ -183,8 +183,9 @@ class PackagedModel:
 
 def save_pyfunc(bundle: Path, path: Path, family: str, example: pd.DataFrame) -> None:
     """Save the bundle as an MLflow pyfunc model in the new folder ``path``."""
-    mlflow.pyfunc.save_model(
-        path=str(path), python_model=ShoprankPyfunc(), artifacts={"bundle": str(bundle)},
+    mlflow.pyfunc.save_model(  # models-from-code: the model is the file, not a pickle
+        path=str(path), python_model=str(PROJECT_ROOT / "tasks" / "served_model.py"),
+        artifacts={"bundle": str(bundle)},
         signature=model_signature(), input_example=example,
         pip_requirements=pip_requirements(family),
         code_paths=[str(PROJECT_ROOT / "models"), str(PROJECT_ROOT / "tasks")],

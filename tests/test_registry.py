@@ -85,6 +85,32 @@ def register_version(root: Path, shop_dir: Path, uri: str, family: str,
     return packaged.version
 
 
+def test_a_version_is_logged_from_code_and_a_pickled_one_still_loads(tmp_path, mlflow_store,
+                                                                      demo_shop_dir):
+    import mlflow
+    import yaml
+
+    from tasks.packaging import ShoprankPyfunc, load_serving
+
+    version = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
+    client = MlflowClient(mlflow_store)
+    local = Path(mlflow.artifacts.download_artifacts(
+        client.get_model_version_download_uri("shoprank", version), dst_path=str(tmp_path / "v"),
+        tracking_uri=mlflow_store))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (local / "served_model.py").is_file()
+    assert not list(local.rglob("python_model.pkl"))  # no pickled instance
+    # a version saved the earlier way (a pickled ShoprankPyfunc) loads and answers alike
+    bundle = local / "artifacts" / next(p.name for p in (local / "artifacts").iterdir())
+    mlflow.pyfunc.save_model(str(tmp_path / "pickled"), python_model=ShoprankPyfunc(),
+                             artifacts={"bundle": str(bundle)})
+    request = pl.DataFrame({"user_id": ["u000001"], "k": [5]}).to_pandas()
+    pickled = mlflow.pyfunc.load_model(str(tmp_path / "pickled")).predict(request)
+    served = load_serving(f"models:/shoprank/{version}", mlflow_store)[0].predict(request)
+    assert pickled.equals(served)
+
+
 def test_decide_applies_margin_and_guardrails():
     champion = {"ndcg@10": 0.20, "coverage@10": 0.50, "latency_p99_ms": 10.0}
     policy = PromotionPolicy(margin=0.05, coverage_tolerance=0.1, latency_tolerance=0.5,
