@@ -57,15 +57,10 @@ from models.metrics import evaluate  # noqa: E402
 from models.transformer import SequentialTransformer, TransformerConfig  # noqa: E402
 from tasks.adapters import load_raw  # noqa: E402
 from tasks.evaluate import baseline_factories, item_counts, score_model  # noqa: E402
+from tasks.reranker import QUERY, RankerConfig, RankingPipeline, training_windows  # noqa: E402
 from tasks.sequence import SequenceConfig, ranker_sources  # noqa: E402
 from tasks.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
-from tasks.tune import (  # noqa: E402
-    QUERY,
-    RankerConfig,
-    RankingPipeline,
-    training_windows,
-    tune_and_evaluate_lgbm,
-)
+from tasks.tune import tune_and_evaluate_lgbm  # noqa: E402
 from tasks.validate import ValidationSettings, validate_tables  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

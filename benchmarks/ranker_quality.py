@@ -37,8 +37,9 @@ from models.metrics import metrics_table  # noqa: E402
 from tasks.adapters import load_raw  # noqa: E402
 from tasks.candidates import CandidateConfig  # noqa: E402
 from tasks.evaluate import baseline_factories, score_model  # noqa: E402
+from tasks.reranker import RankerConfig  # noqa: E402
 from tasks.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
-from tasks.tune import RankerConfig, tune_and_evaluate_lgbm  # noqa: E402
+from tasks.tune import tune_and_evaluate_lgbm
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KS = [10, 20]

@@ -37,8 +37,8 @@ def prepare(events: int, work: Path) -> None:
     """Write the split, the training groups and the test candidates under ``work``."""
     from models.columns import USER
     from tasks.demo_data import generate_shop
+    from tasks.reranker import RankerConfig, RankingPipeline
     from tasks.split import cut_times, time_split
-    from tasks.tune import RankerConfig, RankingPipeline
 
     shop, items = generate_shop(events, seed=1)
     split = time_split(shop, *cut_times(shop))
@@ -63,8 +63,8 @@ def fit_one(work: Path, size: int | None) -> dict:
     from models.columns import ITEM, SCORE, USER
     from models.metrics import evaluate
     from tasks.candidates import WEIGHT
+    from tasks.reranker import HOLDOUT_SCALE, QUERY, RankerConfig, RankingPipeline, rank_scored
     from tasks.shards import shard_of
-    from tasks.tune import HOLDOUT_SCALE, QUERY, RankerConfig, RankingPipeline, rank_scored
 
     lazy = pl.scan_parquet(work / "train.parquet")
     queries = lazy.select(QUERY).unique().collect()

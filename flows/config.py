@@ -23,9 +23,9 @@ from pydantic import (
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
 from tasks.adapters import FORMATS
+from tasks.reranker import RankerConfig
 from tasks.sequence import SequenceConfig
 from tasks.split import Selection
-from tasks.tune import RankerConfig
 from tasks.validate import ValidationSettings
 
 

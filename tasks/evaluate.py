@@ -22,10 +22,10 @@ from tasks.recipes import (
     transformer_recipe,
     write_recipe,
 )
+from tasks.reranker import RankerConfig
 from tasks.resume import STAGE_CACHE
 from tasks.sequence import SequenceConfig
 from tasks.split import Selection, Split
-from tasks.tune import RankerConfig
 
 
 def baseline_factories(recent_days: float) -> dict[str, Any]:
@@ -132,7 +132,8 @@ def evaluate_lgbm_ranker(
     With a ``transformer`` result (and its config asking for candidates), the transformer's
     nearest items join the candidates under the source name ``seq``.
     """
-    from tasks.tune import training_windows, tune_and_evaluate_lgbm
+    from tasks.reranker import training_windows
+    from tasks.tune import tune_and_evaluate_lgbm
 
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None

@@ -50,8 +50,8 @@ from tasks.recipes import last_event, read_recipe
 from tasks.tracking import PROJECT_ROOT, fingerprint, log_dataset
 
 logger = logging.getLogger(__name__)
-# the LightGBM re-ranker lives with its candidate and feature state in tasks.tune
-register_family("lgbm_ranker", "tasks.tune:RankingPipeline")
+# the LightGBM re-ranker that is served, with its candidate and feature state
+register_family("lgbm_ranker", "tasks.reranker:RankingPipeline")
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

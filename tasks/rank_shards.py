@@ -3,9 +3,9 @@
 Each stage is a task per shard (or per item bucket) on the cluster; no task holds more than one
 shard, one bucket, or the bounded training sample:
 
-1. **windows**: each shard's training windows (:func:`tasks.tune.every_window`); a window is kept
-   when it has history and targets in some shard, up to the first that has none anywhere (as
-   :func:`tasks.tune.training_windows` does in one process).
+1. **windows**: each shard's training windows (:func:`tasks.reranker.every_window`); a window is
+   kept when it has history and targets in some shard, up to the first that has none anywhere
+   (as :func:`tasks.reranker.training_windows` does in one process).
 2. **tables**, per window and for the test history, by map-reduce: each shard's item partials and
    co-visitation pair sums (:mod:`tasks.history_tables`), written by item bucket; summed per
    bucket; the neighbours pruned per bucket. A shard's task then reads the summed item table and
@@ -16,7 +16,7 @@ shard, one bucket, or the bounded training sample:
    Only drawn groups are built, so the frames' cost follows the sample, not the log; on a shop
    with fewer groups every group is drawn and the model is the one the local engine learns.
 4. **frames**: per shard and window, the drawn groups' labelled candidates and features, exactly
-   as :meth:`tasks.tune.RankingPipeline.training_frames` builds them; then one task gathers them
+   as :meth:`tasks.reranker.RankingPipeline.training_frames` builds them; then one task gathers them
    into the sample (training groups with a positive, held-out groups, held-out targets) in the
    local engine's row order. The candidate recall of the validation window is that of its drawn
    users.
@@ -63,6 +63,17 @@ from tasks.history_tables import (
     item_partials,
     sum_item_partials,
 )
+from tasks.reranker import (
+    HOLDOUT_SCALE,
+    MODEL_NAME,
+    QUERY,
+    RankerConfig,
+    RankingPipeline,
+    TrainingData,
+    every_window,
+    holdout_key,
+    rank_scored,
+)
 from tasks.resume import STAGE_CACHE
 from tasks.shards import host_cores, shard_file, shard_of
 from tasks.split import Selection, Split
@@ -74,20 +85,7 @@ from tasks.study import (
     finished_trials,
     open_study,
 )
-from tasks.tune import (
-    HOLDOUT_SCALE,
-    MODEL_NAME,
-    QUERY,
-    RankerConfig,
-    RankingPipeline,
-    TrainingData,
-    every_window,
-    holdout_key,
-    log_plots,
-    log_results,
-    make_objective,
-    rank_scored,
-)
+from tasks.tune import log_plots, log_results, make_objective
 from tasks.validate_shards import gather
 
 logger = logging.getLogger(__name__)

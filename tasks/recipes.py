@@ -5,7 +5,7 @@ A recipe is a small JSON document written beside each saved model (``<model>/rec
 - a baseline: ``{"family": "covisitation", "recent_days": 7.0, "exclude_seen": false}``;
 - the transformer: its :class:`~tasks.sequence.SequenceConfig`, the best trial's parameters and
   its number of epochs;
-- the LightGBM re-ranker: its :class:`~tasks.tune.RankerConfig`, the best trial's parameters,
+- the LightGBM re-ranker: its :class:`~tasks.reranker.RankerConfig`, the best trial's parameters,
   the number of boosting rounds of its refit, and the transformer's recipe when the transformer
   feeds its candidates (``source``).
 
@@ -104,7 +104,7 @@ def _fit_transformer(recipe: dict[str, Any], history: pl.DataFrame,
 
 
 def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None) -> Any:
-    from tasks.tune import RankerConfig, RankingPipeline, training_windows
+    from tasks.reranker import RankerConfig, RankingPipeline, training_windows
 
     config = RankerConfig.model_validate(recipe["config"])
     pipe = RankingPipeline(config, items, bool(recipe.get("ordered_only")))

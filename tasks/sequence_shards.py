@@ -28,6 +28,7 @@ from prefect import get_run_logger, task, unmapped
 from models.columns import ITEM, USER
 from models.errors import DataError
 from models.metrics import COUNT, merge_partials, partial_metrics
+from tasks.reranker import HOLDOUT_SCALE
 from tasks.resume import STAGE_CACHE
 from tasks.sequence import (
     MODEL_NAME,
@@ -42,7 +43,6 @@ from tasks.shards import host_cores, shard_file, shard_of
 from tasks.split import Selection, Split
 from tasks.split_shards import TABLES, read_split_shard, split_shard_files
 from tasks.study import TrialLogger, default_storage
-from tasks.tune import HOLDOUT_SCALE
 from tasks.validate_shards import gather
 
 STAGES = {"valid": ("train", "valid_targets", "best"), "test": ("test_history", "test_targets",

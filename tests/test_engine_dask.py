@@ -22,7 +22,7 @@ from flows.cli import run
 from flows.config import load_config
 from flows.train import train
 from tasks.prepare import read_split
-from tasks.tune import RankingPipeline
+from tasks.reranker import RankingPipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 SKIP = ("fit_seconds",)

@@ -11,8 +11,8 @@ from models.errors import ValidationFailedError
 from tasks.candidates import CandidateConfig, build_candidates
 from tasks.demo_data import generate_shop
 from tasks.features import build_features, check_features, feature_columns
+from tasks.reranker import RankerConfig, RankingPipeline, training_windows
 from tasks.split import cut_times, time_split
-from tasks.tune import RankerConfig, RankingPipeline, training_windows
 from tests.frames import hourly_events
 
 T0 = dt.datetime(2025, 3, 3, 8, tzinfo=dt.UTC)  # a Monday

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from models.columns import ITEM, USER
 from tasks.demo_data import generate_shop
+from tasks.reranker import RankerConfig, RankingPipeline, training_windows
 from tasks.sequence import (
     SearchSpace,
     SequenceConfig,
@@ -19,7 +20,7 @@ from tasks.sequence import (
 )
 from tasks.split import cut_times, time_split
 from tasks.study import TrialLogger
-from tasks.tune import RankerConfig, RankingPipeline, training_windows, tune_and_evaluate_lgbm
+from tasks.tune import tune_and_evaluate_lgbm
 
 TINY_SPACE = {"hidden_size": [16], "n_blocks": [1], "n_heads": [1], "max_len": [10],
               "n_negatives": [64], "epochs": [2, 4]}

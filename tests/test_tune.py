@@ -13,9 +13,10 @@ import polars as pl
 import pytest
 
 from tasks.demo_data import generate_shop
+from tasks.reranker import RankerConfig, RankingPipeline
 from tasks.split import cut_times, time_split
 from tasks.study import finished_trials
-from tasks.tune import RankerConfig, RankingPipeline, tune_and_evaluate_lgbm
+from tasks.tune import tune_and_evaluate_lgbm
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
