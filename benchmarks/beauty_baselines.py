@@ -29,8 +29,8 @@ from models.base import Recommender  # noqa: E402
 from models.baselines import BuyAgain, CoVisitation, Popularity  # noqa: E402
 from models.columns import ITEM, USER  # noqa: E402
 from models.metrics import evaluate, metrics_table  # noqa: E402
-from tasks.adapters import load_raw  # noqa: E402
-from tasks.split import Split, leave_one_out  # noqa: E402
+from tasks.data.adapters import load_raw  # noqa: E402
+from tasks.splitting.split import Split, leave_one_out  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_s3rec" / "Beauty.txt.gz"
 N_ITEMS = 12_101

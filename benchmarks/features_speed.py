@@ -3,12 +3,12 @@
     nice -n 10 .venv/bin/python benchmarks/features_speed.py                 # 1M events
     nice -n 10 .venv/bin/python benchmarks/features_speed.py --events 200000 --user-chunk 5000
 
-Generates the shop, cuts it with ``tasks.split.cut_times`` defaults and ``time_split``, then times
-each stage of building the ranker's training groups for the validation window: co-visitation fit
-on ``split.train``, candidates for every validation user, features, labels, each in one call.
-Generation and the split are reported but not counted in the total. Then times
-:func:`tasks.features.candidate_features` (the same three stages, ``--user-chunk`` users at a
-time, as the ranker builds them) and checks that it returns the same frame.
+Generates the shop, cuts it with ``tasks.splitting.split.cut_times`` defaults and ``time_split``,
+then times each stage of building the ranker's training groups for the validation window:
+co-visitation fit on ``split.train``, candidates for every validation user, features, labels, each
+in one call. Generation and the split are reported but not counted in the total. Then times
+:func:`tasks.ranking.features.candidate_features` (the same three stages, ``--user-chunk`` users at
+a time, as the ranker builds them) and checks that it returns the same frame.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.baselines import CoVisitation  # noqa: E402
 from models.columns import USER  # noqa: E402
-from tasks.candidates import (  # noqa: E402
+from tasks.data.demo_data import generate_shop  # noqa: E402
+from tasks.ranking.candidates import (  # noqa: E402
     CandidateConfig,
     build_candidates,
     candidate_recall,
     label_candidates,
 )
-from tasks.demo_data import generate_shop  # noqa: E402
-from tasks.features import USER_CHUNK, build_features, candidate_features  # noqa: E402
-from tasks.split import cut_times, time_split  # noqa: E402
+from tasks.ranking.features import USER_CHUNK, build_features, candidate_features  # noqa: E402
+from tasks.splitting.split import cut_times, time_split  # noqa: E402
 
 
 class Timer:

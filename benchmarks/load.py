@@ -93,7 +93,7 @@ def group_memory_mib(pgid: int) -> dict[str, float]:
 
 def sample_ids(model_uri: str, tracking_uri: str, n: int, seed: int) -> dict[str, list[str]]:
     """Known users and items (those with session neighbours) of the served model."""
-    from tasks.packaging import load_serving
+    from tasks.release.packaging import load_serving
 
     _, serving = load_serving(model_uri, tracking_uri)
     rng = random.Random(seed)

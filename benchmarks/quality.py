@@ -8,12 +8,13 @@
 Per dataset, in one run and on one split (the pipeline's defaults: a time split with 10% of
 events for validation and 10% for test, or leave-one-out for ordered data without timestamps):
 
-* the baselines (:func:`tasks.evaluate.baseline_factories`, scored by
-  :func:`tasks.evaluate.score_model`: fit on train for validation, refit on train + validation for
-  test);
+* the baselines (:func:`tasks.evaluation.evaluate.baseline_factories`, scored by
+  :func:`tasks.evaluation.evaluate.score_model`: fit on train for validation, refit on train +
+  validation for test);
 * the peer, ``implicit`` ALS and BPR (:mod:`benchmarks.peers`) on the same events, with a small
   grid searched coordinate-wise on validation NDCG@10, then scored like the baselines;
-* the LightGBM ranker (:func:`tasks.tune.tune_and_evaluate_lgbm`: an Optuna study, refit, test);
+* the LightGBM ranker (:func:`tasks.ranking.tune.tune_and_evaluate_lgbm`: an Optuna study, refit,
+  test);
 * the sequential transformer (:class:`models.transformer.SequentialTransformer`), trained on
   train with early stopping on the validation targets; test feeds it the test history without
   refitting;
@@ -55,13 +56,13 @@ from peers import ImplicitPeer  # noqa: E402
 from models.columns import ITEM, USER  # noqa: E402
 from models.metrics import evaluate  # noqa: E402
 from models.transformer import SequentialTransformer, TransformerConfig  # noqa: E402
-from tasks.adapters import load_raw  # noqa: E402
-from tasks.evaluate import baseline_factories, item_counts, score_model  # noqa: E402
-from tasks.reranker import QUERY, RankerConfig, RankingPipeline, training_windows  # noqa: E402
-from tasks.sequence import SequenceConfig, ranker_sources  # noqa: E402
-from tasks.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
-from tasks.tune import tune_and_evaluate_lgbm  # noqa: E402
-from tasks.validate import ValidationSettings, validate_tables  # noqa: E402
+from tasks.checks.validate import ValidationSettings, validate_tables  # noqa: E402
+from tasks.data.adapters import load_raw  # noqa: E402
+from tasks.evaluation.evaluate import baseline_factories, item_counts, score_model  # noqa: E402
+from tasks.ranking.reranker import QUERY, RankerConfig, RankingPipeline, training_windows  # noqa: E402
+from tasks.ranking.tune import tune_and_evaluate_lgbm  # noqa: E402
+from tasks.splitting.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
+from tasks.transformer.sequence import SequenceConfig, ranker_sources  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 KS = [10, 20]
@@ -210,7 +211,8 @@ def lgbm(prep: Prepared, config: RankerConfig, workdir: Path, sources: tuple[Any
     """Tune and test the ranker; score its best trial's ranker on the held-out validation users.
 
     ``sources`` are the transformer's candidate sources for training and testing
-    (:func:`tasks.sequence.ranker_sources`). Returns the scores and the held-out validation users.
+    (:func:`tasks.transformer.sequence.ranker_sources`). Returns the scores and the held-out
+    validation users.
     """
     split, seen = prep.split, prep.exclude_seen
     external, source = sources or (None, None)

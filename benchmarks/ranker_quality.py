@@ -4,17 +4,17 @@
     nice -n 10 .venv/bin/python benchmarks/ranker_quality.py --dataset taobao --trials 15
 
 * **taobao** (``shared/data/taobao_userbehavior_sample``): time split with the default cut times
-  (``tasks.split.cut_times``: last 10% of events for test, the 10% before for validation), targets
-  of every event type, seen items kept (the protocol's default).
+  (``tasks.splitting.split.cut_times``: last 10% of events for test, the 10% before for validation),
+  targets of every event type, seen items kept (the protocol's default).
 * **beauty** (``shared/data/amazon_s3rec``, Amazon Beauty of S3-Rec): leave-one-out, the full
   catalogue ranked, items of the visible history removed.
 
 Baselines are fitted on the training history for validation and refitted on the test history
-(``tasks.evaluate.score_model``). The ranker learns from the validation window plus earlier
-windows cut from the training history, is tuned by Optuna on held-out validation users (a fresh
-study in a temporary SQLite file unless ``--storage`` is given), refitted, and scored on the test
-window. One markdown table per dataset: test metrics, candidate recall, and the ranker's gain over
-the best baseline on NDCG@10.
+(``tasks.evaluation.evaluate.score_model``). The ranker learns from the validation window plus
+earlier windows cut from the training history, is tuned by Optuna on held-out validation users (a
+fresh study in a temporary SQLite file unless ``--storage`` is given), refitted, and scored on the
+test window. One markdown table per dataset: test metrics, candidate recall, and the ranker's gain
+over the best baseline on NDCG@10.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.columns import ITEM  # noqa: E402
 from models.metrics import metrics_table  # noqa: E402
-from tasks.adapters import load_raw  # noqa: E402
-from tasks.candidates import CandidateConfig  # noqa: E402
-from tasks.evaluate import baseline_factories, score_model  # noqa: E402
-from tasks.reranker import RankerConfig  # noqa: E402
-from tasks.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
-from tasks.tune import tune_and_evaluate_lgbm
+from tasks.data.adapters import load_raw  # noqa: E402
+from tasks.evaluation.evaluate import baseline_factories, score_model  # noqa: E402
+from tasks.ranking.candidates import CandidateConfig  # noqa: E402
+from tasks.ranking.reranker import RankerConfig  # noqa: E402
+from tasks.ranking.tune import tune_and_evaluate_lgbm
+from tasks.splitting.split import Split, cut_times, leave_one_out, time_split  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KS = [10, 20]

@@ -36,9 +36,9 @@ PARAMS = {"learning_rate": 0.05, "num_leaves": 63, "min_data_in_leaf": 50,
 def prepare(events: int, work: Path) -> None:
     """Write the split, the training groups and the test candidates under ``work``."""
     from models.columns import USER
-    from tasks.demo_data import generate_shop
-    from tasks.reranker import RankerConfig, RankingPipeline
-    from tasks.split import cut_times, time_split
+    from tasks.data.demo_data import generate_shop
+    from tasks.ranking.reranker import RankerConfig, RankingPipeline
+    from tasks.splitting.split import cut_times, time_split
 
     shop, items = generate_shop(events, seed=1)
     split = time_split(shop, *cut_times(shop))
@@ -62,9 +62,15 @@ def fit_one(work: Path, size: int | None) -> dict:
     from models.base import event_weight_expr
     from models.columns import ITEM, SCORE, USER
     from models.metrics import evaluate
-    from tasks.candidates import WEIGHT
-    from tasks.reranker import HOLDOUT_SCALE, QUERY, RankerConfig, RankingPipeline, rank_scored
-    from tasks.shards import shard_of
+    from tasks.data.shards import shard_of
+    from tasks.ranking.candidates import WEIGHT
+    from tasks.ranking.reranker import (
+        HOLDOUT_SCALE,
+        QUERY,
+        RankerConfig,
+        RankingPipeline,
+        rank_scored,
+    )
 
     lazy = pl.scan_parquet(work / "train.parquet")
     queries = lazy.select(QUERY).unique().collect()

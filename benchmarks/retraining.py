@@ -71,8 +71,8 @@ def main() -> None:
 
     from flows.config import load_config
     from flows.train import train
-    from tasks.demo_data import generate_shop
-    from tasks.packaging import KIND_TAG, LAST_EVENT_TAG, load_serving
+    from tasks.data.demo_data import generate_shop
+    from tasks.release.packaging import KIND_TAG, LAST_EVENT_TAG, load_serving
 
     events, items = generate_shop(args.events, seed=7, n_days=args.days)
     first = events["timestamp"].min()

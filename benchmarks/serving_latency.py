@@ -36,11 +36,11 @@ sys.path.insert(0, str(ROOT))
 from flows.config import load_config  # noqa: E402
 from flows.recommend import recommend_all  # noqa: E402
 from tasks import tracking  # noqa: E402
-from tasks.demo_data import write_demo_shop  # noqa: E402
-from tasks.evaluate import baseline_factories, score_model  # noqa: E402
-from tasks.packaging import ReleaseRun, load_serving, register_best  # noqa: E402
-from tasks.prepare import write_split  # noqa: E402
-from tasks.split import cut_times, time_split  # noqa: E402
+from tasks.data.demo_data import write_demo_shop  # noqa: E402
+from tasks.data.prepare import write_split  # noqa: E402
+from tasks.evaluation.evaluate import baseline_factories, score_model  # noqa: E402
+from tasks.release.packaging import ReleaseRun, load_serving, register_best  # noqa: E402
+from tasks.splitting.split import cut_times, time_split  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

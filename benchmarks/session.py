@@ -2,9 +2,10 @@
 
 Each test user's first test-window event(s) become the request's ``recent_items``; the rest of
 that user's test targets (the items not given) are what the list must find. Every model family
-saved by the run is packaged as the served model would be (:func:`tasks.packaging.build_bundle`:
-precomputed lists, the session model, the blend) and answers each user twice, without and with the
-session; both lists are scored by the one metrics module.
+saved by the run is packaged as the served model would be
+(:func:`tasks.release.packaging.build_bundle`: precomputed lists, the session model, the blend) and
+answers each user twice, without and with the session; both lists are scored by the one metrics
+module.
 
     .venv/bin/shoprank train                                       # writes outputs/demo/<stamp>
     .venv/bin/python benchmarks/session.py                         # newest run under outputs/
@@ -28,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 from models.columns import ITEM, TIMESTAMP, USER  # noqa: E402
 from models.metrics import evaluate  # noqa: E402
 from models.serving import DEFAULT_SESSION_WEIGHT, FAMILIES, Request  # noqa: E402
-from tasks.packaging import build_bundle  # noqa: E402  (registers the lgbm_ranker family)
-from tasks.prepare import read_split  # noqa: E402
+from tasks.data.prepare import read_split  # noqa: E402
+from tasks.release.packaging import build_bundle  # noqa: E402  (registers the lgbm_ranker family)
 
 KS = (10, 20)
 

@@ -11,26 +11,29 @@ process's maximum resident set (imports and inputs included), ``stage RSS`` the 
 the stage function ran (peak minus the resident set just before it). Times exclude imports and
 reading inputs. Stages, in order:
 
-* ``generate``: :func:`tasks.demo_data.write_demo_shop` (60 days);
-* ``load``: :func:`tasks.adapters.load_raw` of the Parquet shop, written back as canonical tables;
-* ``validate``: :func:`tasks.validate.validate_tables` (events and items suites);
-* ``split``: :func:`tasks.split.cut_times` + :func:`tasks.split.time_split` +
-  :func:`tasks.prepare.write_split`;
+* ``generate``: :func:`tasks.data.demo_data.write_demo_shop` (60 days);
+* ``load``: :func:`tasks.data.adapters.load_raw` of the Parquet shop, written back as canonical
+  tables;
+* ``validate``: :func:`tasks.checks.validate.validate_tables` (events and items suites);
+* ``split``: :func:`tasks.splitting.split.cut_times` + :func:`tasks.splitting.split.time_split` +
+  :func:`tasks.data.prepare.write_split`;
 * ``candidates_features``: :class:`models.baselines.CoVisitation` fitted on train +
-  :func:`tasks.features.candidate_features` for every validation user (candidates, features and
-  labels, ``--user-chunk`` users at a time), written to one Parquet file;
+  :func:`tasks.ranking.features.candidate_features` for every validation user (candidates, features
+  and labels, ``--user-chunk`` users at a time), written to one Parquet file;
 * ``lgbm_fit``: :class:`models.lgbm_ranker.LightGBMRanker`, 100 rounds, one thread, no early
   stopping, on the groups with a positive (one Optuna trial costs about this);
 * ``transformer_epoch``: one CPU epoch (one thread) of
   :class:`models.transformer.SequentialTransformer` on train, on the ``--transformer-users``
   most recent users when there are more (recorded);
-* ``packaging``: :func:`tasks.packaging.build_bundle` + :func:`tasks.packaging.save_pyfunc` of the
-  co-visitation model fitted on the test history, then loading the pyfunc back;
+* ``packaging``: :func:`tasks.release.packaging.build_bundle` +
+  :func:`tasks.release.packaging.save_pyfunc` of the co-visitation model fitted on the test history,
+  then loading the pyfunc back;
 * ``recommend``: :func:`flows.recommend.recommend_all`, top-10 for every known user.
 
-``--user-chunk N`` is the ``user_chunk`` of :func:`tasks.features.candidate_features` (default
-its ``USER_CHUNK``, 10,000; 0: all users in one chunk); the table marks figures of more than one
-chunk with a dagger. The returned frame holds every pair, so its size still grows with the shop.
+``--user-chunk N`` is the ``user_chunk`` of :func:`tasks.ranking.features.candidate_features`
+(default its ``USER_CHUNK``, 10,000; 0: all users in one chunk); the table marks figures of more
+than one chunk with a dagger. The returned frame holds every pair, so its size still grows with the
+shop.
 
 Results are kept in ``benchmarks/results/speed.json`` (one row per stage and size; a rerun
 replaces its rows, the others stay; rows of stages not listed above, such as ``candidates`` and
@@ -93,7 +96,7 @@ def _peak_mib() -> float:
 # Each ``prepare_<stage>`` reads inputs (untimed) and returns the timed call.
 
 def prepare_generate(work: Path, n: int) -> Callable[[], dict[str, Any]]:
-    from tasks.demo_data import write_demo_shop
+    from tasks.data.demo_data import write_demo_shop
 
     def run() -> dict[str, Any]:
         shop = write_demo_shop(work / "shop", n_events=n, seed=SEED)
@@ -105,7 +108,7 @@ def prepare_generate(work: Path, n: int) -> Callable[[], dict[str, Any]]:
 
 
 def prepare_load(work: Path, n: int) -> Callable[[], dict[str, Any]]:
-    from tasks.adapters import load_raw
+    from tasks.data.adapters import load_raw
 
     def run() -> dict[str, Any]:
         raw = load_raw(work / "shop", "parquet")
@@ -127,7 +130,7 @@ def _tables(work: Path) -> tuple[Any, Any]:
 def prepare_validate(work: Path, n: int) -> Callable[[], dict[str, Any]]:
     import great_expectations  # noqa: F401  (its import, 3-5 s, is not the stage's cost)
 
-    from tasks.validate import validate_tables
+    from tasks.checks.validate import validate_tables
 
     events, items = _tables(work)
 
@@ -142,8 +145,8 @@ def prepare_validate(work: Path, n: int) -> Callable[[], dict[str, Any]]:
 
 
 def prepare_split(work: Path, n: int) -> Callable[[], dict[str, Any]]:
-    from tasks.prepare import write_split
-    from tasks.split import cut_times, time_split
+    from tasks.data.prepare import write_split
+    from tasks.splitting.split import cut_times, time_split
 
     events, _ = _tables(work)
 
@@ -156,14 +159,14 @@ def prepare_split(work: Path, n: int) -> Callable[[], dict[str, Any]]:
 
 
 def _split(work: Path) -> Any:
-    from tasks.prepare import read_split
+    from tasks.data.prepare import read_split
 
     return read_split(work / "data" / "split")
 
 
 def _user_chunk() -> int:
-    """Users per chunk of :func:`tasks.features.candidate_features` (0: all in one chunk)."""
-    from tasks.features import USER_CHUNK
+    """Users per chunk of :func:`~tasks.ranking.features.candidate_features` (0: one chunk)."""
+    from tasks.ranking.features import USER_CHUNK
 
     return int(os.environ.get("SHOPRANK_BENCH_USER_CHUNK", USER_CHUNK))
 
@@ -173,8 +176,8 @@ def prepare_candidates_features(work: Path, n: int) -> Callable[[], dict[str, An
 
     from models.baselines import CoVisitation
     from models.columns import USER
-    from tasks.candidates import candidate_recall
-    from tasks.features import candidate_features
+    from tasks.ranking.candidates import candidate_recall
+    from tasks.ranking.features import candidate_features
 
     split, items = _split(work), pl.read_parquet(work / "data" / "items.parquet")
     users = split.valid_targets[USER].unique()
@@ -235,7 +238,7 @@ def prepare_packaging(work: Path, n: int) -> Callable[[], dict[str, Any]]:
     import mlflow
 
     from models.baselines import CoVisitation, Popularity
-    from tasks.packaging import build_bundle, folder_bytes, input_example, save_pyfunc
+    from tasks.release.packaging import build_bundle, folder_bytes, input_example, save_pyfunc
 
     split_dir = work / "data" / "split"
     history = _split(work).test_history
@@ -293,11 +296,11 @@ def run_stage(stage: str, work: Path, n: int, transformer_users: int) -> dict[st
 
 def _direct_train(shop: Path, out: Path) -> float:
     """The ``train`` flow's stages called as plain functions; returns their total seconds."""
-    from tasks.adapters import load_raw
-    from tasks.evaluate import baseline_factories, score_model
-    from tasks.prepare import write_split
-    from tasks.split import cut_times, time_split
-    from tasks.validate import validate_tables
+    from tasks.checks.validate import validate_tables
+    from tasks.data.adapters import load_raw
+    from tasks.data.prepare import write_split
+    from tasks.evaluation.evaluate import baseline_factories, score_model
+    from tasks.splitting.split import cut_times, time_split
 
     start = time.perf_counter()
     raw = load_raw(shop, "parquet")
@@ -340,7 +343,7 @@ def prefect_share(work: Path, n: int) -> dict[str, Any]:
                       PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
     from flows.config import load_config
     from flows.train import train
-    from tasks.demo_data import write_demo_shop
+    from tasks.data.demo_data import write_demo_shop
 
     write_demo_shop(work / "shop", n_events=n, seed=SEED)
     config = load_config(None, data__path=str(work / "shop"), data__format="parquet",

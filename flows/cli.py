@@ -58,7 +58,7 @@ def _add_data_flags(parser: argparse.ArgumentParser, required: bool = False) -> 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """Write the built-in demo shop."""
-    from tasks.demo_data import write_demo_shop
+    from tasks.data.demo_data import write_demo_shop
 
     shop = write_demo_shop(Path(args.out), n_events=args.events, seed=args.seed,
                            shards=args.shards)
@@ -68,8 +68,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Run only the data validation suites and print the report."""
-    from tasks.adapters import load_raw
-    from tasks.validate import validate_tables
+    from tasks.checks.validate import validate_tables
+    from tasks.data.adapters import load_raw
 
     raw = load_raw(args.data, args.format or "parquet", column_map=_pairs(args.map, "--map"),
                    event_map=_pairs(args.event_map, "--event-map"))

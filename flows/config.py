@@ -22,11 +22,11 @@ from pydantic import (
 
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
-from tasks.adapters import FORMATS
-from tasks.reranker import RankerConfig
-from tasks.sequence import SequenceConfig
-from tasks.split import Selection
-from tasks.validate import ValidationSettings
+from tasks.checks.validate import ValidationSettings
+from tasks.data.adapters import FORMATS
+from tasks.ranking.reranker import RankerConfig
+from tasks.splitting.split import Selection
+from tasks.transformer.sequence import SequenceConfig
 
 
 class _Strict(BaseModel):

@@ -34,7 +34,7 @@ from flows.promote import promote
 from flows.recommend import recommend
 from flows.train import train
 from tasks import tracking
-from tasks.registry import EVALUATED, PROMOTED
+from tasks.release.registry import EVALUATED, PROMOTED
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import RegistryConfig, TrainConfig
 from tasks import tracking
-from tasks.gate import promote_version
-from tasks.packaging import ReleaseRun, register_best
-from tasks.registry import (
+from tasks.release.gate import promote_version
+from tasks.release.packaging import ReleaseRun, register_best
+from tasks.release.registry import (
     EVALUATED,
     PROMOTED,
     REJECTED,

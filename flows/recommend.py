@@ -22,7 +22,7 @@ from models.columns import USER
 from models.errors import ConfigError, DataError
 from models.serving import ServingModel
 from tasks import tracking
-from tasks.registry import load_version, resolve_model
+from tasks.release.registry import load_version, resolve_model
 
 MODEL_VERSION = "model_version"
 CHUNK = 20_000

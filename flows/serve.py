@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from flows.server import MODEL_ENV
 from models.errors import ConfigError
 from tasks import tracking
-from tasks.registry import resolve_model
+from tasks.release.registry import resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -22,16 +22,8 @@ from flows.promote import release_best_model
 from flows.serve import default_workers
 from models.seed import seed_everything
 from tasks import tracking
-from tasks.evaluate import (
-    evaluate_baselines,
-    evaluate_lgbm_ranker,
-    evaluate_transformer,
-    report_metrics,
-)
-from tasks.evaluate_shards import evaluate_baselines_sharded
-from tasks.load_shards import load_sharded
-from tasks.packaging import ReleaseRun, check_shop
-from tasks.prepare import (
+from tasks.data.load_shards import load_sharded
+from tasks.data.prepare import (
     DataPaths,
     catalogue_size,
     load_data,
@@ -39,7 +31,15 @@ from tasks.prepare import (
     validate_data,
     validate_sharded,
 )
-from tasks.rank_shards import evaluate_ranker_sharded
+from tasks.evaluation.evaluate import (
+    evaluate_baselines,
+    evaluate_lgbm_ranker,
+    evaluate_transformer,
+    report_metrics,
+)
+from tasks.evaluation.evaluate_shards import evaluate_baselines_sharded
+from tasks.ranking.rank_shards import evaluate_ranker_sharded
+from tasks.release.packaging import ReleaseRun, check_shop
 from tasks.resume import (
     DIGEST_TAG,
     FINGERPRINT_TAG,
@@ -48,8 +48,8 @@ from tasks.resume import (
     resumed_workdir,
     unfinished_run,
 )
-from tasks.sequence_shards import evaluate_transformer_sharded
-from tasks.split_shards import split_event_shards
+from tasks.splitting.split_shards import split_event_shards
+from tasks.transformer.sequence_shards import evaluate_transformer_sharded
 
 
 def run_folder(config: TrainConfig) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -444,3 +444,13 @@ class CoVisitation(Recommender):
             .join(codes, on="code")
             .select(USER, ITEM, SCORE)
         )
+
+
+def baseline_factories(recent_days: float) -> dict[str, Callable[[], Recommender]]:
+    """The baselines every run reports, by name."""
+    return {
+        "popularity": lambda: Popularity(),
+        "recent_popularity": lambda: Popularity(window_days=recent_days),
+        "covisitation": lambda: CoVisitation(),
+        "buy_again": lambda: BuyAgain(),
+    }

@@ -63,7 +63,7 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def demo_shop_dir(tmp_path_factory) -> Path:
     """A small built-in demo shop written once for the session."""
-    from tasks.demo_data import write_demo_shop
+    from tasks.data.demo_data import write_demo_shop
 
     folder = tmp_path_factory.mktemp("demo-shop")
     write_demo_shop(folder, n_events=20_000, seed=1)

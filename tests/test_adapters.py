@@ -24,7 +24,7 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError
-from tasks.adapters import FORMATS, S3REC_BASE_TIME, RawData, load_raw
+from tasks.data.adapters import FORMATS, S3REC_BASE_TIME, RawData, load_raw
 
 SAMPLES = {
     "taobao": "taobao_userbehavior_sample",

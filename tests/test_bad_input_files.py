@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from models.errors import DataError, MissingColumnsError
-from tasks.adapters import FORMATS, load_raw
+from tasks.data.adapters import FORMATS, load_raw
 
 HEADER = "user_id,item_id,event_type,timestamp"
 TAOBAO = Path("taobao_userbehavior_sample") / "UserBehavior_sample.csv.gz"

@@ -13,7 +13,7 @@ from models.base import IdIndex, NotFittedError, Recommender
 from models.baselines import BuyAgain, CoVisitation, Popularity
 from models.errors import ConfigError, DataError, MissingColumnsError
 from models.metrics import evaluate
-from tasks.split import leave_one_out
+from tasks.splitting.split import leave_one_out
 
 T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 

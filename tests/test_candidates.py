@@ -7,7 +7,7 @@ import pytest
 
 from models.baselines import CoVisitation
 from models.errors import ConfigError
-from tasks.candidates import (
+from tasks.ranking.candidates import (
     BUILTIN_SOURCES,
     CandidateConfig,
     build_candidates,

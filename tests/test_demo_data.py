@@ -21,7 +21,7 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError
-from tasks.demo_data import DEFAULT_END, DemoShop, generate_shop, write_demo_shop
+from tasks.data.demo_data import DEFAULT_END, DemoShop, generate_shop, write_demo_shop
 
 N_EVENTS = 30_000
 

@@ -22,7 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.registry import DECISION_TAG, EVALUATED, alias_version
+from tasks.release.registry import DECISION_TAG, EVALUATED, alias_version
 from tests.test_registry import register_version
 from tests.test_serving import BIN, free_port, post, start_group, stop_group, wait_http
 

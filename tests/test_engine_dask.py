@@ -21,8 +21,8 @@ from polars.testing import assert_frame_equal
 from flows.cli import run
 from flows.config import load_config
 from flows.train import train
-from tasks.prepare import read_split
-from tasks.reranker import RankingPipeline
+from tasks.data.prepare import read_split
+from tasks.ranking.reranker import RankingPipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 SKIP = ("fit_seconds",)

@@ -8,11 +8,11 @@ from polars.testing import assert_frame_equal
 
 from models.baselines import CoVisitation
 from models.errors import ValidationFailedError
-from tasks.candidates import CandidateConfig, build_candidates
-from tasks.demo_data import generate_shop
-from tasks.features import build_features, check_features, feature_columns
-from tasks.reranker import RankerConfig, RankingPipeline, training_windows
-from tasks.split import cut_times, time_split
+from tasks.data.demo_data import generate_shop
+from tasks.ranking.candidates import CandidateConfig, build_candidates
+from tasks.ranking.features import build_features, check_features, feature_columns
+from tasks.ranking.reranker import RankerConfig, RankingPipeline, training_windows
+from tasks.splitting.split import cut_times, time_split
 from tests.frames import hourly_events
 
 T0 = dt.datetime(2025, 3, 3, 8, tzinfo=dt.UTC)  # a Monday

@@ -7,12 +7,17 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from models.columns import ITEM, USER
-from tasks.candidates import CandidateConfig, prepare_history
-from tasks.demo_data import generate_shop
-from tasks.features import FeatureConfig, table_settings
-from tasks.history_tables import finish_tables, history_tables, item_partials, sum_item_partials
-from tasks.rank_shards import trial_shares
-from tasks.shards import shard_of
+from tasks.data.demo_data import generate_shop
+from tasks.data.shards import shard_of
+from tasks.ranking.candidates import CandidateConfig, prepare_history
+from tasks.ranking.features import FeatureConfig, table_settings
+from tasks.ranking.history_tables import (
+    finish_tables,
+    history_tables,
+    item_partials,
+    sum_item_partials,
+)
+from tasks.ranking.rank_shards import trial_shares
 
 
 @pytest.mark.parametrize("ordered_only", [False, True])

@@ -10,10 +10,10 @@ import pytest
 from prefect import flow
 
 from models.errors import DataError
-from tasks.adapters import load_raw
-from tasks.load_shards import load_sharded
-from tasks.prepare import DataPaths
-from tasks.shards import ShardWriter, shard_of
+from tasks.data.adapters import load_raw
+from tasks.data.load_shards import load_sharded
+from tasks.data.prepare import DataPaths
+from tasks.data.shards import ShardWriter, shard_of
 
 DEMO_EVENTS = 20_000
 

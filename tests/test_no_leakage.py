@@ -7,8 +7,8 @@ import pytest
 
 from models.baselines import BuyAgain, CoVisitation, Popularity
 from models.columns import EVENT_TYPE, ITEM, TIMESTAMP, USER
-from tasks.demo_data import generate_shop
-from tasks.split import cut_times, time_split
+from tasks.data.demo_data import generate_shop
+from tasks.splitting.split import cut_times, time_split
 
 
 @pytest.fixture(scope="module")

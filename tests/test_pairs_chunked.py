@@ -8,11 +8,12 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-import tasks.candidates as candidates_module
+import tasks.ranking.candidates as candidates_module
 from models.baselines import CoVisitation
 from models.errors import ConfigError
-from tasks.adapters import load_raw
-from tasks.candidates import (
+from tasks.data.adapters import load_raw
+from tasks.data.demo_data import generate_shop
+from tasks.ranking.candidates import (
     CandidateBuilder,
     CandidateConfig,
     PreparedHistory,
@@ -20,9 +21,8 @@ from tasks.candidates import (
     label_candidates,
     user_frame,
 )
-from tasks.demo_data import generate_shop
-from tasks.features import FeatureBuilder, FeatureConfig, build_features, candidate_features
-from tasks.split import Split, cut_times, time_split
+from tasks.ranking.features import FeatureBuilder, FeatureConfig, build_features, candidate_features
+from tasks.splitting.split import Split, cut_times, time_split
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ from mlflow import MlflowClient
 from flows.config import load_config
 from models.errors import ConfigError, ShoprankError
 from tasks import tracking
-from tasks.evaluate import baseline_factories, score_model
-from tasks.gate import EVALUATED_TAG, promote_version
-from tasks.packaging import (
+from tasks.data.prepare import read_split, write_split
+from tasks.evaluation.evaluate import baseline_factories, score_model
+from tasks.release.gate import EVALUATED_TAG, promote_version
+from tasks.release.packaging import (
     GATE_DATA_TAG,
     KIND_TAG,
     LAST_EVENT_TAG,
@@ -33,8 +34,7 @@ from tasks.packaging import (
     register_best,
     select_best,
 )
-from tasks.prepare import read_split, write_split
-from tasks.registry import (
+from tasks.release.registry import (
     DECISION_TAG,
     PromotionPolicy,
     alias_version,
@@ -43,7 +43,7 @@ from tasks.registry import (
     lock_path,
     registry_lock,
 )
-from tasks.split import cut_times, time_split
+from tasks.splitting.split import cut_times, time_split
 
 FAST = PromotionPolicy(latency_requests=20, latency_tolerance=5.0, latency_slack_ms=50.0)
 
@@ -90,7 +90,7 @@ def test_a_version_is_logged_from_code_and_a_pickled_one_still_loads(tmp_path, m
     import mlflow
     import yaml
 
-    from tasks.packaging import ShoprankPyfunc, load_serving
+    from tasks.release.packaging import ShoprankPyfunc, load_serving
 
     version = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
     client = MlflowClient(mlflow_store)
@@ -305,7 +305,7 @@ def _buy_again_settings(tmp_path: Path, shop: Path, **extra: object) -> dict[str
 def test_the_gate_refits_the_champions_recipe_on_the_challengers_split_and_serves_fresh(
         tmp_path, mlflow_store, demo_shop_dir):
     from flows.train import train
-    from tasks.packaging import load_serving
+    from tasks.release.packaging import load_serving
 
     common = _buy_again_settings(tmp_path, demo_shop_dir)
     first = train(load_config(None, **common))["release"]

@@ -7,9 +7,12 @@ import pytest
 from pydantic import ValidationError
 
 from models.columns import ITEM, USER
-from tasks.demo_data import generate_shop
-from tasks.reranker import RankerConfig, RankingPipeline, training_windows
-from tasks.sequence import (
+from tasks.data.demo_data import generate_shop
+from tasks.ranking.reranker import RankerConfig, RankingPipeline, training_windows
+from tasks.ranking.study import TrialLogger
+from tasks.ranking.tune import tune_and_evaluate_lgbm
+from tasks.splitting.split import cut_times, time_split
+from tasks.transformer.sequence import (
     SearchSpace,
     SequenceConfig,
     SequenceSource,
@@ -18,9 +21,6 @@ from tasks.sequence import (
     study_name,
     tune_and_evaluate_transformer,
 )
-from tasks.split import cut_times, time_split
-from tasks.study import TrialLogger
-from tasks.tune import tune_and_evaluate_lgbm
 
 TINY_SPACE = {"hidden_size": [16], "n_blocks": [1], "n_heads": [1], "max_len": [10],
               "n_negatives": [64], "epochs": [2, 4]}
@@ -142,7 +142,7 @@ def test_time_budget_stops_a_running_trial_after_its_epoch(shop, tmp_path):
 
 
 def test_the_selection_holdout_trains_nothing_in_the_transformer(shop, tmp_path):
-    from tasks.split import Selection
+    from tasks.splitting.split import Selection
     from tests.test_tune import altered_selection
 
     split, items = shop

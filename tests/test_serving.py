@@ -39,7 +39,7 @@ from models.serving import (
     register_family,
 )
 from models.user_lists import blend
-from tasks.packaging import load_serving
+from tasks.release.packaging import load_serving
 from tests.test_registry import register_version
 
 BIN = Path(sys.executable).parent

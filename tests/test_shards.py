@@ -11,9 +11,9 @@ import pytest
 from flows.cli import run
 from models.columns import EVENT_TYPE, ITEM, PRICE, SESSION, TIMESTAMP, USER
 from models.errors import ConfigError, DataError
-from tasks.adapters import load_raw
-from tasks.demo_data import DEFAULT_END, generate_shop, generate_shop_batches, write_demo_shop
-from tasks.shards import shard_file, shard_of
+from tasks.data.adapters import load_raw
+from tasks.data.demo_data import DEFAULT_END, generate_shop, generate_shop_batches, write_demo_shop
+from tasks.data.shards import shard_file, shard_of
 
 N_EVENTS, SEED, SHARDS = 20_000, 4, 4
 BATCH_USERS = 120  # 500 users: five batches, the last of 20 users

@@ -5,7 +5,7 @@ import pytest
 
 from models.columns import EVENT_TYPE, ITEM, TIMESTAMP, USER
 from models.errors import ConfigError, DataError
-from tasks.split import cut_times, leave_one_out, time_split
+from tasks.splitting.split import cut_times, leave_one_out, time_split
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
@@ -92,8 +92,8 @@ def test_empty_events_are_a_clear_error():
 
 
 def test_selection_holdout_partitions_the_validation_users_alike_everywhere():
-    from tasks.demo_data import generate_shop
-    from tasks.split import Selection
+    from tasks.data.demo_data import generate_shop
+    from tasks.splitting.split import Selection
 
     shop, _ = generate_shop(3_000, seed=1)
     split = time_split(shop, *cut_times(shop))

@@ -11,12 +11,12 @@ import pytest
 from prefect import flow
 
 from models.errors import ShoprankError
-from tasks.adapters import load_raw
-from tasks.demo_data import generate_shop
-from tasks.prepare import _choose_split
-from tasks.shards import ShardWriter, shard_file, shard_of
-from tasks.split import Split, cut_times
-from tasks.split_shards import (
+from tasks.data.adapters import load_raw
+from tasks.data.demo_data import generate_shop
+from tasks.data.prepare import _choose_split
+from tasks.data.shards import ShardWriter, shard_file, shard_of
+from tasks.splitting.split import Split, cut_times
+from tasks.splitting.split_shards import (
     TABLES,
     read_split_shard,
     shard_cut_times,

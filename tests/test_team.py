@@ -32,8 +32,8 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.team import Team
-from tasks.packaging import GATE_DATA_TAG, KIND_TAG
-from tasks.registry import DECISION_TAG, alias_version
+from tasks.release.packaging import GATE_DATA_TAG, KIND_TAG
+from tasks.release.registry import DECISION_TAG, alias_version
 from tests.test_serving import BIN, free_port, start_group, stop_group
 
 pytestmark = pytest.mark.slow

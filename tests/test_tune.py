@@ -12,11 +12,11 @@ import optuna
 import polars as pl
 import pytest
 
-from tasks.demo_data import generate_shop
-from tasks.reranker import RankerConfig, RankingPipeline
-from tasks.split import cut_times, time_split
-from tasks.study import finished_trials
-from tasks.tune import tune_and_evaluate_lgbm
+from tasks.data.demo_data import generate_shop
+from tasks.ranking.reranker import RankerConfig, RankingPipeline
+from tasks.ranking.study import finished_trials
+from tasks.ranking.tune import tune_and_evaluate_lgbm
+from tasks.splitting.split import cut_times, time_split
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -103,8 +103,8 @@ def test_cut_offs_without_10_tune_and_report_only_those(shop, tmp_path):
 
 
 def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
-    from tasks.recipes import fit_recipe, ranker_recipe, release_split
-    from tasks.tune import score_window
+    from tasks.ranking.tune import score_window
+    from tasks.release.recipes import fit_recipe, ranker_recipe, release_split
 
     split, items = shop
     result = tune_and_evaluate_lgbm(split, items, _config("sqlite://", n_trials=2), None,
@@ -123,7 +123,7 @@ def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
 
 def altered_selection(split, items, selection):
     """``split`` with the selection users' validation targets replaced by another item."""
-    from tasks.split import Split
+    from tasks.splitting.split import Split
 
     changed = selection.targets(split).with_columns(
         pl.lit(items["item_id"][0]).alias("item_id")).unique()
@@ -133,7 +133,7 @@ def altered_selection(split, items, selection):
 
 
 def test_the_selection_holdout_trains_nothing(shop, tmp_path):
-    from tasks.split import Selection
+    from tasks.splitting.split import Selection
 
     split, items = shop
     selection = Selection(0.3, seed=11)
@@ -148,9 +148,9 @@ def test_the_selection_holdout_trains_nothing(shop, tmp_path):
 
 _STUDY_SCRIPT = """
 import sys, time
-import tasks.tune as tune
-from tasks.demo_data import generate_shop
-from tasks.split import cut_times, time_split
+import tasks.ranking.tune as tune
+from tasks.data.demo_data import generate_shop
+from tasks.splitting.split import cut_times, time_split
 
 slow = tune.holdout_metrics
 def holdout_metrics(*args, **kwargs):  # slow trials down so the study is killed mid-way

@@ -12,8 +12,7 @@ import pydantic
 import pytest
 
 from models.errors import ConfigError, ValidationFailedError
-from tasks.adapters import load_raw
-from tasks.validate import (
+from tasks.checks.validate import (
     SUITES_DIR,
     ExpectationFailure,
     ValidationReport,
@@ -21,6 +20,7 @@ from tasks.validate import (
     raise_on_failure,
     validate_tables,
 )
+from tasks.data.adapters import load_raw
 
 NOW = dt.datetime(2018, 1, 1, tzinfo=dt.UTC)
 BEHAVIOUR = {"pv": "view", "cart": "cart", "fav": "fav", "buy": "purchase"}

@@ -11,10 +11,10 @@ import pytest
 from prefect import flow
 
 from models.errors import DataError
-from tasks.demo_data import generate_shop
-from tasks.shards import ShardWriter, shard_of
-from tasks.validate import ValidationReport, ValidationSettings, validate_tables
-from tasks.validate_shards import validate_event_shards
+from tasks.checks.validate import ValidationReport, ValidationSettings, validate_tables
+from tasks.checks.validate_shards import validate_event_shards
+from tasks.data.demo_data import generate_shop
+from tasks.data.shards import ShardWriter, shard_of
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 N_SHARDS = 4

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from models.errors import DataError
 
 if TYPE_CHECKING:
-    from tasks.split import Split
+    from tasks.splitting.split import Split
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from models.errors import ConfigError, ValidationFailedError
 
 logger = logging.getLogger(__name__)
 
-SUITES_DIR = Path(__file__).resolve().parents[1] / "expectations"
+SUITES_DIR = Path(__file__).resolve().parents[2] / "expectations"
 IS_DUPLICATE = "_is_duplicate"
 IN_CATALOGUE = "_item_in_catalogue"
 DERIVED = (IS_DUPLICATE, IN_CATALOGUE)

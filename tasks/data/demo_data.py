@@ -25,7 +25,7 @@ on every run, whatever the date (the window ends at a fixed ``end``, never at "n
 
 :func:`generate_shop_batches` generates the same kind of shop (the same catalogue) a batch of
 users at a time, for shops larger than memory; :func:`write_demo_shop` with ``shards`` writes it
-as Parquet shards by user (:mod:`tasks.shards`).
+as Parquet shards by user (:mod:`tasks.data.shards`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError
-from tasks.shards import ShardWriter, check_shards
+from tasks.data.shards import ShardWriter, check_shards
 
 logger = logging.getLogger(__name__)
 
@@ -591,7 +591,7 @@ def write_demo_shop(out_dir: Path, n_events: int = 200_000, seed: int = 0, n_day
 
     Without ``shards``, :func:`generate_shop` writes ``events.parquet``. With ``shards``,
     :func:`generate_shop_batches` writes the events a batch of users at a time into ``events/``,
-    partitioned by user into ``shards`` files (:mod:`tasks.shards`), in memory bounded by a
+    partitioned by user into ``shards`` files (:mod:`tasks.data.shards`), in memory bounded by a
     batch of ``batch_users`` users.
 
     Returns:

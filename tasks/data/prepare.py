@@ -16,17 +16,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from models.columns import ITEM
 from tasks import tracking
-from tasks.adapters import load_raw
-from tasks.demo_data import write_demo_shop
-from tasks.resume import LOAD_CACHE, STAGE_CACHE
-from tasks.split import Split, cut_times, leave_one_out, time_split
-from tasks.validate import (
+from tasks.checks.validate import (
     ValidationReport,
     ValidationSettings,
     raise_on_failure,
     validate_tables,
 )
-from tasks.validate_shards import validate_event_shards
+from tasks.checks.validate_shards import validate_event_shards
+from tasks.data.adapters import load_raw
+from tasks.data.demo_data import write_demo_shop
+from tasks.resume import LOAD_CACHE, STAGE_CACHE
+from tasks.splitting.split import Split, cut_times, leave_one_out, time_split
 
 
 @dataclass

@@ -43,7 +43,7 @@ from models.columns import (
     VIEW,
 )
 from models.errors import ConfigError, DataError, MissingColumnsError
-from tasks.readers import (
+from tasks.data.readers import (
     apply_column_map,
     convert,
     empty_error,

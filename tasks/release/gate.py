@@ -6,20 +6,20 @@ before the test window (``t_test``), with alias ``challenger``. The gate:
 1. scores the challenger on every user of its run's test targets (the user's last items of the
    test history as ``recent_items``; the seen items as ``exclude`` when the protocol removes
    them; ``k`` the largest cut-off);
-2. refits the champion's recipe (:mod:`tasks.recipes`: family and chosen settings, no study) on
-   the challenger's training history and scores it on the same requests. A champion without a
-   recipe is scored as served only when the last event it saw is before the challenger's
-   ``t_test``; otherwise the decision is ``incomparable`` and nothing moves. A champion of
-   another shop (tag ``data.name``) is never compared: ``incomparable``;
-3. decides with :func:`tasks.registry.decide` (margin on the primary metric, coverage and latency
-   guardrails);
+2. refits the champion's recipe (:mod:`tasks.release.recipes`: family and chosen settings, no study)
+   on the challenger's training history and scores it on the same requests. A champion without a
+   recipe is scored as served only when the last event it saw is before the challenger's ``t_test``;
+   otherwise the decision is ``incomparable`` and nothing moves. A champion of another shop (tag
+   ``data.name``) is never compared: ``incomparable``;
+3. decides with :func:`tasks.release.registry.decide` (margin on the primary metric, coverage and
+   latency guardrails);
 4. releases the winning recipe refitted on every event (the test window included) as a new
    version with alias ``champion``: the challenger's recipe when it wins (``release.kind``
    ``challenger``), else the champion's (``refresh``). The released version carries the
    evaluated copy's metric tags.
 
-The compare-and-set runs under :func:`tasks.registry.registry_lock`, the champion read again inside
-it, so two runs finishing together never leave the aliases inconsistent.
+The compare-and-set runs under :func:`tasks.release.registry.registry_lock`, the champion read again
+inside it, so two runs finishing together never leave the aliases inconsistent.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from models.columns import ITEM, TIMESTAMP, USER
 from models.errors import ConfigError
 from models.metrics import evaluate
 from models.serving import ServingModel
-from tasks.packaging import (
+from tasks.data.prepare import read_split, write_split
+from tasks.release.packaging import (
     CHALLENGER,
     CHAMPION,
     DATA_TAG,
@@ -56,9 +57,8 @@ from tasks.packaging import (
     build_bundle,
     package_and_register,
 )
-from tasks.prepare import read_split, write_split
-from tasks.recipes import fit_recipe, last_event, release_split
-from tasks.registry import (
+from tasks.release.recipes import fit_recipe, last_event, release_split
+from tasks.release.registry import (
     DECISION_TAG,
     LATENCY,
     Decision,
@@ -70,7 +70,7 @@ from tasks.registry import (
     record,
     registry_lock,
 )
-from tasks.split import Split
+from tasks.splitting.split import Split
 
 logger = logging.getLogger(__name__)
 

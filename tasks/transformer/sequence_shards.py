@@ -5,9 +5,9 @@
    users' four split tables to ``sample/<table>/shard-XXXXX.parquet``. Every epoch of every
    trial sees those sequences: the study's memory and time are bounded by the sample, not by
    the log.
-2. **study and refit**, one task on a worker: the study of :mod:`tasks.sequence` on the sample
-   (trials, pruning, nested MLflow runs), the best trial's model kept for validation, the best
-   parameters refitted on the sample's train + validation events for the test.
+2. **study and refit**, one task on a worker: the study of :mod:`tasks.transformer.sequence` on the
+   sample (trials, pruning, nested MLflow runs), the best trial's model kept for validation, the
+   best parameters refitted on the sample's train + validation events for the test.
 3. **score**, a task per shard: the shard's validation users ranked from their train events by
    the best trial's model, its test users from their test history by the refitted one, with
    partial metrics merged exactly (:func:`models.metrics.merge_partials`). Users outside the
@@ -28,9 +28,14 @@ from prefect import get_run_logger, task, unmapped
 from models.columns import ITEM, USER
 from models.errors import DataError
 from models.metrics import COUNT, merge_partials, partial_metrics
-from tasks.reranker import HOLDOUT_SCALE
+from tasks.checks.validate_shards import gather
+from tasks.data.shards import host_cores, shard_file, shard_of
+from tasks.ranking.reranker import HOLDOUT_SCALE
+from tasks.ranking.study import TrialLogger, default_storage
 from tasks.resume import STAGE_CACHE
-from tasks.sequence import (
+from tasks.splitting.split import Selection, Split
+from tasks.splitting.split_shards import TABLES, read_split_shard, split_shard_files
+from tasks.transformer.sequence import (
     MODEL_NAME,
     SequenceConfig,
     best_epochs,
@@ -39,11 +44,6 @@ from tasks.sequence import (
     log_results,
     run_transformer_study,
 )
-from tasks.shards import host_cores, shard_file, shard_of
-from tasks.split import Selection, Split
-from tasks.split_shards import TABLES, read_split_shard, split_shard_files
-from tasks.study import TrialLogger, default_storage
-from tasks.validate_shards import gather
 
 STAGES = {"valid": ("train", "valid_targets", "best"), "test": ("test_history", "test_targets",
                                                                  "model")}
@@ -71,7 +71,7 @@ def sample_shard(split_dir: Path, shard: int, rate: float, seed: int, out: Path)
 
 
 def read_sample(split_dir: Path, sample: Path) -> Split:
-    """The sample's four tables as one :class:`~tasks.split.Split` (the split's protocol)."""
+    """The sample's four tables as one :class:`~tasks.splitting.split.Split`."""
     info = json.loads((split_dir / "info.json").read_text())
     tables = {t: pl.read_parquet(sample / t / "*.parquet") for t in TABLES}
     return Split(protocol=info["protocol"], info=info["summary"], **tables)

@@ -1,15 +1,15 @@
 """Loading a shop's events as Parquet shards by user, for the ``dask`` engine.
 
-:func:`load_sharded` is :func:`~tasks.prepare.load_data` with the events written as a folder of
-shards (:mod:`tasks.shards`) instead of one file: ``workdir/events/shard-XXXXX.parquet`` and
+:func:`load_sharded` is :func:`~tasks.data.prepare.load_data` with the events written as a folder of
+shards (:mod:`tasks.data.shards`) instead of one file: ``workdir/events/shard-XXXXX.parquet`` and
 ``workdir/items.parquet``. Memory depends on the source:
 
 * the demo shop is generated a batch of users at a time into a cache folder, then its shards are
   linked (or copied) into the run's folder;
 * a canonical Parquet folder whose events are shards (``events/*.parquet``) is read and re-sharded
   one input file at a time, into the number of shards asked for;
-* any other format is read whole by :func:`~tasks.adapters.load_raw` (eager: memory follows the
-  log), then written through :class:`~tasks.shards.ShardWriter` a slice at a time.
+* any other format is read whole by :func:`~tasks.data.adapters.load_raw` (eager: memory follows the
+  log), then written through :class:`~tasks.data.shards.ShardWriter` a slice at a time.
 
 The run's shards may be replaced by later steps (validation rewrites a shard holding duplicates
 into a new file moved over it); they are never written in place, so a linked demo shard in the
@@ -29,12 +29,12 @@ from prefect import get_run_logger, task
 
 from models.errors import DataError
 from tasks import tracking
-from tasks.adapters import _generic_files, _generic_items, _stem, load_raw
-from tasks.demo_data import write_demo_shop
-from tasks.prepare import DataPaths
-from tasks.readers import find_files, reading
+from tasks.data.adapters import _generic_files, _generic_items, _stem, load_raw
+from tasks.data.demo_data import write_demo_shop
+from tasks.data.prepare import DataPaths
+from tasks.data.readers import find_files, reading
+from tasks.data.shards import ShardWriter
 from tasks.resume import LOAD_CACHE
-from tasks.shards import ShardWriter
 
 EVENTS_PER_SHARD = 1_000_000
 SLICE_ROWS = 1_000_000
@@ -145,7 +145,7 @@ def load_sharded(
 
     Args:
         path: A file or folder of the format ``fmt``; None for the demo shop.
-        fmt: The format (see :data:`tasks.adapters.FORMATS`).
+        fmt: The format (see :data:`tasks.data.adapters.FORMATS`).
         column_map: For ``csv``/``parquet``: canonical column name to source column name.
         event_map: Source event name to canonical event type.
         name: The dataset name; by default the adapter's (``demo`` for the demo shop).

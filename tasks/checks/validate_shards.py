@@ -5,11 +5,11 @@
 returns counts that add up across shards: rows looked at, nulls, rows breaking each expectation,
 and the shard's minimum and maximum where the suite bounds them. :func:`validate_event_shards`
 maps it over the shards (in parallel under a ``DaskTaskRunner``) and merges the counts into one
-:class:`~tasks.validate.ValidationReport`, evaluating what depends on the whole log (row count,
-``mostly`` shares such as the catalogue and duplicate shares, minimum and maximum) the way GX
-does on the whole table, so the report says what :func:`~tasks.validate.validate_tables` says
-for the concatenated events. Exact duplicates are counted within a shard: every event of a user
-lies in one shard, so every copy of an event does too.
+:class:`~tasks.checks.validate.ValidationReport`, evaluating what depends on the whole log (row
+count, ``mostly`` shares such as the catalogue and duplicate shares, minimum and maximum) the way GX
+does on the whole table, so the report says what :func:`~tasks.checks.validate.validate_tables` says
+for the concatenated events. Exact duplicates are counted within a shard: every event of a user lies
+in one shard, so every copy of an event does too.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from prefect.futures import wait
 
 from models.columns import EVENT_DTYPES, ITEM, ITEM_DTYPES
 from models.errors import ConfigError, DataError
-from tasks.readers import reading
-from tasks.resume import STAGE_CACHE
-from tasks.validate import (
+from tasks.checks.validate import (
     EXIST,
     IS_DUPLICATE,
     MAX_EXAMPLES,
@@ -54,6 +52,8 @@ from tasks.validate import (
     load_suite_spec,
     suite_parameters,
 )
+from tasks.data.readers import reading
+from tasks.resume import STAGE_CACHE
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def validate_event_shards(
         now: The reference time for "no event in the future"; defaults to the current UTC time.
 
     Returns:
-        The report, saying what :func:`~tasks.validate.validate_tables` says for the
+        The report, saying what :func:`~tasks.checks.validate.validate_tables` says for the
         concatenated events (with the shard files of the offending rows), and the clean shards.
 
     Raises:

@@ -10,32 +10,22 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from models.baselines import BuyAgain, CoVisitation, Popularity
+from models.baselines import baseline_factories
 from models.columns import ITEM, USER
 from models.metrics import evaluate, metrics_table
 from tasks import tracking
-from tasks.prepare import read_split
-from tasks.recipes import (
+from tasks.data.prepare import read_split
+from tasks.ranking.reranker import RankerConfig
+from tasks.release.recipes import (
     baseline_recipe,
     ranker_recipe,
     read_recipe,
     transformer_recipe,
     write_recipe,
 )
-from tasks.reranker import RankerConfig
 from tasks.resume import STAGE_CACHE
-from tasks.sequence import SequenceConfig
-from tasks.split import Selection, Split
-
-
-def baseline_factories(recent_days: float) -> dict[str, Any]:
-    """The baselines every run reports, by name."""
-    return {
-        "popularity": lambda: Popularity(),
-        "recent_popularity": lambda: Popularity(window_days=recent_days),
-        "covisitation": lambda: CoVisitation(),
-        "buy_again": lambda: BuyAgain(),
-    }
+from tasks.splitting.split import Selection, Split
+from tasks.transformer.sequence import SequenceConfig
 
 
 def item_counts(events: pl.DataFrame) -> pl.DataFrame:
@@ -103,10 +93,11 @@ def evaluate_transformer(
 ) -> dict[str, Any]:
     """Tune (Optuna, per-epoch pruning), refit and test the sequential transformer.
 
-    Returns the result of :func:`tasks.sequence.tune_and_evaluate_transformer` (``valid`` and
-    ``test`` metrics like the baselines, the best parameters and the saved model's folder).
+    Returns the result of :func:`tasks.transformer.sequence.tune_and_evaluate_transformer`
+    (``valid`` and ``test`` metrics like the baselines, the best parameters and the saved model's
+    folder).
     """
-    from tasks.sequence import tune_and_evaluate_transformer
+    from tasks.transformer.sequence import tune_and_evaluate_transformer
 
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
@@ -132,14 +123,14 @@ def evaluate_lgbm_ranker(
     With a ``transformer`` result (and its config asking for candidates), the transformer's
     nearest items join the candidates under the source name ``seq``.
     """
-    from tasks.reranker import training_windows
-    from tasks.tune import tune_and_evaluate_lgbm
+    from tasks.ranking.reranker import training_windows
+    from tasks.ranking.tune import tune_and_evaluate_lgbm
 
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
     external = source = None
     if transformer and transformer_config and transformer_config.candidates:
-        from tasks.sequence import ranker_sources
+        from tasks.transformer.sequence import ranker_sources
 
         earliest = training_windows(split, config.extra_windows, config.window_stride)[-1][0]
         external, source = ranker_sources(split, items, transformer, transformer_config,

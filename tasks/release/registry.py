@@ -1,6 +1,6 @@
 """Registry primitives: the promotion policy and decision, aliases, versions and the lock.
 
-The gate that uses them (scoring, recipes, the release) is :mod:`tasks.gate`. The challenger
+The gate that uses them (scoring, recipes, the release) is :mod:`tasks.release.gate`. The challenger
 wins when its primary metric beats the champion's by the relative ``margin`` and no guardrail
 regresses: ``coverage@10`` may drop by at most ``coverage_tolerance`` (relative) and the p99
 latency of single-user requests, measured in-process, may grow by at most ``latency_tolerance``

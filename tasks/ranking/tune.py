@@ -1,11 +1,11 @@
 """The LightGBM re-ranker's Optuna study: trials on the training windows, refit, test scores.
 
-The served pipeline itself (:class:`tasks.reranker.RankingPipeline`) learns from the validation
-window plus ``extra_windows`` earlier windows; a share of the validation-window users is held out
-from every window, and their full-catalogue NDCG is what each trial maximises, with early
+The served pipeline itself (:class:`tasks.ranking.reranker.RankingPipeline`) learns from the
+validation window plus ``extra_windows`` earlier windows; a share of the validation-window users is
+held out from every window, and their full-catalogue NDCG is what each trial maximises, with early
 stopping and pruning on their candidate groups' NDCG per round. The ``valid`` metrics that model
-selection compares are those of the validation window's held-out users alone, a random share of
-the users every other family is validated on.
+selection compares are those of the validation window's held-out users alone, a random share of the
+users every other family is validated on.
 
 The study lives in an RDB storage (``sqlite:///mlruns/optuna.db`` by default), so a re-run with
 the same study name continues it: only the trials still missing are run. Each trial is a nested
@@ -26,13 +26,13 @@ import polars as pl
 from models.columns import ITEM, USER
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import evaluate
-from tasks.candidates import (
+from tasks.ranking.candidates import (
     BUILTIN_SOURCES,
     RANK_PREFIX,
     candidate_recall,
     rank_columns,
 )
-from tasks.reranker import (
+from tasks.ranking.reranker import (
     MODEL_NAME,
     QUERY,
     ExternalSource,
@@ -41,8 +41,8 @@ from tasks.reranker import (
     RankingPipeline,
     TrainingData,
 )
-from tasks.split import Selection, Split
-from tasks.study import TrialLogger, derived_study_name, open_study, run_study
+from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
+from tasks.splitting.split import Selection, Split
 
 logger = logging.getLogger(__name__)
 

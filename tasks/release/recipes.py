@@ -3,11 +3,11 @@
 A recipe is a small JSON document written beside each saved model (``<model>/recipe.json``):
 
 - a baseline: ``{"family": "covisitation", "recent_days": 7.0, "exclude_seen": false}``;
-- the transformer: its :class:`~tasks.sequence.SequenceConfig`, the best trial's parameters and
-  its number of epochs;
-- the LightGBM re-ranker: its :class:`~tasks.reranker.RankerConfig`, the best trial's parameters,
-  the number of boosting rounds of its refit, and the transformer's recipe when the transformer
-  feeds its candidates (``source``).
+- the transformer: its :class:`~tasks.transformer.sequence.SequenceConfig`, the best trial's
+  parameters and its number of epochs;
+- the LightGBM re-ranker: its :class:`~tasks.ranking.reranker.RankerConfig`, the best trial's
+  parameters, the number of boosting rounds of its refit, and the transformer's recipe when the
+  transformer feeds its candidates (``source``).
 
 :func:`fit_recipe` fits a recipe on a split exactly as training fits the model it serves for the
 test window: on ``split.test_history``, the ranker learning from the split's training windows.
@@ -26,9 +26,10 @@ from typing import Any
 
 import polars as pl
 
+from models.baselines import baseline_factories
 from models.columns import TIMESTAMP
 from models.errors import ConfigError
-from tasks.split import Selection, Split
+from tasks.splitting.split import Selection, Split
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def ranker_recipe(result: dict[str, Any], source: dict[str, Any] | None,
 def fit_recipe(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None, out: Path
                ) -> Path:
     """Fit ``recipe`` on ``split`` (served state: ``split.test_history``); save it to ``out``."""
-    from tasks.evaluate import baseline_factories
-
     family = recipe.get("family")
     history = split.test_history
     if family == "lgbm_ranker":
@@ -97,21 +96,21 @@ def fit_recipe(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None,
 
 def _fit_transformer(recipe: dict[str, Any], history: pl.DataFrame,
                      items: pl.DataFrame | None) -> Any:
-    from tasks.sequence import SequenceConfig, fit_final
+    from tasks.transformer.sequence import SequenceConfig, fit_final
 
     config = SequenceConfig.model_validate(recipe["config"])
     return fit_final(history, items, config, dict(recipe["params"]), int(recipe["epochs"]))
 
 
 def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None) -> Any:
-    from tasks.reranker import RankerConfig, RankingPipeline, training_windows
+    from tasks.ranking.reranker import RankerConfig, RankingPipeline, training_windows
 
     config = RankerConfig.model_validate(recipe["config"])
     pipe = RankingPipeline(config, items, bool(recipe.get("ordered_only")))
     training = serving = None
     source = recipe.get("source")
     if source:  # the transformer feeds the candidates: refitted like training does
-        from tasks.sequence import SequenceConfig, SequenceSource
+        from tasks.transformer.sequence import SequenceConfig, SequenceSource
 
         n = SequenceConfig.model_validate(source["config"]).n_candidates
         earliest = training_windows(split, config.extra_windows, config.window_stride)[-1][0]

@@ -1,19 +1,21 @@
 """The train / validation / test split of events stored as Parquet shards by user.
 
-The result equals :func:`~tasks.prepare.split_data` on the concatenated events, a shard at a time:
+The result equals :func:`~tasks.data.prepare.split_data` on the concatenated events, a shard at a
+time:
 
-* **Cut times** (``time`` protocol) by map-reduce, exactly. :func:`~tasks.split.cut_times` takes
-  the ``lower`` quantile of the event times: the value at rank ``floor((n - 1) * q)`` of the
+* **Cut times** (``time`` protocol) by map-reduce, exactly. :func:`~tasks.splitting.split.cut_times`
+  takes the ``lower`` quantile of the event times: the value at rank ``floor((n - 1) * q)`` of the
   ``n`` non-null timestamps in order. A first :func:`shard_time_stats` task per shard counts its
   rows and timestamps per hour and takes its latest timestamp (all the ``*_days`` variants need);
   adding the counts up says which hour holds each wanted rank, and the rank within that hour. A
-  second :func:`shard_times_in` task per shard returns only the distinct timestamps of those
-  hours, with their counts, from which the value at each rank is read. Memory is bounded by a
-  shard in the tasks and by the timestamps of two hours of the log in the flow.
-* **Tables**: a :func:`split_shard` task per shard cuts it with :func:`~tasks.split.time_split`
-  or :func:`~tasks.split.leave_one_out` (per user, so per shard) and writes its four tables to
-  ``split_dir/<table>/shard-XXXXX.parquet``, with the shard's number. The users of the shards
-  are disjoint, so the shards' counts add up to :meth:`~tasks.split.Split.summary`.
+  second :func:`shard_times_in` task per shard returns only the distinct timestamps of those hours,
+  with their counts, from which the value at each rank is read. Memory is bounded by a shard in the
+  tasks and by the timestamps of two hours of the log in the flow.
+* **Tables**: a :func:`split_shard` task per shard cuts it with
+  :func:`~tasks.splitting.split.time_split` or :func:`~tasks.splitting.split.leave_one_out` (per
+  user, so per shard) and writes its four tables to ``split_dir/<table>/shard-XXXXX.parquet``, with
+  the shard's number. The users of the shards are disjoint, so the shards' counts add up to
+  :meth:`~tasks.splitting.split.Split.summary`.
 
 Layout of ``split_dir``::
 
@@ -42,10 +44,11 @@ from prefect.futures import wait
 
 from models.columns import TIMESTAMP
 from models.errors import DataError
-from tasks.readers import reading
+from tasks.checks.validate_shards import _retry_unless_bad_data, read_shard
+from tasks.data.readers import reading
+from tasks.data.shards import shard_file
 from tasks.resume import STAGE_CACHE
-from tasks.shards import shard_file
-from tasks.split import (
+from tasks.splitting.split import (
     Split,
     check_cut_settings,
     check_cuts,
@@ -55,7 +58,6 @@ from tasks.split import (
     require_targets,
     time_split,
 )
-from tasks.validate_shards import _retry_unless_bad_data, read_shard
 
 TABLES = ("train", "valid_targets", "test_history", "test_targets")
 COUNTS = ("train_events", "valid_users", "valid_targets", "test_history_events", "test_users",
@@ -150,9 +152,9 @@ def shard_cut_times(
     valid_days: float | None = None,
     test_days: float | None = None,
 ) -> Cuts:
-    """:func:`~tasks.split.cut_times` of the concatenated shards, by map-reduce; call in a flow.
+    """:func:`~tasks.splitting.split.cut_times` of the concatenated shards, by map-reduce.
 
-    Returns the same ``(t_valid, t_test)`` and raises the same errors.
+    Call it in a flow. Returns the same ``(t_valid, t_test)`` and raises the same errors.
     """
     by_days = valid_days is not None or test_days is not None
     stats = _results(shard_time_stats.map(shards, hours=unmapped(not by_days)))
@@ -176,7 +178,7 @@ def shard_number(path: Path) -> int:
     match = _SHARD_NAME.fullmatch(path.name)
     if match is None:
         raise DataError(f"{path} is not named like a shard (shard-00000.parquet): write the "
-                        "events with tasks.shards.ShardWriter or name the files so.")
+                        "events with tasks.data.shards.ShardWriter or name the files so.")
     return int(match.group(1))
 
 

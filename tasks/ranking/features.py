@@ -51,8 +51,8 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError, require_columns
-from tasks import validate as gx_checks
-from tasks.candidates import (
+from tasks.checks import validate as gx_checks
+from tasks.ranking.candidates import (
     CAND_RANK,
     LABEL,
     POS,
@@ -64,13 +64,13 @@ from tasks.candidates import (
     prepared_history,
     user_frame,
 )
-from tasks.history_tables import (
+from tasks.ranking.history_tables import (
     HistoryTables,
     TableSettings,
     history_tables,
     window_name,
 )
-from tasks.history_tables import (
+from tasks.ranking.history_tables import (
     days as _days,
 )
 
@@ -350,8 +350,8 @@ def build_features(
 ) -> pl.DataFrame:
     """Add every feature to the candidate pairs, using ``history`` only.
 
-    ``cands`` come from :func:`tasks.candidates.build_candidates` (row order is kept). One call
-    of :meth:`FeatureBuilder.build`; see :class:`FeatureBuilder` for the other arguments.
+    ``cands`` come from :func:`tasks.ranking.candidates.build_candidates` (row order is kept). One
+    call of :meth:`FeatureBuilder.build`; see :class:`FeatureBuilder` for the other arguments.
     """
     return FeatureBuilder(history, items, covis, ordered_only, config).build(cands)
 
@@ -389,7 +389,8 @@ def candidate_features(
         ordered_only: Timestamps only order events: no time windows or time features.
         targets: ``user_id, item_id`` of the window to learn; adds ``label`` when given.
         user_chunk: Users per chunk; working memory follows it (see :data:`USER_CHUNK`).
-        tables: The whole history's tables (:mod:`tasks.history_tables`) when ``history`` holds
+        tables: The whole history's tables (:mod:`tasks.ranking.history_tables`) when ``history``
+        holds
             only some users' events (a shard); else computed from ``history``.
 
     Returns:

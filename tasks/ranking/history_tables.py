@@ -26,7 +26,7 @@ import polars as pl
 
 from models.base import event_weight_expr
 from models.columns import CATEGORY, EVENT_TYPE, EVENT_TYPES, ITEM, PRICE, SCORE, TIMESTAMP, USER
-from tasks.candidates import POS, WEIGHT
+from tasks.ranking.candidates import POS, WEIGHT
 
 FIRST, LAST = "__first", "__last"
 _WINDOW_N = "__window_n"
@@ -91,7 +91,7 @@ def window_name(days: float) -> str:
 def item_partials(events: pl.DataFrame, end: object, settings: TableSettings) -> pl.DataFrame:
     """One row per item of ``events``: the additive columns behind :class:`HistoryTables`.
 
-    ``events`` are prepared (:func:`tasks.candidates.prepare_history`: ``pos`` per user) and
+    ``events`` are prepared (:func:`tasks.ranking.candidates.prepare_history`: ``pos`` per user) and
     ``end`` is the latest timestamp of the whole history, not only of this part.
     """
     n_users = pl.col(USER).n_unique().cast(pl.Float64)

@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from models.columns import ITEM, SCORE, USER
 from models.errors import DataError
 from models.metrics import evaluate
-from tasks.split import Selection, Split
-from tasks.study import TrialLogger, derived_study_name, open_study, run_study
+from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
+from tasks.splitting.split import Selection, Split
 
 if TYPE_CHECKING:  # torch is imported only when a transformer is built
     from models.transformer import SequentialTransformer, TransformerConfig

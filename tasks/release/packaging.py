@@ -46,12 +46,12 @@ from models.serving import (
     family_class,
     register_family,
 )
-from tasks.recipes import last_event, read_recipe
+from tasks.release.recipes import last_event, read_recipe
 from tasks.tracking import PROJECT_ROOT, fingerprint, log_dataset
 
 logger = logging.getLogger(__name__)
 # the LightGBM re-ranker that is served, with its candidate and feature state
-register_family("lgbm_ranker", "tasks.reranker:RankingPipeline")
+register_family("lgbm_ranker", "tasks.ranking.reranker:RankingPipeline")
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -184,7 +184,7 @@ class PackagedModel:
 def save_pyfunc(bundle: Path, path: Path, family: str, example: pd.DataFrame) -> None:
     """Save the bundle as an MLflow pyfunc model in the new folder ``path``."""
     mlflow.pyfunc.save_model(  # models-from-code: the model is the file, not a pickle
-        path=str(path), python_model=str(PROJECT_ROOT / "tasks" / "served_model.py"),
+        path=str(path), python_model=str(PROJECT_ROOT / "tasks" / "release" / "served_model.py"),
         artifacts={"bundle": str(bundle)},
         signature=model_signature(), input_example=example,
         pip_requirements=pip_requirements(family),
@@ -288,7 +288,7 @@ def load_serving(model_uri: str, tracking_uri: str) -> tuple[Any, ServingModel]:
     Returns the pyfunc and the :class:`ServingModel` inside it. The global MLflow tracking URI is
     left alone.
     """
-    from tasks.registry import load_version, resolve_model
+    from tasks.release.registry import load_version, resolve_model
 
     client = MlflowClient(tracking_uri)
     name, version = resolve_model(model_uri, client)

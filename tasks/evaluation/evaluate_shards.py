@@ -38,12 +38,12 @@ from models.baselines import (
 )
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.metrics import COUNT, merge_partials, partial_metrics
-from tasks.evaluate import baseline_factories
+from tasks.checks.validate_shards import gather
+from tasks.data.shards import shard_of
+from tasks.evaluation.evaluate import baseline_factories
 from tasks.resume import STAGE_CACHE
-from tasks.shards import shard_of
-from tasks.split import Selection
-from tasks.split_shards import read_split_shard, split_shard_files
-from tasks.validate_shards import gather
+from tasks.splitting.split import Selection
+from tasks.splitting.split_shards import read_split_shard, split_shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ def evaluate_baselines_sharded(
 
     ``valid`` is on the users of ``selection`` (default: every validation user).
 
-    Returns the same ``{name: {stage: metrics}}`` as :func:`tasks.evaluate.evaluate_baselines`.
+    Returns the same ``{name: {stage: metrics}}`` as
+    :func:`tasks.evaluation.evaluate.evaluate_baselines`.
     """
     log = get_run_logger()
     shards = split_shard_files(split_dir)

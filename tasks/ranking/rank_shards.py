@@ -3,11 +3,11 @@
 Each stage is a task per shard (or per item bucket) on the cluster; no task holds more than one
 shard, one bucket, or the bounded training sample:
 
-1. **windows**: each shard's training windows (:func:`tasks.reranker.every_window`); a window is
-   kept when it has history and targets in some shard, up to the first that has none anywhere
-   (as :func:`tasks.reranker.training_windows` does in one process).
+1. **windows**: each shard's training windows (:func:`tasks.ranking.reranker.every_window`); a
+   window is kept when it has history and targets in some shard, up to the first that has none
+   anywhere (as :func:`tasks.ranking.reranker.training_windows` does in one process).
 2. **tables**, per window and for the test history, by map-reduce: each shard's item partials and
-   co-visitation pair sums (:mod:`tasks.history_tables`), written by item bucket; summed per
+   co-visitation pair sums (:mod:`tasks.ranking.history_tables`), written by item bucket; summed per
    bucket; the neighbours pruned per bucket. A shard's task then reads the summed item table and
    only the neighbours of its users' items.
 3. **draw**: a window's groups are its target users; the groups of users outside the holdout
@@ -16,10 +16,10 @@ shard, one bucket, or the bounded training sample:
    Only drawn groups are built, so the frames' cost follows the sample, not the log; on a shop
    with fewer groups every group is drawn and the model is the one the local engine learns.
 4. **frames**: per shard and window, the drawn groups' labelled candidates and features, exactly
-   as :meth:`tasks.reranker.RankingPipeline.training_frames` builds them; then one task gathers them
-   into the sample (training groups with a positive, held-out groups, held-out targets) in the
-   local engine's row order. The candidate recall of the validation window is that of its drawn
-   users.
+   as :meth:`tasks.ranking.reranker.RankingPipeline.training_frames` builds them; then one task
+   gathers them into the sample (training groups with a positive, held-out groups, held-out targets)
+   in the local engine's row order. The candidate recall of the validation window is that of its
+   drawn users.
 5. **study**: the trials in parallel, one task per worker, each running its share of the missing
    trials of the study in its RDB storage (any SQLAlchemy URL; a server database when the
    workers are on several machines).
@@ -53,17 +53,24 @@ from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.errors import DataError
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
-from tasks.candidates import CAND_RANK, LABEL, merge_recall, prepare_history, recall_counts
-from tasks.evaluate_shards import history_end, read_bucket, read_neighbours, write_buckets
-from tasks.features import candidate_features, check_features, table_settings
-from tasks.history_tables import (
+from tasks.checks.validate_shards import gather
+from tasks.data.shards import host_cores, shard_file, shard_of
+from tasks.evaluation.evaluate_shards import (
+    history_end,
+    read_bucket,
+    read_neighbours,
+    write_buckets,
+)
+from tasks.ranking.candidates import CAND_RANK, LABEL, merge_recall, prepare_history, recall_counts
+from tasks.ranking.features import candidate_features, check_features, table_settings
+from tasks.ranking.history_tables import (
     HistoryTables,
     TableSettings,
     finish_tables,
     item_partials,
     sum_item_partials,
 )
-from tasks.reranker import (
+from tasks.ranking.reranker import (
     HOLDOUT_SCALE,
     MODEL_NAME,
     QUERY,
@@ -74,19 +81,17 @@ from tasks.reranker import (
     holdout_key,
     rank_scored,
 )
-from tasks.resume import STAGE_CACHE
-from tasks.shards import host_cores, shard_file, shard_of
-from tasks.split import Selection, Split
-from tasks.split_shards import read_split_shard, split_shard_files
-from tasks.study import (
+from tasks.ranking.study import (
     TrialLogger,
     default_storage,
     digest_study_name,
     finished_trials,
     open_study,
 )
-from tasks.tune import log_plots, log_results, make_objective
-from tasks.validate_shards import gather
+from tasks.ranking.tune import log_plots, log_results, make_objective
+from tasks.resume import STAGE_CACHE
+from tasks.splitting.split import Selection, Split
+from tasks.splitting.split_shards import read_split_shard, split_shard_files
 
 logger = logging.getLogger(__name__)
 

@@ -229,7 +229,7 @@ class Selection:
 
     def drawn(self, users: pl.Series) -> pl.Series:
         """Whether each user is in the selection holdout."""
-        from tasks.shards import shard_of
+        from tasks.data.shards import shard_of
 
         if self.share <= 0:
             return pl.Series(USER, [True] * users.len(), dtype=pl.Boolean)

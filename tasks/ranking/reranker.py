@@ -7,8 +7,8 @@ window (features from ``split.train``, labels from ``split.valid_targets``) plus
 window length for a time split; one more item peeled off per user for leave-one-out). A share of
 the validation-window users is held out from every window (:func:`holdout_users`).
 
-The Optuna study that chooses its parameters is :mod:`tasks.tune`; the serving bundle loads a
-saved pipeline by the family name ``lgbm_ranker`` (:mod:`tasks.packaging`).
+The Optuna study that chooses its parameters is :mod:`tasks.ranking.tune`; the serving bundle loads
+a saved pipeline by the family name ``lgbm_ranker`` (:mod:`tasks.release.packaging`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from models.baselines import CoVisitation
 from models.columns import EVENT_TYPE, EVENT_TYPES, ITEM, SCORE, TIMESTAMP, USER
 from models.errors import ConfigError, DataError
 from models.lgbm_ranker import LightGBMRanker
-from tasks.candidates import (
+from tasks.data.shards import shard_of
+from tasks.ranking.candidates import (
     LABEL,
     CandidateConfig,
     candidate_recall,
     user_frame,
 )
-from tasks.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
-from tasks.shards import shard_of
-from tasks.split import Split, leave_one_out
+from tasks.ranking.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
+from tasks.splitting.split import Split, leave_one_out
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _as_time(value: Any) -> dt.datetime:
         return dt.datetime.fromisoformat(str(value))
     except ValueError as err:
         raise ConfigError(f"the split's cut time {value!r} is not an ISO datetime; split the "
-                          "data with tasks.split.time_split.") from err
+                          "data with tasks.splitting.split.time_split.") from err
 
 
 HOLDOUT_SCALE = 1_000_000
@@ -164,7 +164,7 @@ HOLDOUT_SCALE = 1_000_000
 def holdout_key(users: pl.Series, seed: int) -> pl.Series:
     """A user's place in the holdout draw: CRC-32 of ``<seed>:<user_id>`` in [0, 10^6).
 
-    The same in every process and shard (:func:`tasks.shards.shard_of`), so a user sharded
+    The same in every process and shard (:func:`tasks.data.shards.shard_of`), so a user sharded
     anywhere is held out or not alike.
     """
     return shard_of(f"{seed}:" + users.cast(pl.String), HOLDOUT_SCALE)
@@ -332,7 +332,7 @@ class RankingPipeline:
         pipe = cls(RankerConfig.model_validate(meta["config"]), items, meta["ordered_only"])
         pipe.ranker_ = LightGBMRanker.load(path / "ranker")
         if (path / SOURCE_DIR).is_dir():  # a transformer's nearest items feed the candidates
-            from tasks.sequence import SequenceSource
+            from tasks.transformer.sequence import SequenceSource
 
             pipe.source = SequenceSource.load(path / SOURCE_DIR)
         return pipe.set_history(pl.read_parquet(path / "history.parquet"))

@@ -1,0 +1,1 @@
+"""Data checks: the Great Expectations suites on whole tables and shard by shard."""

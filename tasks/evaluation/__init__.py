@@ -1,0 +1,1 @@
+"""The evaluation tasks: the baselines and each family scored on the same split and selection."""
