@@ -1,7 +1,8 @@
 """The LightGBM re-ranker of a sharded split: the same model as in one process, on a Dask cluster.
 
 Each stage is a task per shard (or per item bucket) on the cluster; no task holds more than one
-shard, one bucket, or the bounded training sample:
+shard, one bucket, or the bounded training sample. The tables are :mod:`tasks.ranking.rank_tables`,
+the windows, draw and frames :mod:`tasks.ranking.rank_sample`; this module runs the stages:
 
 1. **windows**: each shard's training windows (:func:`tasks.ranking.reranker.every_window`); a
    window is kept when it has history and targets in some shard, up to the first that has none
@@ -33,52 +34,39 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from prefect import get_run_logger, task, unmapped
 
-from models.baselines import (
-    ALL_TIME,
-    DEFAULT_EVENT_WEIGHTS,
-    CoVisitation,
-    SharedState,
-    sum_partials,
-    weighted_counts,
-)
-from models.columns import ITEM, SCORE, TIMESTAMP, USER
+from models.columns import ITEM, USER
 from models.errors import DataError
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.checks.validate_shards import gather
-from tasks.data.shards import host_cores, shard_file, shard_of
+from tasks.data.shards import host_cores, shard_file
 from tasks.evaluation.evaluate_shards import (
     history_end,
-    read_bucket,
-    read_neighbours,
-    write_buckets,
 )
-from tasks.ranking.candidates import CAND_RANK, LABEL, merge_recall, prepare_history, recall_counts
-from tasks.ranking.features import candidate_features, check_features, table_settings
+from tasks.ranking.candidates import merge_recall, recall_counts
+from tasks.ranking.features import candidate_features, table_settings
 from tasks.ranking.history_tables import (
-    HistoryTables,
     TableSettings,
-    finish_tables,
-    item_partials,
-    sum_item_partials,
 )
+from tasks.ranking.rank_sample import (
+    draw,
+    kept_windows,
+    read_sample,
+    sample_groups,
+    shard_frames,
+    window_stats,
+)
+from tasks.ranking.rank_tables import TEST, build_tables, shard_state
 from tasks.ranking.reranker import (
-    HOLDOUT_SCALE,
     MODEL_NAME,
-    QUERY,
     RankerConfig,
     RankingPipeline,
-    TrainingData,
-    every_window,
-    holdout_key,
     rank_scored,
 )
 from tasks.ranking.study import (
@@ -90,267 +78,19 @@ from tasks.ranking.study import (
 )
 from tasks.ranking.tune import log_plots, log_results, make_objective
 from tasks.resume import STAGE_CACHE
-from tasks.splitting.split import Selection, Split
+from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard, split_shard_files
 
 logger = logging.getLogger(__name__)
 
-TEST = "test"
-COVIS_ALL = "covis_all"
-WINDOW = "__window"
-VALID = "__valid"
-USER_KEY = "__user_key"
-GROUP_KEY = "__group_key"
-POSITIVE = "__positive"
-HELPERS = (WINDOW, VALID, USER_KEY, GROUP_KEY, POSITIVE)
-
-
-def stage_events(split: Split, stage: str, config: RankerConfig
-                 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``(history, targets)`` of a shard: window ``w<j>`` of the training windows, or ``test``."""
-    if stage == TEST:
-        return split.test_history, split.test_targets
-    j = int(stage.removeprefix("w"))
-    return every_window(split, j, config.window_stride)[j]
-
-
-@task(name="ranker-windows", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def window_stats(split_dir: Path, shard: int, config: RankerConfig, selection: Selection
-                 ) -> list[dict[str, Any]]:
-    """One shard's counts per training window, for :func:`kept_windows` and :func:`draw`.
-
-    Per window: the latest history timestamp (None: no history), the target count, the target
-    users outside and inside the holdout, and the shard's first validation user in the holdout
-    draw (``(key, user)``, the fallback of a tiny shop). The selection holdout's validation
-    targets are left out.
-    """
-    split = selection.tuning(read_split_shard(split_dir, shard))
-    valid = split.valid_targets.select(USER).unique()
-    first = None
-    if valid.height:
-        row = valid.with_columns(holdout_key(valid[USER], config.seed).alias("key")).sort(
-            "key", USER).row(0)
-        first = (row[1], row[0])
-    stats = []
-    for j, (history, targets) in enumerate(every_window(split, config.extra_windows,
-                                                         config.window_stride)):
-        users = _keys(targets.select(USER).unique(), valid, j, config.seed)
-        held = users.select(_held(config).sum()).item()
-        stats.append({"end": history[TIMESTAMP].max() if history.height else None,
-                      "targets": targets.height, "held": held, "free": users.height - held,
-                      "fallback": first})
-    return stats
-
-
-def kept_windows(stats: list[list[dict[str, Any]]]) -> dict[str, dt.datetime]:
-    """``{w<j>: history end}`` of the windows to learn from (see the module docstring)."""
-    kept = {}
-    for j in range(len(stats[0]) if stats else 0):
-        ends = [shard[j]["end"] for shard in stats if shard[j]["end"] is not None]
-        if not ends or not sum(shard[j]["targets"] for shard in stats):
-            break
-        kept[f"w{j}"] = max(ends)
-    return kept
-
-
-@dataclass(frozen=True)
-class Draw:
-    """Which groups the ranker learns from: sampling rates and the tiny-shop fallback user."""
-
-    train_rate: float
-    held_rate: float
-    fallback: str | None
-
-
-def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) -> Draw:
-    """Rates that bound the training groups to ``sample_groups`` (held-out: its share)."""
-    rows = [shard[j] for shard in stats for j in range(windows)]
-    free, held = sum(r["free"] for r in rows), sum(r["held"] for r in rows)
-    fallback = None
-    if not sum(shard[0]["held"] for shard in stats):  # a tiny shop: hold out one user
-        fallback = min((s[0]["fallback"] for s in stats if s[0]["fallback"]),
-                       default=(0, None))[1]
-        held = max(held, windows)
-    bound_held = max(1, round(config.sample_groups * config.holdout_share))
-    return Draw(min(1.0, config.sample_groups / max(free, 1)),
-                min(1.0, bound_held / max(held, 1)), fallback)
-
 
 # ---- 2. tables --------------------------------------------------------------------------------
-
-@task(name="ranker-tables-map", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
-               settings: TableSettings, n_buckets: int, work: Path, pairs: bool) -> None:
-    """Write one shard's item partials (and co-visitation pair sums) of a stage, by bucket."""
-    history, _ = stage_events(read_split_shard(split_dir, shard), stage, config)
-    if history.is_empty():
-        return
-    covis = CoVisitation(**config.covisitation)
-    weights = covis.event_weights
-    counts = weighted_counts(history, DEFAULT_EVENT_WEIGHTS if weights is None else weights, end)
-    partials = item_partials(prepare_history(history, settings.candidate_weights), end,
-                             settings).join(counts.select(
-                                 ITEM, pl.col(ALL_TIME).alias(COVIS_ALL)), on=ITEM)
-    name = shard_file(Path(), shard).name
-    write_buckets(partials, ITEM, n_buckets, work / stage / "items" / name)
-    if pairs:
-        write_buckets(covis.partial(history, end)["pairs"], "src", n_buckets,
-                      work / stage / "pairs" / name)
-
-
-@task(name="ranker-tables-reduce-items", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def reduce_items(work: Path, stage: str, bucket: int) -> pl.DataFrame:
-    """One bucket of the stage's summed item partials."""
-    files = sorted((work / stage / "items").glob("*.parquet"))
-    return sum_item_partials([read_bucket(files, bucket)])
-
-
-@task(name="ranker-tables-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def reduce_neighbours(work: Path, stage: str, bucket: int, popularity: pl.DataFrame,
-                      config: RankerConfig) -> Path:
-    """One bucket of source items' co-visitation neighbours; returns its file."""
-    files = sorted((work / stage / "pairs").glob("*.parquet"))
-    pairs = sum_partials([{"pairs": read_bucket(files, bucket)}])["pairs"]
-    out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    CoVisitation(**config.covisitation).neighbours_from(pairs, popularity).write_parquet(out)
-    return out
-
-
-def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetime,
-                 config: RankerConfig, settings: TableSettings, work: Path,
-                 neighbours: Path | None = None) -> None:
-    """Map-reduce the stage's tables into ``work/<stage>/items.parquet`` and ``neighbours``.
-
-    ``neighbours``: the same history's co-visitation neighbours, already reduced (by the
-    baselines, with the same settings); the pairs are then not counted again.
-    """
-    n_buckets = len(shards)
-    gather(map_tables.map(unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
-                          config=unmapped(config), settings=unmapped(settings),
-                          n_buckets=unmapped(n_buckets), work=unmapped(work),
-                          pairs=unmapped(neighbours is None)))
-    items = pl.concat(gather(reduce_items.map(unmapped(work), unmapped(stage),
-                                              list(range(n_buckets)))))
-    items.write_parquet(work / stage / "items.parquet")
-    if neighbours is not None:
-        shutil.copyfile(neighbours, work / stage / "neighbours.parquet")
-        return
-    popularity = items.select(ITEM, pl.col(COVIS_ALL).alias(SCORE))
-    files = gather(reduce_neighbours.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
-                                         popularity=unmapped(popularity),
-                                         config=unmapped(config)))
-    pl.concat([pl.read_parquet(f) for f in files]).write_parquet(
-        work / stage / "neighbours.parquet")
-
-
-def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
-                config: RankerConfig, settings: TableSettings, items: pl.DataFrame | None
-                ) -> tuple[HistoryTables, CoVisitation]:
-    """The whole history's tables and a co-visitation model of this shard's users."""
-    partials = pl.read_parquet(work / stage / "items.parquet")
-    neighbours = read_neighbours(work / stage / "neighbours.parquet", history)
-    counts = partials.select(ITEM, pl.col(COVIS_ALL).alias(SCORE), pl.col(COVIS_ALL)
-                             .alias(ALL_TIME))
-    covis = CoVisitation(**config.covisitation).fit(
-        history, SharedState(end, {"counts": counts, "neighbours": neighbours}))
-    return finish_tables(partials, end, settings, items), covis
 
 
 # ---- 3. frames --------------------------------------------------------------------------------
 
-@task(name="ranker-frames", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
-                 config: RankerConfig, settings: TableSettings, items_path: Path | None,
-                 ordered_only: bool, work: Path, selection: Selection) -> dict[str, Any]:
-    """Write one shard's drawn, labelled candidate groups of one window; return their counts.
-
-    The selection holdout's validation targets are left out.
-    """
-    split = selection.tuning(read_split_shard(split_dir, shard))
-    history, targets = stage_events(split, stage, config)
-    out: dict[str, Any] = {"positive_groups": 0, "held_groups": 0, "recall": None}
-    if history.is_empty() or targets.is_empty():
-        return out
-    j = int(stage.removeprefix("w"))
-    keys = _keys(targets.select(USER).unique(), split.valid_targets.select(USER).unique(), j,
-                 config.seed)
-    held = _held(config, draw.fallback)
-    keys = keys.filter(pl.when(held).then(pl.col(GROUP_KEY) < draw.held_rate * HOLDOUT_SCALE)
-                       .otherwise(pl.col(GROUP_KEY) < draw.train_rate * HOLDOUT_SCALE))
-    targets = targets.join(keys.select(USER), on=USER, how="semi")
-    if targets.is_empty():
-        return out
-    items = pl.read_parquet(items_path) if items_path else None
-    tables, covis = shard_state(work, stage, history, end, config, settings, items)
-    frame = candidate_features(history, keys[USER], covis, config.candidates,
-                               config.features, items, None, ordered_only, targets,
-                               config.user_chunk, tables)
-    if stage == "w0":
-        out["recall"] = recall_counts(frame, targets)
-        if config.check_features:
-            check_features(frame)
-    query = (pl.lit(f"{j}:") + pl.col(USER)).alias(QUERY)
-    frame = frame.with_columns(query).join(keys, on=USER, how="left", maintain_order="left")
-    frame = frame.with_columns((pl.col(LABEL).max().over(USER) > 0).alias(POSITIVE))
-    out["positive_groups"] = frame.filter(~held & pl.col(POSITIVE))[USER].n_unique()
-    out["held_groups"] = frame.filter(held)[USER].n_unique()
-    for folder, table in (("frames", frame), ("targets", targets.select(USER, ITEM).unique()
-                                              .with_columns(query).join(keys, on=USER))):
-        path = shard_file(work / folder / stage, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.write_parquet(path)
-    return out
-
-
-def _keys(users: pl.DataFrame, valid: pl.DataFrame, window: int, seed: int) -> pl.DataFrame:
-    """Per user: window, validation user or not, holdout key and the group's sampling key."""
-    ids = users[USER]
-    return users.with_columns(
-        pl.lit(window, pl.Int32).alias(WINDOW),
-        pl.col(USER).is_in(valid[USER].implode()).alias(VALID),
-        holdout_key(ids, seed).alias(USER_KEY),
-        shard_of(f"{seed}:group:{window}:" + ids, HOLDOUT_SCALE).alias(GROUP_KEY))
-
-
-def _held(config: RankerConfig, fallback: str | None = None) -> pl.Expr:
-    """Held out: a validation user drawn into the holdout (or the fallback user)."""
-    drawn = pl.col(USER_KEY) < config.holdout_share * HOLDOUT_SCALE
-    if fallback is not None:
-        drawn = drawn | (pl.col(USER) == fallback)
-    return pl.col(VALID) & drawn
-
 
 # ---- 4. sample --------------------------------------------------------------------------------
-
-@task(name="ranker-sample", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def sample_groups(work: Path, stages: list[str], fallback: str | None, config: RankerConfig
-                  ) -> dict[str, int]:
-    """Write the drawn groups as ``train``, ``holdout`` and ``holdout_targets`` Parquet files.
-
-    ``train`` keeps the groups with a positive that are not held out; the rows are in the local
-    engine's order.
-    """
-    held = _held(config, fallback)
-    frames = pl.scan_parquet([work / "frames" / s / "*.parquet" for s in stages])
-    targets = pl.scan_parquet([work / "targets" / s / "*.parquet" for s in stages])
-    order = [WINDOW, USER, CAND_RANK]
-    train = frames.filter(~held & pl.col(POSITIVE)).sort(order).drop(HELPERS).collect()
-    holdout = frames.filter(held).sort(order).drop(HELPERS).collect()
-    holdout_targets = (targets.filter(held).sort(WINDOW, USER, ITEM).select(QUERY, ITEM)
-                       .collect())
-    train.write_parquet(work / "train.parquet")
-    holdout.write_parquet(work / "holdout.parquet")
-    holdout_targets.write_parquet(work / "holdout_targets.parquet")
-    return {"train_groups": train[QUERY].n_unique(), "train_rows": train.height,
-            "holdout_groups": holdout[QUERY].n_unique(), "holdout_rows": holdout.height}
-
-
-def read_sample(work: Path) -> TrainingData:
-    """The sample :func:`sample_groups` wrote, as the study's :class:`TrainingData`."""
-    return TrainingData(pl.read_parquet(work / "train.parquet"),
-                        pl.read_parquet(work / "holdout.parquet"),
-                        pl.read_parquet(work / "holdout_targets.parquet"), {})
 
 
 # ---- 5. study ---------------------------------------------------------------------------------

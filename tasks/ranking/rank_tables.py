@@ -1,0 +1,157 @@
+"""The whole-history tables of the sharded ranker, by map-reduce over user shards.
+
+Per window and for the test history: each shard's item partials and co-visitation pair sums
+(:mod:`tasks.ranking.history_tables`), written by item bucket; summed per bucket; the neighbours
+pruned per bucket. A shard's task then reads the summed item table and only the neighbours of its
+users' items (:func:`shard_state`). Step 2 of :mod:`tasks.ranking.rank_shards`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from pathlib import Path
+
+import polars as pl
+from prefect import task, unmapped
+
+from models.baselines import (
+    ALL_TIME,
+    DEFAULT_EVENT_WEIGHTS,
+    CoVisitation,
+    SharedState,
+    sum_partials,
+    weighted_counts,
+)
+from models.columns import ITEM, SCORE
+from tasks.checks.validate_shards import gather
+from tasks.data.shards import shard_file
+from tasks.evaluation.evaluate_shards import (
+    read_bucket,
+    read_neighbours,
+    write_buckets,
+)
+from tasks.ranking.candidates import prepare_history
+from tasks.ranking.history_tables import (
+    HistoryTables,
+    TableSettings,
+    finish_tables,
+    item_partials,
+    sum_item_partials,
+)
+from tasks.ranking.reranker import (
+    RankerConfig,
+    every_window,
+)
+from tasks.resume import STAGE_CACHE
+from tasks.splitting.split import Split
+from tasks.splitting.split_shards import read_split_shard
+
+logger = logging.getLogger(__name__)
+
+TEST = "test"
+COVIS_ALL = "covis_all"
+WINDOW = "__window"
+VALID = "__valid"
+USER_KEY = "__user_key"
+GROUP_KEY = "__group_key"
+POSITIVE = "__positive"
+HELPERS = (WINDOW, VALID, USER_KEY, GROUP_KEY, POSITIVE)
+
+logger = logging.getLogger(__name__)
+
+TEST = "test"
+COVIS_ALL = "covis_all"
+WINDOW = "__window"
+VALID = "__valid"
+USER_KEY = "__user_key"
+GROUP_KEY = "__group_key"
+POSITIVE = "__positive"
+HELPERS = (WINDOW, VALID, USER_KEY, GROUP_KEY, POSITIVE)
+def stage_events(split: Split, stage: str, config: RankerConfig
+                 ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(history, targets)`` of a shard: window ``w<j>`` of the training windows, or ``test``."""
+    if stage == TEST:
+        return split.test_history, split.test_targets
+    j = int(stage.removeprefix("w"))
+    return every_window(split, j, config.window_stride)[j]
+
+
+@task(name="ranker-tables-map", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
+               settings: TableSettings, n_buckets: int, work: Path, pairs: bool) -> None:
+    """Write one shard's item partials (and co-visitation pair sums) of a stage, by bucket."""
+    history, _ = stage_events(read_split_shard(split_dir, shard), stage, config)
+    if history.is_empty():
+        return
+    covis = CoVisitation(**config.covisitation)
+    weights = covis.event_weights
+    counts = weighted_counts(history, DEFAULT_EVENT_WEIGHTS if weights is None else weights, end)
+    partials = item_partials(prepare_history(history, settings.candidate_weights), end,
+                             settings).join(counts.select(
+                                 ITEM, pl.col(ALL_TIME).alias(COVIS_ALL)), on=ITEM)
+    name = shard_file(Path(), shard).name
+    write_buckets(partials, ITEM, n_buckets, work / stage / "items" / name)
+    if pairs:
+        write_buckets(covis.partial(history, end)["pairs"], "src", n_buckets,
+                      work / stage / "pairs" / name)
+
+
+@task(name="ranker-tables-reduce-items", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+def reduce_items(work: Path, stage: str, bucket: int) -> pl.DataFrame:
+    """One bucket of the stage's summed item partials."""
+    files = sorted((work / stage / "items").glob("*.parquet"))
+    return sum_item_partials([read_bucket(files, bucket)])
+
+
+@task(name="ranker-tables-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+def reduce_neighbours(work: Path, stage: str, bucket: int, popularity: pl.DataFrame,
+                      config: RankerConfig) -> Path:
+    """One bucket of source items' co-visitation neighbours; returns its file."""
+    files = sorted((work / stage / "pairs").glob("*.parquet"))
+    pairs = sum_partials([{"pairs": read_bucket(files, bucket)}])["pairs"]
+    out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    CoVisitation(**config.covisitation).neighbours_from(pairs, popularity).write_parquet(out)
+    return out
+
+
+def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetime,
+                 config: RankerConfig, settings: TableSettings, work: Path,
+                 neighbours: Path | None = None) -> None:
+    """Map-reduce the stage's tables into ``work/<stage>/items.parquet`` and ``neighbours``.
+
+    ``neighbours``: the same history's co-visitation neighbours, already reduced (by the
+    baselines, with the same settings); the pairs are then not counted again.
+    """
+    n_buckets = len(shards)
+    gather(map_tables.map(unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
+                          config=unmapped(config), settings=unmapped(settings),
+                          n_buckets=unmapped(n_buckets), work=unmapped(work),
+                          pairs=unmapped(neighbours is None)))
+    items = pl.concat(gather(reduce_items.map(unmapped(work), unmapped(stage),
+                                              list(range(n_buckets)))))
+    items.write_parquet(work / stage / "items.parquet")
+    if neighbours is not None:
+        shutil.copyfile(neighbours, work / stage / "neighbours.parquet")
+        return
+    popularity = items.select(ITEM, pl.col(COVIS_ALL).alias(SCORE))
+    files = gather(reduce_neighbours.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
+                                         popularity=unmapped(popularity),
+                                         config=unmapped(config)))
+    pl.concat([pl.read_parquet(f) for f in files]).write_parquet(
+        work / stage / "neighbours.parquet")
+
+
+def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
+                config: RankerConfig, settings: TableSettings, items: pl.DataFrame | None
+                ) -> tuple[HistoryTables, CoVisitation]:
+    """The whole history's tables and a co-visitation model of this shard's users."""
+    partials = pl.read_parquet(work / stage / "items.parquet")
+    neighbours = read_neighbours(work / stage / "neighbours.parquet", history)
+    counts = partials.select(ITEM, pl.col(COVIS_ALL).alias(SCORE), pl.col(COVIS_ALL)
+                             .alias(ALL_TIME))
+    covis = CoVisitation(**config.covisitation).fit(
+        history, SharedState(end, {"counts": counts, "neighbours": neighbours}))
+    return finish_tables(partials, end, settings, items), covis
