@@ -29,22 +29,24 @@ from prefect.futures import wait
 
 from models.columns import EVENT_DTYPES, ITEM, ITEM_DTYPES
 from models.errors import ConfigError, DataError
-from tasks.checks.validate import (
+from tasks.checks.report import (
     EXIST,
     IS_DUPLICATE,
     MAX_EXAMPLES,
-    SUITES_DIR,
     ExpectationFailure,
     ValidationReport,
+    count_rows,
+    describe,
+    failure,
+)
+from tasks.checks.validate import (
+    SUITES_DIR,
     ValidationSettings,
     _active_expectations,
     _build_suite,
     _check_dtypes,
-    _count_rows,
     _derive_events,
-    _describe,
     _dtype_name,
-    _failure,
     _run_gx,
     _run_suite,
     _utc,
@@ -330,7 +332,7 @@ def _row_outcomes(spec: dict[str, Any], active: list[dict[str, Any]], frame: pl.
         outcomes[config.type, config.kwargs.get("column")] = Outcome(
             element_count=res.get("element_count") or 0, missing_count=res.get("missing_count"),
             unexpected_count=res.get("unexpected_count") or 0,
-            failure=None if result.success else _failure("events", result, frame),
+            failure=None if result.success else failure("events", result, frame),
         )
     return outcomes
 
@@ -340,7 +342,7 @@ def _extreme(exp: dict[str, Any], frame: pl.DataFrame, params: dict[str, Any]) -
     column, kwargs = exp["kwargs"]["column"], _resolve(exp["kwargs"], params)
     values = frame[column]
     failure = ExpectationFailure("events", exp["type"], column, None, None, [], "")
-    _count_rows(failure, kwargs, frame)
+    count_rows(failure, kwargs, frame)
     observed = values.min() if exp["type"] == MIN_MAX[0] else values.max()
     count = failure.unexpected_count or 0
     return Outcome(values.len(), values.null_count(), count, observed, failure if count else None)
@@ -412,7 +414,7 @@ def _merge_expectation(exp: dict[str, Any], kwargs: dict[str, Any], results: lis
     if ok:
         return None
     return ShardedFailure("events", kind, column, None, None, [],
-                          _describe(kind, kwargs, res, shape))
+                          describe(kind, kwargs, res, shape))
 
 
 def _merge_counts(kind: str, kwargs: dict[str, Any], parts: list[tuple[ShardResult, Any]],
@@ -438,7 +440,7 @@ def _merge_counts(kind: str, kwargs: dict[str, Any], parts: list[tuple[ShardResu
     res = {"unexpected_count": unexpected, "unexpected_percent": share, "observed_value": observed}
     return ShardedFailure(
         "events", kind, kwargs["column"], unexpected if found else None, share,
-        _merge_examples(kind, failed), _describe(kind, kwargs, res, shape),
+        _merge_examples(kind, failed), describe(kind, kwargs, res, shape),
         files={r.path.name: f.unexpected_count or 0 for r, f in failed},
     )
 

@@ -7,7 +7,6 @@ and a rise-and-fade curve, and a fixed complement per item (see :mod:`tasks.data
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +53,6 @@ _P_COMPLEMENT, _P_SAME_LEAF, _P_REVIEW = 0.25, 0.55, 0.05
 _CACHE_CELLS = 30_000_000  # largest (days x items) popularity table kept in memory
 BATCH_USERS = 50_000  # users generated together by generate_shop_batches (about 2M events)
 
-logger = logging.getLogger(__name__)
 
 # Top-level categories: name, typical price, sub-category nouns. The first three are consumable.
 _TOPS: tuple[tuple[str, float, tuple[str, ...]], ...] = (

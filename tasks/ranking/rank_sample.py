@@ -12,7 +12,6 @@ Steps 1, 3 and 4 of :mod:`tasks.ranking.rank_shards`.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +48,6 @@ from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard
 
-logger = logging.getLogger(__name__)
-
-logger = logging.getLogger(__name__)
 
 @task(name="ranker-windows", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def window_stats(split_dir: Path, shard: int, config: RankerConfig, selection: Selection

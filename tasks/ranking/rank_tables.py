@@ -9,7 +9,6 @@ users' items (:func:`shard_state`). Step 2 of :mod:`tasks.ranking.rank_shards`.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import shutil
 from pathlib import Path
 
@@ -48,8 +47,6 @@ from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Split
 from tasks.splitting.split_shards import read_split_shard
 
-logger = logging.getLogger(__name__)
-
 TEST = "test"
 COVIS_ALL = "covis_all"
 WINDOW = "__window"
@@ -59,16 +56,7 @@ GROUP_KEY = "__group_key"
 POSITIVE = "__positive"
 HELPERS = (WINDOW, VALID, USER_KEY, GROUP_KEY, POSITIVE)
 
-logger = logging.getLogger(__name__)
 
-TEST = "test"
-COVIS_ALL = "covis_all"
-WINDOW = "__window"
-VALID = "__valid"
-USER_KEY = "__user_key"
-GROUP_KEY = "__group_key"
-POSITIVE = "__positive"
-HELPERS = (WINDOW, VALID, USER_KEY, GROUP_KEY, POSITIVE)
 def stage_events(split: Split, stage: str, config: RankerConfig
                  ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(history, targets)`` of a shard: window ``w<j>`` of the training windows, or ``test``."""
