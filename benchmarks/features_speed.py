@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.baselines import CoVisitation  # noqa: E402
 from models.columns import USER  # noqa: E402
 from tasks.data.demo_data import generate_shop  # noqa: E402
+from tasks.ranking.candidate_sources import CandidateConfig  # noqa: E402
 from tasks.ranking.candidates import (  # noqa: E402
-    CandidateConfig,
     build_candidates,
     candidate_recall,
     label_candidates,

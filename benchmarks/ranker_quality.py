@@ -36,7 +36,7 @@ from models.columns import ITEM  # noqa: E402
 from models.metrics import metrics_table  # noqa: E402
 from tasks.data.adapters import load_raw  # noqa: E402
 from tasks.evaluation.evaluate import baseline_factories, score_model  # noqa: E402
-from tasks.ranking.candidates import CandidateConfig  # noqa: E402
+from tasks.ranking.candidate_sources import CandidateConfig  # noqa: E402
 from tasks.ranking.reranker import RankerConfig  # noqa: E402
 from tasks.ranking.tune import tune_and_evaluate_lgbm
 from tasks.splitting.split import Split, cut_times, leave_one_out, time_split  # noqa: E402

@@ -63,7 +63,7 @@ def fit_one(work: Path, size: int | None) -> dict:
     from models.columns import ITEM, SCORE, USER
     from models.metrics import evaluate
     from tasks.data.shards import shard_of
-    from tasks.ranking.candidates import WEIGHT
+    from tasks.ranking.candidate_sources import WEIGHT
     from tasks.ranking.reranker import (
         HOLDOUT_SCALE,
         QUERY,

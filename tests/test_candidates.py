@@ -7,14 +7,8 @@ import pytest
 
 from models.baselines import CoVisitation
 from models.errors import ConfigError
-from tasks.ranking.candidates import (
-    BUILTIN_SOURCES,
-    CandidateConfig,
-    build_candidates,
-    candidate_recall,
-    label_candidates,
-    merge_sources,
-)
+from tasks.ranking.candidate_sources import BUILTIN_SOURCES, CandidateConfig, merge_sources
+from tasks.ranking.candidates import build_candidates, candidate_recall, label_candidates
 from tests.frames import hourly_events
 
 T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)

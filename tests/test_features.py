@@ -9,7 +9,8 @@ from polars.testing import assert_frame_equal
 from models.baselines import CoVisitation
 from models.errors import ValidationFailedError
 from tasks.data.demo_data import generate_shop
-from tasks.ranking.candidates import CandidateConfig, build_candidates
+from tasks.ranking.candidate_sources import CandidateConfig
+from tasks.ranking.candidates import build_candidates
 from tasks.ranking.features import build_features, check_features, feature_columns
 from tasks.ranking.reranker import RankerConfig, RankingPipeline, training_windows
 from tasks.splitting.split import cut_times, time_split

@@ -9,7 +9,8 @@ from polars.testing import assert_frame_equal
 from models.columns import ITEM, USER
 from tasks.data.demo_data import generate_shop
 from tasks.data.shards import shard_of
-from tasks.ranking.candidates import CandidateConfig, prepare_history
+from tasks.ranking.candidate_sources import CandidateConfig
+from tasks.ranking.candidates import prepare_history
 from tasks.ranking.features import FeatureConfig, table_settings
 from tasks.ranking.history_tables import (
     finish_tables,

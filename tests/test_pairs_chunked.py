@@ -13,9 +13,9 @@ from models.baselines import CoVisitation
 from models.errors import ConfigError
 from tasks.data.adapters import load_raw
 from tasks.data.demo_data import generate_shop
+from tasks.ranking.candidate_sources import CandidateConfig
 from tasks.ranking.candidates import (
     CandidateBuilder,
-    CandidateConfig,
     PreparedHistory,
     build_candidates,
     label_candidates,

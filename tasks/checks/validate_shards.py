@@ -18,8 +18,6 @@ import datetime as dt
 import logging
 import os
 import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +30,20 @@ from models.errors import ConfigError, DataError
 from tasks.checks.report import (
     EXIST,
     IS_DUPLICATE,
-    MAX_EXAMPLES,
     ExpectationFailure,
     ValidationReport,
     count_rows,
-    describe,
     failure,
+)
+from tasks.checks.shard_results import (
+    MIN_MAX,
+    ROW_COUNT,
+    Key,
+    Outcome,
+    ShardResult,
+    expectation_key,
+    merge_shard_results,
+    resolve_kwargs,
 )
 from tasks.checks.validate import (
     SUITES_DIR,
@@ -46,7 +52,6 @@ from tasks.checks.validate import (
     _build_suite,
     _check_dtypes,
     _derive_events,
-    _dtype_name,
     _run_gx,
     _run_suite,
     _utc,
@@ -58,71 +63,6 @@ from tasks.data.readers import reading
 from tasks.resume import STAGE_CACHE
 
 logger = logging.getLogger(__name__)
-
-ROW_COUNT = "expect_table_row_count_to_be_between"
-MIN_MAX = ("expect_column_min_to_be_between", "expect_column_max_to_be_between")
-MAX_FILES = 10
-
-Key = tuple[str, str | None]
-
-
-@dataclass
-class Outcome:
-    """What one expectation found in one shard, as counts that add up across shards.
-
-    Attributes:
-        element_count: Rows looked at.
-        missing_count: Nulls among them that GX skips; None where nulls are the rows counted.
-        unexpected_count: Rows that break the expectation (beyond the bound, for a min or max).
-        observed: The shard's minimum or maximum, for ``expect_column_min/max_to_be_between``.
-        failure: The shard's own failure (examples, counts), or None when no row broke it.
-    """
-
-    element_count: int = 0
-    missing_count: int | None = None
-    unexpected_count: int = 0
-    observed: Any = None
-    failure: ExpectationFailure | None = None
-
-
-@dataclass
-class ShardResult:
-    """The events suite's outcome on one shard.
-
-    Attributes:
-        path: The shard file.
-        rows: Its rows.
-        schema: Its columns and types, with the derived ``_is_duplicate`` and
-            ``_item_in_catalogue`` columns when they could be computed.
-        duplicates: Exact duplicate rows (extra copies); None without the required columns.
-        type_failures: Canonical columns of the wrong type.
-        outcomes: Per ``(expectation type, column)`` of the row-level, min and max expectations.
-    """
-
-    path: Path
-    rows: int
-    schema: dict[str, pl.DataType]
-    duplicates: int | None
-    type_failures: list[ExpectationFailure]
-    outcomes: dict[Key, Outcome]
-
-
-@dataclass
-class ShardedFailure(ExpectationFailure):
-    """A failed expectation over sharded events, with the offending rows per shard file."""
-
-    files: dict[str, int] = field(default_factory=dict)
-
-    def to_markdown(self) -> str:
-        """Render the failure as :class:`ExpectationFailure` does, plus the shard files."""
-        text = super().to_markdown()
-        if not self.files:
-            return text
-        listed = [f"{name} ({n:,} row{'' if n == 1 else 's'})"
-                  for name, n in list(self.files.items())[:MAX_FILES]]
-        more = len(self.files) - MAX_FILES
-        listed += [f"and {more} more shard files"] if more > 0 else []
-        return f"{text}\n  - shard files: {', '.join(listed)}"
 
 
 def read_shard(path: Path) -> pl.DataFrame:
@@ -162,7 +102,7 @@ def validate_shard(
     row_level = [e for e in active if _is_row_level(e)]
     outcomes = _row_outcomes(spec, row_level, derived, params, settings)
     for exp in (e for e in active if e["type"] in MIN_MAX):
-        outcomes[_key(exp)] = _extreme(exp, derived, params)
+        outcomes[expectation_key(exp)] = _extreme(exp, derived, params)
     duplicates = int(derived[IS_DUPLICATE].sum()) if IS_DUPLICATE in derived else None
     return ShardResult(path, frame.height, dict(derived.schema), duplicates, type_failures,
                        outcomes)
@@ -243,32 +183,6 @@ def validate_event_shards(
     return report, list(shards)
 
 
-def merge_shard_results(
-    results: list[ShardResult], spec: dict[str, Any], params: dict[str, Any]
-) -> ValidationReport:
-    """Merge the shards' outcomes into the events part of one report, as on the whole table.
-
-    Raises:
-        DataError: The shards differ in their columns or types.
-    """
-    schema = _common_schema(results)
-    total = sum(r.rows for r in results)
-    report = ValidationReport(success=True, rows={"events": total})
-    shape = pl.DataFrame(schema=schema).clear(1 if total else 0)  # what the checks look at
-    report.failures += _merge_type_failures(results, total)
-    mistyped = {f.column for f in report.failures}
-    active = _active_expectations(spec["expectations"], shape, mistyped)
-    report.evaluated += len(active) + sum(c in schema for c in EVENT_DTYPES)
-    built = _build_suite(spec, active, SUITES_DIR / "events.json").expectations  # GX's types
-    for exp, gx_exp in zip(active, built, strict=True):
-        kwargs = _resolve(gx_exp.configuration.kwargs, params)
-        failure = _merge_expectation(exp, kwargs, results, total, shape)
-        if failure is not None:
-            failure.hint = exp.get("meta", {}).get("fix", "")
-            report.failures.append(failure)
-    return report
-
-
 def _catalogue(items: Path | None) -> pl.DataFrame | None:
     """The items table's ``item_id`` column (all a shard needs), or None without items."""
     if items is None:
@@ -282,10 +196,6 @@ def _catalogue(items: Path | None) -> pl.DataFrame | None:
 def _read_items(items: Path) -> pl.DataFrame:
     with reading(items, "Parquet"):
         return pl.read_parquet(items)
-
-
-def _key(exp: dict[str, Any]) -> Key:
-    return exp["type"], exp["kwargs"].get("column")
 
 
 def _is_row_level(exp: dict[str, Any]) -> bool:
@@ -311,12 +221,6 @@ def _check_shardable(spec: dict[str, Any], settings: ValidationSettings) -> None
                               "and column min/max there, or validate the events unsharded.")
 
 
-def _resolve(kwargs: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with each ``{"$PARAMETER": name}`` replaced by its value."""
-    return {k: params[v["$PARAMETER"]] if isinstance(v, dict) and "$PARAMETER" in v else v
-            for k, v in kwargs.items()}
-
-
 def _row_outcomes(spec: dict[str, Any], active: list[dict[str, Any]], frame: pl.DataFrame,
                   params: dict[str, Any], settings: ValidationSettings) -> dict[Key, Outcome]:
     """Run the row-level expectations without ``mostly`` (so every row counts) on one shard."""
@@ -339,7 +243,7 @@ def _row_outcomes(spec: dict[str, Any], active: list[dict[str, Any]], frame: pl.
 
 def _extreme(exp: dict[str, Any], frame: pl.DataFrame, params: dict[str, Any]) -> Outcome:
     """A shard's minimum or maximum of a column, and the rows beyond the expectation's bound."""
-    column, kwargs = exp["kwargs"]["column"], _resolve(exp["kwargs"], params)
+    column, kwargs = exp["kwargs"]["column"], resolve_kwargs(exp["kwargs"], params)
     values = frame[column]
     failure = ExpectationFailure("events", exp["type"], column, None, None, [], "")
     count_rows(failure, kwargs, frame)
@@ -370,96 +274,3 @@ def gather(futures: Any) -> list[Any]:
     return [future.result() for future in futures]
 
 
-def _common_schema(results: list[ShardResult]) -> dict[str, pl.DataType]:
-    """The columns and types all shards share; a shard that differs raises :class:`DataError`."""
-    schemas = Counter(tuple(r.schema.items()) for r in results)
-    common = dict(schemas.most_common(1)[0][0])
-    odd = [r for r in results if r.schema != common]
-    if odd:
-        def spell(schema: dict[str, pl.DataType]) -> str:
-            return ", ".join(f"{c} {_dtype_name(t)}" for c, t in schema.items() if c[0] != "_")
-
-        raise DataError("event shards differ in their columns: " + "; ".join(
-            f"{r.path} has {spell(r.schema) or '(none)'}" for r in odd
-        ) + f"; the other shards have {spell(common)}. Write those shards again with the "
-            "columns and types of the others.")
-    return common
-
-
-def _merge_type_failures(results: list[ShardResult], total: int) -> list[ExpectationFailure]:
-    """One failure per mistyped column, counted over all shards (their schemas are equal)."""
-    merged = []
-    for first in (results[0].type_failures if results else []):
-        parts = [f for r in results for f in r.type_failures if f.column == first.column]
-        examples = list(dict.fromkeys(x for f in parts for x in f.examples))[:3]
-        merged.append(ShardedFailure(
-            suite=first.suite, expectation=first.expectation, column=first.column,
-            unexpected_count=total or None, unexpected_percent=100.0 if total else None,
-            examples=examples, detail=first.detail, hint=first.hint,
-        ))
-    return merged
-
-
-def _merge_expectation(exp: dict[str, Any], kwargs: dict[str, Any], results: list[ShardResult],
-                       total: int, shape: pl.DataFrame) -> ShardedFailure | None:
-    """Evaluate one expectation over all shards as GX does on the whole table; None if it holds."""
-    kind, column = exp["type"], kwargs.get("column")
-    if kind == EXIST:
-        ok, res = column in shape, {}
-    elif kind == ROW_COUNT:
-        ok, res = _within(total, kwargs), {"observed_value": total}
-    else:
-        return _merge_counts(kind, kwargs, [(r, r.outcomes.get(_key(exp))) for r in results],
-                             total, shape)
-    if ok:
-        return None
-    return ShardedFailure("events", kind, column, None, None, [],
-                          describe(kind, kwargs, res, shape))
-
-
-def _merge_counts(kind: str, kwargs: dict[str, Any], parts: list[tuple[ShardResult, Any]],
-                  total: int, shape: pl.DataFrame) -> ShardedFailure | None:
-    """Add up a row-level, min or max expectation's counts over the shards and judge them."""
-    found = [(r, o) for r, o in parts if o is not None]
-    unexpected = sum(o.unexpected_count for _, o in found)
-    if kind in MIN_MAX:
-        values = [o.observed for _, o in found if o.observed is not None]
-        observed = (min if kind == MIN_MAX[0] else max)(values, default=None)
-        ok = observed is not None and _within(observed, kwargs)
-        share = 100 * unexpected / total if total else None
-    else:
-        observed = None
-        elements = sum(o.element_count for _, o in found)
-        missing = [o.missing_count for _, o in found if o.missing_count is not None]
-        considered = elements - sum(missing)
-        share = 100 * unexpected / considered if considered else None
-        ok = not considered or (considered - unexpected) / considered >= kwargs.get("mostly", 1)
-    if ok:
-        return None
-    failed = [(r, o.failure) for r, o in found if o.failure is not None]
-    res = {"unexpected_count": unexpected, "unexpected_percent": share, "observed_value": observed}
-    return ShardedFailure(
-        "events", kind, kwargs["column"], unexpected if found else None, share,
-        _merge_examples(kind, failed), describe(kind, kwargs, res, shape),
-        files={r.path.name: f.unexpected_count or 0 for r, f in failed},
-    )
-
-
-def _merge_examples(kind: str, failed: list[tuple[ShardResult, ExpectationFailure]]) -> list[Any]:
-    """Examples over the shards: rows with their shard file, worst values, or values."""
-    if kind in MIN_MAX:
-        worst = sorted({x for _, f in failed for x in f.examples}, reverse=kind == MIN_MAX[1])
-        return worst[:MAX_EXAMPLES]
-    rows = [{"file": r.path.name, **x} for r, f in failed for x in f.examples
-            if isinstance(x, dict)]
-    if rows:
-        return rows[:3]
-    return list(dict.fromkeys(x for _, f in failed for x in f.examples))[:MAX_EXAMPLES]
-
-
-def _within(value: Any, kwargs: dict[str, Any]) -> bool:
-    """Tell whether ``value`` lies within the expectation's ``min_value`` and ``max_value``."""
-    low, high = kwargs.get("min_value"), kwargs.get("max_value")
-    above = low is None or (value > low if kwargs.get("strict_min") else value >= low)
-    below = high is None or (value < high if kwargs.get("strict_max") else value <= high)
-    return above and below

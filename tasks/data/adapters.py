@@ -43,25 +43,27 @@ from models.columns import (
     VIEW,
 )
 from models.errors import ConfigError, DataError, MissingColumnsError
+from tasks.data.conversions import (
+    convert,
+    finish_events,
+    finish_items,
+    first_per_item,
+    map_event_types,
+    to_attributes,
+    to_int,
+)
 from tasks.data.readers import (
     apply_column_map,
-    convert,
     empty_error,
     find_beside,
     find_files,
-    finish_events,
-    finish_items,
     first_line,
-    first_per_item,
     is_gzip,
     locate,
-    map_event_types,
     read_csv,
     read_table,
     reading,
     require,
-    to_attributes,
-    to_int,
 )
 
 logger = logging.getLogger(__name__)

@@ -36,29 +36,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
 
-from models.baselines import DEFAULT_EVENT_WEIGHTS, CoVisitation
+from models.baselines import CoVisitation
 from models.columns import (
     ATTRIBUTES,
-    CATEGORY,
-    EVENT_TYPE,
-    EVENT_TYPES,
     ITEM,
-    PRICE,
-    SCORE,
-    TIMESTAMP,
     USER,
 )
 from models.errors import ConfigError, require_columns
 from tasks.checks import validate as gx_checks
+from tasks.checks.report import failure
+from tasks.ranking.candidate_sources import CAND_RANK, LABEL, CandidateConfig
 from tasks.ranking.candidates import (
-    CAND_RANK,
-    LABEL,
-    POS,
-    WEIGHT,
     CandidateBuilder,
-    CandidateConfig,
     PreparedHistory,
     label_candidates,
     prepared_history,
@@ -68,10 +58,15 @@ from tasks.ranking.history_tables import (
     HistoryTables,
     TableSettings,
     history_tables,
-    window_name,
 )
-from tasks.ranking.history_tables import (
-    days as _days,
+from tasks.ranking.pair_features import (
+    FeatureConfig,
+    attribute_features,
+    category_features,
+    item_attributes,
+    last_item_links,
+    user_features,
+    user_item_features,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,30 +75,6 @@ ID_COLUMNS: tuple[str, ...] = (USER, ITEM)
 USER_CHUNK = 10_000
 """Default users per chunk of :func:`candidate_features`: 5,000-20,000 cost about the same time
 (smaller chunks a little less on 10M events), and working memory grows with the chunk."""
-_US_PER_HOUR = 3_600 * 1e6
-
-
-class FeatureConfig(BaseModel):
-    """Windows and depths of the features."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    windows_days: list[float] = Field(
-        [1.0, 3.0, 7.0, 30.0], description="Item popularity windows before the history end."
-    )
-    half_lives_days: list[float] = Field(
-        [0.25, 2.0], description="Half-lives of the decayed weighted counts of a user's item."
-    )
-    tail_events: int = Field(3, gt=0, description="Latest events per user in tail popularity.")
-    recent_items: int = Field(5, gt=0, description="Latest items of a user for attribute overlap.")
-    recent_events: int = Field(20, gt=0, description="Latest events of a user for category share.")
-    session_gap_minutes: float = Field(
-        30.0, gt=0, description="Inactivity that ends a session (for session counts)."
-    )
-    event_weights: dict[str, float] = Field(
-        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
-        description="Weight of each event type in weighted counts.",
-    )
 
 
 def table_settings(candidates: CandidateConfig, features: FeatureConfig, ordered_only: bool
@@ -112,171 +83,6 @@ def table_settings(candidates: CandidateConfig, features: FeatureConfig, ordered
     return TableSettings(candidates.event_weights, candidates.popular_days,
                          features.event_weights, features.windows_days, features.tail_events,
                          not ordered_only)
-
-
-def _type_counts(prefix: str) -> list[pl.Expr]:
-    return [(pl.col(EVENT_TYPE) == t).sum().cast(pl.Float64).alias(f"{prefix}_n_{t}")
-            for t in EVENT_TYPES]
-
-
-def user_features(hist: pl.DataFrame, end: object, real_time: bool,
-                  categories: pl.DataFrame | None, prices: pl.DataFrame | None) -> pl.DataFrame:
-    """One row per user of ``hist``: activity, breadth, price level, recency and context."""
-    aggs = [pl.len().cast(pl.Float64).alias("u_n_events"), *_type_counts("u"),
-            pl.col(ITEM).n_unique().cast(pl.Float64).alias("u_n_items")]
-    if real_time:
-        last = pl.col(TIMESTAMP).max()
-        aggs += [_days(pl.lit(end) - last).alias("u_days_since_last"),
-                 (_days(pl.lit(end) - pl.col(TIMESTAMP)) <= 1).sum().cast(pl.Float64)
-                 .alias("u_n_events_1d"),
-                 _days(last - pl.col(TIMESTAMP).min()).alias("u_span_days"),
-                 last.dt.hour().cast(pl.Float64).alias("ctx_last_hour"),
-                 last.dt.weekday().cast(pl.Float64).alias("ctx_last_weekday")]
-    frame = hist
-    if categories is not None:
-        frame = frame.join(categories, on=ITEM, how="left")
-        aggs.append(pl.col(CATEGORY).drop_nulls().n_unique().cast(pl.Float64).alias("u_n_categories"))
-    if prices is not None:
-        frame = frame.join(prices.rename({PRICE: "__price"}), on=ITEM, how="left")
-        aggs.append(pl.col("__price").mean().alias("u_mean_price"))
-    return frame.group_by(USER).agg(aggs)
-
-
-def user_item_features(pairs: pl.DataFrame, hist: pl.DataFrame, end: object, real_time: bool,
-                       config: FeatureConfig) -> pl.DataFrame:
-    """``user_id, item_id`` of ``pairs`` with the user's past interactions with the item.
-
-    Returns only the pairs with a past interaction; the caller fills the others.
-    """
-    aggs = [pl.len().cast(pl.Float64).alias("ui_n_events"), *_type_counts("ui"),
-            (pl.col("__last").first() - pl.col(POS).max()).cast(pl.Float64)
-            .alias("ui_steps_since_last"),
-            pl.col(WEIGHT).max().alias("ui_max_weight")]
-    own = hist.with_columns(pl.col(POS).max().over(USER).alias("__last"))
-    if real_time:
-        age = _days(pl.lit(end) - pl.col(TIMESTAMP))
-        aggs += [pl.col(TIMESTAMP).max().alias("__ts"),
-                 *((pl.col(WEIGHT) * pl.lit(0.5).pow(age / h)).sum()
-                   .alias(f"ui_decay_{window_name(h)}d") for h in config.half_lives_days),
-                 pl.col(TIMESTAMP).dt.date().n_unique().cast(pl.Float64).alias("ui_n_days"),
-                 (_days(pl.col(TIMESTAMP).max() - pl.col(TIMESTAMP).min()) * 24)
-                 .alias("ui_span_hours"),
-                 pl.col("__session").n_unique().cast(pl.Float64).alias("ui_n_sessions"),
-                 (pl.col("__last_session").first() - pl.col("__session").max())
-                 .cast(pl.Float64).alias("ui_sessions_since_last")]
-        own = own.with_columns(_sessions(config.session_gap_minutes).alias("__session"))
-        own = own.with_columns(pl.col("__session").max().over(USER).alias("__last_session"))
-    out = own.join(pairs, on=[USER, ITEM], how="semi").group_by(USER, ITEM).agg(aggs)
-    if real_time:
-        out = out.with_columns(
-            ((pl.lit(end) - pl.col("__ts")).dt.total_microseconds() / _US_PER_HOUR)
-            .alias("ui_hours_since_last")
-        ).drop("__ts")
-    return out
-
-
-def _sessions(gap_minutes: float) -> pl.Expr:
-    """Each event's session number within its user (events sorted by user, then time).
-
-    A new session starts after ``gap_minutes`` without an event.
-    """
-    gap = pl.col(TIMESTAMP).diff().over(USER)
-    starts = gap.is_null() | (gap > pl.duration(minutes=gap_minutes))
-    return starts.cast(pl.Int64).cum_sum().over(USER)
-
-
-def category_features(pairs: pl.DataFrame, hist: pl.DataFrame, categories: pl.DataFrame,
-                      end: object, real_time: bool, recent_events: int) -> pl.DataFrame:
-    """The user's past events in each candidate's category.
-
-    Returns ``user_id, item_id, ui_cat_n_events, ui_cat_share, ui_cat_recent_share,
-    ui_cat_steps_since_last`` (and ``ui_cat_hours_since_last`` with real timestamps) for
-    ``pairs``: the count, its share of all the user's events and of the last ``recent_events``
-    events; counts are 0 and recencies null when the user never touched the category.
-    """
-    back = pl.len().over(USER) - 1 - pl.col(POS)
-    aggs = [pl.len().cast(pl.Float64).alias("ui_cat_n_events"), pl.col(POS).max().alias("__pos"),
-            (pl.col("__back") < recent_events).sum().cast(pl.Float64).alias("__recent")]
-    if real_time:
-        aggs.append(pl.col(TIMESTAMP).max().alias("__ts"))
-    per_cat = (hist.with_columns(back.alias("__back")).join(categories, on=ITEM)
-               .group_by(USER, CATEGORY).agg(aggs))
-    totals = hist.group_by(USER).agg(pl.len().cast(pl.Float64).alias("__n"))
-    count = pl.col("ui_cat_n_events").fill_null(0.0)
-    recent = pl.col("__recent").fill_null(0.0) / pl.min_horizontal(pl.col("__n"), recent_events)
-    out = [USER, ITEM, count, (count / pl.col("__n")).fill_null(0.0).alias("ui_cat_share"),
-           recent.fill_null(0.0).alias("ui_cat_recent_share"),
-           (pl.col("__n") - 1 - pl.col("__pos")).alias("ui_cat_steps_since_last")]
-    if real_time:
-        hours = (pl.lit(end) - pl.col("__ts")).dt.total_microseconds() / _US_PER_HOUR
-        out.append(hours.alias("ui_cat_hours_since_last"))
-    return (
-        pairs.join(categories, on=ITEM, how="left")
-        .join(per_cat, on=[USER, CATEGORY], how="left")
-        .join(totals, on=USER, how="left")
-        .select(out)
-    )
-
-
-def _item_attributes(items: pl.DataFrame) -> pl.DataFrame:
-    """``item_id, attributes``: one row per distinct attribute of an item."""
-    return items.select(ITEM, pl.col(ATTRIBUTES)).explode(ATTRIBUTES).drop_nulls().unique()
-
-
-def attribute_features(pairs: pl.DataFrame, hist: pl.DataFrame, items: pl.DataFrame,
-                       recent_items: int, attrs: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Attributes a candidate shares with the user's last item and last ``recent_items`` items.
-
-    Returns ``user_id, item_id, ui_attr_last, ui_attr_recent, ui_attr_share`` for ``pairs``: the
-    number of the candidate's attributes found on the last item, the recency-free count of its
-    attributes among the recent items' attributes, and that count over the candidate's
-    attribute count. ``attrs`` is ``items``' attribute table when already computed.
-    """
-    attrs = _item_attributes(items) if attrs is None else attrs
-    n_attrs = attrs.group_by(ITEM).agg(pl.len().cast(pl.Float64).alias("__n_attr"))
-    steps_back = pl.len().over(USER) - pl.col(POS) - 1
-    recent = (
-        hist.with_columns(steps_back.alias("__back"))
-        .group_by(USER, ITEM).agg(pl.col("__back").min())
-        .filter(pl.col("__back").rank("ordinal").over(USER) <= recent_items)
-        .join(attrs, on=ITEM)
-        .group_by(USER, ATTRIBUTES)
-        .agg(pl.len().cast(pl.Float64).alias("__hits"),
-             (pl.col("__back") == 0).any().cast(pl.Float64).alias("__last"))
-    )
-    return (
-        pairs.join(attrs, on=ITEM)
-        .join(recent, on=[USER, ATTRIBUTES])
-        .group_by(USER, ITEM)
-        .agg(pl.col("__last").sum().alias("ui_attr_last"),
-             pl.col("__hits").sum().alias("ui_attr_recent"))
-        .join(n_attrs, on=ITEM, how="left")
-        .with_columns((pl.col("ui_attr_recent") / pl.col("__n_attr") / recent_items)
-                      .clip(0.0, 1.0).alias("ui_attr_share"))
-        .drop("__n_attr")
-    )
-
-
-def last_item_links(pairs: pl.DataFrame, hist: pl.DataFrame, covis: CoVisitation) -> pl.DataFrame:
-    """``covis_last1`` / ``covis_last2``: neighbour scores from the user's last / second-last item.
-
-    The last distinct items by latest position; 0 when the item is not a neighbour.
-    """
-    last_items = (
-        hist.join(pairs.select(USER).unique(), on=USER, how="semi")
-        .group_by(USER, ITEM).agg(pl.col(POS).max())
-        .filter(pl.col(POS).rank("ordinal", descending=True).over(USER) <= 2)
-        .with_columns(pl.col(POS).rank("ordinal", descending=True).over(USER).alias("__k"))
-    )
-    links = (
-        last_items.join(covis.neighbours_, on=ITEM)
-        .select(USER, pl.col("neighbour").alias(ITEM), "__k", SCORE)
-        .join(pairs, on=[USER, ITEM], how="semi")
-    )
-    return links.group_by(USER, ITEM).agg(
-        pl.col(SCORE).filter(pl.col("__k") == k).max().fill_null(0.0).alias(f"covis_last{k}")
-        for k in (1, 2)
-    )
 
 
 class FeatureBuilder:
@@ -310,7 +116,7 @@ class FeatureBuilder:
         self.end, self.categories, self.prices = tables.end, tables.categories, tables.prices
         self.item_table = tables.item_table
         self.items = items if items is not None and ATTRIBUTES in items.columns else None
-        self.attributes = None if self.items is None else _item_attributes(self.items)
+        self.attributes = None if self.items is None else item_attributes(self.items)
 
     def build(self, cands: pl.DataFrame) -> pl.DataFrame:
         """``cands`` (row order kept) with every feature added (see the module docstring)."""
@@ -470,7 +276,7 @@ def check_features(
     results = gx_checks._run_gx("features", suite, sample.select(columns).to_pandas(), {})
     report = gx_checks.ValidationReport(success=True, rows={"features": frame.height},
                               evaluated=len(results))
-    report.failures = [gx_checks._failure("features", r, sample) for r in results if not r.success]
+    report.failures = [failure("features", r, sample) for r in results if not r.success]
     report.success = not report.failures
     if frame.height > sample_rows:
         report.warnings.append(f"checked a random sample of {sample_rows:,} of the "

@@ -26,7 +26,7 @@ import polars as pl
 
 from models.base import event_weight_expr
 from models.columns import CATEGORY, EVENT_TYPE, EVENT_TYPES, ITEM, PRICE, SCORE, TIMESTAMP, USER
-from tasks.ranking.candidates import POS, WEIGHT
+from tasks.ranking.candidate_sources import POS, WEIGHT
 
 FIRST, LAST = "__first", "__last"
 _WINDOW_N = "__window_n"

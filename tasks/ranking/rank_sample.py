@@ -21,7 +21,8 @@ from prefect import task
 
 from models.columns import ITEM, TIMESTAMP, USER
 from tasks.data.shards import shard_file, shard_of
-from tasks.ranking.candidates import CAND_RANK, LABEL, recall_counts
+from tasks.ranking.candidate_sources import CAND_RANK, LABEL
+from tasks.ranking.candidates import recall_counts
 from tasks.ranking.features import candidate_features, check_features
 from tasks.ranking.history_tables import (
     TableSettings,

@@ -30,12 +30,8 @@ from models.columns import EVENT_TYPE, EVENT_TYPES, ITEM, SCORE, TIMESTAMP, USER
 from models.errors import ConfigError, DataError
 from models.lgbm_ranker import LightGBMRanker
 from tasks.data.shards import shard_of
-from tasks.ranking.candidates import (
-    LABEL,
-    CandidateConfig,
-    candidate_recall,
-    user_frame,
-)
+from tasks.ranking.candidate_sources import LABEL, CandidateConfig
+from tasks.ranking.candidates import candidate_recall, user_frame
 from tasks.ranking.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
 from tasks.splitting.split import Split, leave_one_out
 

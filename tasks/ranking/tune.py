@@ -26,12 +26,8 @@ import polars as pl
 from models.columns import ITEM, USER
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import evaluate
-from tasks.ranking.candidates import (
-    BUILTIN_SOURCES,
-    RANK_PREFIX,
-    candidate_recall,
-    rank_columns,
-)
+from tasks.ranking.candidate_sources import BUILTIN_SOURCES, RANK_PREFIX
+from tasks.ranking.candidates import candidate_recall, rank_columns
 from tasks.ranking.reranker import (
     MODEL_NAME,
     QUERY,

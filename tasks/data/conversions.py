@@ -1,0 +1,264 @@
+"""Typed columns from raw text: ids, numbers, timestamps, attributes and event types.
+
+Each conversion names the source column, the bad values and the fix when a value cannot be read
+(:class:`models.errors.DataError`); :func:`finish_events` and :func:`finish_items` give the
+canonical tables their final types and order. Reading files is :mod:`tasks.data.readers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+
+import polars as pl
+
+from models.columns import (
+    BRAND,
+    CATEGORY,
+    EVENT_DTYPES,
+    EVENT_OPTIONAL,
+    EVENT_REQUIRED,
+    EVENT_TYPE,
+    EVENT_TYPES,
+    ITEM,
+    ITEM_DTYPES,
+    ITEM_OPTIONAL,
+    ITEM_REQUIRED,
+    PRICE,
+    QUANTITY,
+    SESSION,
+    TIMESTAMP,
+    TITLE,
+    USER,
+)
+from models.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_EXAMPLES = 3
+_MAX_LISTED = 10
+_POLARS_DTYPES: dict[str, pl.DataType] = {
+    "String": pl.String(), "Float64": pl.Float64(), "Int64": pl.Int64(),
+    "Datetime(us, UTC)": pl.Datetime("us", "UTC"), "List(String)": pl.List(pl.String()),
+}
+_EPOCH_UNITS = ((1e11, "s", 1e6), (1e14, "ms", 1e3), (1e17, "us", 1.0), (float("inf"), "ns", 1e-3))
+
+
+def _bad_values(source: str, bad: pl.Series, total: int, expected: str, fix: str) -> DataError:
+    examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(_EXAMPLES))
+    return DataError(f"Column '{bad.name}' of {source} has {bad.len():,} of {total:,} values that "
+                     f"are not {expected}, e.g. {examples}. {fix}")
+
+
+def to_id(values: pl.Series, source: str = "") -> pl.Series:
+    """Return ids as text; NaN and null are missing (null), never an id.
+
+    Whole-number floats (ids read through a float column, often because of missing values) are
+    written as integers, ``7.0`` as ``"7"``, with a logged note.
+    """
+    if not values.dtype.is_float():
+        return values.cast(pl.String)
+    values = values.fill_nan(None)
+    present = values.drop_nulls()
+    if not (present % 1 == 0).all():
+        return values.cast(pl.String)
+    logger.info("column '%s' of %s holds ids as %s: %s whole numbers read as integer ids "
+                "(7.0 as '7'), %s missing (NaN or null) kept as null", values.name,
+                source or "the table", values.dtype, f"{present.len():,}",
+                f"{values.null_count():,}")
+    return values.cast(pl.Int64).cast(pl.String)
+
+
+def to_float(values: pl.Series, source: str) -> pl.Series:
+    """Return numbers as Float64; text that is not a number raises :class:`DataError`."""
+    if values.dtype.is_numeric():
+        return values.cast(pl.Float64)
+    text = values.cast(pl.String).str.strip_chars()
+    out = text.cast(pl.Float64, strict=False)
+    bad = text.filter(out.is_null() & text.is_not_null())
+    if bad.len():
+        fix = "Fix or blank those cells (blank means unknown), or leave the column out."
+        raise _bad_values(source, bad, values.len(), "numbers", fix)
+    return out
+
+
+def to_int(values: pl.Series, source: str) -> pl.Series:
+    """Return whole numbers as Int64; fractions or text raise :class:`DataError`."""
+    numbers = to_float(values, source)
+    bad = values.filter(numbers.is_not_null() & (numbers % 1 != 0))
+    if bad.len():
+        fix = "Give whole numbers, or leave the column out."
+        raise _bad_values(source, bad, values.len(), "whole numbers", fix)
+    return numbers.cast(pl.Int64)
+
+
+def _from_epoch(numbers: pl.Series) -> pl.Series:
+    """Read unix time in s, ms, us or ns (told apart by the median magnitude) as UTC."""
+    present = numbers.drop_nulls()
+    sample = present.gather_every(max(1, present.len() // 100_000))  # enough to tell the unit
+    magnitude = sample.abs().median() or 0.0
+    unit, per_us = next((u, f) for limit, u, f in _EPOCH_UNITS if magnitude < limit)
+    if numbers.dtype.is_integer():
+        stamps = pl.from_epoch(numbers, time_unit=unit)  # type: ignore[arg-type]
+    else:
+        stamps = pl.from_epoch((numbers * per_us).round(0).cast(pl.Int64), time_unit="us")
+    return stamps.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+
+
+def _parse_text(text: pl.Series, formats: Sequence[str]) -> pl.Series:
+    """Parse with the first of ``formats`` (then an inferred one) that reads every value."""
+    cleaned = text.str.strip_suffix(" UTC").str.strip_suffix(" GMT")
+    best = pl.Series(text.name, [None] * text.len(), dtype=pl.Datetime("us", "UTC"))
+    for fmt in [*formats, None]:
+        try:
+            parsed = cleaned.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        except pl.exceptions.PolarsError:
+            continue
+        best = parsed if parsed.null_count() < best.null_count() else best
+        if best.null_count() == text.null_count():
+            break
+    return best
+
+
+def to_timestamp(values: pl.Series, source: str, formats: Sequence[str] = ()) -> pl.Series:
+    """Return UTC datetimes from datetimes, dates, unix s/ms numbers or text.
+
+    Text is ISO 8601 (a UTC offset or a trailing ``UTC`` allowed), or one of ``formats``.
+
+    Raises:
+        DataError: some non-empty values are not timestamps (count and examples given).
+    """
+    if isinstance(values.dtype, pl.Datetime | pl.Date):
+        stamps = values.cast(pl.Datetime("us")) if values.dtype == pl.Date else values
+        if stamps.dtype.time_zone is None:  # type: ignore[union-attr]
+            stamps = stamps.dt.replace_time_zone("UTC")
+        return stamps.dt.convert_time_zone("UTC").cast(pl.Datetime("us", "UTC"))
+    if values.dtype.is_numeric():
+        return _from_epoch(values)
+    text = values.cast(pl.String).str.strip_chars()
+    present = text.drop_nulls()
+    sample = present.gather_every(max(1, present.len() // 10_000))
+    if sample.len() and 2 * sample.cast(pl.Float64, strict=False).count() >= sample.len():
+        numbers = text.cast(pl.Int64, strict=False)  # mostly numbers: unix time
+        if numbers.count() < present.len():
+            numbers = text.cast(pl.Float64, strict=False)
+        parsed = _from_epoch(numbers)
+        expected = "unix timestamps"
+    else:
+        parsed = _parse_text(text, formats)
+        expected = "timestamps" + (f" in the format {formats[0]!r}" if formats else "")
+    bad = text.filter(parsed.is_null() & text.is_not_null())
+    if bad.len():
+        fix = ("Give datetimes, ISO 8601 text (2024-05-01T13:45:00, a UTC offset is allowed) or "
+               "unix seconds or milliseconds, one kind per column; fix or blank the bad cells.")
+        raise _bad_values(source, bad, values.len(), expected, fix)
+    return parsed
+
+
+def to_attributes(values: pl.Series) -> pl.Series:
+    """Return attributes as lists of text: lists are kept, text is split on ``|``."""
+    if isinstance(values.dtype, pl.List):
+        return values.cast(pl.List(pl.String))
+    parts = values.cast(pl.String).str.split("|").list.eval(pl.element().str.strip_chars())
+    return parts.list.eval(pl.element().filter(pl.element() != ""))
+
+
+def convert(
+    raw: pl.DataFrame, source: str, spec: Mapping[str, str], formats: Sequence[str] = ()
+) -> pl.DataFrame:
+    """Build canonical columns from the source columns ``spec`` names (absent ones skipped).
+
+    Other names in ``spec`` are copied as they are.
+    """
+    columns = []
+    for canon, column in ((c, s) for c, s in spec.items() if s in raw.columns):
+        values = raw[column]
+        if canon in (USER, ITEM, SESSION, CATEGORY):
+            values = to_id(values, source)
+        elif canon in (PRICE, QUANTITY):
+            values = (to_float if canon == PRICE else to_int)(values, source)
+        elif canon == TIMESTAMP:
+            values = to_timestamp(values, source, formats)
+        elif canon in (EVENT_TYPE, BRAND, TITLE):
+            values = values.cast(pl.String)
+        columns.append(values.alias(canon))
+    return pl.DataFrame(columns)
+
+
+def map_event_types(
+    frame: pl.DataFrame,
+    mapping: Mapping[str, str],
+    source: str,
+    drop: Collection[str] = (),
+) -> tuple[pl.DataFrame, list[str]]:
+    """Map the source event names of ``event_type`` to canonical ones; drop the ``drop`` names.
+
+    Canonical names map to themselves unless ``mapping`` says otherwise. Missing values stay
+    missing (validation reports them).
+
+    Returns:
+        The mapped frame and notes on the dropped rows.
+
+    Raises:
+        DataError: the column holds names that are neither canonical, mapped nor dropped.
+    """
+    full = {**{name: name for name in EVENT_TYPES}, **mapping}
+    counts = frame[EVENT_TYPE].drop_nulls().value_counts(sort=True)
+    unknown = counts.filter(~pl.col(EVENT_TYPE).is_in([*full, *drop]))
+    if unknown.height:
+        rows = unknown.head(_MAX_LISTED).rows()
+        listed = ", ".join(f"'{name}' ({count:,})" for name, count in rows)
+        more = f" and {unknown.height - len(rows)} more" if unknown.height > len(rows) else ""
+        example = ", ".join(f"'{name}': '...'" for name, _ in rows[:3])
+        raise DataError(
+            f"The event types of {source} include names shoprank does not know: {listed}{more}. "
+            f"Map each to one of {', '.join(EVENT_TYPES)} with event_map, e.g. "
+            f"event_map={{{example}}}.")
+    dropped = counts.filter(pl.col(EVENT_TYPE).is_in(list(drop)))
+    notes = [f"dropped {count:,} '{name}' events of {source} (no canonical event type)"
+             for name, count in dropped.iter_rows()]
+    if dropped.height:
+        frame = frame.filter(pl.col(EVENT_TYPE).is_in(list(drop)).not_().fill_null(True))
+    mapped = pl.col(EVENT_TYPE).replace_strict(full, default=None, return_dtype=pl.String)
+    return frame.with_columns(mapped), notes
+
+
+def first_per_item(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep one row per item: the first non-missing value of every other column.
+
+    ``frame`` is in time order. The first values were known when the item first appeared, so a
+    model fitted on any history that holds the item sees none from after that history (the last
+    values would carry later prices and categories back into every earlier window).
+    """
+    others = [column for column in frame.columns if column != ITEM]
+    return frame.group_by(ITEM, maintain_order=True).agg(pl.col(others).drop_nulls().first())
+
+
+def _select_cast(frame: pl.DataFrame, columns: Sequence[str], dtypes: Mapping[str, str]
+                 ) -> pl.DataFrame:
+    present = [column for column in columns if column in frame.columns]
+    return frame.select(pl.col(c).cast(_POLARS_DTYPES[dtypes[c]]) for c in present)
+
+
+def finish_events(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep the canonical columns and dtypes, sorted by timestamp then original order."""
+    events = _select_cast(frame, (*EVENT_REQUIRED, *EVENT_OPTIONAL), EVENT_DTYPES)
+    stamps = events[TIMESTAMP]
+    if stamps.null_count() == 0 and stamps.is_sorted():  # many logs are already in time order
+        return events
+    return events.sort(TIMESTAMP, maintain_order=True, nulls_last=True)
+
+
+def finish_items(frame: pl.DataFrame, source: str = "the items table") -> pl.DataFrame:
+    """Keep the canonical columns and dtypes; drop exact copies of a row, with a logged note.
+
+    Rows that share an ``item_id`` but differ elsewhere are all kept: the catalogue cannot tell
+    which one is right, and the items suite's unique-ids expectation reports them.
+    """
+    items = _select_cast(frame, (*ITEM_REQUIRED, *ITEM_OPTIONAL), ITEM_DTYPES)
+    unique = items.unique(maintain_order=True)
+    if unique.height < items.height:
+        logger.info("dropped %s rows of %s that repeat another row exactly (same item_id and "
+                    "values); the first copy is kept", f"{items.height - unique.height:,}",
+                    source)
+    return unique
