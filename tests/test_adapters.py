@@ -24,7 +24,8 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError
-from tasks.data.adapters import FORMATS, S3REC_BASE_TIME, RawData, load_raw
+from tasks.data.adapters import FORMATS, RawData, load_raw
+from tasks.data.formats import S3REC_BASE_TIME
 
 SAMPLES = {
     "taobao": "taobao_userbehavior_sample",

@@ -29,8 +29,9 @@ from prefect import get_run_logger, task
 
 from models.errors import DataError
 from tasks import tracking
-from tasks.data.adapters import _generic_files, _generic_items, _stem, load_raw
+from tasks.data.adapters import _generic_files, _generic_items, load_raw
 from tasks.data.demo_data import write_demo_shop
+from tasks.data.formats import file_stem
 from tasks.data.prepare import DataPaths
 from tasks.data.readers import find_files, reading
 from tasks.data.shards import ShardWriter
@@ -119,7 +120,7 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
                              column_map, event_map)
     if items_source is not None:
         _generic_items(items_source, column_map).write_parquet(workdir / "items.parquet")
-    return _Loaded(source, _stem(source), notes=notes)
+    return _Loaded(source, file_stem(source), notes=notes)
 
 
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
