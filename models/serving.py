@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 FAMILIES: dict[str, type | str] = {
     "popularity": "models.baselines:Popularity",
     "recent_popularity": "models.baselines:Popularity",
-    "covisitation": "models.baselines:CoVisitation",
+    "covisitation": "models.covisitation:CoVisitation",
     "buy_again": "models.baselines:BuyAgain",
     "transformer": "models.transformer:SequentialTransformer",
 }
