@@ -22,37 +22,7 @@ from models.columns import (
 
 SECOND = 1_000_000  # microseconds
 DAY = 86_400 * SECOND
-
-# Top-level categories: name, typical price, sub-category nouns. The first three are consumable.
-_TOPS: tuple[tuple[str, float, tuple[str, ...]], ...] = (
-    ("grocery", 4.0, ("coffee", "tea", "pasta", "snacks", "sauce", "cereal")),
-    ("beauty", 14.0, ("shampoo", "lotion", "soap", "perfume", "lipstick", "razor")),
-    ("pets", 11.0, ("dog food", "cat food", "litter", "treats", "leash", "chew toy")),
-    ("home", 32.0, ("lamp", "pillow", "towel", "vase", "rug", "mug")),
-    ("electronics", 110.0, ("headphones", "charger", "speaker", "camera", "keyboard", "monitor")),
-    ("fashion", 38.0, ("shirt", "jeans", "sneakers", "jacket", "dress", "scarf")),
-    ("sports", 42.0, ("yoga mat", "dumbbell", "bottle", "racket", "helmet", "ball")),
-    ("toys", 24.0, ("puzzle", "blocks", "doll", "board game", "kite", "robot")),
-)
-_N_TOPS = len(_TOPS)
-_N_CONSUMABLE = 3
-_SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "no", "ti", "sa", "du", "fe",
-              "xo", "pi", "ze", "mo", "ru", "la", "bri", "qua", "ny", "tor")
-
-# Sessions per hour of the day (UTC is the shop's clock) and per weekday (Monday first).
-_HOURLY = np.array([0.45, 0.28, 0.18, 0.12, 0.10, 0.12, 0.22, 0.40, 0.60, 0.75, 0.85, 0.95,
-                    1.05, 1.00, 0.95, 0.95, 1.00, 1.10, 1.30, 1.55, 1.75, 1.80, 1.45, 0.90])
-_WEEKDAY = np.array([0.92, 0.90, 0.93, 0.97, 1.05, 1.30, 1.35])
-
-_P_CART, _P_FAV, _P_BUY = 0.07, 0.025, 0.40  # per view, per view, per cart
-_P_REBUY, _REBUY_ROUNDS = 0.5, 6
-_MEAN_VIEWS, _MAX_VIEWS = 5.0, 40  # views per session
-# Next view of a session: complement of the previous item, same sub-category, same item again;
-# otherwise the session's other sub-category.
-_P_COMPLEMENT, _P_SAME_LEAF, _P_REVIEW = 0.25, 0.55, 0.05
 _CACHE_CELLS = 30_000_000  # largest (days x items) popularity table kept in memory
-BATCH_USERS = 50_000  # users generated together by generate_shop_batches (about 2M events)
-
 
 # Top-level categories: name, typical price, sub-category nouns. The first three are consumable.
 _TOPS: tuple[tuple[str, float, tuple[str, ...]], ...] = (
@@ -69,6 +39,8 @@ _N_TOPS = len(_TOPS)
 _N_CONSUMABLE = 3
 _SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "no", "ti", "sa", "du", "fe",
               "xo", "pi", "ze", "mo", "ru", "la", "bri", "qua", "ny", "tor")
+
+
 @dataclass
 class Catalogue:
     """Items stored grouped by sub-category (leaf); one array entry per item unless noted."""

@@ -39,7 +39,6 @@ _MEAN_VIEWS, _MAX_VIEWS = 5.0, 40  # views per session
 # Next view of a session: complement of the previous item, same sub-category, same item again;
 # otherwise the session's other sub-category.
 _P_COMPLEMENT, _P_SAME_LEAF, _P_REVIEW = 0.25, 0.55, 0.05
-_CACHE_CELLS = 30_000_000  # largest (days x items) popularity table kept in memory
 @dataclass
 class Batch:
     """Events as integer codes; ``kind`` indexes :data:`EVENT_TYPES`, ``ts`` is epoch µs."""

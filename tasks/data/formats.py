@@ -1,7 +1,7 @@
 """Readers of the public e-commerce datasets: each format's files into the canonical tables.
 
 Taobao UserBehavior, REES46, DIGINETICA, H&M, S3-Rec (Amazon), UCI Online Retail and ReChorus,
-each as its publisher ships it (see :data:`tasks.data.adapters.EXPECTED_FILES`); every value is
+each as its publisher ships it (see :data:`EXPECTED_FILES`); every value is
 converted by :mod:`tasks.data.conversions`, which names the file, column and fix when one cannot
 be read. :func:`tasks.data.adapters.load_raw` picks the reader of a format.
 """
