@@ -288,8 +288,10 @@ def data_name(config: TrainConfig) -> str:
         config.data.path).stem.split(".")[0]
 
 
-DIGEST_EXCLUDED = {"tracking_uri"}
-"""Settings that do not change a run's results: a run may be resumed with another value."""
+DIGEST_EXCLUDED: dict[str, Any] = {
+    "tracking_uri": True, "dask": {"address": True, "workers": True, "memory_limit": True}}
+"""Settings that do not change a run's results: a run may be resumed with another value (the
+store's address; the Dask cluster that runs it, as long as the shards stay the same)."""
 
 
 def config_digest(config: TrainConfig) -> str:

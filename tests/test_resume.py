@@ -210,9 +210,13 @@ def test_resume_refuses_changed_data_and_a_missing_run_folder(tmp_path, mlflow_s
     assert "without --resume" in err
 
 
-def test_settings_digest_leaves_out_only_the_tracking_uri():
+def test_settings_digest_leaves_out_the_stores_and_the_cluster():
     base = load_config(None)
     assert config_digest(base) == config_digest(load_config(None, tracking_uri="sqlite://"))
+    # a run on a restarted Dask cluster (a new address, other workers) can be resumed
+    assert config_digest(base) == config_digest(load_config(
+        None, dask__address="tcp://127.0.0.1:8786", dask__workers=3, dask__memory_limit="4GiB"))
+    assert config_digest(base) != config_digest(load_config(None, dask__shards=8))
     assert config_digest(base) != config_digest(load_config(None, seed=7))
     assert config_digest(base) != config_digest(load_config(None, ranker__n_trials=9))
 
