@@ -135,6 +135,12 @@ def n_items_of(split_dir: Path, split: Split) -> int:
     return pl.concat(ids).n_unique()
 
 
+def run_artifact(uri: str) -> tuple[str, str]:
+    """``(run_id, artifact path)`` of a ``runs:/RUN_ID/PATH`` tag (empty strings when unset)."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    return run_id, path
+
+
 def gate_split(client: MlflowClient, model_name: str, version: str, split_dir: Path | None,
                work: Path) -> Path:
     """The local split folder the gate scores ``version`` on (its tables in the parent folder).
@@ -147,8 +153,7 @@ def gate_split(client: MlflowClient, model_name: str, version: str, split_dir: P
         folder = Path(split_dir)
     else:
         tags = get_version(client, model_name, version).tags
-        uri = tags.get(GATE_DATA_TAG, "")
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        run_id, path = run_artifact(tags.get(GATE_DATA_TAG, ""))
         local = work / "gate-data" / version
         if run_id and path and not (local / path).is_dir():
             local.mkdir(parents=True, exist_ok=True)
@@ -183,8 +188,7 @@ class BundlePyfunc:
 
 def version_recipe(client: MlflowClient, model_name: str, version: str) -> dict[str, Any] | None:
     """The recipe a version was made with (tag ``shoprank.recipe``), or None without one."""
-    uri = get_version(client, model_name, version).tags.get(RECIPE_TAG, "")
-    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    run_id, path = run_artifact(get_version(client, model_name, version).tags.get(RECIPE_TAG, ""))
     if not run_id or not path:
         return None
     with tempfile.TemporaryDirectory(prefix="shoprank-recipe-") as tmp:

@@ -275,11 +275,11 @@ def log_gate_data(client: MlflowClient, run_id: str, split_dir: Path) -> str:
     for name in ("events.parquet", "items.parquet"):
         if (split_dir.parent / name).is_file():
             client.log_artifact(run_id, str(split_dir.parent / name), GATE_ARTIFACTS)
-    uri = f"runs:/{run_id}/{GATE_ARTIFACTS}"
-    log_dataset(run_id, f"{client.get_run(run_id).data.tags.get(DATA_TAG, 'data')}-split",
-                f"{client.get_run(run_id).info.artifact_uri}/{GATE_ARTIFACTS}/split",
-                fingerprint([split_dir]), "evaluation", client)
-    return uri
+    run = client.get_run(run_id)
+    log_dataset(run_id, f"{run.data.tags.get(DATA_TAG, 'data')}-split",
+                f"{run.info.artifact_uri}/{GATE_ARTIFACTS}/split", fingerprint([split_dir]),
+                "evaluation", client)
+    return f"runs:/{run_id}/{GATE_ARTIFACTS}"
 
 
 def load_serving(model_uri: str, tracking_uri: str) -> tuple[Any, ServingModel]:
