@@ -64,7 +64,8 @@ class TransformerConfig:
             AMD Zen 4 or Intel Sapphire Rapids; slower on others).
         patience: Evaluations without a better validation NDCG@10 before stopping.
         eval_every: Evaluate on the validation targets every this many epochs.
-        eval_batch_size: Users scored at once when evaluating or recommending.
+        eval_batch_size: Users scored at once when evaluating or recommending (fewer when
+            the catalogue is large: one block of scores stays within 256 MiB).
         sort_chunk: Batches per length-sorted chunk when batching (1: plain shuffling).
         num_threads: CPU threads for torch (None: leave torch's setting).
     """

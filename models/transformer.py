@@ -30,6 +30,8 @@ __all__ = ["SASRec", "SequentialTransformer", "TransformerConfig"]
 logger = logging.getLogger(__name__)
 
 SESSION_GAPS = (86_400.0, 60.0)
+# Floats in one (users x catalogue) block of scores: 256 MiB, whatever the catalogue's size.
+SCORE_BLOCK = 1 << 26
 """Seconds assumed before a live session's first item and between its items."""
 
 
@@ -106,10 +108,18 @@ class SequentialTransformer:
         return torch.autocast(self.device_.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ------------------------------------------------------------------ scoring
-    def _length_chunks(self, seqs: seqdata.Sequences, rows: np.ndarray) -> list[np.ndarray]:
-        """Positions into ``rows`` in length-sorted chunks of ``eval_batch_size``."""
+    def _length_chunks(
+        self, seqs: seqdata.Sequences, rows: np.ndarray, scored: bool = False
+    ) -> list[np.ndarray]:
+        """Positions into ``rows`` in length-sorted chunks of ``eval_batch_size``.
+
+        ``scored``: each row is scored against the whole catalogue, so a chunk also keeps its
+        ``(B, V)`` scores within ``SCORE_BLOCK`` floats (fewer rows for a large catalogue).
+        """
         order = np.argsort(seqs.lengths[rows], kind="stable")
         size = self.config.eval_batch_size
+        if scored:
+            size = max(1, min(size, SCORE_BLOCK // (len(self.item_ids_) + 1)))
         return [order[s : s + size] for s in range(0, len(order), size)]
 
     @torch.no_grad()
@@ -178,7 +188,7 @@ class SequentialTransformer:
         rows = seqs.rows(users)
         known = np.flatnonzero(rows >= 0)
         parts = [self._popular(np.flatnonzero(rows < 0), k)]
-        for chunk in self._length_chunks(seqs, rows[known]):
+        for chunk in self._length_chunks(seqs, rows[known], scored=True):
             scores = self._masked_scores(seqs, rows[known[chunk]], exclude_seen)
             top = torch.topk(scores, min(int(k), scores.shape[1]), dim=1)
             values, index = top.values.cpu().numpy(), top.indices.cpu().numpy()

@@ -231,7 +231,7 @@ def evaluate(
     """Recall@k and NDCG@k of held-out next items (seen items filtered, full catalogue)."""
     hits = torch.zeros((), device=est.device_)
     gains = torch.zeros((), device=est.device_)
-    for chunk in est._length_chunks(est.sequences_, rows):
+    for chunk in est._length_chunks(est.sequences_, rows, scored=True):
         scores = est._masked_scores(est.sequences_, rows[chunk], exclude_seen=True)
         target_score = scores.gather(1, est._tensor(targets[chunk])[:, None])  # (B, 1)
         rank = (scores > target_score).sum(1)  # (B,) 0-based

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import losses, seqdata
+import models.transformer as transformer_module
+from models import losses, seqdata, transformer_training
 from models.columns import ATTRIBUTES, CATEGORY, EVENT_TYPE, ITEM, RANK, SCORE, TIMESTAMP, USER
 from models.errors import ConfigError, DataError, MissingColumnsError
 from models.transformer import SASRec, SequentialTransformer, TransformerConfig
@@ -270,6 +271,23 @@ def test_recommend_excludes_seen_items(
     assert (recs.groupby(USER)[SCORE].diff().dropna() <= 0).all()
     with_seen = fitted.recommend(train[USER].unique(), k=10, exclude_seen=False)
     assert with_seen.merge(train[[USER, ITEM]], on=[USER, ITEM]).shape[0] > 0
+
+
+def test_a_large_catalogue_is_scored_in_smaller_blocks_with_the_same_results(
+    fitted: SequentialTransformer, toy: tuple[pd.DataFrame, pd.DataFrame],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A (users x catalogue) block of scores is bounded: the lists and metrics do not change."""
+    _, valid = toy
+    rows, targets, n_cases = transformer_training.validation_cases(fitted, valid)
+    lists = fitted.recommend(valid[USER], k=5)
+    metrics = transformer_training.evaluate(fitted, rows, targets, n_cases)
+    n_items = len(fitted.item_ids_) + 1
+    monkeypatch.setattr(transformer_module, "SCORE_BLOCK", 3 * n_items)
+    assert [len(c) for c in fitted._length_chunks(fitted.sequences_, rows, scored=True)][0] == 3
+    pd.testing.assert_frame_equal(fitted.recommend(valid[USER], k=5), lists)
+    assert transformer_training.evaluate(fitted, rows, targets, n_cases) == pytest.approx(
+        metrics, abs=1e-6)
 
 
 def test_history_overrides_the_fitted_history(
