@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import zip_longest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,12 @@ def run_measured(command: list[str], log: Path, record: Path | None = None,
                     others = sample() if sample else None
                 except Exception as error:  # a worker lost: keep its last figures
                     print(f"usage sample failed: {error}", flush=True)
-                record.write_text(json.dumps({"start": start, "last_seen": time.time(),
-                                              "flow": proc_usage(proc.pid),
-                                              "others": others}))
+                # written aside, then renamed: a kill never leaves half a record
+                partial = record.with_suffix(".partial")
+                partial.write_text(json.dumps({"start": start, "last_seen": time.time(),
+                                               "flow": proc_usage(proc.pid),
+                                               "others": others}))
+                partial.replace(record)
                 next_record = time.time() + SAMPLE_EVERY_S
             time.sleep(1.0)
     code = os.waitstatus_to_exitcode(status)
@@ -162,11 +166,12 @@ def train_on_cluster(shop: Path, out: Path, workers: int, stem: Path, config: Pa
     record = stem.parent / f"{stem.name}.attempt-{len(attempts) + 1:02d}.json"
     log = record.with_suffix(".log")
     row = cluster_attempt(train_command(shop, out, config, resume), workers, log, record)
-    row["stages"] = attempt_stages(log.read_text(), row["flow"]["wall_s"], True)
+    text = log.read_text()
+    row["stages"] = attempt_stages(text, row["flow"]["wall_s"], True)
     row["finished"] = True
     record.write_text(json.dumps(row))
     attempts.append(row)
-    return merge_attempts(attempts, log.read_text())
+    return merge_attempts(attempts, text)
 
 
 def merge_attempts(attempts: list[dict], last_log: str) -> dict:
@@ -174,12 +179,10 @@ def merge_attempts(attempts: list[dict], last_log: str) -> dict:
     def total(key: str) -> float:
         return sum(a["flow"][key] or 0.0 for a in attempts)
 
-    n_workers = max(len(a.get("workers") or []) for a in attempts)
-    workers = [{"cpu_s": sum(a["workers"][i]["cpu_s"] for a in attempts
-                             if len(a.get("workers") or []) > i),
-                "peak_rss_mib": max(a["workers"][i]["peak_rss_mib"] for a in attempts
-                                    if len(a.get("workers") or []) > i)}
-               for i in range(n_workers)]
+    by_worker = zip_longest(*(a.get("workers") or [] for a in attempts))  # worker i of each
+    workers = [{"cpu_s": sum(w["cpu_s"] for w in same if w),
+                "peak_rss_mib": max(w["peak_rss_mib"] for w in same if w)}
+               for same in by_worker]
     schedulers = [a["scheduler"] for a in attempts if a.get("scheduler")]
     stages: dict[str, float] = {}
     for a in attempts:
