@@ -25,7 +25,6 @@ from models.base import (
     Recommender,
     check_events,
     event_weight_expr,
-    popularity_table,
 )
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.covisitation import CoVisitation
@@ -39,9 +38,11 @@ from models.partials import (
     all_time_popularity,
     check_positive,
     resolved_weights,
+    shared_popularity,
     sorted_history,
     sum_partials,
     weighted_counts,
+    window_popularity,
 )
 
 __all__ = [  # what the other layers import from here
@@ -85,7 +86,7 @@ class Popularity(Recommender):
             shared = SharedState(events[TIMESTAMP].max(), self.partial(events, events[
                 TIMESTAMP].max()))
         check_positive("window_days", self.window_days)
-        self.popularity_ = popularity_table(shared.tables["counts"], tiebreak=ALL_TIME)
+        self.popularity_ = shared_popularity(shared, window_popularity)
         self.history_ = sorted_history(events)
         return self
 
@@ -134,7 +135,7 @@ class BuyAgain(Recommender):
             .filter(pl.col(SCORE) > 0)
             .sort(USER, ITEM)
         )
-        self.popularity_ = all_time_popularity(shared.tables["counts"])
+        self.popularity_ = shared_popularity(shared, all_time_popularity)
         self.history_ = sorted_history(events)
         return self
 

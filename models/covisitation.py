@@ -31,6 +31,7 @@ from models.partials import (
     check_positive,
     ordered_events,
     resolved_weights,
+    shared_popularity,
     sorted_history,
     weighted_counts,
 )
@@ -132,7 +133,7 @@ class CoVisitation(Recommender):
             self.neighbours_ = self.neighbours_from(part["pairs"], self.popularity_)
         else:
             t_max = shared.t_max
-            self.popularity_ = all_time_popularity(shared.tables["counts"])
+            self.popularity_ = shared_popularity(shared, all_time_popularity)
             self.neighbours_ = shared.tables["neighbours"]
         self.recent_ = self._recent(self._ordered_weighted(events, t_max))
         self.history_ = sorted_history(events)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -42,7 +42,10 @@ class SharedState:
 
     Attributes:
         t_max: The latest timestamp of the whole history ("recent" is relative to it).
-        tables: Summed partial tables (``counts``) and, for co-visitation, ``neighbours``.
+        tables: Summed partial tables (``counts``) and, for co-visitation, ``neighbours``;
+            optionally ``popularity``: the model's popularity table already ordered from
+            ``counts`` (as the model would order it), so that every part need not sort the
+            whole catalogue again.
     """
 
     t_max: dt.datetime
@@ -79,6 +82,18 @@ def sum_partials(parts: Sequence[Mapping[str, pl.DataFrame]]) -> dict[str, pl.Da
 def all_time_popularity(counts: pl.DataFrame) -> pl.DataFrame:
     """The popularity table of the all-time weighted counts."""
     return popularity_table(counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE)))
+
+
+def window_popularity(counts: pl.DataFrame) -> pl.DataFrame:
+    """The popularity table of the window's weighted counts (``score``), ties by all time."""
+    return popularity_table(counts, tiebreak=ALL_TIME)
+
+
+def shared_popularity(shared: SharedState, order: Callable[[pl.DataFrame], pl.DataFrame]
+                      ) -> pl.DataFrame:
+    """``shared``'s ready ``popularity`` table, else ``order`` applied to its ``counts``."""
+    ready = shared.tables.get("popularity")
+    return ready if ready is not None else order(shared.tables["counts"])
 
 
 PAIR_SHIFT = 1 << 32  # (user code, item code) packed into one UInt64 key

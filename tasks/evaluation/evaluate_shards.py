@@ -38,6 +38,7 @@ from models.baselines import (
 )
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.metrics import COUNT, merge_partials, partial_metrics
+from models.partials import all_time_popularity, window_popularity
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import shard_of
 from tasks.evaluation.evaluate import baseline_factories
@@ -102,12 +103,25 @@ def reduce_pairs(work: Path, stage: str, bucket: int, popularity: pl.DataFrame) 
     return out
 
 
-def _shared(name: str, t_max: dt.datetime, counts: pl.DataFrame, neighbours: pl.DataFrame
-            ) -> SharedState:
-    """The shared state each baseline ``name`` fits with."""
+def write_popularity(counts: pl.DataFrame, folder: Path) -> dict[str, Path]:
+    """Order the catalogue once per stage for every score task: ``{ordering: file}``.
+
+    ``all_time``: the popularity, co-visitation and buy-again baselines' ordering; ``recent``:
+    the recent-popularity baseline's (its window's counts, ties by all time).
+    """
     window = counts.select(ITEM, pl.col(RECENT).alias(SCORE), ALL_TIME)
-    whole = counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE), ALL_TIME)
-    tables = {"counts": window if name == "recent_popularity" else whole}
+    tables = {ALL_TIME: all_time_popularity(counts), RECENT: window_popularity(window)}
+    files = {name: folder / f"popularity_{name}.parquet" for name in tables}
+    for name, table in tables.items():
+        table.write_parquet(files[name])
+    return files
+
+
+def _shared(name: str, t_max: dt.datetime, popularity: dict[str, pl.DataFrame],
+            neighbours: pl.DataFrame) -> SharedState:
+    """The shared state each baseline ``name`` fits with: its ordered popularity table."""
+    ordering = RECENT if name == "recent_popularity" else ALL_TIME
+    tables = {"popularity": popularity[ordering]}
     if name == "covisitation":
         tables["neighbours"] = neighbours
     return SharedState(t_max, tables)
@@ -121,26 +135,29 @@ def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
 
 @task(name="baseline-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
-                exclude_seen: bool, recent_days: float, counts: Path, neighbours: Path,
-                selection: Selection) -> dict[str, dict[str, Any]]:
+                exclude_seen: bool, recent_days: float, counts: Path,
+                popularity: dict[str, Path], neighbours: Path, selection: Selection
+                ) -> dict[str, dict[str, Any]]:
     """Fit every baseline on one shard's users with the shared tables; partial metrics.
 
-    Validation is scored on the users of the selection holdout only.
+    Validation is scored on the users of the selection holdout only. ``popularity``: the
+    catalogue ordered once for all shards (:func:`write_popularity`); a task sorts no
+    catalogue-sized table.
     """
     split = read_split_shard(split_dir, shard)
     history_name, targets_name = STAGES[stage]
     history, targets = getattr(split, history_name), getattr(split, targets_name)
     if stage == "valid":
         targets = selection.targets(split)
-    whole = pl.read_parquet(counts)
+    item_counts = pl.read_parquet(counts, columns=[ITEM, COUNT])
+    ordered = {name: pl.read_parquet(path) for name, path in popularity.items()}
     neighbour_table = read_neighbours(neighbours, history)
-    popularity = whole.select(ITEM, COUNT)
     parts = {}
     users = targets[USER].unique(maintain_order=True)
     for name, factory in baseline_factories(recent_days).items():
-        model = factory().fit(history, _shared(name, t_max, whole, neighbour_table))
+        model = factory().fit(history, _shared(name, t_max, ordered, neighbour_table))
         recs = model.recommend(users, k=max(ks), exclude_seen=exclude_seen)
-        parts[name] = partial_metrics(recs, targets, ks, popularity)
+        parts[name] = partial_metrics(recs, targets, ks, item_counts)
     return parts
 
 
@@ -168,6 +185,7 @@ def evaluate_baselines_sharded(
                                                     list(range(n_buckets)))))
         counts_file = work / stage / "counts.parquet"
         counts.write_parquet(counts_file)
+        ordered = write_popularity(counts, work / stage)
         popularity = counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE))
         files = gather(reduce_pairs.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
                                         popularity=unmapped(popularity)))
@@ -177,7 +195,8 @@ def evaluate_baselines_sharded(
             unmapped(split_dir), shards, stage=unmapped(stage), t_max=unmapped(t_max),
             ks=unmapped(ks), exclude_seen=unmapped(exclude_seen),
             recent_days=unmapped(recent_days), counts=unmapped(counts_file),
-            neighbours=unmapped(neighbours_file), selection=unmapped(selection or Selection())))
+            popularity=unmapped(ordered), neighbours=unmapped(neighbours_file),
+            selection=unmapped(selection or Selection())))
         for name in parts[0] if parts else ():
             merged = merge_partials([part[name] for part in parts], n_items)
             scores.setdefault(name, {})[stage] = merged
