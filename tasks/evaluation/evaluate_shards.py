@@ -93,8 +93,15 @@ def reduce_counts(work: Path, stage: str, bucket: int) -> pl.DataFrame:
 
 
 @task(name="baseline-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def reduce_pairs(work: Path, stage: str, bucket: int, popularity: pl.DataFrame) -> Path:
-    """One bucket of source items' neighbours, from every shard's pairs; returns its file."""
+def reduce_pairs(work: Path, stage: str, bucket: int) -> Path:
+    """One bucket of source items' neighbours, from every shard's pairs; returns its file.
+
+    The popularity that normalises the pairs is read from the stage's ``counts.parquet`` (a
+    catalogue-sized table passed as an argument would travel with every task, through the
+    scheduler).
+    """
+    popularity = pl.read_parquet(work / stage / "counts.parquet", columns=[ITEM, ALL_TIME]
+                                 ).rename({ALL_TIME: SCORE})
     files = sorted((work / stage / "pairs").glob("*.parquet"))
     pairs = sum_partials([{"pairs": read_bucket(files, bucket)}])["pairs"]
     out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
@@ -186,9 +193,7 @@ def evaluate_baselines_sharded(
         counts_file = work / stage / "counts.parquet"
         counts.write_parquet(counts_file)
         ordered = write_popularity(counts, work / stage)
-        popularity = counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE))
-        files = gather(reduce_pairs.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
-                                        popularity=unmapped(popularity)))
+        files = gather(reduce_pairs.map(unmapped(work), unmapped(stage), list(range(n_buckets))))
         neighbours_file = work / stage / "neighbours.parquet"
         pl.concat([pl.read_parquet(f) for f in files]).write_parquet(neighbours_file)
         parts = gather(score_shard.map(

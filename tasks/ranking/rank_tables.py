@@ -94,9 +94,15 @@ def reduce_items(work: Path, stage: str, bucket: int) -> pl.DataFrame:
 
 
 @task(name="ranker-tables-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def reduce_neighbours(work: Path, stage: str, bucket: int, popularity: pl.DataFrame,
-                      config: RankerConfig) -> Path:
-    """One bucket of source items' co-visitation neighbours; returns its file."""
+def reduce_neighbours(work: Path, stage: str, bucket: int, config: RankerConfig) -> Path:
+    """One bucket of source items' co-visitation neighbours; returns its file.
+
+    The popularity that normalises the pairs is read from the stage's ``items.parquet`` (a
+    catalogue-sized table passed as an argument would travel with every task, through the
+    scheduler).
+    """
+    popularity = pl.read_parquet(work / stage / "items.parquet", columns=[ITEM, COVIS_ALL]
+                                 ).rename({COVIS_ALL: SCORE})
     files = sorted((work / stage / "pairs").glob("*.parquet"))
     pairs = sum_partials([{"pairs": read_bucket(files, bucket)}])["pairs"]
     out = work / stage / "neighbours" / f"bucket-{bucket:05d}.parquet"
@@ -124,9 +130,7 @@ def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetim
     if neighbours is not None:
         shutil.copyfile(neighbours, work / stage / "neighbours.parquet")
         return
-    popularity = items.select(ITEM, pl.col(COVIS_ALL).alias(SCORE))
     files = gather(reduce_neighbours.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
-                                         popularity=unmapped(popularity),
                                          config=unmapped(config)))
     pl.concat([pl.read_parquet(f) for f in files]).write_parquet(
         work / stage / "neighbours.parquet")
