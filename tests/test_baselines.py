@@ -11,8 +11,12 @@ from polars.testing import assert_frame_equal
 
 from models.base import IdIndex, NotFittedError, Recommender
 from models.baselines import BuyAgain, CoVisitation, Popularity
+from models.columns import ITEM, SCORE, USER
 from models.errors import ConfigError, DataError, MissingColumnsError
-from models.metrics import evaluate
+from models.metrics import COUNT, evaluate
+from models.partials import ALL_TIME, DEFAULT_EVENT_WEIGHTS, SharedState, weighted_counts
+from tasks.evaluation.evaluate import baseline_factories
+from tasks.evaluation.evaluate_shards import RECENT, _shared, write_popularity
 from tasks.splitting.split import leave_one_out
 
 T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
@@ -243,3 +247,31 @@ def test_exclude_seen_equals_full_ranking_minus_seen(model_class: type[Recommend
         .select("user_id", "item_id")
     )
     assert short.select("user_id", "item_id").equals(expected)
+
+
+def test_a_part_fitted_with_the_stage_orderings_recommends_as_with_the_counts(
+    tmp_path: Path,
+) -> None:
+    """The sharded score task's ready orderings (written once per stage) change no list."""
+    rng = np.random.default_rng(3)  # many ties: 40 users, 30 items, a few events each
+    rows = [(f"u{u}", f"i{rng.integers(30)}", str(rng.choice(["view", "cart", "purchase"])),
+             int(rng.integers(0, 24 * 20))) for u in range(40) for _ in range(5)]
+    events = _events(rows)
+    t_max = events["timestamp"].max()
+    counts = weighted_counts(events, DEFAULT_EVENT_WEIGHTS, t_max, 7.0).rename(
+        {SCORE: RECENT}).join(events.group_by(ITEM).len(COUNT), on=ITEM)
+    ordered = {k: pl.read_parquet(v) for k, v in write_popularity(counts, tmp_path).items()}
+    pairs = CoVisitation().partial(events, t_max)["pairs"]
+    neighbours = CoVisitation().neighbours_from(
+        pairs, counts.select(ITEM, pl.col(ALL_TIME).alias(SCORE)))
+    part = events.filter(pl.col(USER).is_in([f"u{u}" for u in range(0, 40, 3)]))
+    users = part[USER].unique()
+    for name, factory in baseline_factories(7.0).items():
+        score = RECENT if name == "recent_popularity" else ALL_TIME
+        from_counts = SharedState(t_max, {
+            "counts": counts.select(ITEM, pl.col(score).alias(SCORE), ALL_TIME),
+            "neighbours": neighbours})
+        expected = factory().fit(part, from_counts).recommend(users, k=8, exclude_seen=True)
+        got = factory().fit(part, _shared(name, t_max, ordered, neighbours)).recommend(
+            users, k=8, exclude_seen=True)
+        assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
