@@ -8,7 +8,8 @@ Per stage (``valid``: fitted on ``train``; ``test``: fitted on ``test_history``)
    and one row group per bucket, so that a reducer reads only its bucket;
 2. **reduce**, a task per bucket: the counts summed; then, with every bucket's counts at hand (one
    row per item), the pairs summed, normalised and pruned per source item
-   (:meth:`models.baselines.CoVisitation.neighbours_from`);
+   (:meth:`models.baselines.CoVisitation.neighbours_from`); the catalogue's popularity orderings
+   are written once (:func:`write_popularity`), so that no score task sorts the catalogue;
 3. **score**, a task per shard: each baseline fitted on the shard's users with the whole history's
    tables (:class:`models.baselines.SharedState`), asked for the shard's target users, scored with
    :func:`models.metrics.partial_metrics`; the parts merge exactly into the metrics of one process.
