@@ -40,6 +40,7 @@ from models.metrics import COUNT, partial_metrics  # noqa: E402
 from tasks.evaluation.evaluate import baseline_factories  # noqa: E402
 from tasks.evaluation.evaluate_shards import (  # noqa: E402
     RECENT,
+    _shared,
     history_end,
     read_neighbours,
     write_popularity,
@@ -55,15 +56,6 @@ def sorted_state(name: str, t_max: dt.datetime, counts: pl.DataFrame,
     """The shared state with the counts only: the baseline orders the catalogue itself."""
     score = RECENT if name == "recent_popularity" else ALL_TIME
     tables = {"counts": counts.select(ITEM, pl.col(score).alias(SCORE), ALL_TIME)}
-    if name == "covisitation":
-        tables["neighbours"] = neighbours
-    return SharedState(t_max, tables)
-
-
-def ordered_state(name: str, t_max: dt.datetime, ordered: dict[str, pl.DataFrame],
-                  neighbours: pl.DataFrame) -> SharedState:
-    """The shared state with the stage's ordered popularity table of this baseline."""
-    tables = {"popularity": ordered[RECENT if name == "recent_popularity" else ALL_TIME]}
     if name == "covisitation":
         tables["neighbours"] = neighbours
     return SharedState(t_max, tables)
@@ -88,7 +80,7 @@ def score(run: Path, shard: int, ordered_files: dict[str, Path] | None, ks: list
     lists = {}
     for name, factory in baseline_factories(7.0).items():
         state = (sorted_state(name, t_max, counts, neighbours) if ordered_files is None
-                 else ordered_state(name, t_max, ordered, neighbours))
+                 else _shared(name, t_max, ordered, neighbours))
         recs = factory().fit(history, state).recommend(users, k=max(ks))
         partial_metrics(recs, targets, ks, item_counts)
         lists[name] = recs
