@@ -1,4 +1,4 @@
-"""What one baseline score task costs on shards of the same size from logs of growing size.
+"""What one score task costs on shards of the same size from logs of growing size.
 
 The demo shop's catalogue grows with its log (an item per 60 events), and a per-shard task of
 ``engine: dask`` holds one shard plus catalogue-sized tables. A stage grows linearly with the log
@@ -14,8 +14,14 @@ task (fit the four baselines on a shard's users, recommend, partial metrics) on 
 Both give the same lists (checked: items and ranks, scores within 1e-9). The one-off ordering
 per stage is timed apart.
 
+With ``--ranker`` it times the ranker's test score task instead (:func:`score_shard`, the task
+itself, on the run's refitted model), split into its parts: the shard's tables, candidates and
+features, scoring and ranking (LightGBM's predict), the rest; with the candidate rows and the
+model's trees, so that the predict's cost per row and tree compares across runs. The settings are
+those of the run (``config.json`` of its ``scale.py`` work folder, three levels up).
+
     .venv/bin/python benchmarks/shard_task.py --runs /work/scale/30m/out-30000000-2/shop-*/* \
-        /work/scale/100m/out-100000000-2/shop-*/* --shards 0 1 2
+        /work/scale/100m/out-100000000-2/shop-*/* --shards 0 1 2 [--ranker]
 """
 
 from __future__ import annotations
@@ -28,12 +34,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tasks.ranking.rank_shards as rank_shards  # noqa: E402
+from flows.config import load_config  # noqa: E402
+from flows.train import resolved_exclude_seen  # noqa: E402
 from models.baselines import ALL_TIME, SharedState  # noqa: E402
 from models.columns import ITEM, SCORE, USER  # noqa: E402
 from models.metrics import COUNT, partial_metrics  # noqa: E402
@@ -45,6 +57,8 @@ from tasks.evaluation.evaluate_shards import (  # noqa: E402
     read_neighbours,
     write_popularity,
 )
+from tasks.ranking.features import table_settings  # noqa: E402
+from tasks.ranking.rank_tables import TEST  # noqa: E402
 from tasks.splitting.split import Selection  # noqa: E402
 from tasks.splitting.split_shards import read_split_shard  # noqa: E402
 
@@ -97,14 +111,95 @@ def same_lists(old: pl.DataFrame, new: pl.DataFrame, what: str) -> None:
     assert (old[SCORE] - new[SCORE]).abs().max() <= 1e-9, what
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, nargs="+", required=True,
-                        help="run folders of kept `scale.py` runs (with baselines/valid)")
-    parser.add_argument("--shards", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
+RANKER_PARTS = {"shard_state": "tables s", "candidate_features": "candidates and features s",
+                "rank_scored": "predict and rank s"}
+"""The functions of :func:`rank_shards.score_shard` timed apart, and their names in the rows."""
+
+
+@contextmanager
+def timed_parts(seconds: dict[str, float], sizes: dict[str, int]) -> Iterator[None]:
+    """Time the :data:`RANKER_PARTS` of ``rank_shards`` while inside; count the candidate rows."""
+    originals = {name: getattr(rank_shards, name) for name in RANKER_PARTS}
+
+    def timer(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            seconds[RANKER_PARTS[name]] = time.perf_counter() - start
+            if name == "candidate_features":
+                sizes["rows"] = result.height
+            return result
+        return run
+
+    for name, function in originals.items():
+        setattr(rank_shards, name, timer(name, function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(rank_shards, name, function)
+
+
+def ranker_score(run: Path, shard: int) -> dict[str, float]:
+    """Seconds of one ranker test score task by part, its users and candidate rows."""
+    config_file = run.parents[2] / "config.json"
+    config = load_config(config_file if config_file.is_file() else None)
+    info = json.loads((run / "split" / "info.json").read_text())
+    ranker = config.ranker.settings(config.seed)
+    exclude = resolved_exclude_seen(config, info["protocol"])
+    ranker = ranker.model_copy(update={"candidates": ranker.candidates.model_copy(
+        update={"exclude_seen": exclude})})
+    seconds: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp, timed_parts(seconds, sizes):
+        (Path(tmp) / TEST).symlink_to(run / "ranker" / TEST)  # the stage's tables, read only
+        start = time.perf_counter()
+        out = rank_shards.score_shard.fn(
+            run / "split", shard, TEST, history_end(run / "split", "test_history"), ranker,
+            table_settings(ranker.candidates, ranker.features, False), run / "items.parquet",
+            False, Path(tmp), config.evaluation.ks, run / "ranker" / "model",
+            config.evaluation.selection(config.seed))
+        total = time.perf_counter() - start
+    rest = total - sum(seconds.values())
+    return {"users": out["metrics"]["users"], "rows": sizes["rows"], **seconds,
+            "rest s": rest, "task s": total}
+
+
+def ranker_rows(runs: list[Path], shards: list[int]) -> list[dict[str, Any]]:
+    """Per run, the median over ``shards`` of :func:`ranker_score`, shards interleaved."""
+    times: dict[Path, list[dict[str, float]]] = {run: [] for run in runs}
+    for shard in shards:
+        for run in runs:
+            times[run].append(ranker_score(run, shard))
     rows = []
-    for run in args.runs:
+    for run, parts in times.items():
+        info = json.loads((run / "split" / "info.json").read_text())
+        trees = json.loads((run / "ranker" / "model" / "ranker.json").read_text())[
+            "params"]["num_boost_round"]
+        row: dict[str, Any] = {"run": str(run), "task": "ranker-score",
+                               "events": info["summary"]["train_events"],
+                               "shards": len(info["shards"]), "trees": trees}
+        row.update({key: round(statistics.median(p[key] for p in parts), 2)
+                    for key in parts[0]})
+        row["predict us per row and tree"] = round(
+            1e6 * row["predict and rank s"] / (row["rows"] * trees), 3)
+        rows.append(row)
+        print(json.dumps(row))
+    print("\n| train events | shards | trees | users | candidate rows | tables s | candidates and "
+          "features s | predict and rank s | task s | predict µs per row and tree |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['events']:,} | {row['shards']} | {row['trees']} | {row['users']:,.0f} | "
+              f"{row['rows']:,.0f} | {row['tables s']} | {row['candidates and features s']} | "
+              f"{row['predict and rank s']} | {row['task s']} | "
+              f"{row['predict us per row and tree']} |")
+    return rows
+
+
+def baseline_rows(runs: list[Path], shards: list[int]) -> list[dict[str, Any]]:
+    """Per run, the baselines' validation score task both ways, median over ``shards``."""
+    rows = []
+    for run in runs:
         stage = run / "baselines" / "valid"
         counts = pl.read_parquet(stage / "counts.parquet")
         with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +207,7 @@ def main() -> None:
             files = write_popularity(counts, Path(tmp))
             once = time.perf_counter() - start
             times: dict[str, list[float]] = {"sorted per task": [], "ordered once": []}
-            for shard in args.shards:  # interleaved, so that both see the same machine
+            for shard in shards:  # interleaved, so that both see the same machine
                 before, old = score(run, shard, None, [10, 20])
                 after, new = score(run, shard, files, [10, 20])
                 for name in old:
@@ -131,6 +226,18 @@ def main() -> None:
     for row in rows:
         print(f"| {row['events']:,} | {row['catalogue']:,} | {row['shards']} | "
               f"{row['sorted per task']} | {row['ordered once']} | {row['ordering once s']} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True,
+                        help="run folders of kept `scale.py` runs (with baselines/valid)")
+    parser.add_argument("--shards", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ranker", action="store_true",
+                        help="time the ranker's test score task (the runs need ranker/)")
+    args = parser.parse_args()
+    rows = (ranker_rows if args.ranker else baseline_rows)(args.runs, args.shards)
     RESULTS.parent.mkdir(exist_ok=True)
     previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     previous.append({"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
