@@ -44,7 +44,8 @@ async def read_seconds() -> dict[str, list[float]]:
     baselines' score tasks: ``#1`` the validation users, ``#2`` the test users): within one
     flow run, a map's task runs are all created before the next map's, so the n-th run created
     belongs to map ``n // shards``, counting the cached runs too (``shards``: the flow run's
-    ``split-shard`` runs). A resumed run has a flow run per attempt.
+    ``split-shard`` runs). A resumed run has a flow run per attempt; an attempt stopped
+    within a map created only some of its runs.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import TaskRunSort
@@ -59,12 +60,14 @@ async def read_seconds() -> dict[str, list[float]]:
                     created[(run.flow_run_id, SUFFIX.sub("", run.name))].append(run)
             offset += len(runs)
     shards = {flow: len(runs) for (flow, name), runs in created.items() if name == "split-shard"}
+    mapped = {name for (flow, name), runs in created.items()  # mapped more than once
+              if len(runs) > shards.get(flow, len(runs))}
     seconds: dict[str, list[float]] = defaultdict(list)
     for (flow, name), runs in created.items():
         per_map = shards.get(flow) or len(runs)
         for n, run in enumerate(runs):
             if run.state_name == "Completed" and run.total_run_time:
-                kind = f"{name} #{n // per_map + 1}" if len(runs) > per_map else name
+                kind = f"{name} #{n // per_map + 1}" if name in mapped else name
                 seconds[kind].append(run.total_run_time.total_seconds())
     return dict(seconds)
 
