@@ -31,8 +31,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "task_runs.json"
 PAGE = 200
-SUFFIX = re.compile(r"-[0-9a-f]{3}$")
-"""Prefect names a task run after its task, with a short random suffix."""
+SUFFIX = re.compile(r"-(\d+|[0-9a-f]{3})$")
+"""A task run's name ends with its shard (``ranker-score-test-00007``) or, for the task runs
+that are not named, a short random suffix; the rest is its kind."""
 SUBFLOW = "train-shards"
 """The subflow's own run, left out: it spans the stages and finishes in the last attempt only."""
 

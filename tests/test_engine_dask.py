@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -119,9 +120,10 @@ def _assert_resumed_from_cache(config, result: dict, store: str) -> None:
             flow_filter=FlowFilter(name=FlowFilterName(any_=["train-shards"])),
             sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [subflow.id]}))
-    states = {(t.name.rsplit("-", 1)[0], t.state_name) for t in tasks}
-    names = {name for name, _ in states}
-    assert {"baseline-score", "ranker-frames", "ranker-score", "transformer-study"} <= names
+    states = {(re.sub(r"-(\d+|[0-9a-f]{3})$", "", t.name), t.state_name) for t in tasks}
+    names = {name for name, _ in states}  # a shard's task runs are named by stage and shard
+    assert {"baseline-score-valid", "baseline-score-test", "ranker-frames-w0", "ranker-score-test",
+            "transformer-score-test", "transformer-study"} <= names
     assert {name for name, state in states if state != "Cached"} == {"validate-shard"}
 
 

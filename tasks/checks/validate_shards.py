@@ -82,8 +82,8 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-@task(name="validate-shard", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
-      retry_condition_fn=_retry_unless_bad_data)
+@task(name="validate-shard", task_run_name="validate-{path.stem}", retries=1, persist_result=True,
+      cache_policy=STAGE_CACHE, retry_condition_fn=_retry_unless_bad_data)
 def validate_shard(
     path: Path, items: Path | None, settings: ValidationSettings, now: dt.datetime
 ) -> ShardResult:
@@ -108,8 +108,8 @@ def validate_shard(
                        outcomes)
 
 
-@task(name="drop-shard-duplicates", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
-      retry_condition_fn=_retry_unless_bad_data)
+@task(name="drop-shard-duplicates", task_run_name="drop-duplicates-{path.stem}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE, retry_condition_fn=_retry_unless_bad_data)
 def drop_shard_duplicates(path: Path) -> int:
     """Rewrite a shard without its exact duplicate rows (the first copy kept); return how many.
 

@@ -74,7 +74,8 @@ def read_bucket(files: list[Path], bucket: int) -> pl.DataFrame:
     return pl.scan_parquet(files).filter(pl.col(BUCKET) == bucket).drop(BUCKET).collect()
 
 
-@task(name="baseline-map", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="baseline-map", task_run_name="baseline-map-{stage}-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def map_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, recent_days: float,
               n_buckets: int, work: Path) -> None:
     """Write one shard's additive tables of one stage's history (see the module docstring)."""
@@ -86,14 +87,16 @@ def map_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, recen
     write_buckets(pairs, "src", n_buckets, work / stage / "pairs" / f"shard-{shard:05d}.parquet")
 
 
-@task(name="baseline-reduce-counts", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="baseline-reduce-counts", task_run_name="baseline-reduce-counts-{stage}-{bucket:05d}",
+      retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_counts(work: Path, stage: str, bucket: int) -> pl.DataFrame:
     """One bucket of the whole history's counts per item."""
     files = sorted((work / stage / "counts").glob("*.parquet"))
     return sum_partials([{"counts": read_bucket(files, bucket)}])["counts"]
 
 
-@task(name="baseline-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="baseline-reduce-pairs", task_run_name="baseline-reduce-pairs-{stage}-{bucket:05d}",
+      retries=1, persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_pairs(work: Path, stage: str, bucket: int) -> Path:
     """One bucket of source items' neighbours, from every shard's pairs; returns its file.
 
@@ -141,7 +144,8 @@ def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
     return pl.scan_parquet(path).join(items, on=ITEM, how="semi").collect()
 
 
-@task(name="baseline-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="baseline-score", task_run_name="baseline-score-{stage}-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
                 exclude_seen: bool, recent_days: float, counts: Path,
                 popularity: dict[str, Path], neighbours: Path, selection: Selection

@@ -50,7 +50,8 @@ from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard
 
 
-@task(name="ranker-windows", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="ranker-windows", task_run_name="ranker-windows-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def window_stats(split_dir: Path, shard: int, config: RankerConfig, selection: Selection
                  ) -> list[dict[str, Any]]:
     """One shard's counts per training window, for :func:`kept_windows` and :func:`draw`.
@@ -112,7 +113,8 @@ def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) 
                 min(1.0, bound_held / max(held, 1)), fallback)
 
 
-@task(name="ranker-frames", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="ranker-frames", task_run_name="ranker-frames-{stage}-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
                  config: RankerConfig, settings: TableSettings, items_path: Path | None,
                  ordered_only: bool, work: Path, selection: Selection) -> dict[str, Any]:

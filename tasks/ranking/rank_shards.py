@@ -136,7 +136,8 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig)
     return work / "model"
 
 
-@task(name="ranker-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="ranker-score", task_run_name="ranker-score-{stage}-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
                 work: Path, ks: list[int], model: Path, selection: Selection) -> dict[str, Any]:

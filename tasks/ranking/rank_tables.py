@@ -66,7 +66,8 @@ def stage_events(split: Split, stage: str, config: RankerConfig
     return every_window(split, j, config.window_stride)[j]
 
 
-@task(name="ranker-tables-map", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="ranker-tables-map", task_run_name="ranker-tables-map-{stage}-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                settings: TableSettings, n_buckets: int, work: Path, pairs: bool) -> None:
     """Write one shard's item partials (and co-visitation pair sums) of a stage, by bucket."""
@@ -86,14 +87,18 @@ def map_tables(split_dir: Path, shard: int, stage: str, end: dt.datetime, config
                       work / stage / "pairs" / name)
 
 
-@task(name="ranker-tables-reduce-items", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="ranker-tables-reduce-items",
+      task_run_name="ranker-tables-reduce-items-{stage}-{bucket:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_items(work: Path, stage: str, bucket: int) -> pl.DataFrame:
     """One bucket of the stage's summed item partials."""
     files = sorted((work / stage / "items").glob("*.parquet"))
     return sum_item_partials([read_bucket(files, bucket)])
 
 
-@task(name="ranker-tables-reduce-pairs", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="ranker-tables-reduce-pairs",
+      task_run_name="ranker-tables-reduce-pairs-{stage}-{bucket:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def reduce_neighbours(work: Path, stage: str, bucket: int, config: RankerConfig) -> Path:
     """One bucket of source items' co-visitation neighbours; returns its file.
 

@@ -96,8 +96,8 @@ def _timestamps(path: Path) -> pl.DataFrame:
         return pl.read_parquet(path, columns=[TIMESTAMP])
 
 
-@task(name="shard-time-stats", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
-      retry_condition_fn=_retry_unless_bad_data)
+@task(name="shard-time-stats", task_run_name="time-stats-{path.stem}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE, retry_condition_fn=_retry_unless_bad_data)
 def shard_time_stats(path: Path, hours: bool) -> TimeStats:
     """Count a shard's rows (and with ``hours`` its timestamps per hour); take its latest time."""
     frame = _timestamps(path)
@@ -108,8 +108,8 @@ def shard_time_stats(path: Path, hours: bool) -> TimeStats:
     return TimeStats(frame.height, frame[TIMESTAMP].max(), counts)
 
 
-@task(name="shard-times-in", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
-      retry_condition_fn=_retry_unless_bad_data)
+@task(name="shard-times-in", task_run_name="times-in-{path.stem}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE, retry_condition_fn=_retry_unless_bad_data)
 def shard_times_in(path: Path, hours: list[int]) -> pl.DataFrame:
     """The distinct timestamps of a shard within ``hours``, with how often each occurs."""
     frame = _timestamps(path).drop_nulls().filter(_hour().is_in(hours))
@@ -182,8 +182,8 @@ def shard_number(path: Path) -> int:
     return int(match.group(1))
 
 
-@task(name="split-shard", retries=1, persist_result=True, cache_policy=STAGE_CACHE,
-      retry_condition_fn=_retry_unless_bad_data)
+@task(name="split-shard", task_run_name="split-{path.stem}", retries=1, persist_result=True,
+      cache_policy=STAGE_CACHE, retry_condition_fn=_retry_unless_bad_data)
 def split_shard(path: Path, cuts: Cuts | None, target_event_types: tuple[str, ...] | None,
                 split_dir: Path) -> ShardSplit:
     """Split one shard (leave-one-out without ``cuts``) and write its four tables."""

@@ -49,14 +49,16 @@ STAGES = {"valid": ("train", "valid_targets", "best"), "test": ("test_history", 
                                                                  "model")}
 
 
-@task(name="transformer-users", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="transformer-users", task_run_name="transformer-users-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def count_users(split_dir: Path, shard: int) -> int:
     """The users of one shard's test history (train + validation: every user of the split)."""
     return pl.scan_parquet(shard_file(split_dir / "test_history", shard)).select(
         pl.col(USER).n_unique()).collect().item()
 
 
-@task(name="transformer-sample", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="transformer-sample", task_run_name="transformer-sample-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def sample_shard(split_dir: Path, shard: int, rate: float, seed: int, out: Path) -> int:
     """Write the drawn users' four split tables of one shard; returns how many were drawn."""
     split = read_split_shard(split_dir, shard)
@@ -111,7 +113,8 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
             "sample_valid": best.user_attrs.get("metrics", {})}
 
 
-@task(name="transformer-score", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
+@task(name="transformer-score", task_run_name="transformer-score-{stage}-{shard:05d}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Path,
                 ks: list[int], exclude_seen: bool, selection: Selection
                 ) -> dict[str, Any] | None:
