@@ -220,8 +220,7 @@ def lgbm(prep: Prepared, config: RankerConfig, workdir: Path, sources: tuple[Any
     result = tune_and_evaluate_lgbm(split, prep.items, config, None, workdir, KS, seen,
                                     prep.ordered_only, prep.n_items, external, source)
     train_s = time.perf_counter() - start
-    pipe = RankingPipeline(config.model_copy(update={"candidates": config.candidates.model_copy(
-        update={"exclude_seen": seen})}), prep.items, prep.ordered_only)
+    pipe = RankingPipeline(config.seen_excluded(seen), prep.items, prep.ordered_only)
     data = pipe.training_frames(split, external)
     pipe.ranker_ = pipe.new_ranker(result["best_params"]).fit(data.train, data.holdout)
     frame = data.holdout.filter(pl.col(QUERY).str.starts_with("0:")).drop(QUERY)

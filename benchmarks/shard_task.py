@@ -140,25 +140,29 @@ def timed_parts(seconds: dict[str, float], sizes: dict[str, int]) -> Iterator[No
             setattr(rank_shards, name, function)
 
 
-def ranker_score(run: Path, shard: int) -> dict[str, float]:
-    """Seconds of one ranker test score task by part, its users and candidate rows."""
+def ranker_inputs(run: Path) -> dict[str, Any]:
+    """The arguments of the run's test score task but the shard and the work folder."""
     config_file = run.parents[2] / "config.json"
     config = load_config(config_file if config_file.is_file() else None)
     info = json.loads((run / "split" / "info.json").read_text())
-    ranker = config.ranker.settings(config.seed)
-    exclude = resolved_exclude_seen(config, info["protocol"])
-    ranker = ranker.model_copy(update={"candidates": ranker.candidates.model_copy(
-        update={"exclude_seen": exclude})})
+    ranker = config.ranker.settings(config.seed).seen_excluded(
+        resolved_exclude_seen(config, info["protocol"]))
+    return {"split_dir": run / "split", "stage": TEST,
+            "end": history_end(run / "split", "test_history"), "config": ranker,
+            "settings": table_settings(ranker.candidates, ranker.features, False),
+            "items_path": run / "items.parquet", "ordered_only": False,
+            "ks": config.evaluation.ks, "model": run / "ranker" / "model",
+            "selection": config.evaluation.selection(config.seed)}
+
+
+def ranker_score(run: Path, shard: int, inputs: dict[str, Any]) -> dict[str, float]:
+    """Seconds of one ranker test score task by part, its users and candidate rows."""
     seconds: dict[str, float] = {}
     sizes: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp, timed_parts(seconds, sizes):
         (Path(tmp) / TEST).symlink_to(run / "ranker" / TEST)  # the stage's tables, read only
         start = time.perf_counter()
-        out = rank_shards.score_shard.fn(
-            run / "split", shard, TEST, history_end(run / "split", "test_history"), ranker,
-            table_settings(ranker.candidates, ranker.features, False), run / "items.parquet",
-            False, Path(tmp), config.evaluation.ks, run / "ranker" / "model",
-            config.evaluation.selection(config.seed))
+        out = rank_shards.score_shard.fn(shard=shard, work=Path(tmp), **inputs)
         total = time.perf_counter() - start
     rest = total - sum(seconds.values())
     return {"users": out["metrics"]["users"], "rows": sizes["rows"], **seconds,
@@ -167,10 +171,11 @@ def ranker_score(run: Path, shard: int) -> dict[str, float]:
 
 def ranker_rows(runs: list[Path], shards: list[int]) -> list[dict[str, Any]]:
     """Per run, the median over ``shards`` of :func:`ranker_score`, shards interleaved."""
+    inputs = {run: ranker_inputs(run) for run in runs}
     times: dict[Path, list[dict[str, float]]] = {run: [] for run in runs}
     for shard in shards:
         for run in runs:
-            times[run].append(ranker_score(run, shard))
+            times[run].append(ranker_score(run, shard, inputs[run]))
     rows = []
     for run, parts in times.items():
         info = json.loads((run / "split" / "info.json").read_text())

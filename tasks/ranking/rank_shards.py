@@ -191,8 +191,7 @@ def evaluate_ranker_sharded(
     ``sample`` (its size), ``best_params``, ``study_name``, ``n_trials`` and ``model_dir``.
     """
     log = get_run_logger()
-    config = config.model_copy(update={"candidates": config.candidates.model_copy(
-        update={"exclude_seen": exclude_seen})})
+    config = config.seen_excluded(exclude_seen)
     settings = table_settings(config.candidates, config.features, ordered_only)
     shards = split_shard_files(split_dir)
     common = {"config": unmapped(config), "settings": unmapped(settings),

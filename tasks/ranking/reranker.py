@@ -95,6 +95,11 @@ class RankerConfig(BaseModel):
         USER_CHUNK, gt=0, description="Users whose candidates and features are built at once "
         "(working memory follows it; results do not depend on it).")
 
+    def seen_excluded(self, exclude_seen: bool) -> RankerConfig:
+        """These settings with the candidates' ``exclude_seen`` set (the evaluation decides it)."""
+        return self.model_copy(update={"candidates": self.candidates.model_copy(
+            update={"exclude_seen": exclude_seen})})
+
 
 def training_windows(split: Split, n: int, stride: float = 1.0
                      ) -> list[tuple[pl.DataFrame, pl.DataFrame]]:

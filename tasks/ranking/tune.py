@@ -249,8 +249,7 @@ def tune_and_evaluate_lgbm(
     ks = list(ks or [10, 20])
     loo = split.protocol == "leave_one_out"
     seen = loo if exclude_seen is None else exclude_seen
-    config = config.model_copy(update={"candidates": config.candidates.model_copy(
-        update={"exclude_seen": seen})})
+    config = config.seen_excluded(seen)
     pipe = RankingPipeline(config, items, loo if ordered_only is None else ordered_only)
     data = pipe.training_frames(split if selection is None else selection.tuning(split),
                                 external)
