@@ -46,14 +46,10 @@ from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import host_cores, shard_file
-from tasks.evaluation.evaluate_shards import (
-    history_end,
-)
+from tasks.evaluation.evaluate_shards import history_end
 from tasks.ranking.candidates import merge_recall, recall_counts
 from tasks.ranking.features import candidate_features, table_settings
-from tasks.ranking.history_tables import (
-    TableSettings,
-)
+from tasks.ranking.history_tables import TableSettings
 from tasks.ranking.rank_sample import (
     draw,
     kept_windows,
@@ -82,15 +78,6 @@ from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard, split_shard_files
 
 logger = logging.getLogger(__name__)
-
-
-# ---- 2. tables --------------------------------------------------------------------------------
-
-
-# ---- 3. frames --------------------------------------------------------------------------------
-
-
-# ---- 4. sample --------------------------------------------------------------------------------
 
 
 # ---- 5. study ---------------------------------------------------------------------------------
