@@ -131,17 +131,14 @@ class CoVisitation(Recommender):
             part = self.partial(events, t_max)
             self.popularity_ = all_time_popularity(part["counts"])
             self.neighbours_ = self.neighbours_from(part["pairs"], self.popularity_)
+            logger.info("co-visitation: %d items with neighbours, %d pairs kept",
+                        self.neighbours_[ITEM].n_unique(), self.neighbours_.height)
         else:
             t_max = shared.t_max
             self.popularity_ = shared_popularity(shared, all_time_popularity)
             self.neighbours_ = shared.tables["neighbours"]
         self.recent_ = self._recent(self._ordered_weighted(events, t_max))
         self.history_ = sorted_history(events)
-        logger.info(
-            "co-visitation: %d items with neighbours, %d pairs kept",
-            self.neighbours_[ITEM].n_unique(),
-            self.neighbours_.height,
-        )
         return self
 
     def _check_params(self) -> None:
@@ -246,7 +243,10 @@ class CoVisitation(Recommender):
             pl.col("user_code").cast(pl.UInt64)
         )
         recent = self.recent_.join(user_codes, on=USER).join(codes, on=ITEM)
-        neighbours = self.neighbours_.join(codes, on=ITEM).join(
+        # only the neighbours of these users' recent items vote: the rest are dropped before the
+        # joins (a shard's table holds the neighbours of every item in its history)
+        voting = self.neighbours_.join(recent.select(ITEM).unique(), on=ITEM, how="semi")
+        neighbours = voting.join(codes, on=ITEM).join(
             codes.rename({ITEM: "neighbour", "code": "n_code"}), on="neighbour"
         )
         summed = (

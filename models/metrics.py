@@ -35,6 +35,7 @@ from models.columns import ITEM, RANK, USER
 from models.errors import ConfigError, DataError, require_columns
 
 COUNT = "count"
+_INFO = "__information"  # a recommended item's self-information, for novelty
 ACCURACY_METRICS: tuple[str, ...] = ("ndcg", "recall", "recall_plain", "hitrate", "map", "mrr")
 
 
@@ -165,11 +166,13 @@ def partial_metrics(
     top = recs.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String), RANK).join(
         per_user.select(USER), on=USER, how="semi"
     )
+    if item_popularity is not None:  # looked up once for every k
+        top = _with_information(top, item_popularity)
     for k in sorted(set(ks)):
         top_k = top.filter(pl.col(RANK) <= k)
         part["items"][k] = top_k[ITEM].unique()
         if item_popularity is not None:
-            part["novelty"][k] = (_self_information(top_k, item_popularity), top_k.height)
+            part["novelty"][k] = (float(top_k[_INFO].sum()), top_k.height)
     return part
 
 
@@ -194,19 +197,23 @@ def merge_partials(parts: Sequence[Mapping[str, object]], n_items: int | None = 
     return result
 
 
-def _self_information(top_k: pl.DataFrame, item_popularity: pl.DataFrame) -> float:
-    """Summed self-information ``-log2(count / total)`` of the recommended (user, item) pairs."""
+def _with_information(top: pl.DataFrame, item_popularity: pl.DataFrame) -> pl.DataFrame:
+    """``top`` with the self-information ``-log2(count / total)`` of each recommended item.
+
+    An item missing from ``item_popularity`` counts once. Only the recommended items are joined:
+    the table is the whole catalogue, the part a few of its items.
+    """
     require_columns(item_popularity.columns, (ITEM, COUNT), "item_popularity")
-    if top_k.is_empty():
-        return 0.0
-    counts = item_popularity.select(pl.col(ITEM).cast(pl.String), pl.col(COUNT).cast(pl.Float64))
-    total = float(counts[COUNT].sum())
+    if top.is_empty():
+        return top.with_columns(pl.lit(0.0).alias(_INFO))
+    total = float(item_popularity[COUNT].cast(pl.Float64).sum())
     if total <= 0:
         raise DataError("item_popularity counts sum to zero; give positive interaction counts.")
-    info = top_k.join(counts, on=ITEM, how="left").select(
-        -(pl.col(COUNT).fill_null(1.0).clip(lower_bound=1.0) / total).log(2)
-    )
-    return float(info.to_series().sum())
+    counts = item_popularity.select(pl.col(ITEM).cast(pl.String), pl.col(COUNT).cast(pl.Float64))
+    counts = counts.join(top.select(ITEM).unique(), on=ITEM, how="semi")
+    return top.join(counts, on=ITEM, how="left").with_columns(
+        -(pl.col(COUNT).fill_null(1.0).clip(lower_bound=1.0) / total).log(2).alias(_INFO)
+    ).drop(COUNT)
 
 
 def metrics_table(
