@@ -155,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("--split", metavar="DIR",
                      help="test split folder (default: the one recorded on the version)")
     pro.add_argument("--force", action="store_true",
-                     help="decide again on a decided version; promote an incomparable one")
-    pro.add_argument("--config", metavar="FILE", help="YAML file of settings (registry: ...)")
+                     help="decide again on a decided version and promote it whatever the gate "
+                     "says (never to data older than the champion's)")
+    pro.add_argument("--config", metavar="FILE",
+                     help="YAML file whose registry settings (margin, tolerances) replace those "
+                     "of the version's training run")
     pro.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     pro.set_defaults(func=cmd_promote)
 

@@ -105,7 +105,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = promote(version=args.version, model_name=args.model_name or
-                     config.registry.model_name, registry=config.registry,
+                     config.registry.model_name,
+                     registry=config.registry if args.config else None,  # else the run's own
                      tracking_uri=tracking_uri_of(args, config), split_dir=args.split,
                      force=args.force)
     print(f"\n{result['model']} version {result['version']}: {result['decision']} "  # noqa: T201

@@ -3,8 +3,10 @@
 ``release_best_model`` runs inside ``train``: the best model on validation is packaged and
 registered as the challenger, the event ``shoprank.model.evaluated`` announces it, and (unless
 ``registry.promote`` is false) it is promoted right away. The ``promote`` flow does the promotion
-on its own, for a version given by number or for the current challenger; a deployment runs it
-when the evaluation event arrives.
+on its own, for a version given by number or for the current challenger, under the settings of
+the version's training run; a deployment runs it when the evaluation event arrives. Both steps
+are restartable (:mod:`tasks.release.promotion`): registering again finds the version the run
+registered, and the events carry stable ids.
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import RegistryConfig, TrainConfig
 from tasks import tracking
-from tasks.release.gate import promote_version
+from tasks.release.gate import run_config
 from tasks.release.packaging import ReleaseRun, register_best
+from tasks.release.promotion import promote_version
 from tasks.release.registry import (
     EVALUATED,
-    PROMOTED,
-    REJECTED,
-    Decision,
     PromotionPolicy,
     alias_version,
     emit_model_event,
@@ -46,12 +46,20 @@ def policy_of(registry: RegistryConfig, primary_metric: str, serve_session_items
         latency_requests=registry.latency_requests, session_items=serve_session_items)
 
 
-def announce(decision: Decision) -> None:
-    """Send the decision as ``shoprank.model.promoted`` (or ``.rejected``)."""
-    if decision.decision == "unchanged":
-        return
-    event = PROMOTED if decision.promoted else REJECTED
-    emit_model_event(event, decision.model_name, decision.version, decision.payload())
+def trained_policy(client: MlflowClient, model_name: str, version: str,
+                   registry: RegistryConfig | None = None) -> PromotionPolicy:
+    """The policy a version is decided under: its training run's settings.
+
+    The margin, tolerances and latency requests of the run's ``registry`` section (or
+    ``registry`` when given), its primary metric and its ``serve.session_items``; defaults
+    where the run logged no config.
+    """
+    found = get_version(client, model_name, version)
+    config = run_config(client, found.run_id)
+    registry = registry or RegistryConfig.model_validate(config.get("registry", {}))
+    metric = found.tags.get("primary_metric") or config.get("evaluation", {}).get(
+        "primary_metric", "ndcg@10")
+    return policy_of(registry, metric, config.get("serve", {}).get("session_items", 5))
 
 
 def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: TrainConfig,
@@ -60,10 +68,10 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
     logger = get_run_logger()
     family, packaged = register_task(scores, run)
     name, version = packaged.name, packaged.version
-    emit_model_event(EVALUATED, name, version, {
+    emit_model_event(EVALUATED, name, version, {  # a resumed release sends the same event
         "model": name, "version": version, "family": family, "run_id": run.run_id,
         "artifact_bytes": packaged.artifact_bytes, "load_seconds": packaged.load_seconds,
-        "metrics": metrics_payload(scores, family)})
+        "metrics": metrics_payload(scores, family)}, key=run.run_id)
     result: dict[str, Any] = {"model": name, "version": version, "family": family,
                               "artifact_bytes": packaged.artifact_bytes,
                               "load_seconds": packaged.load_seconds, "decision": None}
@@ -71,7 +79,6 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
         policy = policy_of(config.registry, config.evaluation.primary_metric,
                            config.serve.session_items)
         decision = promote_task(name, version, run.tracking_uri, policy, run.split_dir)
-        announce(decision)
         result.update(decision=decision.decision, reason=decision.reason,
                       released_version=decision.released_version,
                       champion=alias_version(MlflowClient(run.tracking_uri), name, "champion"))
@@ -94,22 +101,20 @@ def promote(
     Args:
         version: Model version number; empty means the version with alias ``challenger``.
         model_name: Registered model name.
-        registry: Margin and guardrails (defaults when empty).
+        registry: Margin and guardrails; empty means those of the version's training run.
         tracking_uri: MLflow store; MLFLOW_TRACKING_URI or ./mlruns when empty.
         split_dir: Test split to compare on; default: the one recorded on the version.
         force: Decide again on a version that already carries a decision.
     """
     logger = get_run_logger()
-    registry = registry or RegistryConfig()
     uri = tracking_uri or tracking.tracking_uri()
     client = MlflowClient(uri)
     version = version or alias_version(client, model_name, "challenger")
-    metric = "ndcg@10"
+    policy = policy_of(registry or RegistryConfig(), "ndcg@10")
     if version is not None:
-        metric = get_version(client, model_name, str(version)).tags.get("primary_metric", metric)
-    decision = promote_task(model_name, version, uri, policy_of(registry, metric),
+        policy = trained_policy(client, model_name, str(version), registry)
+    decision = promote_task(model_name, version, uri, policy,
                             Path(split_dir) if split_dir else None, force)
-    announce(decision)
     logger.info("%s v%s: %s (%s)", model_name, decision.version, decision.decision,
                 decision.reason)
     return {"model": model_name, "version": decision.version, "decision": decision.decision,

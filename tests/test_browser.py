@@ -17,7 +17,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.release.gate import promote_version
+from tasks.release.promotion import promote_version
 from tests.test_deploy import start_prefect_server
 from tests.test_registry import FAST, register_version
 from tests.test_serving import BIN, free_port, start_group, stop_group, wait_http

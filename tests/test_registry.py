@@ -22,7 +22,9 @@ from models.errors import ConfigError, ShoprankError
 from tasks import tracking
 from tasks.data.prepare import read_split, write_split
 from tasks.evaluation.evaluate import baseline_factories, score_model
-from tasks.release.gate import EVALUATED_TAG, promote_version
+from tasks.release.gate import EVALUATED_TAG
+from tasks.release.promotion import promote_version
+from tasks.release.recipes import baseline_recipe, write_recipe
 from tasks.release.packaging import (
     GATE_DATA_TAG,
     KIND_TAG,
@@ -68,10 +70,15 @@ def prepare_run(root: Path, shop_dir: Path, families: tuple[str, ...]
 
 
 def register_version(root: Path, shop_dir: Path, uri: str, family: str,
-                     model_name: str = "shoprank") -> str:
-    """Register ``family`` fitted on the shop as train's release step does; returns the version."""
+                     model_name: str = "shoprank", recipe: bool = False) -> str:
+    """Register ``family`` fitted on the shop as train's release step does; returns the version.
+
+    ``recipe``: save the baseline's recipe beside it (as ``train`` does), so the gate can refit it.
+    """
     run_root = root / family
     split_dir, scores = prepare_run(run_root, shop_dir, (family,))
+    if recipe:
+        write_recipe(run_root / "models" / family, baseline_recipe(family, 7.0, False))
     client = MlflowClient(uri)  # no mlflow.set_tracking_uri: nothing leaks into other tests
     found = client.get_experiment_by_name("demo")
     experiment = found.experiment_id if found else client.create_experiment(
@@ -141,12 +148,15 @@ def test_select_best_uses_validation_and_skips_unservable():
         select_best({"mystery": scores["mystery"]}, "ndcg@10")
 
 
+LOCK_ID = "0123456789abcdef0123"
+
+
 def _assert_exclusive(uri: str) -> None:
     """Two threads holding the lock run one after the other; a third times out clearly."""
     inside: list[tuple[str, float, float]] = []
 
     def hold(name: str) -> None:
-        with registry_lock(uri, "shoprank"):
+        with registry_lock(uri, "shoprank", lock_id=LOCK_ID):
             start = time.monotonic()
             time.sleep(0.3)
             inside.append((name, start, time.monotonic()))
@@ -158,8 +168,9 @@ def _assert_exclusive(uri: str) -> None:
         thread.join()
     (_, s1, e1), (_, s2, _) = sorted(inside, key=lambda x: x[1])
     assert s2 >= e1  # the second holder entered only after the first left
-    with (registry_lock(uri, "shoprank"), pytest.raises(ShoprankError, match="could not lock"),
-          registry_lock(uri, "shoprank", timeout_s=0.5)):
+    with (registry_lock(uri, "shoprank", lock_id=LOCK_ID),
+          pytest.raises(ShoprankError, match="could not lock"),
+          registry_lock(uri, "shoprank", timeout_s=0.5, lock_id=LOCK_ID)):
         pass
 
 
@@ -168,11 +179,12 @@ def test_lock_is_exclusive_and_lives_beside_the_store(tmp_path, monkeypatch):
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server: a file on this host
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert lock_path(uri, "shoprank").parent == tmp_path
-    assert lock_path("http://127.0.0.1:5000", "shoprank").name.startswith("shoprank-registry-")
+    assert lock_path(uri, "shoprank", LOCK_ID).parent == tmp_path
+    assert lock_path("http://127.0.0.1:5000", "shoprank", LOCK_ID).name.startswith(
+        "shoprank-registry-")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even beside the harness
         _assert_exclusive(uri)
-    assert lock_path(uri, "shoprank").is_file()
+    assert lock_path(uri, "shoprank", LOCK_ID).is_file()
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -180,10 +192,10 @@ def test_with_a_prefect_server_the_lock_is_its_global_concurrency_limit(tmp_path
     from prefect.client.orchestration import get_client
 
     uri = "postgresql://shoprank:s3cret@127.0.0.1:5432/mlflow"
-    name = lock_name(uri, "shoprank")
+    name = lock_name(LOCK_ID)
     assert "s3cret" not in name
     _assert_exclusive(uri)
-    assert not lock_path(uri, "shoprank").exists()  # no file anywhere
+    assert not lock_path(uri, "shoprank", LOCK_ID).exists()  # no file anywhere
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(name)
     assert (limit.limit, limit.active_slots) == (1, 0)  # released after use
@@ -280,8 +292,9 @@ def test_a_champion_without_recipe_that_saw_the_test_window_is_incomparable(
     client = MlflowClient(mlflow_store)
     v1 = register_version(tmp_path, demo_shop_dir, mlflow_store, "popularity")
     assert promote_version("shoprank", v1, mlflow_store, FAST).promoted
-    client.set_model_version_tag("shoprank", v1, LAST_EVENT_TAG, "2999-01-01T00:00:00")
-    v2 = register_version(tmp_path, demo_shop_dir, mlflow_store, "buy_again")
+    v2 = register_version(tmp_path, demo_shop_dir, mlflow_store, "buy_again", recipe=True)
+    t_test = client.get_model_version("shoprank", v2).tags[T_TEST_TAG]
+    client.set_model_version_tag("shoprank", v1, LAST_EVENT_TAG, t_test)  # saw the test window
     decision = promote_version("shoprank", v2, mlflow_store, FAST)
     assert decision.decision == "incomparable"
     assert "no recipe" in decision.reason
@@ -290,7 +303,8 @@ def test_a_champion_without_recipe_that_saw_the_test_window_is_incomparable(
     forced = promote_version("shoprank", v2, mlflow_store, FAST, force=True)
     assert forced.decision == "promoted"
     assert forced.reason.startswith("forced")
-    assert alias_version(client, "shoprank", "champion") == v2
+    # v2's recipe refitted on every event: it has seen no less than the champion
+    assert alias_version(client, "shoprank", "champion") == forced.released_version != v2
 
 
 def _buy_again_settings(tmp_path: Path, shop: Path, **extra: object) -> dict[str, object]:

@@ -1,7 +1,7 @@
-"""The promotion gate: the challenger against the champion's recipe on the same split; the release.
+"""The promotion gate: the challenger against the champion's recipe on the same split.
 
 A challenger is registered as the *evaluated copy* of its run's best model: fitted on the events
-before the test window (``t_test``), with alias ``challenger``. The gate:
+before the test window (``t_test``), with alias ``challenger``. The gate (:func:`compare`):
 
 1. scores the challenger on every user of its run's test targets (the user's last items of the
    test history as ``recent_items``; the seen items as ``exclude`` when the protocol removes
@@ -10,16 +10,12 @@ before the test window (``t_test``), with alias ``challenger``. The gate:
    on the challenger's training history and scores it on the same requests. A champion without a
    recipe is scored as served only when the last event it saw is before the challenger's ``t_test``;
    otherwise the decision is ``incomparable`` and nothing moves. A champion of another shop (tag
-   ``data.name``) is never compared: ``incomparable``;
+   ``data.name``), or whose recipe this version of shoprank cannot refit, is ``incomparable``;
 3. decides with :func:`tasks.release.registry.decide` (margin on the primary metric, coverage and
-   latency guardrails);
-4. releases the winning recipe refitted on every event (the test window included) as a new
-   version with alias ``champion``: the challenger's recipe when it wins (``release.kind``
-   ``challenger``), else the champion's (``refresh``). The released version carries the
-   evaluated copy's metric tags.
+   latency guardrails). Both sides are served through the same MLflow pyfunc path and timed on
+   the same mix of requests (every cut-off, with and without a live session, unknown visitors).
 
-The compare-and-set runs under :func:`tasks.release.registry.registry_lock`, the champion read again
-inside it, so two runs finishing together never leave the aliases inconsistent.
+The release that follows a decision is :mod:`tasks.release.promotion`.
 """
 
 from __future__ import annotations
@@ -27,12 +23,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -41,11 +37,8 @@ from mlflow import MlflowClient
 from models.columns import ITEM, TIMESTAMP, USER
 from models.errors import ConfigError
 from models.metrics import evaluate
-from models.serving import ServingModel
-from tasks.data.prepare import read_split, write_split
+from tasks.data.prepare import read_split
 from tasks.release.packaging import (
-    CHALLENGER,
-    CHAMPION,
     DATA_TAG,
     GATE_DATA_TAG,
     KIND_TAG,
@@ -53,22 +46,18 @@ from tasks.release.packaging import (
     RECIPE_TAG,
     SPLIT_DIR_TAG,
     T_TEST_TAG,
-    ShoprankPyfunc,
     build_bundle,
-    package_and_register,
+    input_example,
+    save_pyfunc,
 )
-from tasks.release.recipes import fit_recipe, last_event, release_split
+from tasks.release.recipes import fit_recipe
 from tasks.release.registry import (
-    DECISION_TAG,
     LATENCY,
     Decision,
     PromotionPolicy,
-    alias_version,
     decide,
     get_version,
     load_version,
-    record,
-    registry_lock,
 )
 from tasks.splitting.split import Split
 
@@ -99,16 +88,38 @@ def request_records(split: Split, n_recent: int, exclude_seen: bool, k: int) -> 
     return pd.DataFrame({name: frame[name].to_list() for name in frame.columns})
 
 
-def latency_ms(pyfunc: Any, users: list[str], n: int, seed: int = 0) -> dict[str, float]:
-    """p50 and p99 of single-user top-10 requests through ``pyfunc.predict`` (in-process)."""
+def request_mix(records: pd.DataFrame, ks: list[int], n: int, seed: int = 0) -> list[dict]:
+    """``n`` single-user requests as a server sees them, the same for both sides of the gate.
+
+    Drawn (seeded) from the test users' records: ``k`` from every cut-off scored and the
+    serving default (10); half with the user's recent items as a live session; one in ten from
+    an unknown visitor with a session (the session model's path).
+    """
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(np.asarray(users, dtype=object), size=n, replace=True)
-    for user in chosen[:5]:  # warm-up
-        pyfunc.predict(pd.DataFrame([{USER: user, "k": 10}]))
+    rows = records.to_dict("records")
+    choices = sorted({10, *ks})
+    mix = []
+    for i, row in enumerate(rng.choice(len(rows), size=n, replace=True)):
+        chosen = rows[int(row)]
+        request = {USER: chosen[USER], "k": int(rng.choice(choices))}
+        session = chosen.get("recent_items")
+        draw = rng.random()
+        if session is not None and len(session) and draw < 0.5:
+            request["recent_items"] = list(session)
+            if draw < 0.1:
+                request[USER] = f"gate-visitor-{i}"
+        mix.append(request)
+    return mix
+
+
+def latency_ms(pyfunc: Any, requests: list[dict]) -> dict[str, float]:
+    """p50 and p99 of single-user requests through ``pyfunc.predict`` (in-process)."""
+    for request in requests[:5]:  # warm-up
+        pyfunc.predict(pd.DataFrame([request]))
     times = []
-    for user in chosen:
+    for request in requests:
         start = time.perf_counter()
-        pyfunc.predict(pd.DataFrame([{USER: user, "k": 10}]))
+        pyfunc.predict(pd.DataFrame([request]))
         times.append((time.perf_counter() - start) * 1000)
     return {"latency_p50_ms": float(np.percentile(times, 50)),
             LATENCY: float(np.percentile(times, 99))}
@@ -122,8 +133,8 @@ def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen
     popularity = split.test_history.group_by(ITEM).len("count")
     metrics = evaluate(recs, split.test_targets, ks=ks, n_items=n_items,
                        item_popularity=popularity)
-    users = records[USER].tolist()
-    return {**metrics, **latency_ms(pyfunc, users, policy.latency_requests)}
+    requests = request_mix(records, ks, policy.latency_requests)
+    return {**metrics, **latency_ms(pyfunc, requests)}
 
 
 def n_items_of(split_dir: Path, split: Split) -> int:
@@ -174,16 +185,15 @@ def version_settings(client: MlflowClient, model_name: str, version: str) -> tup
     return ks, tags.get("exclude_seen", "false").lower() == "true"
 
 
-class BundlePyfunc:
-    """A serving bundle on local disk, answering like a loaded pyfunc (no MLflow round trip)."""
+def bundle_pyfunc(bundle: Path, split_dir: Path, family: str) -> Any:
+    """A serving bundle on local disk saved and loaded as the pyfunc it would be served as.
 
-    def __init__(self, bundle: Path) -> None:
-        self.model = ShoprankPyfunc()
-        self.model.serving = ServingModel.load(bundle)
-
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The pyfunc's answer to request records."""
-        return self.model.predict(None, frame)
+    The gate scores and times the challenger through its registered pyfunc; the champion's
+    refitted recipe goes through the same MLflow pyfunc path, so the two are timed alike.
+    """
+    path = bundle.parent / "pyfunc"
+    save_pyfunc(bundle, path, family, input_example(split_dir))
+    return mlflow.pyfunc.load_model(str(path))
 
 
 def version_recipe(client: MlflowClient, model_name: str, version: str) -> dict[str, Any] | None:
@@ -219,7 +229,7 @@ def fit_bundle(recipe: dict[str, Any], split_dir: Path, folder: Path, config: di
                         run_id=run_id)
 
 
-def _time(value: str | None) -> dt.datetime | None:
+def parse_time(value: str | None) -> dt.datetime | None:
     """An ISO 8601 tag as an aware datetime (UTC when it names no zone); None if unreadable."""
     try:
         moment = dt.datetime.fromisoformat(value) if value else None
@@ -245,9 +255,18 @@ def champion_side(client: MlflowClient, model_name: str, version: str, champion:
                       "its own registry.model_name")
     recipe = version_recipe(client, model_name, champion)
     if recipe is not None:
-        bundle = fit_bundle(recipe, split_dir, work, run_config(client, ours.run_id), ours.run_id)
-        return BundlePyfunc(bundle), f"its recipe ({recipe['family']}) refitted on this split"
-    seen, t_test = _time(theirs.get(LAST_EVENT_TAG)), _time(ours.tags.get(T_TEST_TAG))
+        try:
+            bundle = fit_bundle(recipe, split_dir, work, run_config(client, ours.run_id),
+                                ours.run_id)
+        except Exception as err:  # a recipe of an older shoprank: renamed field or family
+            logger.warning("the champion's recipe cannot be refitted", exc_info=True)
+            return None, (f"the recipe of the champion v{champion} "
+                          f"({recipe.get('family', '?')}) cannot be refitted by this version of "
+                          f"shoprank: {type(err).__name__}: {str(err)[:300]}. Promote with "
+                          "--force to replace it")
+        return (bundle_pyfunc(bundle, split_dir, recipe["family"]),
+                f"its recipe ({recipe['family']}) refitted on this split")
+    seen, t_test = parse_time(theirs.get(LAST_EVENT_TAG)), parse_time(ours.tags.get(T_TEST_TAG))
     if seen is not None and t_test is not None and seen < t_test:
         return load_version(client, model_name, champion), "as served (it saw nothing after " \
             f"{seen.isoformat()}, before this test window)"
@@ -294,95 +313,3 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
         reason = f"{reason} (champion v{champion}: {how})"
     return Decision(model_name, version, "promoted" if promote else "rejected", reason,
                     policy.primary_metric, policy.margin, ours, theirs, champion)
-
-
-def release(client: MlflowClient, model_name: str, evaluated: str, recipe: dict[str, Any],
-            kind: str, split_dir: Path, metrics: dict[str, float] | None, work: Path,
-            tracking_uri: str) -> str:
-    """Register ``recipe`` refitted on every event of the evaluated version's run; its number.
-
-    ``kind``: ``challenger`` (the evaluated version won) or ``refresh`` (the champion's recipe
-    won, refitted on today's events). The version's metric tags are the evaluated copy's
-    (``metrics``: the gate's scores of the refitted champion for a refresh).
-    """
-    source = get_version(client, model_name, evaluated)
-    run_id = source.run_id
-    events = pl.read_parquet(split_dir.parent / "events.parquet")
-    shifted = work / "split"
-    write_split(release_split(read_split(split_dir), events), shifted)
-    if (split_dir.parent / "items.parquet").is_file():
-        shutil.copy(split_dir.parent / "items.parquet", work / "items.parquet")
-    bundle = fit_bundle(recipe, shifted, work, run_config(client, run_id), run_id)
-    path = f"recipes/{kind}-of-v{evaluated}.json"
-    client.log_dict(run_id, recipe, path)
-    tags = {name: source.tags[name] for name in COPIED_TAGS if name in source.tags}
-    if kind == "challenger":  # the evaluated copy's validation and test metrics
-        tags.update({key: value for key, value in source.tags.items()
-                     if key.startswith(("valid.", "test."))})
-    else:  # a refresh: the champion's recipe as the gate scored it on this split
-        tags.update({f"test.{m.replace('@', '_at_')}": f"{v:.6g}"
-                     for m, v in (metrics or {}).items()})
-    tags.update({"model.family": recipe["family"], RECIPE_TAG: f"runs:/{run_id}/{path}",
-                 LAST_EVENT_TAG: last_event(events), KIND_TAG: kind, EVALUATED_TAG: evaluated})
-    description = (f"{recipe['family']} refitted on every event ({events.height:,}, last "
-                   f"{tags[LAST_EVENT_TAG]}) after the decision on v{evaluated}: {kind}.")
-    packaged = package_and_register(
-        run_id, bundle, shifted, family=recipe["family"], model_name=model_name,
-        tracking_uri=tracking_uri, tags=tags, description=description, alias=None,
-        artifact_path=f"released-of-v{evaluated}")
-    return packaged.version
-
-
-def promote_version(
-    model_name: str, version: str | None, tracking_uri: str, policy: PromotionPolicy,
-    split_dir: Path | None = None, force: bool = False,
-) -> Decision:
-    """Decide on ``version`` (default: alias ``challenger``); release the winner as champion.
-
-    A version that already carries a decision is left alone unless ``force``; ``force`` also
-    promotes a challenger that cannot be compared with the champion.
-    """
-    client = MlflowClient(tracking_uri)
-    version = version or alias_version(client, model_name, CHALLENGER)
-    if version is None:
-        raise ConfigError(f"{model_name!r} has no version with alias {CHALLENGER!r}: train a "
-                          "model first or give --version N.")
-    version = str(version)
-    recorded = get_version(client, model_name, version).tags.get(DECISION_TAG)
-    if recorded and not force:
-        return Decision(model_name, version, "unchanged", f"already {recorded} earlier",
-                        policy.primary_metric, policy.margin)
-    with registry_lock(tracking_uri, model_name, policy.lock_timeout_s), \
-            tempfile.TemporaryDirectory(prefix="shoprank-gate-") as tmp:
-        tags = client.get_model_version(model_name, version).tags
-        recorded = tags.get(DECISION_TAG)
-        if recorded and not force:  # decided while this one waited for the lock
-            return Decision(model_name, version, "unchanged", f"already {recorded} earlier",
-                            policy.primary_metric, policy.margin)
-        champion = alias_version(client, model_name, CHAMPION)  # read again inside the lock
-        if champion == version or (champion and get_version(
-                client, model_name, champion).tags.get(EVALUATED_TAG) == version):
-            return Decision(model_name, version, "unchanged", "already the champion",
-                            policy.primary_metric, policy.margin, champion_version=champion)
-        decision = compare(client, model_name, version, champion, split_dir, policy, Path(tmp))
-        if decision.decision == "incomparable" and force:
-            decision.decision, decision.reason = "promoted", f"forced: {decision.reason}"
-        winner, kind, metrics = None, None, None
-        released_copy = tags.get(KIND_TAG, "evaluated") != "evaluated"
-        if decision.promoted and not released_copy:  # (a forced released copy is served as is)
-            winner, kind = version_recipe(client, model_name, version), "challenger"
-        elif decision.decision == "rejected" and champion is not None:
-            winner, kind = version_recipe(client, model_name, champion), "refresh"
-            metrics = decision.champion
-        released = version if decision.promoted else None  # a version without a recipe
-        if winner is not None:
-            folder = gate_split(client, model_name, version, split_dir, Path(tmp))
-            released = release(client, model_name, version, winner, kind, folder,
-                               {m: v for m, v in (metrics or {}).items() if "@" in m},
-                               Path(tmp) / "release", tracking_uri)
-        if released is not None:
-            client.set_registered_model_alias(model_name, CHAMPION, released)
-        decision.released_version = released
-        record(client, decision)
-    logger.info("%s version %s %s: %s", model_name, version, decision.decision, decision.reason)
-    return decision

@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,6 +48,7 @@ from models.serving import (
     register_family,
 )
 from tasks.release.recipes import last_event, read_recipe
+from tasks.release.registry import REGISTRY_ID_TAG
 from tasks.tracking import PROJECT_ROOT, fingerprint, log_dataset
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ GATE_ARTIFACTS = "gate"
 DATA_TAG = "data.name"
 RECIPE_TAG = "shoprank.recipe"
 LAST_EVENT_TAG = "shoprank.last_event"
+DATA_END_TAG = "shoprank.data_last_event"  # the last event of the run's data (the release's)
 T_TEST_TAG = "shoprank.t_test"
 KIND_TAG = "release.kind"
 
@@ -220,9 +223,10 @@ def ensure_registered_model(client: MlflowClient, name: str, shop: str | None = 
     Raises:
         ConfigError: If it exists for another shop (:func:`check_shop`).
     """
+    tags = {REGISTRY_ID_TAG: uuid.uuid4().hex, **({DATA_TAG: shop} if shop else {})}
     try:
         client.create_registered_model(
-            name, tags={DATA_TAG: shop} if shop else None,
+            name, tags=tags,
             description="shoprank top-K recommender of one shop; aliases champion and "
             "challenger.")
     except MlflowException as err:
@@ -331,27 +335,47 @@ def select_best(scores: dict[str, dict[str, dict[str, float]]], metric: str,
     return max(allowed, key=lambda name: scores[name]["valid"][metric])
 
 
+def registered_of_run(client: MlflowClient, model_name: str, run_id: str) -> Any | None:
+    """The evaluated version a training run already registered (a resumed release), or None."""
+    try:
+        found = client.search_model_versions(f"run_id='{run_id}'")
+    except MlflowException:
+        return None
+    mine = [v for v in found if v.name == model_name and v.tags.get(KIND_TAG) == "evaluated"]
+    return min(mine, key=lambda v: int(v.version)) if mine else None
+
+
 def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRun
                   ) -> tuple[str, PackagedModel]:
-    """Package the best model on validation and register it; returns its family and version."""
+    """Package the best model on validation and register it; returns its family and version.
+
+    Idempotent: a run that registered its evaluated copy already (killed after registering,
+    then resumed) gets that version back, unchanged.
+    """
     cfg = run.config
     metric = cfg.get("evaluation", {}).get("primary_metric", "ndcg@10")
     registry = cfg.get("registry", {})
+    model_name = registry.get("model_name", "shoprank")
+    client = MlflowClient(run.tracking_uri)
+    done = registered_of_run(client, model_name, run.run_id)
+    if done is not None:
+        logger.info("%s version %s was registered by this run already: kept as it is",
+                    model_name, done.version)
+        return done.tags["model.family"], PackagedModel(
+            model_name, str(done.version), f"models:/{model_name}/{done.version}",
+            int(float(done.tags.get("serving.artifact_bytes", 0))),
+            float(done.tags.get("serving.load_seconds", 0.0)))
     family = select_best(scores, metric, registry.get("families"))
-    bundle = build_bundle(
-        run.split_dir.parent / f"serving-bundle-{run.run_id[:12]}", family=family,
-        model_dir=run.model_root / family, model_root=run.model_root, split_dir=run.split_dir,
-        config=cfg,
-        exclude_seen=run.exclude_seen, model_name=family, run_id=run.run_id)
     key = metric.replace("@", "_at_")
     recipe = read_recipe(run.model_root / family)
     history = pl.read_parquet(run.split_dir / "test_history.parquet", columns=[TIMESTAMP])
+    every = run.split_dir.parent / "events.parquet"
+    events = pl.read_parquet(every, columns=[TIMESTAMP]) if every.is_file() else history
     info = json.loads((run.split_dir / "info.json").read_text())["summary"]
     t_test = info.get("t_test")  # none for leave-one-out
     t_test = dt.datetime.fromisoformat(t_test).isoformat() if t_test else ""
-    client = MlflowClient(run.tracking_uri)
-    release = {LAST_EVENT_TAG: last_event(history), T_TEST_TAG: t_test,
-               KIND_TAG: "evaluated",
+    release = {LAST_EVENT_TAG: last_event(history), DATA_END_TAG: last_event(events),
+               T_TEST_TAG: t_test, KIND_TAG: "evaluated",
                GATE_DATA_TAG: log_gate_data(client, run.run_id, run.split_dir)}
     if recipe is not None:
         path = f"recipes/{family}.json"
@@ -367,8 +391,13 @@ def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRu
         f"{family} chosen on validation {metric} = {scores[family]['valid'][metric]:.4f} "
         f"(test {scores[family]['test'][metric]:.4f}) among {', '.join(scores)}; data "
         f"{run.data_name} ({run.fingerprint[:12]}), protocol {run.protocol}, run {run.run_id}.")
-    packaged = package_and_register(
-        run.run_id, bundle, run.split_dir, family=family,
-        model_name=registry.get("model_name", "shoprank"), tracking_uri=run.tracking_uri,
-        tags=tags, description=description)
+    # a fresh folder per attempt: a killed attempt's leftover never blocks the next one
+    with tempfile.TemporaryDirectory(prefix="serving-bundle-", dir=run.split_dir.parent) as tmp:
+        bundle = build_bundle(
+            Path(tmp) / "bundle", family=family, model_dir=run.model_root / family,
+            model_root=run.model_root, split_dir=run.split_dir, config=cfg,
+            exclude_seen=run.exclude_seen, model_name=family, run_id=run.run_id)
+        packaged = package_and_register(
+            run.run_id, bundle, run.split_dir, family=family, model_name=model_name,
+            tracking_uri=run.tracking_uri, tags=tags, description=description)
     return family, packaged

@@ -6,11 +6,14 @@ regresses: ``coverage@10`` may drop by at most ``coverage_tolerance`` (relative)
 latency of single-user requests, measured in-process, may grow by at most ``latency_tolerance``
 (relative) plus ``latency_slack_ms``. The first model becomes champion.
 
-The compare-and-set runs under a lock (:func:`registry_lock`): with a Prefect server configured
-(``PREFECT_API_URL``), a Prefect global concurrency limit of one slot, held by every host that
-talks to that server; without one, an exclusive file lock (``fcntl.flock``) beside the local
-store, which holds on this host only. The decision and its numbers are written on the model
-version (tags and description) and sent as a Prefect event.
+The compare-and-set runs under a lock (:func:`registry_lock`) named after the registered model's
+own id (tag ``shoprank.registry_id``, written when the model is created), so every spelling of
+the store's address takes the same lock: with a Prefect server configured (``PREFECT_API_URL``),
+a Prefect global concurrency limit of one slot, held by every host that talks to that server;
+without one, an exclusive file lock (``fcntl.flock``) beside the local store, which holds on this
+host only. The decision and its numbers are written on the model version (tags and description)
+and sent as a Prefect event whose id derives from the decision, so a rerun that sends it again is
+recognised by Prefect as the same event (stored once, acted on once).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -41,6 +45,8 @@ EVALUATED = "shoprank.model.evaluated"
 PROMOTED = "shoprank.model.promoted"
 REJECTED = "shoprank.model.rejected"
 DECISION_TAG = "promotion.decision"
+DECISION_ID_TAG = "promotion.decision_id"
+REGISTRY_ID_TAG = "shoprank.registry_id"
 LATENCY = "latency_p99_ms"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -74,6 +80,27 @@ class Decision:
     champion: dict[str, float] | None = None
     champion_version: str | None = None
     released_version: str | None = None  # the version the champion alias moved to
+    decision_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    decided_at: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    @classmethod
+    def from_tags(cls, model_name: str, version: str, tags: dict[str, str]) -> Decision:
+        """The decision recorded in a version's ``promotion.*`` tags (see :meth:`tags`)."""
+        scores: dict[str, dict[str, float]] = {"challenger": {}, "champion": {}}
+        for key, value in tags.items():
+            role, _, name = key.removeprefix("promotion.").partition(".")
+            if key.startswith("promotion.") and role in scores and name:
+                scores[role][name.replace("_at_", "@")] = float(value)
+        versions = {role: tags.get(f"promotion.{role}_version", "none")
+                    for role in ("champion", "released")}
+        return cls(model_name, version, tags[DECISION_TAG], tags.get("promotion.reason", ""),
+                   tags.get("promotion.metric", "ndcg@10"),
+                   float(tags.get("promotion.margin", 0.0)), scores["challenger"],
+                   scores["champion"] or None,
+                   None if versions["champion"] == "none" else versions["champion"],
+                   None if versions["released"] == "none" else versions["released"],
+                   tags.get(DECISION_ID_TAG, ""), tags.get("promotion.decided_at", ""))
 
     @property
     def promoted(self) -> bool:
@@ -86,7 +113,7 @@ class Decision:
                 "promotion.metric": self.metric, "promotion.margin": str(self.margin),
                 "promotion.champion_version": self.champion_version or "none",
                 "promotion.released_version": self.released_version or "none",
-                "promotion.decided_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+                "promotion.decided_at": self.decided_at, DECISION_ID_TAG: self.decision_id}
         for role, values in (("challenger", self.challenger), ("champion", self.champion or {})):
             for name, value in values.items():
                 tags[f"promotion.{role}.{name.replace('@', '_at_')}"] = f"{value:.6g}"
@@ -98,7 +125,7 @@ class Decision:
                 "reason": self.reason, "metric": self.metric, "margin": self.margin,
                 "champion_version": self.champion_version,
                 "released_version": self.released_version, "challenger": self.challenger,
-                "champion": self.champion}
+                "champion": self.champion, "decision_id": self.decision_id}
 
 
 def decide(challenger: dict[str, float], champion: dict[str, float] | None,
@@ -125,20 +152,30 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
                   f"{challenger[LATENCY]:.1f} ms within their guardrails")
 
 
-def lock_path(tracking_uri: str, model_name: str) -> Path:
+def registry_id(client: MlflowClient, model_name: str) -> str:
+    """The registered model's own id: the same whichever address of the store a host uses.
+
+    Tag ``shoprank.registry_id`` (a random id written when the model is created); for a model
+    registered before it existed, a digest of its name and creation time, as stable.
+    """
+    model = client.get_registered_model(model_name)
+    found = model.tags.get(REGISTRY_ID_TAG)
+    if found:
+        return found
+    return hashlib.sha256(f"{model_name}|{model.creation_timestamp}".encode()).hexdigest()[:32]
+
+
+def lock_name(lock_id: str) -> str:
+    """The name of the lock on the registered model whose :func:`registry_id` is ``lock_id``."""
+    return f"shoprank-registry-{lock_id[:16]}"
+
+
+def lock_path(tracking_uri: str, model_name: str, lock_id: str) -> Path:
     """The lock file beside a local SQLite store; in the temp folder for other stores."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).parent / f".{model_name}.lock"
-    return Path(tempfile.gettempdir()) / f"{lock_name(tracking_uri, model_name)}.lock"
-
-
-def lock_name(tracking_uri: str, model_name: str) -> str:
-    """The name of the lock on ``model_name`` in the store at ``tracking_uri``.
-
-    The store's URI enters only as a digest, so no credential in it reaches a lock's name.
-    """
-    digest = hashlib.sha256(f"{tracking_uri}|{model_name}".encode()).hexdigest()[:16]
-    return f"shoprank-registry-{digest}"
+        store = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+        return store.parent / f".{model_name}.lock"
+    return Path(tempfile.gettempdir()) / f"{lock_name(lock_id)}.lock"
 
 
 def prefect_server() -> str | None:
@@ -149,25 +186,29 @@ def prefect_server() -> str | None:
 
 
 @contextmanager
-def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 900.0) -> Iterator[None]:
+def registry_lock(tracking_uri: str, model_name: str, timeout_s: float = 900.0,
+                  lock_id: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the aliases of ``model_name`` in the store at ``tracking_uri``.
 
     A Prefect global concurrency limit when a Prefect server is configured (it holds across
-    hosts, and a holder that dies loses its lease); else a file lock on this host.
+    hosts, and a holder that dies loses its lease); else a file lock on this host. Both are
+    named after ``lock_id`` (default: the model's :func:`registry_id`), not after the store's
+    address, so ``http://localhost:5000`` and ``http://127.0.0.1:5000/`` share one lock.
 
     Raises:
         ShoprankError: The lock was not obtained within ``timeout_s``.
     """
+    lock_id = lock_id or registry_id(MlflowClient(tracking_uri), model_name)
     server = prefect_server()
     if server:
-        with _server_lock(server, lock_name(tracking_uri, model_name), model_name, timeout_s):
+        with _server_lock(server, lock_name(lock_id), model_name, timeout_s):
             yield
         return
     if not tracking_uri.startswith("sqlite:///"):
         logger.warning("no Prefect server configured (PREFECT_API_URL): the promotion lock of "
                        "%s holds on this host only; set PREFECT_API_URL when promotions run "
                        "on several hosts", model_name)
-    with _file_lock(lock_path(tracking_uri, model_name), model_name, timeout_s):
+    with _file_lock(lock_path(tracking_uri, model_name, lock_id), model_name, timeout_s):
         yield
 
 
@@ -264,23 +305,39 @@ def load_version(client: MlflowClient, model_name: str, version: str) -> Any:
 
 
 def record(client: MlflowClient, decision: Decision) -> None:
-    """Write the decision on the model version: tags and a line of its description."""
+    """Write the decision on the model version: tags and a line of its description.
+
+    Idempotent: the line names the decision's id and is written once; ``replaced_by`` goes on
+    the champion it replaced.
+    """
     name, version, tags = decision.model_name, decision.version, decision.tags()
     released = decision.released_version
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     before = client.get_model_version(name, version).description or ""
-    line = (f"Promotion {tags['promotion.decided_at']}: {decision.decision.upper()} "
-            f"against champion {decision.champion_version or '(none)'}. {decision.reason}."
-            + (f" Released as v{released}." if released and released != version else ""))
-    client.update_model_version(name, version, description=f"{before}\n\n{line}".strip())
+    if f"[{decision.decision_id[:12]}]" not in before:
+        line = (f"Promotion {decision.decided_at} [{decision.decision_id[:12]}]: "
+                f"{decision.decision.upper()} against champion "
+                f"{decision.champion_version or '(none)'}. {decision.reason}."
+                + (f" Released as v{released}." if released and released != version else ""))
+        client.update_model_version(name, version, description=f"{before}\n\n{line}".strip())
     if released and decision.champion_version and released != decision.champion_version:
         client.set_model_version_tag(name, decision.champion_version, "promotion.replaced_by",
                                      released)
 
 
-def emit_model_event(event: str, model_name: str, version: str, payload: dict[str, Any]) -> None:
-    """Send a Prefect event about a model version (a no-op when no Prefect API is reachable)."""
+def event_id(*parts: str) -> uuid.UUID:
+    """A stable event id for what ``parts`` name: Prefect stores and acts on one id once."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, "shoprank:" + "/".join(parts))
+
+
+def emit_model_event(event: str, model_name: str, version: str, payload: dict[str, Any],
+                     key: str | None = None) -> None:
+    """Send a Prefect event about a model version (a no-op when no Prefect API is reachable).
+
+    ``key`` makes the event's id stable (:func:`event_id`), so sending it again after a crash is
+    the same event to Prefect: stored once, and an automation reacts to it once.
+    """
     from prefect.events import emit_event
 
     emit_event(
@@ -288,7 +345,7 @@ def emit_model_event(event: str, model_name: str, version: str, payload: dict[st
         resource={"prefect.resource.id": f"mlflow.model-version.{model_name}.{version}",
                   "prefect.resource.name": f"{model_name} v{version}",
                   "shoprank.model.name": model_name, "shoprank.model.version": str(version)},
-        payload=payload,
+        payload=payload, id=event_id(event, model_name, str(version), key) if key else None,
     )
 
 
