@@ -14,8 +14,15 @@ the served version, its kind and the last event it saw, and how many of the item
 since the previous retraining appear in the served lists (top 20 of the users active in the last
 7 days) against the evaluated copy's lists. Results go to ``benchmarks/results/retraining.json``.
 
+With ``--out-of-order`` the retrainings only register their evaluated copies
+(``registry.promote: false``), and the promotions arrive afterwards in reverse order (the newest
+first), one of them retried and one forced, as a deployment backlog or an operator would send
+them. The table gives, after each promotion, the champion and the last event it has seen: it
+must never go back in time.
+
     .venv/bin/python benchmarks/retraining.py --workdir /tmp/backtest
     .venv/bin/python benchmarks/retraining.py --events 40000 --start 30 --every 4 --worse-at 3 5
+    .venv/bin/python benchmarks/retraining.py --out-of-order --start 44 --every 4 --trials 1
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ def main() -> None:
                         help="retrainings (from 1) offered the worse recipe")
     parser.add_argument("--trials", type=int, default=2, help="ranker trials per study")
     parser.add_argument("--transformer-trials", type=int, default=1)
+    parser.add_argument("--out-of-order", action="store_true",
+                        help="register every retraining, then promote them newest first")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -83,6 +92,8 @@ def main() -> None:
               "ranker__storage": storage, "transformer__n_trials": args.transformer_trials,
               "transformer__storage": storage}
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    if args.out_of_order:
+        common["registry__promote"] = False
     rows, previous = [], None
     day = args.start
     retraining = 0
@@ -101,6 +112,10 @@ def main() -> None:
                                    **(WORSE if worse else {})))
         seconds = time.perf_counter() - start
         release = result["release"]
+        if args.out_of_order:
+            rows.append({"day": day, "version": release["version"], "seconds": seconds})
+            previous, day = cut, day + args.every
+            continue
         evaluated = client.get_model_version("backtest", release["version"]).tags
         served_version = release["champion"]
         served = client.get_model_version("backtest", served_version).tags
@@ -128,6 +143,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         previous, day = cut, day + args.every
+    if args.out_of_order:
+        rows = promote_out_of_order(client, [r["version"] for r in rows])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
@@ -136,7 +153,54 @@ def main() -> None:
                     "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
-    print_table(rows)
+    if args.out_of_order:
+        print_order_table(rows)
+    else:
+        print_table(rows)
+
+
+def promote_out_of_order(client, versions: list[str]) -> list[dict]:
+    """Promote ``versions`` newest first, the second one twice and the oldest forced.
+
+    After each promotion: the decision, the champion and the last event it has seen, and
+    whether that went back in time against the champion before it.
+    """
+    from flows.promote import promote
+    from tasks.release.packaging import LAST_EVENT_TAG
+
+    order = [(v, False) for v in reversed(versions)]
+    order.insert(2, (order[1][0], False))  # a retry, as a redelivered event sends it
+    order.append((versions[0], True))  # an operator forcing the oldest one
+    rows, last = [], None
+    for step, (version, force) in enumerate(order, start=1):
+        start = time.perf_counter()
+        result = promote(version=version, model_name="backtest", force=force,
+                         tracking_uri=client.tracking_uri)
+        champion = client.get_model_version_by_alias("backtest", "champion")
+        served = champion.tags.get(LAST_EVENT_TAG, "")
+        data = client.get_model_version("backtest", version).tags
+        row = {"step": step, "version": version, "force": force,
+               "data_until": data.get("shoprank.data_last_event")
+               or data.get(LAST_EVENT_TAG, ""),
+               "decision": result["decision"], "champion": champion.version,
+               "champion_last_event": served, "back_in_time": bool(last and served < last),
+               "seconds": round(time.perf_counter() - start, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        last = max(last or served, served)
+    return rows
+
+
+def print_order_table(rows: list[dict]) -> None:
+    """The Markdown table of the out-of-order promotions."""
+    print("\n| step | promoted | its data until | decision | champion | champion's last event "
+          "| back in time | s |")
+    print("|---:|---|---|---|---|---|---|---:|")
+    for r in rows:
+        print(f"| {r['step']} | v{r['version']}{' --force' if r['force'] else ''} | "
+              f"{r['data_until'][:16]} | {r['decision']} | v{r['champion']} | "
+              f"{r['champion_last_event'][:16]} | {'**yes**' if r['back_in_time'] else 'no'} "
+              f"| {r['seconds']:.0f} |")
 
 
 def print_table(rows: list[dict]) -> None:

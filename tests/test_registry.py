@@ -23,8 +23,6 @@ from tasks import tracking
 from tasks.data.prepare import read_split, write_split
 from tasks.evaluation.evaluate import baseline_factories, score_model
 from tasks.release.gate import EVALUATED_TAG
-from tasks.release.promotion import promote_version
-from tasks.release.recipes import baseline_recipe, write_recipe
 from tasks.release.packaging import (
     GATE_DATA_TAG,
     KIND_TAG,
@@ -36,6 +34,8 @@ from tasks.release.packaging import (
     register_best,
     select_best,
 )
+from tasks.release.promotion import promote_version
+from tasks.release.recipes import baseline_recipe, write_recipe
 from tasks.release.registry import (
     DECISION_TAG,
     PromotionPolicy,
