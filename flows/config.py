@@ -49,8 +49,10 @@ class DataConfig(_Strict):
         description="For csv/parquet: event name in the file -> view, cart, fav or purchase.",
     )
     name: str | None = Field(
-        None, description="Dataset name (the MLflow experiment); defaults to the format or 'demo'."
-    )
+        None, description="Shop name: its MLflow experiment, run folder and champion. Empty: "
+        "'demo' for the built-in shop, else <format>-<stem>-<6 hex of the SHA-256 of the "
+        "resolved absolute path> (<stem>-<digest> for csv and parquet), so two logs of one "
+        "format in two folders are two shops.")
     demo_events: int = Field(200_000, gt=0, description="Events in the built-in demo shop.")
     demo_seed: int = Field(0, description="Seed of the built-in demo shop.")
 
@@ -277,15 +279,27 @@ class TrainConfig(_Strict):
         None, description="MLflow tracking URI; MLFLOW_TRACKING_URI or ./mlruns when empty."
     )
 
+    @model_validator(mode="after")
+    def _cut_offs_servable(self) -> TrainConfig:
+        above = [k for k in self.evaluation.ks if k > self.serve.max_k]
+        if above:
+            raise ValueError(
+                f"evaluation.ks {self.evaluation.ks} has cut-offs above serve.max_k "
+                f"{self.serve.max_k} ({', '.join(map(str, above))}): the packaged model serves "
+                f"lists of at most serve.max_k items, and the promotion gate scores it at every "
+                f"K. Lower those K to {self.serve.max_k} or less, or raise serve.max_k to "
+                f"{max(above)}")
+        return self
+
 
 def data_name(config: TrainConfig) -> str:
-    """Name of the dataset (and of its MLflow experiment) before it is loaded."""
-    if config.data.name:
-        return config.data.name
-    if config.data.path is None:
-        return "demo"
-    return config.data.format if config.data.format not in ("csv", "parquet") else Path(
-        config.data.path).stem.split(".")[0]
+    """Name of the dataset (and of its MLflow experiment) before it is loaded.
+
+    The loaders name the loaded data the same (:func:`tasks.data.prepare.shop_name`).
+    """
+    from tasks.data.prepare import shop_name  # not at import: it loads Prefect and MLflow
+
+    return shop_name(config.data.path, config.data.format, config.data.name)
 
 
 DIGEST_EXCLUDED: dict[str, Any] = {
@@ -312,6 +326,16 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def _problem(error: Any) -> str:
+    """One validation error as ``section.field: message``, without pydantic's "Value error, ".
+
+    A check across sections (at the top: no location) names the settings in its message.
+    """
+    where = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -344,7 +368,5 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise ConfigError(f"invalid configuration: {problems}.") from err

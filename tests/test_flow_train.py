@@ -6,8 +6,9 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import run
-from flows.config import TrainConfig, load_config
+from flows.config import TrainConfig, data_name, load_config
 from flows.train import train
+from models.errors import ConfigError
 
 BASELINES = ("popularity", "recent_popularity", "covisitation", "buy_again")
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -113,7 +114,8 @@ def test_train_on_taobao_sample(tmp_path, mlflow_store, shared_data):
     assert set(scores) == set(BASELINES)
     assert all(0 <= s["test"]["ndcg@10"] <= 1 for s in scores.values())
     experiment = MlflowClient(mlflow_store).get_experiment(result["experiment_id"])
-    assert experiment.name == "taobao"
+    assert experiment.name == data_name(config)
+    assert experiment.name.startswith("taobao-taobao_userbehavior_sample-")
 
 
 def test_cli_train_with_failing_validation_leaves_no_model(tmp_path, mlflow_store, capsys):
@@ -159,3 +161,51 @@ def test_config_file_and_flags(tmp_path):
     with pytest.raises(Exception, match="protocl"):
         load_config(file)
 
+
+
+def test_cut_offs_above_serve_max_k_are_refused_before_anything_runs(
+        tmp_path, mlflow_store, capsys):
+    with pytest.raises(ConfigError, match=r"invalid configuration: evaluation\.ks") as err:
+        load_config(None, evaluation__ks=[10, 300])
+    assert "serve.max_k 200 (300)" in str(err.value)
+    assert "Lower those K to 200 or less, or raise serve.max_k to 300" in str(err.value)
+    assert load_config(None, evaluation__ks=[10, 300], serve__max_k=300).evaluation.ks == [
+        10, 300]
+
+    file = tmp_path / "cfg.yaml"
+    file.write_text("evaluation: {ks: [10, 300]}\n")
+    outputs = tmp_path / "outputs"
+    code = run(["train", "--config", str(file), "--output-dir", str(outputs)])
+    err = capsys.readouterr().err
+    message = err[err.index("shoprank train failed"):].strip()
+    assert code == 2
+    assert "\n" not in message  # one paragraph
+    assert "evaluation.ks" in message
+    assert "serve.max_k" in message
+    assert "Traceback" not in err
+    assert not outputs.exists()
+    client = MlflowClient(mlflow_store)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_shop_is_named_by_its_format_stem_and_resolved_path(tmp_path, shared_data):
+    sample = shared_data / "taobao_userbehavior_sample" / "UserBehavior_sample.csv.gz"
+    copies = []
+    for folder in ("north", "south"):
+        (tmp_path / folder).mkdir()
+        copies.append(tmp_path / folder / sample.name)
+        copies[-1].write_bytes(sample.read_bytes())
+
+    def name(path, fmt="taobao", **overrides):
+        return data_name(load_config(None, data__path=str(path), data__format=fmt, **overrides))
+
+    north, south = name(copies[0]), name(copies[1])
+    assert north != south  # two logs of one format: two experiments, two champions
+    assert north.startswith("taobao-UserBehavior_sample-")
+    assert len(north.rsplit("-", 1)[1]) == 6
+    assert name(copies[0]) == north
+    relative = copies[0].relative_to(tmp_path)  # the same file by another spelling
+    assert name(tmp_path / "south" / ".." / relative) == north
+    assert name(tmp_path / "north", "csv").startswith("north-")  # csv/parquet: no format
+    assert name(copies[0], data__name="tb") == "tb"
+    assert data_name(load_config(None)) == "demo"

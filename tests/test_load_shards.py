@@ -9,10 +9,11 @@ import polars as pl
 import pytest
 from prefect import flow
 
+from flows.config import data_name, load_config
 from models.errors import DataError
 from tasks.data.adapters import load_raw
 from tasks.data.load_shards import load_sharded
-from tasks.data.prepare import DataPaths
+from tasks.data.prepare import DataPaths, load_data
 from tasks.data.shards import ShardWriter, shard_of
 
 DEMO_EVENTS = 20_000
@@ -22,6 +23,11 @@ DEMO_EVENTS = 20_000
 def load_flow(path: Path | None, fmt: str, workdir: Path, n_shards: int | None) -> DataPaths:
     return load_sharded(None if path is None else str(path), fmt, {}, {}, None, workdir,
                         DEMO_EVENTS, 1, n_shards)
+
+
+def name_of(path: Path, fmt: str) -> str:
+    """The shop's name as the train flow's config gives it before loading."""
+    return data_name(load_config(None, data__path=str(path), data__format=fmt))
 
 
 def read_shards(data: DataPaths) -> list[pl.DataFrame]:
@@ -85,7 +91,8 @@ def test_parquet_shards_are_resharded_with_the_same_rows(
 
     data = load_flow(source, "parquet", tmp_path / "runs" / "one", 3)
 
-    assert (data.name, data.shards) == ("shop", 3)
+    assert (data.name, data.shards) == (name_of(source, "parquet"), 3)
+    assert data.name.startswith("shop-")
     assert in_order(assert_partitioned(data)).equals(in_order(expected.events))
     assert pl.read_parquet(data.items).equals(expected.items)
 
@@ -99,7 +106,7 @@ def test_csv_is_sharded_with_the_rows_of_the_unsharded_loader(
 
     data = load_flow(csv, "csv", tmp_path / "runs" / "one", None)
 
-    assert (data.name, data.shards, data.items) == ("shop", 2, None)
+    assert (data.name, data.shards, data.items) == (name_of(csv, "csv"), 2, None)
     assert in_order(assert_partitioned(data)).equals(in_order(expected.events))
 
 
@@ -139,3 +146,24 @@ def test_an_unreadable_shard_is_a_clear_error(
         load_flow(source, "parquet", tmp_path / "runs" / "one", None)
 
     assert str(broken) in str(caught.value)
+
+
+@flow
+def load_both(path: Path, fmt: str, workdir: Path) -> tuple[DataPaths, DataPaths]:
+    return (load_data(str(path), fmt, {}, {}, None, workdir / "local", DEMO_EVENTS, 1),
+            load_sharded(str(path), fmt, {}, {}, None, workdir / "dask", DEMO_EVENTS, 1, 2))
+
+
+def test_both_loaders_name_a_shop_as_the_config_does(
+    prefect_server: None, shared_data: Path, tmp_path: Path
+) -> None:
+    sample = shared_data / "taobao_userbehavior_sample" / "UserBehavior_sample.csv.gz"
+    names = []
+    for folder in ("north", "south"):  # the same log in two folders: two shops
+        copy = tmp_path / folder / sample.name
+        copy.parent.mkdir()
+        copy.write_bytes(sample.read_bytes())
+        local, sharded = load_both(copy, "taobao", tmp_path / "runs" / folder)
+        assert local.name == sharded.name == name_of(copy, "taobao")
+        names.append(local.name)
+    assert names[0] != names[1]

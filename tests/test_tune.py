@@ -146,6 +146,72 @@ def test_the_selection_holdout_trains_nothing(shop, tmp_path):
     assert runs[0]["valid"]["users"] == selection.targets(split)["user_id"].n_unique()
 
 
+def _transformer_recipe(lr: float = 0.01, epochs: int = 3, **settings) -> dict:
+    """What the train flow records of a transformer that feeds the ranker's candidates."""
+    from tasks.release.recipes import transformer_recipe
+    from tasks.transformer.sequence import SequenceConfig
+
+    return transformer_recipe(SequenceConfig.model_validate(settings), {
+        "best_params": {"hidden_size": 32, "lr": lr}, "best_epoch": epochs,
+        "exclude_seen": False})
+
+
+def test_the_study_name_follows_the_selection_and_the_transformer_recipe(shop):
+    from tasks.ranking.tune import study_name
+    from tasks.splitting.split import Selection
+
+    split, items = shop
+    config = _config("sqlite://")
+
+    def name(selection=None, recipe=None):
+        return study_name(split, config, ["seq"], [10, 20], items, selection, recipe)
+
+    selection, recipe = Selection(0.2, 11), _transformer_recipe()
+    names = [name(selection, recipe),
+             name(Selection(0.3, 11), recipe),  # another share: other users tune
+             name(Selection(0.2, 12), recipe),  # another draw
+             name(selection, _transformer_recipe(lr=0.02)),  # another best trial
+             name(selection, _transformer_recipe(epochs=4)),
+             name(selection, _transformer_recipe(n_candidates=20)),  # another setting
+             name(selection)]  # the recipe unknown
+    assert len(set(names)) == len(names), names
+    assert name(Selection(0.2, 11), _transformer_recipe()) == names[0]
+    # the transformer's budget alone changes no candidate: the ranker's study resumes
+    assert name(selection, _transformer_recipe(n_trials=9, timeout_s=None)) == names[0]
+
+
+def test_the_sharded_study_name_follows_the_selection(tmp_path):
+    import json
+
+    from tasks.ranking.rank_shards import sharded_study_name
+    from tasks.splitting.split import Selection
+
+    (tmp_path / "info.json").write_text(json.dumps({"protocol": "time", "summary": {}}))
+    config = _config("sqlite://")
+    names = [sharded_study_name(tmp_path, config, selection)
+             for selection in (Selection(0.2, 11), Selection(0.3, 11), Selection(0.2, 12))]
+    assert len(set(names)) == 3
+    assert sharded_study_name(tmp_path, config, Selection(0.2, 11)) == names[0]
+
+
+def test_another_selection_starts_another_study(shop, tmp_path):
+    from tasks.splitting.split import Selection
+
+    split, items = shop
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = _config(storage, n_trials=1)
+    runs = [tune_and_evaluate_lgbm(split, items, config, None, tmp_path / f"run{i}",
+                                   n_items=100, selection=selection)
+            for i, selection in enumerate((Selection(0.2, 11), Selection(0.3, 11)))]
+    assert runs[0]["study_name"] != runs[1]["study_name"]
+    # no trial early-stopped on what are now selection users is resumed: two studies
+    assert sorted(optuna.get_all_study_names(storage)) == sorted(r["study_name"] for r in runs)
+    again = tune_and_evaluate_lgbm(split, items, config, None, tmp_path / "again", n_items=100,
+                                   selection=Selection(0.2, 11),
+                                   source_recipe=_transformer_recipe())
+    assert again["study_name"] not in {run["study_name"] for run in runs}
+
+
 _STUDY_SCRIPT = """
 import sys, time
 import tasks.ranking.tune as tune

@@ -31,8 +31,7 @@ from models.errors import DataError
 from tasks import tracking
 from tasks.data.adapters import _generic_files, _generic_items, load_raw
 from tasks.data.demo_data import write_demo_shop
-from tasks.data.formats import file_stem
-from tasks.data.prepare import DataPaths
+from tasks.data.prepare import DataPaths, shop_name
 from tasks.data.readers import find_files, reading
 from tasks.data.shards import ShardWriter
 from tasks.resume import LOAD_CACHE
@@ -99,7 +98,6 @@ class _Loaded:
     """Where the events came from, and what the reading found."""
 
     source: Path
-    name: str
     ordered_only: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -109,7 +107,7 @@ def _from_demo(workdir: Path, demo_events: int, demo_seed: int, n_shards: int | 
                                n_shards or default_shards(demo_events))
     _link_shards(source / "events", workdir / "events")
     shutil.copyfile(source / "items.parquet", workdir / "items.parquet")
-    return _Loaded(source, "demo")
+    return _Loaded(source)
 
 
 def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
@@ -120,7 +118,7 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
                              column_map, event_map)
     if items_source is not None:
         _generic_items(items_source, column_map).write_parquet(workdir / "items.parquet")
-    return _Loaded(source, file_stem(source), notes=notes)
+    return _Loaded(source, notes=notes)
 
 
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
@@ -131,7 +129,7 @@ def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
             writer.write(part)
     if raw.items is not None:
         raw.items.write_parquet(workdir / "items.parquet")
-    return _Loaded(source, raw.name, raw.ordered_only, raw.notes)
+    return _Loaded(source, raw.ordered_only, raw.notes)
 
 
 @task(name="load-sharded", persist_result=True, cache_policy=LOAD_CACHE)
@@ -149,7 +147,7 @@ def load_sharded(
         fmt: The format (see :data:`tasks.data.adapters.FORMATS`).
         column_map: For ``csv``/``parquet``: canonical column name to source column name.
         event_map: Source event name to canonical event type.
-        name: The dataset name; by default the adapter's (``demo`` for the demo shop).
+        name: The dataset name; by default :func:`~tasks.data.prepare.shop_name`'s.
         workdir: The run's folder for ``events/`` and ``items.parquet``.
         demo_events: The demo shop's number of events.
         demo_seed: The demo shop's seed.
@@ -181,8 +179,9 @@ def load_sharded(
     if not rows["events"]:
         raise DataError(f"{loaded.source} gives no events after loading "
                         f"({'; '.join(loaded.notes)}).")
-    logger.info("loaded %s: %d events in %d shards, %d items", loaded.name, rows["events"],
+    shop = shop_name(path, fmt, name)
+    logger.info("loaded %s: %d events in %d shards, %d items", shop, rows["events"],
                 len(shards), rows["items"])
-    return DataPaths(events_dir, items_path if items_path.is_file() else None,
-                     name or loaded.name, loaded.source, tracking.fingerprint([loaded.source]),
-                     loaded.ordered_only, rows, len(shards))
+    return DataPaths(events_dir, items_path if items_path.is_file() else None, shop,
+                     loaded.source, tracking.fingerprint([loaded.source]), loaded.ordered_only,
+                     rows, len(shards))

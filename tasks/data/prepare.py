@@ -6,6 +6,7 @@ results of these stages in its result storage for ``train --resume`` (see :mod:`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tasks.checks.validate import (
 from tasks.checks.validate_shards import validate_event_shards
 from tasks.data.adapters import load_raw
 from tasks.data.demo_data import write_demo_shop
+from tasks.data.formats import file_stem
 from tasks.resume import LOAD_CACHE, STAGE_CACHE
 from tasks.splitting.split import Split, cut_times, leave_one_out, time_split
 
@@ -41,6 +43,24 @@ class DataPaths:
     ordered_only: bool = False
     rows: dict[str, int] = field(default_factory=dict)
     shards: int = 0  # the number of shard files when ``events`` is a folder of shards
+
+
+def shop_name(path: str | Path | None, fmt: str, name: str | None = None) -> str:
+    """The shop's name: its MLflow experiment, its run folders and its champion's shop.
+
+    ``name`` when given; ``demo`` for the built-in demo shop (no ``path``); else
+    ``<format>-<stem>-<digest>`` (``<stem>-<digest>`` for csv and parquet), ``<digest>`` being
+    the first 6 hex digits of the SHA-256 of the resolved absolute path, so that two logs of
+    one format in two folders are two shops, and one path is one shop however it is spelt.
+    """
+    if name:
+        return name
+    if path is None:
+        return "demo"
+    resolved = Path(path).expanduser().resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:6]
+    parts = [file_stem(resolved), digest]
+    return "-".join(parts if fmt in ("csv", "parquet") else [fmt, *parts])
 
 
 def demo_source(root: Path, n_events: int, seed: int) -> Path:
@@ -61,7 +81,6 @@ def load_data(
     if path is None:
         source = demo_source(workdir.parents[1], demo_events, demo_seed)
         raw = load_raw(source, "parquet")
-        raw.name = "demo"
     else:
         source = Path(path)
         raw = load_raw(source, fmt, column_map=column_map or None, event_map=event_map or None)
@@ -75,9 +94,10 @@ def load_data(
         items_path = workdir / "items.parquet"
         raw.items.write_parquet(items_path)
     rows = {"events": raw.events.height, "items": 0 if raw.items is None else raw.items.height}
-    logger.info("loaded %s: %d events, %d items", raw.name, rows["events"], rows["items"])
-    return DataPaths(events_path, items_path, name or raw.name, source,
-                     tracking.fingerprint([source]), raw.ordered_only, rows)
+    shop = shop_name(path, fmt, name)
+    logger.info("loaded %s: %d events, %d items", shop, rows["events"], rows["items"])
+    return DataPaths(events_path, items_path, shop, source, tracking.fingerprint([source]),
+                     raw.ordered_only, rows)
 
 
 @task(name="validate", persist_result=True, cache_policy=STAGE_CACHE)

@@ -157,11 +157,15 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
             "recall": recall_counts(frame, targets)}
 
 
-def sharded_study_name(split_dir: Path, config: RankerConfig) -> str:
-    """The configured name, else one derived from the split's summary and the settings."""
+def sharded_study_name(split_dir: Path, config: RankerConfig, selection: Selection) -> str:
+    """The configured name, else one derived from the split's summary and the settings.
+
+    The selection holdout (share and seed: the users no trial learns or stops on) counts too.
+    """
     info = json.loads((split_dir / "info.json").read_text())
+    data = [json.dumps(info, sort_keys=True), f"selection={[selection.share, selection.seed]}"]
     return config.study_name or digest_study_name(
-        f"{MODEL_NAME}-sharded", info["protocol"], [json.dumps(info, sort_keys=True)], config)
+        f"{MODEL_NAME}-sharded", info["protocol"], data, config)
 
 
 def evaluate_ranker_sharded(
@@ -212,7 +216,7 @@ def evaluate_ranker_sharded(
     log.info("ranker sample: %s", sample)
 
     storage = config.storage or default_storage()
-    name = sharded_study_name(split_dir, config)
+    name = sharded_study_name(split_dir, config, tuned_on)
     study = open_study(name, storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     done = finished_trials(study)

@@ -37,13 +37,16 @@ def derived_study_name(family: str, split: Split, settings: BaseModel,
     """``<family>-<protocol>-<digest>``: the same for the same data tuned with the same settings.
 
     The digest covers the training events, the validation targets, every setting except the
-    budget (:data:`RESUME_EXCLUDED`) and ``measured``: what else changes what a trial measures
-    (the cut-offs, whether seen items are removed, the items table). A re-run with a larger
-    budget resumes the study; one that would measure trials differently starts another.
+    budget (:data:`RESUME_EXCLUDED`) and ``measured``: what else changes what a trial learns or
+    measures (the cut-offs, whether seen items are removed, the items table, the selection
+    holdout, the recipe of a model proposing candidates): tables, or values JSON can write
+    (mappings digested whatever the order of their keys). A re-run with a larger budget resumes
+    the study; one that would measure trials differently starts another.
     """
     data = [frame_digest(frame) for frame in (split.train, split.valid_targets)]
     for key, value in sorted((measured or {}).items()):
-        text = frame_digest(value) if isinstance(value, pl.DataFrame) else json.dumps(value)
+        text = (frame_digest(value) if isinstance(value, pl.DataFrame)
+                else json.dumps(value, sort_keys=True))
         data.append(f"{key}={text}")
     return digest_study_name(family, split.protocol, data, settings)
 

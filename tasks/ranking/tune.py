@@ -37,7 +37,13 @@ from tasks.ranking.reranker import (
     RankingPipeline,
     TrainingData,
 )
-from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
+from tasks.ranking.study import (
+    RESUME_EXCLUDED,
+    TrialLogger,
+    derived_study_name,
+    open_study,
+    run_study,
+)
 from tasks.splitting.split import Selection, Split
 
 logger = logging.getLogger(__name__)
@@ -59,16 +65,31 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
 
 
 def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None,
-               ks: list[int] | None = None, items: pl.DataFrame | None = None) -> str:
+               ks: list[int] | None = None, items: pl.DataFrame | None = None,
+               selection: Selection | None = None,
+               source_recipe: dict[str, Any] | None = None) -> str:
     """The configured study name, else one derived from the data and settings (re-runs resume).
 
     ``sources`` names the external candidate sources (their features change what a trial
     learns): ``lgbm_ranker-seq-...`` is another study than ``lgbm_ranker-...``. The cut-offs
-    and the items table (categories, prices) change what a trial measures: another study.
+    and the items table (categories, prices) change what a trial measures: another study. So do
+    the selection holdout (share and seed: the users whose targets no trial may learn or stop
+    on) and ``source_recipe``, the recipe of the transformer that proposes the external
+    candidates (its settings but the budget, best parameters and epochs).
     """
     family = "-".join([MODEL_NAME, *sorted(sources or [])])
-    return config.study_name or derived_study_name(family, split, config,
-                                                   {"ks": ks, "items": items})
+    chosen = selection or Selection()
+    return config.study_name or derived_study_name(family, split, config, {
+        "ks": ks, "items": items, "selection": [chosen.share, chosen.seed],
+        "source": _without_budget(source_recipe)})
+
+
+def _without_budget(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``recipe`` without the settings of :data:`RESUME_EXCLUDED` (its study's budget)."""
+    if recipe is None:
+        return None
+    settings = {k: v for k, v in recipe.get("config", {}).items() if k not in RESUME_EXCLUDED}
+    return {**recipe, "config": settings}
 
 
 def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
@@ -218,6 +239,7 @@ def tune_and_evaluate_lgbm(
     external: ExternalSources | None = None,
     source: ExternalSource | None = None,
     selection: Selection | None = None,
+    source_recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tune, refit, test and save the LightGBM re-ranker; log everything under ``run_id``.
 
@@ -240,6 +262,9 @@ def tune_and_evaluate_lgbm(
         selection: The selection holdout: its users' validation targets train nothing (the
             windows, the holdout and the trials are the other users'), and ``valid`` is the
             refitted ranker on them (None: the best trial's metrics on the held-out users).
+        source_recipe: The recipe of the transformer behind ``external`` and ``source``
+            (:func:`tasks.release.recipes.transformer_recipe`): another transformer proposes
+            other candidates, so it names another study (None: not known).
 
     Returns:
         ``valid`` metrics, ``test`` metrics,
@@ -255,8 +280,8 @@ def tune_and_evaluate_lgbm(
                                 external)
     external_names = [c.removeprefix(RANK_PREFIX) for c in rank_columns(data.train)
                       if c.removeprefix(RANK_PREFIX) not in BUILTIN_SOURCES]
-    study = open_study(study_name(split, config, external_names, ks, items), config.storage,
-                       config.seed, config.sampler_startup_trials,
+    name = study_name(split, config, external_names, ks, items, selection, source_recipe)
+    study = open_study(name, config.storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     run_study(study, make_objective(pipe, data, ks, TrialLogger(run_id, MODEL_NAME)),
               config.n_trials, config.timeout_s)
