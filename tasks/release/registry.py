@@ -48,6 +48,9 @@ DECISION_TAG = "promotion.decision"
 DECISION_ID_TAG = "promotion.decision_id"
 REGISTRY_ID_TAG = "shoprank.registry_id"
 LATENCY = "latency_p99_ms"
+LOCK_LEASE_S = 60.0
+"""Lease of the Prefect lock (the server's least): a holder renews it while it lives; the slot of
+a holder that died (SIGKILL, a lost machine) is free again about a minute later."""
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -226,7 +229,7 @@ def _server_lock(server: str, name: str, model_name: str, timeout_s: float) -> I
     with ExitStack() as held:
         try:
             held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s,
-                                           strict=True))
+                                           lease_duration=LOCK_LEASE_S, strict=True))
         except TimeoutError as err:
             raise ShoprankError(
                 f"could not lock {model_name!r} within {timeout_s:.0f} s: another promotion "
