@@ -94,7 +94,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
         sequence = evaluate_transformer_sharded(
             work / "split", data.items, config.transformer.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, work / "transformer",
-            work / "baselines", run_id, uri, selection)
+            work / "baselines", run_id, uri, selection, config.evaluation.primary_metric)
         scores["transformer"] = {"valid": sequence["valid"], "test": sequence["test"]}
         clock.done("transformer")
     if config.ranker.enabled:
@@ -185,7 +185,7 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
         seed_everything(config.seed)
         transformer = evaluate_transformer(
             split.folder, data.items, sequence_config, config.evaluation.ks, n_items,
-            exclude_seen, workdir, run_id, selection)
+            exclude_seen, workdir, run_id, selection, config.evaluation.primary_metric)
         scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
     if config.ranker.enabled:
         seed_everything(config.seed)

@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
@@ -47,8 +48,9 @@ class SequentialTransformer:
 
     Attributes:
         history_: One dict of metrics per epoch (``epoch, loss, epoch_s, samples_per_s`` and,
-            with validation targets, ``recall@10, ndcg@10``).
-        best_epoch_: Epoch whose weights were kept (best validation NDCG@10, else the last).
+            in a validated epoch, the validation's metrics: ``recall@10, ndcg@10`` of
+            ``valid_targets``, or those of ``validate``).
+        best_epoch_: Epoch whose weights were kept (best validation ``monitor``, else the last).
     """
 
     def __init__(self, config: TransformerConfig | None = None) -> None:
@@ -61,18 +63,29 @@ class SequentialTransformer:
         valid_targets: Any = None,
         items: Any = None,
         on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
+        validate: Callable[[SequentialTransformer], dict[str, float]] | None = None,
+        monitor: str = "ndcg@10",
     ) -> Self:
         """Train on canonical events.
 
         Args:
             events: ``user_id, item_id, event_type, timestamp``.
             valid_targets: ``user_id, item_id``, one held-out next item per user, for the
-                per-epoch validation metrics and early stopping (seen items filtered).
+                per-epoch validation metrics and early stopping: Recall@10 and NDCG@10 of the
+                full catalogue, seen items filtered.
             items: Catalogue (``item_id``; optional ``category_id``, ``attributes``): its
                 attributes feed the item features. Only items of ``events`` are ranked.
             on_epoch: Called as ``on_epoch(epoch, metrics)`` after every epoch; returning True
                 stops training (e.g. an Optuna pruner).
+            validate: Instead of ``valid_targets``, your validation: ``validate(self)`` returns
+                the metrics of the current weights (e.g. under a run's evaluation protocol),
+                called every ``eval_every`` epochs for ``history_``, ``on_epoch`` and early
+                stopping.
+            monitor: The validation metric whose best epoch's weights are kept.
         """
+        if validate is not None and valid_targets is not None:
+            raise ConfigError("give valid_targets (the built-in next-item validation) or "
+                              "validate (your own), not both.")
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -91,8 +104,9 @@ class SequentialTransformer:
         torch.manual_seed(cfg.seed)
         self.model_ = self._build_model()
         self.history_: list[dict[str, float]] = []
-        transformer_training.train(
-            self, transformer_training.validation_cases(self, valid_targets), on_epoch)
+        validation = (partial(validate, self) if validate is not None
+                      else transformer_training.next_item_validation(self, valid_targets))
+        transformer_training.train(self, validation, on_epoch, monitor)
         return self
 
     def _build_model(self) -> SASRec:

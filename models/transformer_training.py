@@ -3,8 +3,10 @@
 :func:`train` runs the epochs: length-sorted batches of each user's last ``max_len + 1`` events
 (:func:`train_epoch`), the next-item loss at every position (full softmax, or sampled softmax
 with uniform or popularity negatives and the logQ correction: :func:`next_item_loss`), AdamW,
-and after every ``eval_every`` epochs the full-catalogue Recall@10 / NDCG@10 of the held-out next
-items (:func:`evaluate`); the weights of the best NDCG@10 are kept (:class:`EarlyStopping`).
+and after every ``eval_every`` epochs a validation; the weights of the epoch with the best value of
+the monitored metric are kept (:class:`EarlyStopping`). The validation is the caller's (for
+example the run's evaluation protocol and metrics), else the full-catalogue Recall@10 / NDCG@10
+of held-out next items with seen items filtered (:func:`next_item_validation`).
 Every function takes the estimator whose network and fitted sequences it trains.
 """
 
@@ -58,9 +60,10 @@ def adamw(model: nn.Module, cfg: TransformerConfig) -> torch.optim.Optimizer:
 
 @dataclass
 class EarlyStopping:
-    """Keeps the weights of the best validation NDCG@10; says when patience runs out."""
+    """Keeps the weights of the best validation ``metric``; says when patience runs out."""
 
     patience: int
+    metric: str = "ndcg@10"
     best: float = -math.inf
     best_epoch: int = 0
     waited: int = 0
@@ -68,10 +71,10 @@ class EarlyStopping:
 
     def update(self, epoch: int, metrics: dict[str, float], model: nn.Module) -> bool:
         """Record an epoch's metrics; True when ``patience`` evaluations brought no gain."""
-        if "ndcg@10" not in metrics:
+        if self.metric not in metrics:  # an epoch without validation
             return False
-        if metrics["ndcg@10"] > self.best:
-            self.best, self.best_epoch, self.waited = metrics["ndcg@10"], epoch, 0
+        if metrics[self.metric] > self.best:
+            self.best, self.best_epoch, self.waited = metrics[self.metric], epoch, 0
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return False
         self.waited += 1
@@ -80,13 +83,15 @@ class EarlyStopping:
 
 def train(
     est: SequentialTransformer,
-    valid: tuple[np.ndarray, np.ndarray, int] | None,
+    validate: Callable[[], dict[str, float]] | None,
     on_epoch: Callable[[int, dict[str, float]], bool] | None,
+    monitor: str = "ndcg@10",
 ) -> None:
     """Train ``est.model_`` for up to ``epochs`` epochs; keep the best validated weights.
 
-    ``valid``: :func:`validation_cases` (None: no validation, the last epoch's weights);
-    ``on_epoch(epoch, metrics)`` returning True stops early (an Optuna pruner).
+    ``validate()``: the validation metrics of the current weights, every ``eval_every`` epochs
+    (None: no validation, the last epoch's weights); ``monitor``: the one whose best epoch is
+    kept; ``on_epoch(epoch, metrics)`` returning True stops early (an Optuna pruner).
     """
     cfg, model = est.config, est.model_
     data = training_tensors(est)
@@ -96,17 +101,15 @@ def train(
     generator = torch.Generator(device=est.device_)
     generator.manual_seed(cfg.seed)
     sampler = negative_sampler(est, generator)
-    stopper = EarlyStopping(cfg.patience)
+    stopper = EarlyStopping(cfg.patience, monitor)
     for epoch in range(1, cfg.epochs + 1):
-        metrics = {"epoch": epoch, **train_epoch(est, forward, optimizer, data, rng, sampler)}
-        if valid is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            metrics.update(evaluate(est, *valid))
+        trained = train_epoch(est, forward, optimizer, data, rng, sampler)
+        metrics = {"epoch": epoch, **trained}
+        if validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            metrics.update(validated(validate, monitor))
         est.history_.append(metrics)
-        logger.info(
-            "epoch %d: %s",
-            epoch,
-            ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"),
-        )
+        shown = [k for k in metrics if k in trained or k == monitor]
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
         stop = stopper.update(epoch, metrics, model)
         if (on_epoch is not None and on_epoch(epoch, metrics)) or stop:
             break
@@ -154,6 +157,17 @@ def train_epoch(
         "samples_per_s": len(plan.rows) / seconds,
         "positions_per_s": len(plan.targets) / seconds,
     }
+
+
+def validated(validate: Callable[[], dict[str, float]], monitor: str) -> dict[str, float]:
+    """The metrics of ``validate()``, which must include ``monitor`` (else ConfigError)."""
+    metrics = validate()
+    if monitor not in metrics:
+        raise ConfigError(
+            f"early stopping monitors {monitor!r}, which the validation does not compute; "
+            f"choose one of {', '.join(sorted(metrics))}."
+        )
+    return metrics
 
 
 def training_tensors(est: SequentialTransformer) -> dict[str, Any]:
@@ -209,6 +223,13 @@ def next_item_loss(
         pos_ids=target,
         neg_ids=neg_ids,
     )
+
+
+def next_item_validation(est: SequentialTransformer, valid_targets: Any
+                         ) -> Callable[[], dict[str, float]] | None:
+    """The built-in validation: Recall@10 / NDCG@10 of held-out next items (None without)."""
+    cases = validation_cases(est, valid_targets)
+    return None if cases is None else lambda: evaluate(est, *cases)
 
 
 def validation_cases(est: SequentialTransformer, valid_targets: Any

@@ -17,6 +17,7 @@ from tasks.transformer.sequence import (
     SequenceConfig,
     SequenceSource,
     _Objective,
+    full_metrics,
     ranker_sources,
     study_name,
     tune_and_evaluate_transformer,
@@ -66,8 +67,11 @@ def test_a_study_under_other_evaluation_settings_is_another_study(shop):
              study_name(split, config, [10, 20], True, items),  # seen items removed
              study_name(split, config, [20, 50], False, items),  # other cut-offs
              study_name(split, config, [10, 20], False, items.head(10)),  # another catalogue
-             study_name(split, config, [10, 20], False, None)}
-    assert len(names) == 5
+             study_name(split, config, [10, 20], False, None),
+             study_name(split, config, [10, 20], False, items, "recall@20")}  # another metric
+    assert len(names) == 6
+    assert study_name(split, config, [10, 20], False, items) == study_name(
+        split, config, [10, 20], False, items, "ndcg@10")  # the default primary metric
     assert study_name(split, config, [10, 20], False, items) == study_name(
         split, config.model_copy(update={"n_trials": 9}), [10, 20], False, items)  # the budget
 
@@ -83,6 +87,29 @@ def test_pruner_stops_a_trial_after_an_epoch(shop, tmp_path):
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert 1 <= len(trial.intermediate_values) < 4  # stopped before its 4 epochs
+
+
+@pytest.mark.parametrize("primary", ["ndcg@10", "recall@20"])
+def test_early_stopping_pruning_and_the_trial_value_follow_the_primary_metric(shop, primary):
+    split, items = shop  # the time split: seen items are kept, targets are the window's items
+    assert split.protocol == "time"
+    config = _config("unused", space={**TINY_SPACE, "epochs": [4, 4]}, patience=4)
+    study = optuna.create_study(direction="maximize")
+    objective = _Objective(split, items, config, TrialLogger(None, "transformer"), [10, 20], False,
+                           items.height, primary)
+    study.optimize(objective, n_trials=1)
+    model, trial = objective.best_model, study.trials[0]
+    # the trial's value is the run's own validation scoring of the kept weights
+    scored = full_metrics(model, split.train, split.valid_targets, [10, 20], False, items.height)
+    assert trial.value == scored[primary]
+    # every epoch, early stopping and the pruner saw that metric under the same protocol
+    per_epoch = {h["epoch"]: h[primary] for h in model.history_}
+    assert trial.intermediate_values == per_epoch
+    assert model.best_epoch_ == max(per_epoch, key=lambda e: (per_epoch[e], -e))
+    assert per_epoch[model.best_epoch_] == pytest.approx(trial.value, abs=1e-12)
+    # with the seen items removed the same model scores otherwise: the protocol decides
+    removed = full_metrics(model, split.train, split.valid_targets, [10, 20], True, items.height)
+    assert removed[primary] != scored[primary]
 
 
 def test_saved_source_proposes_the_same_items(shop, tmp_path):

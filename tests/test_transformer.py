@@ -239,6 +239,32 @@ def test_learns_a_sequential_pattern(
     assert {"loss", "epoch_s", "samples_per_s", "ndcg@10"} <= set(fitted.history_[-1])
 
 
+def test_early_stopping_keeps_the_best_epoch_of_the_monitored_metric(
+    toy: tuple[pd.DataFrame, pd.DataFrame],
+) -> None:
+    """A caller's validation (its protocol and metrics) decides the epoch kept, not NDCG@10."""
+    train, _ = toy
+    scripted = {"ndcg@10": [0.1, 0.4, 0.2, 0.3], "recall@20": [0.5, 0.1, 0.2, 0.6]}
+    seen: list[int] = []
+
+    def validate(model: SequentialTransformer) -> dict[str, float]:
+        seen.append(len(model.history_) + 1)  # the epoch just trained
+        return {name: values[len(seen) - 1] for name, values in scripted.items()}
+
+    for monitor, best in (("ndcg@10", 2), ("recall@20", 4)):
+        seen.clear()
+        model = SequentialTransformer(_tiny(epochs=4, eval_every=1, patience=9)).fit(
+            train, validate=validate, monitor=monitor)
+        assert seen == [1, 2, 3, 4]
+        assert model.best_epoch_ == best
+        assert [h[monitor] for h in model.history_] == scripted[monitor]
+    seen.clear()
+    with pytest.raises(ConfigError, match="mrr@10.*ndcg@10, recall@20"):
+        SequentialTransformer(_tiny(epochs=1)).fit(train, validate=validate, monitor="mrr@10")
+    with pytest.raises(ConfigError, match="not both"):
+        SequentialTransformer(_tiny(epochs=1)).fit(train, train[[USER, ITEM]], validate=validate)
+
+
 def test_same_seed_gives_identical_scores_on_cpu(toy: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     train, valid = toy
     cfg = _tiny(epochs=2, dropout=0.2, emb_dropout=0.2)

@@ -89,13 +89,13 @@ def evaluate_baselines(
 def evaluate_transformer(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, workdir: Path, run_id: str | None,
-    selection: Selection | None = None,
+    selection: Selection | None = None, primary_metric: str | None = None,
 ) -> dict[str, Any]:
     """Tune (Optuna, per-epoch pruning), refit and test the sequential transformer.
 
-    Returns the result of :func:`tasks.transformer.sequence.tune_and_evaluate_transformer`
-    (``valid`` and ``test`` metrics like the baselines, the best parameters and the saved model's
-    folder).
+    ``primary_metric`` (the run's) early-stops, prunes and ranks its trials. Returns the result
+    of :func:`tasks.transformer.sequence.tune_and_evaluate_transformer` (``valid`` and ``test``
+    metrics like the baselines, the best parameters and the saved model's folder).
     """
     from tasks.transformer.sequence import tune_and_evaluate_transformer
 
@@ -103,7 +103,7 @@ def evaluate_transformer(
     items = pl.read_parquet(items_path) if items_path else None
     result = tune_and_evaluate_transformer(split, items, config, run_id, workdir, ks=ks,
                                            exclude_seen=exclude_seen, n_items=n_items,
-                                           selection=selection)
+                                           selection=selection, primary_metric=primary_metric)
     write_recipe(Path(result["model_dir"]), transformer_recipe(config, result))
     get_run_logger().info("transformer: best trial %s of %s (%s epochs), test %s",
                           result["best_trial"], result["n_trials"], result["best_epoch"],
@@ -128,20 +128,19 @@ def evaluate_lgbm_ranker(
 
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
-    external = source = None
+    external = source = recipe = None
     if transformer and transformer_config and transformer_config.candidates:
         from tasks.transformer.sequence import ranker_sources
 
         earliest = training_windows(split, config.extra_windows, config.window_stride)[-1][0]
         external, source = ranker_sources(split, items, transformer, transformer_config,
                                           earliest)
+        recipe = read_recipe(Path(transformer["model_dir"]))  # part of the study's name
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
                                     exclude_seen=exclude_seen, ordered_only=ordered_only,
                                     n_items=n_items, external=external, source=source,
-                                    selection=selection)
-    write_recipe(Path(result["model_dir"]), ranker_recipe(
-        result, read_recipe(Path(transformer["model_dir"])) if source is not None else None,
-        selection))
+                                    selection=selection, source_recipe=recipe)
+    write_recipe(Path(result["model_dir"]), ranker_recipe(result, recipe, selection))
     recall = result["candidate_recall"]
     get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
                           result["best_trial"], result["n_trials"], recall["test"])

@@ -2,12 +2,13 @@
 
 :func:`tune_and_evaluate_transformer` runs an Optuna study over the transformer's size, depth,
 heads, dropout, sequence length, learning rate, negatives and epochs. Each trial trains on
-``split.train`` with early stopping on the validation targets; every epoch's loss, validation
-NDCG@10 / Recall@10 and speed go to the trial's nested MLflow run as curves (``epoch.*``; the
-next item of each validation user, seen items filtered), and the epoch's
-validation NDCG@10 goes to the pruner, which stops trials that fall below the median of earlier
-ones at the same epoch. A trial's value is the full-catalogue NDCG of its recommendations for the
-validation users, computed exactly as for the baselines, so the families compete on one metric.
+``split.train``; after every epoch its recommendations for the validation users are scored
+exactly as the baselines' (:func:`full_metrics`: the run's protocol, its ``exclude_seen`` and
+targets), and the run's primary metric (``evaluation.primary_metric``, NDCG@10 by default)
+early-stops the trial and goes to the pruner, which stops trials that fall below the median of
+earlier ones at the same epoch. The loss, speed, NDCG@10, Recall@10 and the primary metric of
+every epoch go to the trial's nested MLflow run as curves (``epoch.*``). A trial's value is the
+primary metric of its kept weights, so the families compete on one metric.
 The best parameters are refitted on train + validation for as many epochs as the best trial
 needed, scored on the test window and saved as the servable ``transformer`` model.
 
@@ -31,8 +32,8 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.columns import ITEM, SCORE, USER
-from models.errors import DataError
-from models.metrics import evaluate
+from models.errors import ConfigError, DataError
+from models.metrics import ACCURACY_METRICS, evaluate
 from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
 from tasks.splitting.split import Selection, Split
 
@@ -100,7 +101,8 @@ class SequenceConfig(BaseModel):
     study_name: str | None = Field(
         None, description="Study name; empty: derived from the data and settings (re-runs resume)."
     )
-    patience: int = Field(3, ge=1, description="Epochs without a better validation NDCG@10.")
+    patience: int = Field(3, ge=1, description="Epochs without a better validation primary "
+                          "metric before a trial stops.")
     seed: int = Field(42, description="Seed of the sampler and of every model.")
     sampler_startup_trials: int = Field(3, ge=1, description="Random trials before TPE guides.")
     pruner_startup_trials: int = Field(1, ge=0, description="Trials before pruning starts.")
@@ -133,15 +135,35 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     }
 
 
+def resolved_primary_metric(ks: list[int], primary_metric: str | None = None) -> str:
+    """The metric that early-stops, prunes and ranks the trials.
+
+    ``primary_metric`` is the run's ``evaluation.primary_metric``; without one, NDCG at 10 (at
+    the smallest cut-off when ``ks`` leaves out 10).
+
+    Raises:
+        ConfigError: :func:`full_metrics` does not compute ``primary_metric`` at ``ks``.
+    """
+    if primary_metric is None:
+        return f"ndcg@{10 if 10 in ks else min(ks)}"
+    allowed = [f"{name}@{k}" for k in ks for name in (*ACCURACY_METRICS, "coverage", "novelty")]
+    if primary_metric not in allowed:
+        raise ConfigError(f"the transformer cannot be tuned on {primary_metric!r} with cut-offs "
+                          f"{ks}; choose one of {', '.join(allowed)}.")
+    return primary_metric
+
+
 def study_name(split: Split, config: SequenceConfig, ks: list[int] | None = None,
-               exclude_seen: bool | None = None, items: pl.DataFrame | None = None) -> str:
+               exclude_seen: bool | None = None, items: pl.DataFrame | None = None,
+               primary_metric: str | None = None) -> str:
     """The configured study name, else one derived from the data and settings (re-runs resume).
 
-    The cut-offs, ``exclude_seen`` and the items table change what a trial measures, so they
-    name another study.
+    The cut-offs, ``exclude_seen``, the items table and the primary metric change what a trial
+    measures, so they name another study.
     """
+    metric = resolved_primary_metric(list(ks or [10, 20]), primary_metric)
     return config.study_name or derived_study_name(MODEL_NAME, split, config, {
-        "ks": ks, "exclude_seen": exclude_seen, "items": items})
+        "ks": ks, "exclude_seen": exclude_seen, "items": items, "primary_metric": metric})
 
 
 def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
@@ -153,13 +175,24 @@ def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: p
     return evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
 
 
+def epoch_curves(metrics: dict[str, float], primary: str) -> dict[str, float]:
+    """An epoch's points of the trial's curves: loss, speed, NDCG@10, Recall@10 and ``primary``."""
+    return {f"epoch.{k}": v for k, v in metrics.items() if k in ("ndcg@10", "recall@10", primary)
+            or ("@" not in k and k not in ("epoch", "users"))}
+
+
 class _Objective:
-    """Trains one trial, reports every epoch to the pruner and MLflow; keeps the best model."""
+    """Trains one trial, reports every epoch to the pruner and MLflow; keeps the best model.
+
+    Every epoch, and the trial's value, are scored by :meth:`validation` on ``primary_metric``.
+    """
 
     def __init__(self, split: Split, items: pl.DataFrame | None, config: SequenceConfig,
-                 runs: TrialLogger, ks: list[int], exclude_seen: bool, n_items: int | None):
+                 runs: TrialLogger, ks: list[int], exclude_seen: bool, n_items: int | None,
+                 primary_metric: str | None = None):
         self.split, self.items, self.config, self.runs = split, items, config, runs
         self.ks, self.exclude_seen, self.n_items = ks, exclude_seen, n_items
+        self.primary = resolved_primary_metric(ks, primary_metric)
         self.best_value, self.best_model = float("-inf"), None
         self.deadline = (time.monotonic() + config.timeout_s) if config.timeout_s else None
 
@@ -170,10 +203,9 @@ class _Objective:
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
-            curves = {f"epoch.{k}": v for k, v in metrics.items() if k != "epoch"}
-            self.runs.step(run_id, curves, epoch)
-            if "ndcg@10" in metrics:
-                trial.report(metrics["ndcg@10"], epoch)
+            self.runs.step(run_id, epoch_curves(metrics, self.primary), epoch)
+            if self.primary in metrics:
+                trial.report(metrics[self.primary], epoch)
                 pruned = trial.should_prune()
             if self.deadline is not None and time.monotonic() > self.deadline and not pruned:
                 logger.info("trial %d: time budget spent, keeping its best epoch so far",
@@ -185,22 +217,26 @@ class _Objective:
 
         try:
             model = SequentialTransformer(self.config.transformer(params)).fit(
-                self.split.train, self.split.valid_targets, self.items, on_epoch)
+                self.split.train, None, self.items, on_epoch, self.validation, self.primary)
         except Exception:
             self.runs.end(run_id, "FAILED", {})
             raise
         if pruned:
             self.runs.end(run_id, "KILLED", {})
             raise optuna.TrialPruned(f"pruned after epoch {len(model.history_)}")
-        metrics = full_metrics(model, self.split.train, self.split.valid_targets, self.ks,
-                               self.exclude_seen, self.n_items)
+        metrics = self.validation(model)  # the kept weights
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("best_epoch", model.best_epoch_)
         self.runs.end(run_id, "FINISHED", {**metrics, "best_epoch": model.best_epoch_})
-        value = metrics[f"ndcg@{10 if 10 in self.ks else min(self.ks)}"]
+        value = metrics[self.primary]
         if value > self.best_value:
             self.best_value, self.best_model = value, model
         return value
+
+    def validation(self, model: SequentialTransformer) -> dict[str, float]:
+        """The validation metrics of ``model``'s current weights, as the run scores every model."""
+        return full_metrics(model, self.split.train, self.split.valid_targets, self.ks,
+                            self.exclude_seen, self.n_items)
 
 
 class SequenceSource:
@@ -252,12 +288,13 @@ def fit_final(history: pl.DataFrame, items: pl.DataFrame | None, config: Sequenc
 
 def run_transformer_study(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
                           runs: TrialLogger, ks: list[int], exclude_seen: bool,
-                          n_items: int | None) -> tuple[optuna.Study, _Objective]:
+                          n_items: int | None, primary_metric: str | None = None
+                          ) -> tuple[optuna.Study, _Objective]:
     """Run the study's missing trials; returns it and the objective (its ``best_model``)."""
-    study = open_study(study_name(split, config, ks, exclude_seen, items), config.storage,
-                       config.seed, config.sampler_startup_trials,
+    study = open_study(study_name(split, config, ks, exclude_seen, items, primary_metric),
+                       config.storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_epochs)
-    objective = _Objective(split, items, config, runs, ks, exclude_seen, n_items)
+    objective = _Objective(split, items, config, runs, ks, exclude_seen, n_items, primary_metric)
     run_study(study, objective, config.n_trials, config.timeout_s)
     return study, objective
 
@@ -277,6 +314,7 @@ def tune_and_evaluate_transformer(
     exclude_seen: bool | None = None,
     n_items: int | None = None,
     selection: Selection | None = None,
+    primary_metric: str | None = None,
 ) -> dict[str, Any]:
     """Tune, refit, test and save the transformer; log everything under ``run_id``.
 
@@ -292,6 +330,8 @@ def tune_and_evaluate_transformer(
         selection: The selection holdout: the study is tuned on the other validation users and
             ``valid`` is the best trial's model on its users (None: the best trial's metrics on
             every validation user).
+        primary_metric: The run's ``evaluation.primary_metric``: it early-stops, prunes and
+            ranks the trials (default: NDCG@10, or NDCG at the smallest K without 10 in ``ks``).
 
     Returns:
         ``valid`` metrics, ``test`` metrics, ``best_params``, ``best_trial``,
@@ -302,10 +342,10 @@ def tune_and_evaluate_transformer(
     seen = split.protocol == "leave_one_out" if exclude_seen is None else exclude_seen
     study, objective = run_transformer_study(
         split if selection is None else selection.tuning(split), items, config,
-        TrialLogger(run_id, MODEL_NAME), ks, seen, n_items)
+        TrialLogger(run_id, MODEL_NAME), ks, seen, n_items, primary_metric)
     best = study.best_trial
     epochs = best_epochs(best)
-    valid = best.user_attrs.get("metrics", {"ndcg@10": best.value})
+    valid = best.user_attrs.get("metrics", {objective.primary: best.value})
     if selection is not None:
         valid = selected_metrics(split, items, config, study, objective, selection, ks, seen,
                                  n_items)

@@ -82,10 +82,12 @@ def read_sample(split_dir: Path, sample: Path) -> Split:
 @task(name="transformer-study", persist_result=True, cache_policy=STAGE_CACHE)
 def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config: SequenceConfig,
                    ks: list[int], exclude_seen: bool, n_items: int, run_id: str | None,
-                   tracking_uri: str, selection: Selection) -> dict[str, Any]:
+                   tracking_uri: str, selection: Selection, primary_metric: str | None = None
+                   ) -> dict[str, Any]:
     """Run the study on the sample; save the best trial's model and the refit; their summary.
 
-    The study is tuned on the sample's validation users outside the selection holdout.
+    The study is tuned on the sample's validation users outside the selection holdout, on
+    ``primary_metric`` (early stopping, pruning and the trials' values).
     """
     import torch
 
@@ -100,7 +102,7 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
     try:
         study, objective = run_transformer_study(
             tuning, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks,
-            exclude_seen, n_items)
+            exclude_seen, n_items, primary_metric)
         best = study.best_trial
         epochs = best_epochs(best)
         best_trial_model(split, items, config, study, objective).save(work / "best")
@@ -142,11 +144,12 @@ def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Pat
 def evaluate_transformer_sharded(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, work: Path, baselines: Path, run_id: str | None,
-    tracking_uri: str, selection: Selection | None = None,
+    tracking_uri: str, selection: Selection | None = None, primary_metric: str | None = None,
 ) -> dict[str, Any]:
     """Tune on a sample, refit, and score the transformer shard by shard (call inside a flow).
 
-    ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty).
+    ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty);
+    ``primary_metric`` (the run's ``evaluation.primary_metric``) early-stops and ranks the trials.
     Returns ``valid`` and ``test`` metrics like the local engine, with the study's summary.
     """
     log = get_run_logger()
@@ -159,7 +162,8 @@ def evaluate_transformer_sharded(
     config = config.model_copy(update={"storage": config.storage or default_storage()})
     selection = selection or Selection()
     result = gather([tune_on_sample.submit(split_dir, work, items_path, config, ks, exclude_seen,
-                                           n_items, run_id, tracking_uri, selection)])[0]
+                                           n_items, run_id, tracking_uri, selection,
+                                           primary_metric)])[0]
     for stage in STAGES:
         parts = gather(score_shard.map(unmapped(split_dir), shards, unmapped(stage),
                                        unmapped(work), unmapped(baselines / stage /
