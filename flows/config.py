@@ -22,6 +22,7 @@ from pydantic import (
 
 from models.columns import EVENT_TYPES
 from models.errors import ConfigError
+from models.metrics import ACCURACY_METRICS
 from tasks.checks.validate import ValidationSettings
 from tasks.data.adapters import FORMATS
 from tasks.ranking.reranker import RankerConfig
@@ -116,6 +117,10 @@ class EvalConfig(_Strict):
     @model_validator(mode="after")
     def _primary_at_a_cut_off(self) -> EvalConfig:
         name, _, k = self.primary_metric.partition("@")
+        known = (*ACCURACY_METRICS, "coverage", "novelty")
+        if name not in known:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not a metric shoprank "
+                             f"computes; choose one of {', '.join(f'{m}@K' for m in known)}")
         if k.isdigit() and int(k) in self.ks:
             return self
         if "primary_metric" in self.model_fields_set:

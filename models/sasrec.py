@@ -62,7 +62,8 @@ class TransformerConfig:
         bf16: bfloat16 autocast on CUDA.
         cpu_bf16: bfloat16 autocast on CPU too (faster on processors with native bf16, such as
             AMD Zen 4 or Intel Sapphire Rapids; slower on others).
-        patience: Evaluations without a better validation NDCG@10 before stopping.
+        patience: Evaluations without a better validation value of the monitored metric (the
+            run's primary metric under its protocol, else next-item NDCG@10) before stopping.
         eval_every: Evaluate on the validation targets every this many epochs.
         eval_batch_size: Users scored at once when evaluating or recommending (fewer when
             the catalogue is large: one block of scores stays within 256 MiB).

@@ -163,6 +163,14 @@ def test_config_file_and_flags(tmp_path):
 
 
 
+def test_an_unknown_primary_metric_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match="'foo@10' is not a metric shoprank computes") as err:
+        load_config(None, evaluation__primary_metric="foo@10")
+    assert "ndcg@K, recall@K" in str(err.value)
+    assert load_config(None, evaluation__primary_metric="mrr@20",
+                       evaluation__ks=[10, 20]).evaluation.primary_metric == "mrr@20"
+
+
 def test_cut_offs_above_serve_max_k_are_refused_before_anything_runs(
         tmp_path, mlflow_store, capsys):
     with pytest.raises(ConfigError, match=r"invalid configuration: evaluation\.ks") as err:
