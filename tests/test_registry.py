@@ -135,6 +135,12 @@ def test_decide_applies_margin_and_guardrails():
     assert not promote
     assert "latency" in reason
     assert decide({**champion, "ndcg@10": 0.3, "latency_p99_ms": 14.9}, champion, policy)[0]
+    # live sessions: a guardrail that may not regress beyond the margin (0.30 * 0.95 = 0.285)
+    live = {**champion, "live.ndcg@10": 0.30}
+    promote, reason = decide({**live, "ndcg@10": 0.3, "live.ndcg@10": 0.28}, live, policy)
+    assert not promote
+    assert "live sessions regresses" in reason
+    assert decide({**live, "ndcg@10": 0.3, "live.ndcg@10": 0.29}, live, policy)[0]
 
 
 def test_select_best_uses_validation_and_skips_unservable():

@@ -1,6 +1,8 @@
 """``shoprank train`` SIGKILLed at each step of the release, then resumed or promoted.
 
-Each round starts a real ``shoprank train`` process on the session's Prefect server and kills it
+Each round starts a real ``shoprank train`` process against a real ``prefect server start`` (its
+lease repossessor frees the registry lock of a killed holder, which the test harness's server
+does not run) and kills it
 with SIGKILL at one step of the release (after registering the evaluated copy, after the refit,
 after registering the released copy, after moving the alias, before the event). Then
 ``shoprank train --resume`` or ``shoprank promote`` finishes the job, and the registry must be
@@ -18,7 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from prefect.settings import PREFECT_API_URL
 
 from tasks.release.promotion import RELEASE_DECISION_TAG, STATE_TAG
 from tasks.release.registry import (
@@ -29,9 +30,11 @@ from tasks.release.registry import (
     REJECTED,
     alias_version,
 )
+from tests.test_deploy import start_prefect_server
 from tests.test_release_loop import NAME, model_events, version_files
+from tests.test_serving import stop_group
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+pytestmark = pytest.mark.slow
 
 KILLER = """
 import os, signal
@@ -84,7 +87,20 @@ def _snapshot(uri: str, folder: Path) -> dict[str, dict[str, str]]:
             for v in client.search_model_versions(f"name='{NAME}'")}
 
 
-def test_a_release_killed_at_any_step_ends_consistent(tmp_path, mlflow_store, demo_shop_dir):
+@pytest.fixture
+def prefect_api(tmp_path, monkeypatch):
+    """A real Prefect server whose repossessor checks leases every 5 s."""
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "5")
+    (tmp_path / "server").mkdir()
+    proc, api, _ = start_prefect_server(tmp_path / "server")
+    try:
+        yield api
+    finally:
+        stop_group(proc)
+
+
+def test_a_release_killed_at_any_step_ends_consistent(tmp_path, mlflow_store, demo_shop_dir,
+                                                      prefect_api):
     settings = {"data": {"path": str(demo_shop_dir), "format": "parquet", "name": "demo"},
                 "ranker": {"enabled": False}, "transformer": {"enabled": False},
                 "registry": {"latency_requests": 20, "latency_slack_ms": 80.0,
@@ -94,7 +110,7 @@ def test_a_release_killed_at_any_step_ends_consistent(tmp_path, mlflow_store, de
     config.write_text(yaml.safe_dump(settings))
     settings["registry"]["families"] = ["buy_again"]  # better: the first round promotes it
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+    env = {**os.environ, "PREFECT_API_URL": prefect_api,
            "PREFECT_HOME": str(tmp_path / "prefect-home"), "MLFLOW_TRACKING_URI": mlflow_store}
     log = tmp_path / "shoprank.log"
     assert _shoprank(["train", "--config", str(config)], env, tmp_path, log) == 0, \
@@ -124,8 +140,8 @@ def test_a_release_killed_at_any_step_ends_consistent(tmp_path, mlflow_store, de
         description = client.get_model_version(NAME, version).description
         assert description.count(f"[{decision_id[:12]}]") == 1, step
         event = PROMOTED if tags[DECISION_TAG] == "promoted" else REJECTED
-        assert len(model_events(version, event)) == 1, step
-        assert len(model_events(version, EVALUATED, settle_s=0)) == 1, step
+        assert len(model_events(version, event, api=prefect_api)) == 1, step
+        assert len(model_events(version, EVALUATED, settle_s=0, api=prefect_api)) == 1, step
         after = _snapshot(mlflow_store, tmp_path / f"{step}-after")
         assert {v: after[v] for v in before} == before, step  # no version's files changed
     kinds = [client.get_model_version(NAME, v).tags.get("release.kind")

@@ -54,13 +54,19 @@ def version_files(uri: str, version: str, folder: Path) -> dict[str, str]:
             for p in sorted(local.rglob("*")) if p.is_file()}
 
 
-def model_events(version: str, event: str = PROMOTED, settle_s: float = 6.0) -> list:
-    """The events of one model version on the Prefect server (after they had time to land)."""
+def model_events(version: str, event: str = PROMOTED, settle_s: float = 6.0,
+                 api: str | None = None) -> list:
+    """The events of one model version on the Prefect server (after they had time to land).
+
+    ``api``: another server's API URL than the session's test server.
+    """
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     time.sleep(settle_s)  # emitted events are sent in the background
-    with get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: api} if api else {}), \
+            get_client(sync_client=True) as client:
         page = client.read_events(EventFilter(
             event=EventNameFilter(name=[event]),
             resource=EventResourceFilter(id=[f"mlflow.model-version.{NAME}.{version}"])),
@@ -291,6 +297,11 @@ def test_the_latency_guardrail_times_both_sides_alike_over_the_served_request_mi
     assert mix == request_mix(records, [10, 20], 400)  # the same requests for both sides
     decision = promote_version(NAME, new, mlflow_store, FAST)
     assert {"latency_p99_ms", "latency_p50_ms"} <= set(decision.champion)
+    # both request sets scored on both sides: returning users and live sessions
+    assert {"ndcg@10", "live.ndcg@10"} <= set(decision.champion) & set(decision.challenger)
+    tags = client.get_model_version(NAME, new).tags
+    assert float(tags["promotion.challenger.live.ndcg_at_10"]) == pytest.approx(
+        decision.challenger["live.ndcg@10"], rel=1e-5)
 
 
 @pytest.mark.slow  # a train flow or a server: `make test-release` runs it

@@ -125,14 +125,52 @@ def latency_ms(pyfunc: Any, requests: list[dict]) -> dict[str, float]:
             LATENCY: float(np.percentile(times, 99))}
 
 
+def live_sessions(split: Split, events: pl.DataFrame | None, exclude_seen: bool, k: int
+                  ) -> tuple[pd.DataFrame, pl.DataFrame] | None:
+    """Live sessions on the test window: ``(requests, targets)``, or None without a time split.
+
+    Each test user's first test-window event is its session (``recent_items``, as a shop front
+    end sends it); its targets are its test targets among the items of its later test-window
+    events. Users with no later target are left out.
+    """
+    t_test = parse_time(split.info.get("t_test")) if split.protocol == "time" else None
+    if t_test is None or events is None:
+        return None
+    window = (events.filter(pl.col(TIMESTAMP) >= pl.lit(t_test).cast(events[TIMESTAMP].dtype))
+              .join(split.test_targets.select(USER).unique(), on=USER, how="semi")
+              .sort([USER, TIMESTAMP, ITEM])
+              .with_columns(pl.int_range(pl.len()).over(USER).alias("__n")))
+    later = window.filter(pl.col("__n") > 0).select(USER, ITEM).unique()
+    targets = split.test_targets.join(later, on=[USER, ITEM], how="semi")
+    first = window.filter(pl.col("__n") == 0).select(
+        USER, pl.concat_list(ITEM).alias("recent_items")).join(targets.select(USER).unique(),
+                                                               on=USER, how="semi").sort(USER)
+    if first.is_empty():
+        return None
+    if exclude_seen:
+        seen = split.test_history.group_by(USER).agg(pl.col(ITEM).unique().alias("exclude"))
+        first = first.join(seen, on=USER, how="left")
+    first = first.with_columns(pl.lit(k, pl.Int64).alias("k"))
+    return pd.DataFrame({name: first[name].to_list() for name in first.columns}), targets
+
+
 def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
-            policy: PromotionPolicy) -> dict[str, float]:
-    """Metrics of a pyfunc's answers on the split's test window, plus its latency."""
+            policy: PromotionPolicy, events: pl.DataFrame | None = None) -> dict[str, float]:
+    """A pyfunc's served answers scored on the split's test window, and its latency.
+
+    *Returning* users (the plain metric names): every test user, its last known items as
+    ``recent_items``; *live* sessions (``live.<metric>``): :func:`live_sessions`.
+    """
     records = request_records(split, policy.session_items, exclude_seen, max(ks))
-    recs = pl.from_pandas(pyfunc.predict(records))
     popularity = split.test_history.group_by(ITEM).len("count")
+    recs = pl.from_pandas(pyfunc.predict(records))
     metrics = evaluate(recs, split.test_targets, ks=ks, n_items=n_items,
                        item_popularity=popularity)
+    live = live_sessions(split, events, exclude_seen, max(ks))
+    if live is not None:
+        answers = pl.from_pandas(pyfunc.predict(live[0]))
+        metrics.update({f"live.{name}": value for name, value in evaluate(
+            answers, live[1], ks=ks, n_items=n_items).items()})
     requests = request_mix(records, ks, policy.latency_requests)
     return {**metrics, **latency_ms(pyfunc, requests)}
 
@@ -293,10 +331,13 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
     n_items = n_items_of(folder, split)
     if policy.guard_k not in ks:
         ks = sorted({*ks, policy.guard_k})
-    keep = (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms")
+    keep = (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms",
+            f"live.{policy.primary_metric}", "live.users", "users")
+    every = folder.parent / "events.parquet"
+    events = pl.read_parquet(every, columns=[USER, ITEM, TIMESTAMP]) if every.is_file() else None
 
     def score(pyfunc: Any) -> dict[str, float]:
-        values = measure(pyfunc, split, ks, n_items, exclude_seen, policy)
+        values = measure(pyfunc, split, ks, n_items, exclude_seen, policy, events)
         return {m: values[m] for m in keep if m in values}
 
     ours = score(load_version(client, model_name, version))

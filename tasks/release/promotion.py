@@ -38,7 +38,7 @@ from typing import Any
 import polars as pl
 from mlflow import MlflowClient
 
-from models.errors import ConfigError
+from models.errors import ConfigError, ShoprankError
 from tasks.data.prepare import read_split, write_split
 from tasks.release.gate import (
     COPIED_TAGS,
@@ -268,9 +268,18 @@ def complete(client: MlflowClient, model_name: str, version: str, tracking_uri: 
     decision = Decision.from_tags(model_name, version, tags)
     kind = tags.get(PLAN_TAG, "none")
     if kind in ("challenger", "refresh") and decision.released_version is None:
-        released = find_release(client, model_name, decision.decision_id) or release(
-            client, decision, kind, tags[PLAN_RECIPE_TAG], split_dir, work, tracking_uri)
-        client.set_model_version_tag(model_name, version, "promotion.released_version", released)
+        try:
+            released = find_release(client, model_name, decision.decision_id) or release(
+                client, decision, kind, tags[PLAN_RECIPE_TAG], split_dir, work, tracking_uri)
+        except ShoprankError as err:  # not transient (another error is retried by a rerun)
+            logger.warning("%s v%s: the release failed", model_name, version, exc_info=True)
+            released = None
+            decision.decision = "incomparable"
+            decision.reason = (f"{decision.reason}; not released: refitting the {kind} recipe "
+                               f"failed: {str(err)[:300]}")
+        if released is not None:
+            client.set_model_version_tag(model_name, version, "promotion.released_version",
+                                         released)
         decision.released_version = released
     if decision.released_version is not None:
         expected = tags.get(EXPECTED_TAG, "none")

@@ -150,9 +150,17 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
     if challenger[LATENCY] > ceiling:
         return False, (f"{metric} wins ({ours:.4f} vs {theirs:.4f}) but the guardrail p99 latency "
                        f"regresses: {challenger[LATENCY]:.1f} ms > {ceiling:.1f} ms")
+    live = f"live.{metric}"
+    if live in challenger and live in champion:
+        least = champion[live] * (1 - policy.margin)
+        if challenger[live] < least:
+            return False, (f"{metric} wins for returning users ({ours:.4f} vs {theirs:.4f}) but "
+                           f"the guardrail of live sessions regresses: {challenger[live]:.4f} < "
+                           f"{least:.4f}")
     return True, (f"{metric} {ours:.4f} beats the champion's {theirs:.4f} by more than "
-                  f"{policy.margin:.1%}; {cov} {challenger[cov]:.4f} and p99 latency "
-                  f"{challenger[LATENCY]:.1f} ms within their guardrails")
+                  f"{policy.margin:.1%}; {cov} {challenger[cov]:.4f}, p99 latency "
+                  f"{challenger[LATENCY]:.1f} ms and live sessions "
+                  f"{challenger.get(live, float('nan')):.4f} within their guardrails")
 
 
 def registry_id(client: MlflowClient, model_name: str) -> str:
