@@ -78,16 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-data", help="write the built-in demo shop as Parquet",
                           description="Generate a realistic synthetic shop (events.parquet, "
-                          "items.parquet) with a fixed seed. With --shards N the events are "
-                          "generated a batch of users at a time (memory bounded by the batch) "
-                          "and written to events/shard-00000.parquet ... partitioned by user "
-                          "(CRC-32 of user_id modulo N); the same events, seed and N give "
-                          "identical files. Train on either with --format parquet.")
+                          "items.parquet) with a fixed seed, over 60 days. With --shards N the "
+                          "events are generated a batch of users at a time (memory bounded by "
+                          "the batch) and written to events/shard-00000.parquet ... partitioned "
+                          "by user (CRC-32 of user_id modulo N); the same events, seed and N "
+                          "give identical files. With --shift-day D the shop changes regime at "
+                          "the start of day D (day 0 is the shop's first day): a new top-level "
+                          "category (c8, wearables) launches and most shoppers adopt it within "
+                          "a day or two, and tastes move between the existing categories and "
+                          "items, so a model trained before D loses quality after it. The "
+                          "events before D are those of the same shop without the shift. Train "
+                          "on either with --format parquet.")
     demo.add_argument("--out", required=True, metavar="DIR", help="output folder")
     demo.add_argument("--events", type=int, default=200_000, help="number of events (200000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument("--shards", type=int, metavar="N",
                       help="write the events as N Parquet shards by user (default: one file)")
+    demo.add_argument("--shift-day", type=int, metavar="D",
+                      help="regime change from day D on, 1 to 59 (default: none; the shop is "
+                      "then exactly as without this flag)")
     demo.set_defaults(func=cmd_demo_data)
 
     val = sub.add_parser("validate", help="check data against the expectation suites only",

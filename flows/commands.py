@@ -35,7 +35,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from tasks.data.demo_data import write_demo_shop
 
     shop = write_demo_shop(Path(args.out), n_events=args.events, seed=args.seed,
-                           shards=args.shards)
+                           shards=args.shards, shift_day=args.shift_day)
     print(f"wrote {shop.events} and {shop.items}")  # noqa: T201
     return 0
 

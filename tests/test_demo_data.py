@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+from flows.cli import run
+from models.baselines import Popularity
 from models.columns import (
     CATEGORY,
     EVENT_DTYPES,
@@ -21,9 +25,32 @@ from models.columns import (
     USER,
 )
 from models.errors import ConfigError
-from tasks.data.demo_data import DEFAULT_END, DemoShop, generate_shop, write_demo_shop
+from models.metrics import evaluate
+from tasks.data.demo_data import (
+    DEFAULT_END,
+    DemoShop,
+    generate_shop,
+    generate_shop_batches,
+    write_demo_shop,
+)
 
 N_EVENTS = 30_000
+SHIFT_DAY = 40  # of the default 60 days
+FIRST_DAY = DEFAULT_END - dt.timedelta(days=60)
+SHIFT_AT = FIRST_DAY + dt.timedelta(days=SHIFT_DAY)
+LAUNCHED = pl.col(CATEGORY).str.starts_with("c8/")
+# Fingerprints (see _fingerprint) of generate_shop(N_EVENTS, seed=0) and of the batches of
+# generate_shop_batches(5_000, 2, batch_users=40) as generated before the regime change existed
+# (numpy 2.4, polars 2.1, x86-64). Seeded tests and benchmarks rely on these tables: a change
+# here changes them all. Only a change of numpy's random streams may move them; update them then.
+SHOP_FINGERPRINTS = (
+    "e2cd60b0a7632858ab8ff1e12ed1c52b67916976ac0ef620245b83d3107688d0",
+    "b5ad25e40c5f6fd3bf775ab0a60fbb3622930a9972ef0611722043aa19abbd31",
+)
+BATCH_FINGERPRINTS = (
+    "4e721bdeef2d8bb3af5224387bc5d7c1575a24fb88df3832845a5069b49a3fa0",
+    "b378e3257e984973d3cfe410fa07614b230f1334604279e99720f9b1200d2c90",
+)
 
 DTYPES = {
     "String": pl.String,
@@ -36,6 +63,11 @@ DTYPES = {
 @pytest.fixture(scope="module")
 def shop() -> tuple[pl.DataFrame, pl.DataFrame]:
     return generate_shop(N_EVENTS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def shifted() -> tuple[pl.DataFrame, pl.DataFrame]:
+    return generate_shop(N_EVENTS, seed=0, shift_day=SHIFT_DAY)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +87,40 @@ def views(events: pl.DataFrame) -> pl.DataFrame:
 
 def _counts(events: pl.DataFrame) -> dict[str, int]:
     return dict(events[EVENT_TYPE].value_counts().iter_rows())
+
+
+def _fingerprint(frame: pl.DataFrame) -> str:
+    """SHA-256 of every column's values (strings joined, other columns' raw bytes)."""
+    digest = hashlib.sha256()
+    for name in frame.columns:
+        column = frame[name]
+        digest.update(name.encode())
+        if column.dtype == pl.String:
+            digest.update("\x1f".join(column.to_list()).encode())
+        else:
+            digest.update(column.to_physical().to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _day(day: int) -> dt.datetime:
+    return FIRST_DAY + dt.timedelta(days=day)
+
+
+def _days(events: pl.DataFrame, first: int, stop: int) -> pl.DataFrame:
+    """The events of days ``first .. stop-1`` of the shop."""
+    return events.filter(pl.col(TIMESTAMP).is_between(_day(first), _day(stop), closed="left"))
+
+
+def _category_shift(events: pl.DataFrame, items: pl.DataFrame, level: pl.Expr) -> float:
+    """Total variation distance between the events' category mix before and after SHIFT_AT."""
+    labelled = events.join(items.select(ITEM, CATEGORY), on=ITEM).with_columns(level.alias("c"))
+    before, after = (
+        part.group_by("c").agg((pl.len() / part.height).alias(name))
+        for part, name in ((labelled.filter(pl.col(TIMESTAMP) < SHIFT_AT), "before"),
+                           (labelled.filter(pl.col(TIMESTAMP) >= SHIFT_AT), "after"))
+    )
+    both = before.join(after, on="c", how="full", coalesce=True).fill_null(0.0)
+    return both.select((pl.col("before") - pl.col("after")).abs().sum() / 2).item()
 
 
 # ---------------------------------------------------------------- schema and determinism
@@ -80,6 +146,16 @@ def test_ids_have_their_documented_form(events, items):
     assert items[CATEGORY].str.contains(r"^c(\d)/c\d\.\d+$").all()
     parts = items[CATEGORY].str.split("/")
     assert (parts.list.last().str.split(".").list.first() == parts.list.first()).all()
+
+
+def test_without_a_shift_the_shop_is_the_one_generated_before_shifts_existed(events, items):
+    assert (_fingerprint(events), _fingerprint(items)) == SHOP_FINGERPRINTS
+    again_events, again_items = generate_shop(N_EVENTS, seed=0, shift_day=None)
+    assert again_events.equals(events)
+    assert again_items.equals(items)
+    batch_items, batches = generate_shop_batches(5_000, 2, batch_users=40, shift_day=None)
+    assert (_fingerprint(pl.concat(list(batches))), _fingerprint(batch_items)) == (
+        BATCH_FINGERPRINTS)
 
 
 def test_same_seed_gives_identical_frames_and_another_seed_differs(events, items):
@@ -240,6 +316,130 @@ def test_recent_popularity_predicts_the_next_week_better_than_all_time():
     all_time_hits = future[ITEM].is_in(top(history).implode()).mean()
     recent_hits = future[ITEM].is_in(top(recent).implode()).mean()
     assert recent_hits > all_time_hits + 0.02
+
+
+# ---------------------------------------------------------------- regime change (shift_day)
+
+
+def test_before_the_shift_day_the_shop_is_the_unshifted_one(events, items, shifted):
+    shifted_events, shifted_items = shifted
+    before = pl.col(TIMESTAMP) < SHIFT_AT
+    assert shifted_events.filter(before).height > 0.6 * events.height
+    assert shifted_events.filter(before).equals(events.filter(before))
+    assert not shifted_events.filter(~before).equals(events.filter(~before))
+    assert abs(shifted_events.height - events.height) / events.height < 0.03
+    assert shifted_items.join(items, on=ITEM, how="semi").equals(items)  # old items unchanged
+
+
+def test_the_new_category_launches_on_the_shift_day_and_most_shoppers_adopt_it(items, shifted):
+    shifted_events, shifted_items = shifted
+    launched = shifted_items.join(items, on=ITEM, how="anti")
+    assert launched.height >= 9
+    assert launched.select(LAUNCHED.all()).item()
+    assert not items.select(LAUNCHED.any()).item()  # a category that did not exist before
+    labelled = shifted_events.join(shifted_items.select(ITEM, CATEGORY), on=ITEM)
+    new = labelled.filter(LAUNCHED)
+    assert _day(SHIFT_DAY) <= new[TIMESTAMP].min() < _day(SHIFT_DAY + 1)
+    assert new[ITEM].n_unique() == launched.height
+    after = labelled.filter(pl.col(TIMESTAMP) >= SHIFT_AT)
+    assert after.select(LAUNCHED.mean()).item() > 0.2  # of every event after the shift
+    bought = after.filter(pl.col(EVENT_TYPE) == "purchase")
+    assert bought.select(LAUNCHED.mean()).item() > 0.1
+    shoppers = after.group_by(USER).agg(LAUNCHED.any().alias("adopted"))
+    assert shoppers["adopted"].mean() > 0.3
+    for day in (SHIFT_DAY + 1, SHIFT_DAY + 2):  # among the most viewed items within a day or two
+        viewed = _days(labelled, day, day + 1).filter(pl.col(EVENT_TYPE) == "view")
+        top = viewed.group_by(ITEM, CATEGORY).len().sort("len", ITEM, descending=[True, False])
+        assert top.head(10).select(LAUNCHED.sum()).item() >= 3
+
+
+def test_the_category_mix_changes_a_lot_with_a_shift_and_not_without(events, items, shifted):
+    top = pl.col(CATEGORY).str.split("/").list.first()
+    for level in (top, pl.col(CATEGORY)):  # measured, top level / category_id:
+        assert _category_shift(events, items, level) < 0.1  # 0.05 / 0.07
+        assert _category_shift(*shifted, level) > 0.3  # 0.42 / 0.44
+    old = shifted[0].join(items, on=ITEM, how="semi")  # the taste shift alone, without c8
+    assert _category_shift(old, items, pl.col(CATEGORY)) > 0.2  # measured: 0.34
+
+
+def test_the_shifted_shop_keeps_the_tables_and_the_funnel(shifted):
+    shifted_events, shifted_items = shifted
+    assert shifted_events.schema == generate_shop(1_000, seed=0)[0].schema
+    assert shifted_events[TIMESTAMP].is_sorted()
+    assert shifted_events[TIMESTAMP].max() < DEFAULT_END
+    assert shifted_items[ITEM].is_unique().all()
+    assert shifted_items[ITEM].is_sorted()
+    listed = shifted_events.join(shifted_items.select(ITEM, pl.col(PRICE).alias("list")), on=ITEM,
+                                 how="left")
+    assert (listed[PRICE] == listed["list"]).all()
+    first_view = shifted_events.filter(pl.col(EVENT_TYPE) == "view").group_by(USER, ITEM).agg(
+        pl.col(TIMESTAMP).min().alias("first_view"))
+    acts = shifted_events.filter(pl.col(EVENT_TYPE) != "view").join(first_view, on=[USER, ITEM],
+                                                                    how="left")
+    assert (acts["first_view"] < acts[TIMESTAMP]).all()
+    counts = _counts(_days(shifted_events, SHIFT_DAY, 60))
+    assert 0.05 <= counts["cart"] / counts["view"] <= 0.10
+    assert 0.30 <= counts["purchase"] / counts["cart"] <= 0.50
+    assert shifted_events.group_by(SESSION).agg(pl.col(USER).n_unique())[USER].max() == 1
+
+
+def _ndcg_after_shift(events: pl.DataFrame, fitted_until: int) -> float:
+    """NDCG@10 on days SHIFT_DAY+2 .. +5 of recent popularity (2 days) fitted until a day."""
+    future = _days(events, SHIFT_DAY + 2, SHIFT_DAY + 6).select(USER, ITEM).unique()
+    model = Popularity(window_days=2.0).fit(events.filter(pl.col(TIMESTAMP) < _day(fitted_until)))
+    recs = model.recommend(future[USER].unique(), k=10)
+    return evaluate(recs, future, ks=[10])["ndcg@10"]
+
+
+def test_a_model_fitted_before_the_shift_loses_quality_and_a_refit_recovers(events, shifted):
+    unshifted = _ndcg_after_shift(events, SHIFT_DAY)  # measured: 0.211
+    stale = _ndcg_after_shift(shifted[0], SHIFT_DAY)  # measured: 0.050
+    refitted = _ndcg_after_shift(shifted[0], SHIFT_DAY + 2)  # measured: 0.215
+    assert stale < 0.5 * unshifted
+    assert refitted - stale > 0.6 * (unshifted - stale)
+    all_time = Popularity().fit(shifted[0].filter(pl.col(TIMESTAMP) < SHIFT_AT))
+    future = _days(shifted[0], SHIFT_DAY + 2, SHIFT_DAY + 6).select(USER, ITEM).unique()
+    recs = all_time.recommend(future[USER].unique(), k=10)
+    assert evaluate(recs, future, ks=[10])["ndcg@10"] < 0.5 * unshifted
+
+
+def test_batches_shift_alike():
+    plain_items, plain = generate_shop_batches(5_000, 2, batch_users=40)
+    items, shifted = generate_shop_batches(5_000, 2, batch_users=40, shift_day=SHIFT_DAY)
+    assert items.join(plain_items, on=ITEM, how="semi").equals(plain_items)
+    before = pl.col(TIMESTAMP) < SHIFT_AT
+    launched = items.join(plain_items, on=ITEM, how="anti")[ITEM].implode()
+    frames = list(zip(plain, shifted, strict=True))
+    assert frames[0][1].filter(before).equals(frames[0][0].filter(before))
+    for old, new in frames:  # later batches' session ids follow the sessions of earlier ones
+        assert new.filter(before).drop(SESSION).equals(old.filter(before).drop(SESSION))
+        offset = (new.filter(before)[SESSION].str.slice(1).cast(pl.Int64)
+                  - old.filter(before)[SESSION].str.slice(1).cast(pl.Int64))
+        assert offset.n_unique() == 1
+        assert new.filter(pl.col(ITEM).is_in(launched))[TIMESTAMP].min() >= SHIFT_AT
+    after = pl.concat([new for _, new in frames]).filter(~before)
+    assert after[ITEM].is_in(launched).mean() > 0.2
+
+
+def test_demo_data_shift_day_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "shop"
+    assert run(["demo-data", "--out", str(out), "--events", "3000", "--shift-day", "30"]) == 0
+    events, items = generate_shop(3_000, seed=0, shift_day=30)
+    assert pl.read_parquet(out / "events.parquet").equals(events)
+    assert pl.read_parquet(out / "items.parquet").equals(items)
+    assert run(["demo-data", "--out", str(tmp_path / "x"), "--shift-day", "60"]) == 2
+    assert "allowed days are from 1 to 59" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("n_days", "shift_day", "allowed"), [
+    (60, 0, "from 1 to 59"), (60, 60, "from 1 to 59"), (60, -5, "from 1 to 59"),
+    (14, 20, "from 1 to 13"), (1, 1, "a one-day shop has no later day"),
+])
+def test_a_shift_day_outside_the_shop_raises_a_config_error(n_days, shift_day, allowed):
+    with pytest.raises(ConfigError, match=f"shift_day={shift_day} .*{allowed}"):
+        generate_shop(2_000, n_days=n_days, shift_day=shift_day)
+    with pytest.raises(ConfigError, match=allowed):
+        write_demo_shop(Path("unused"), 2_000, n_days=n_days, shards=2, shift_day=shift_day)
 
 
 # ---------------------------------------------------------------- writing and errors

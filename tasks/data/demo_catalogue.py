@@ -3,6 +3,8 @@
 Eight top-level categories (the first three consumable) with six sub-categories each, brands per
 top-level category, log-normal prices per sub-category, Zipf-like item weights with a launch day
 and a rise-and-fade curve, and a fixed complement per item (see :mod:`tasks.data.demo_data`).
+:func:`launch_category` gives the catalogue after a regime change: a ninth top-level category
+launched on one day and the popularity order of the items within each sub-category rotated.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ _TOPS: tuple[tuple[str, float, tuple[str, ...]], ...] = (
 )
 _N_TOPS = len(_TOPS)
 _N_CONSUMABLE = 3
+# The category a regime change launches (top-level number _N_TOPS), one sub-category per noun.
+_LAUNCHED = ("wearables", 95.0, ("smartwatch", "fitness band", "smart ring"))
 _SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "no", "ti", "sa", "du", "fe",
               "xo", "pi", "ze", "mo", "ru", "la", "bri", "qua", "ny", "tor")
 
@@ -57,12 +61,13 @@ class Catalogue:
     leaf_start: np.ndarray  # per leaf, plus one: first item index of each leaf
     related: np.ndarray  # per leaf: the leaf its sessions and complements drift to
     rebuy_days: np.ndarray  # per leaf: typical days between two purchases of a consumable
+    top: np.ndarray  # per leaf: its top-level category (an index into _TOPS, or _N_TOPS)
     _cums: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def consumable(self) -> np.ndarray:
         """Whether each item belongs to a consumable top-level category."""
-        return self.leaf % _N_TOPS < _N_CONSUMABLE
+        return self.top[self.leaf] < _N_CONSUMABLE
 
     def cumulative(self, day: int) -> np.ndarray:
         """Return the running sum over items of their popularity on ``day`` (0 before launch)."""
@@ -134,7 +139,72 @@ def build_catalogue(n_items: int, rng: np.random.Generator, n_days: int) -> Cata
         launch=launch, peak=rng.lognormal(np.log(5.0), 0.5, n_items), floor=floor,
         complement=complement, code=rng.permutation(n_items), leaf_start=leaf_start,
         related=related, rebuy_days=rng.uniform(6.0, 30.0, n_leaves),
+        top=np.arange(n_leaves) % _N_TOPS,
     )
+
+
+def rotated(order: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Rotate each segment of ``order`` by half its length: ``out[order[p]] = order[p + h]``.
+
+    ``order`` lists indices segment by segment (``start`` holds each segment's first position,
+    plus the end); within a segment position ``p`` goes to ``(p + h) % size``, ``h = size // 2``.
+    """
+    size = np.diff(start)
+    seg = np.repeat(np.arange(len(size)), size)
+    pos = np.arange(len(order)) - start[seg]
+    out = np.empty_like(order)
+    out[order] = order[start[seg] + (pos + size[seg] // 2) % size[seg]]
+    return out
+
+
+def taste_shift(cat: Catalogue) -> np.ndarray:
+    """Per leaf, the leaf its shoppers turn to after a taste shift.
+
+    The leaves ordered by popularity rotate by half: the most popular leaf's shoppers turn to
+    the median one, and the least popular half's to the most popular half.
+    """
+    leaf_pop = np.add.reduceat(cat.base, cat.leaf_start[:-1])
+    order = np.argsort(-leaf_pop, kind="stable")
+    return rotated(order, np.array([0, len(order)]))
+
+
+def launch_category(cat: Catalogue, day: int, rng: np.random.Generator) -> Catalogue:
+    """The catalogue from ``day`` on: a new top-level category launched, and tastes rotated.
+
+    The new category (``_LAUNCHED``) appends three sub-categories after the existing leaves, so
+    every existing item keeps its index, code, brand and price. Its items launch on ``day``,
+    peak within a day or two and stay popular; their complements are within the category. Within
+    every existing sub-category the popularity ranks of the items rotate by half (see
+    :func:`rotated`): yesterday's best-sellers become middling and part of the tail leads.
+    """
+    n_old, n_leaves, n_subs = len(cat.leaf), len(cat.related), len(_LAUNCHED[2])
+    per_leaf = max(3, n_old // 150)
+    leaf = np.repeat(n_leaves + np.arange(n_subs), per_leaf)
+    n_new = len(leaf)
+    by_rank = np.lexsort((-cat.base, cat.leaf))  # items leaf by leaf, most popular first
+    base = np.append(cat.base[rotated(by_rank, cat.leaf_start)], zipf(n_new, 1.05, 2.0, rng))
+    leaf_start = np.append(cat.leaf_start, n_old + per_leaf * np.arange(1, n_subs + 1))
+    related = np.append(cat.related, n_leaves + (np.arange(n_subs) + 1) % n_subs)
+    target = np.where(rng.random(n_new) < 0.5, leaf, related[leaf])
+    complement = pick(np.cumsum(base), leaf_start, target, rng.random(n_new))
+    brand = int(cat.brand.max()) + 1 + rng.integers(0, n_subs, n_new)
+    price = np.exp(np.log(_LAUNCHED[1]) + rng.normal(0.0, 0.35, n_new))
+    return Catalogue(
+        leaf=_joined(cat.leaf, leaf), brand=_joined(cat.brand, brand),
+        price=_joined(cat.price, np.round(price, 2)), base=base,
+        launch=_joined(cat.launch, np.full(n_new, day)),
+        peak=_joined(cat.peak, rng.lognormal(np.log(1.5), 0.3, n_new)),
+        floor=_joined(cat.floor, rng.uniform(0.5, 0.8, n_new)),
+        complement=_joined(cat.complement, complement),
+        code=_joined(cat.code, n_old + np.arange(n_new)), leaf_start=leaf_start, related=related,
+        rebuy_days=_joined(cat.rebuy_days, np.full(n_subs, 30.0)),
+        top=_joined(cat.top, np.full(n_subs, _N_TOPS)),
+    )
+
+
+def _joined(old: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """``old`` followed by ``added``, in ``old``'s dtype."""
+    return np.concatenate([old, added.astype(old.dtype)])
 
 
 def make_ids(prefix: str, n: int, min_width: int, start: int = 0, total: int | None = None
@@ -150,10 +220,13 @@ def make_ids(prefix: str, n: int, min_width: int, start: int = 0, total: int | N
 
 def items_frame(cat: Catalogue, item_ids: pl.Series) -> pl.DataFrame:
     """Build the canonical items table, sorted by ``item_id``."""
-    n_leaves = len(cat.related)
-    tops, subs = np.arange(n_leaves) % _N_TOPS, np.arange(n_leaves) // _N_TOPS
-    nouns = [_TOPS[t][2][k % 6] + (f" {k // 6 + 1}" if k >= 6 else "") for t, k in zip(
-        tops, subs, strict=True)]
+    tops = cat.top
+    by_top = np.argsort(tops, kind="stable")
+    subs = np.empty_like(tops)  # a leaf's number within its top-level category
+    subs[by_top] = np.arange(len(tops)) - np.searchsorted(tops[by_top], tops[by_top])
+    words = [*(t[2] for t in _TOPS), _LAUNCHED[2]]
+    nouns = [words[t][k % len(words[t])] + (f" {k // len(words[t]) + 1}" if k >= len(words[t])
+                                             else "") for t, k in zip(tops, subs, strict=True)]
     syl = _SYLLABLES
     n_brands = int(cat.brand.max()) + 1
     brands = [syl[b % 20].title() + syl[b // 20 % 20] + (syl[b // 400 - 1] if b >= 400 else "")

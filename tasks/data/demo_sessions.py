@@ -4,7 +4,8 @@ Sessions start more often in the evening and at weekends; each follows one sub-c
 a second one, its next view often the previous item's complement, the same sub-category or the
 same item again; about 7% of views lead to a cart, 40% of carts to a purchase at the session's
 end, 2.5% of views to a favourite; consumables are bought again after a few weeks (see
-:mod:`tasks.data.demo_data`).
+:mod:`tasks.data.demo_data`). A :class:`Shift` replays the sessions from its day on under a new
+regime: a launched category that most shoppers adopt, and tastes rotated between sub-categories.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ _MEAN_VIEWS, _MAX_VIEWS = 5.0, 40  # views per session
 # Next view of a session: complement of the previous item, same sub-category, same item again;
 # otherwise the session's other sub-category.
 _P_COMPLEMENT, _P_SAME_LEAF, _P_REVIEW = 0.25, 0.55, 0.05
+# After a shift: the share of users who adopt the launched category, the chance an adopter's
+# adoption day is the shift day (then each next day, geometrically) and the share of an
+# adopter's sessions spent in it from then on.
+_ADOPTERS, _P_ADOPT_DAY, _P_LAUNCHED = 0.6, 0.6, 0.5
+
+
 @dataclass
 class Batch:
     """Events as integer codes; ``kind`` indexes :data:`EVENT_TYPES`, ``ts`` is epoch µs."""
@@ -80,6 +87,30 @@ class Sessions:
     def slice(self, start: int, stop: int) -> Sessions:
         """Sessions ``start .. stop-1``."""
         return Sessions(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
+
+
+@dataclass
+class Shift:
+    """A regime change on calendar day ``day`` of the window (see :func:`simulate`)."""
+
+    day: int
+    cat: Catalogue  # the catalogue from ``day`` on (demo_catalogue.launch_category)
+    taste: np.ndarray  # per leaf before the shift, the leaf its shoppers turn to after it
+    rng: np.random.Generator  # draws everything after the shift, apart from the shop's own
+
+    def sessions(self, ses: Sessions, n_users: int) -> Sessions:
+        """``ses`` (all on or after the shift day) moved to the leaves of the new regime."""
+        rng, n = self.rng, len(ses.length)
+        never = np.iinfo(np.int64).max
+        adopts = np.where(rng.random(n_users) < _ADOPTERS,  # the day each user adopts, if ever
+                          self.day - 1 + rng.geometric(_P_ADOPT_DAY, n_users), never)
+        launched = np.arange(len(self.taste), len(self.cat.related))
+        weight = np.add.reduceat(self.cat.base, self.cat.leaf_start[:-1])[launched]
+        new = (adopts[ses.user] <= ses.day) & (rng.random(n) < _P_LAUNCHED)
+        leaf = launched[rng.choice(len(launched), n, p=weight / weight.sum())]
+        primary = np.where(new, leaf, self.taste[ses.primary])
+        secondary = np.where(ses.secondary == ses.primary, primary, self.cat.related[primary])
+        return dataclasses.replace(ses, primary=primary, secondary=secondary)
 
 
 def _time_of_day(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -266,14 +297,50 @@ def events_frame(batches: list[Batch], cat: Catalogue, item_ids: pl.Series,
 
 
 def simulate(cat: Catalogue, ses: Sessions, n_users: int, window: tuple[int, int, int],
-              rng: np.random.Generator, by_day: bool = False) -> list[Batch]:
+              rng: np.random.Generator, by_day: bool = False, shift: Shift | None = None
+              ) -> list[Batch]:
     """Views, the funnel after them and the rebuys of the planned sessions of ``n_users``.
 
     With ``by_day`` the views are drawn one calendar day at a time (:func:`_views_day_by_day`).
+    With ``shift`` the shop is first simulated without it, drawing exactly what it draws without
+    one, so every event before the shift day is the unshifted shop's; the sessions starting on or
+    after that day are then replayed under the new regime (:func:`_replay`).
     """
     views = (_views_day_by_day if by_day else _session_views)(cat, ses, rng)
     propensity = rng.lognormal(0.0, 0.35, n_users)
     propensity /= propensity[ses.user].mean()
     session_end = views.ts[np.cumsum(ses.length) - 1]
     batches = [views, *_funnel(cat, views, session_end, propensity, rng)]
-    return batches + _rebuys(cat, batches[-1], len(ses.length), window[0], window[2], rng)
+    batches += _rebuys(cat, batches[-1], len(ses.length), window[0], window[2], rng)
+    if shift is None:
+        return batches
+    cat.forget()  # the replay draws from the shift's catalogue
+    return _replay(batches, ses, propensity, window, shift, by_day)
+
+
+def _replay(before: list[Batch], ses: Sessions, propensity: np.ndarray,
+            window: tuple[int, int, int], shift: Shift, by_day: bool) -> list[Batch]:
+    """The unshifted events ``before`` with the sessions from ``shift.day`` on replayed.
+
+    Kept: the sessions that start before the shift day (whole, even past midnight) and the
+    rebuys before it. Replayed with ``shift.rng``: the later sessions in the new regime's leaves
+    and catalogue, their funnel (each user keeps their propensity), and from the shift day on the
+    rebuys of every kept or replayed purchase.
+    """
+    first, n_ses = int(np.searchsorted(ses.day, shift.day)), len(ses.length)
+    boundary = window[0] + shift.day * DAY
+    kept = Batch.concat([b.take((b.session < first) | ((b.session >= n_ses) & (b.ts < boundary)))
+                         for b in before])
+    bought = [kept.take((kept.kind == _PURCHASE) & (kept.session < first))]
+    out = [kept]
+    if first < n_ses:
+        later = shift.sessions(ses.slice(first, n_ses), len(propensity))
+        views = (_views_day_by_day if by_day else _session_views)(shift.cat, later, shift.rng)
+        session_end = views.ts[np.cumsum(later.length) - 1]
+        replayed = [views, *_funnel(shift.cat, views, session_end, propensity, shift.rng)]
+        out += [dataclasses.replace(b, session=b.session + first) for b in replayed]
+        bought.append(out[-1])
+    next_session = max(int(b.session.max()) for b in before if len(b.session)) + 1
+    rebuys = _rebuys(shift.cat, Batch.concat(bought), next_session, window[0], window[2],
+                     shift.rng)
+    return out + [b.take(b.ts >= boundary) for b in rebuys]
