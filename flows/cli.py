@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from flows.commands import (
     cmd_demo_data,
     cmd_deploy,
+    cmd_monitor,
     cmd_promote,
     cmd_recommend,
     cmd_serve,
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
               shoprank validate --data events.csv --format csv --map user_id=visitorid
               shoprank demo-data --out shop/ --events 1000000
               shoprank promote --version 2                     # promote if it beats @champion
+              shoprank monitor --data shop/ --format parquet   # decay and drift since its data
               shoprank recommend --k 20 --out recs.parquet     # batch lists of the champion
               shoprank serve --port 5001                       # HTTP /invocations on localhost
               shoprank deploy --cron "0 3 * * *"               # Prefect deployments, served"""),
@@ -172,6 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     pro.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     pro.set_defaults(func=cmd_promote)
 
+    mon = sub.add_parser(
+        "monitor", help="measure the champion on the events since its data; flag decay and drift",
+        description="Run the Prefect flow `monitor` on the shop's events (the same --data, "
+        "--format and --name as train) that arrived after the champion's last event: its "
+        "realised quality per day (the served lists, each active user's first event of the day "
+        "as the live session, scored on what the user did next that day) against the figure "
+        "the gate recorded, and drift against its training window (event-type mix, unknown "
+        "users and items, top items, category mix, price). Prints one line per check, logs "
+        "the series to the MLflow run monitor-vN of the shop's experiment, and sends "
+        "shoprank.model.decayed when anything is flagged (a `shoprank deploy` retrains on "
+        "it). Exit 0: nothing flagged; 3: decay or drift flagged; 2: an error.")
+    _add_data_flags(mon)
+    mon.add_argument("--config", metavar="FILE",
+                     help="YAML file of settings (monitor: thresholds; data, registry, ...)")
+    mon.add_argument("--name", help="shop name, as given to train")
+    mon.add_argument("--events", type=int, help="events in the demo shop (200000)")
+    mon.add_argument("--demo-seed", type=int, help="seed of the demo shop (0)")
+    mon.add_argument("--output-dir", metavar="DIR", help="folder of the training outputs")
+    mon.add_argument("--model-name", metavar="NAME", help="registered model (shoprank)")
+    mon.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    mon.set_defaults(func=cmd_monitor)
+
     rec = sub.add_parser(
         "recommend", help="write batch top-K recommendations to Parquet",
         description="Run the Prefect flow `recommend`: top-K items for every user the model "
@@ -220,13 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     dep = sub.add_parser(
         "deploy", help="create and serve the Prefect deployments (nightly train, triggers)",
         description="On the Prefect API (PREFECT_API_URL, e.g. a `prefect server start`): "
-        "create `train/train` on a cron schedule, `promote/promote` triggered by the event "
-        "shoprank.model.evaluated and `recommend/recommend` triggered by "
-        "shoprank.model.promoted, then serve them from this process until Ctrl-C.")
+        "create `train/train` on a cron schedule (and triggered by shoprank.model.decayed), "
+        "`promote/promote` triggered by the event shoprank.model.evaluated, "
+        "`recommend/recommend` triggered by shoprank.model.promoted and `monitor/monitor` on "
+        "its own schedule, then serve them from this process until Ctrl-C.")
     _add_data_flags(dep)
     dep.add_argument("--config", metavar="FILE", help="YAML file of the nightly training run")
     dep.add_argument("--cron", default="0 3 * * *", help="schedule of train ('0 3 * * *')")
-    dep.add_argument("--timezone", default="UTC", help="timezone of the schedule (UTC)")
+    dep.add_argument("--timezone", default="UTC", help="timezone of the schedules (UTC)")
+    dep.add_argument("--monitor-cron", default="15 * * * *",
+                     help="schedule of monitor ('15 * * * *': hourly)")
     dep.add_argument("--promote-in-train", action="store_true",
                      help="promote inside train instead of in the promote deployment")
     dep.add_argument("--k", type=int, default=10, help="items per user of recommend (10)")

@@ -114,6 +114,29 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Run the monitoring flow; exit 3 when decay or drift is flagged."""
+    from flows.config import load_config
+    from flows.monitor import monitor
+
+    config = load_config(
+        args.config, data__path=args.data, data__format=args.format, data__name=args.name,
+        data__column_map=parse_pairs(args.map, "--map"),
+        data__event_map=parse_pairs(args.event_map, "--event-map"),
+        data__demo_events=args.events, data__demo_seed=args.demo_seed,
+        output_dir=args.output_dir, registry__model_name=args.model_name)
+    config.tracking_uri = tracking_uri_of(args, config)
+    result = monitor(config)
+    print(f"\n{config.registry.model_name} v{result['champion']}: "  # noqa: T201
+          f"{result['new_events']:,} new events over {len(result['days'])} days "
+          f"(MLflow run {result['run_id']})")
+    for line in result["lines"]:
+        print(line)  # noqa: T201
+    if result["flagged"]:
+        print("FLAGGED: the event shoprank.model.decayed was sent")  # noqa: T201
+    return 3 if result["flagged"] else 0
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     """Run the batch recommendation flow."""
     from flows.recommend import recommend
@@ -151,7 +174,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     names = deploy(config, cron=args.cron, timezone=args.timezone,
                    promote_in_train=args.promote_in_train, recommend_k=args.k,
                    recommend_out=args.out, serve_them=not args.no_serve, limit=args.limit,
-                   pool=args.pool)
+                   pool=args.pool, monitor_cron=args.monitor_cron)
     print(f"\ndeployments: {', '.join(names)}")  # noqa: T201
     if args.pool:
         print(f"start workers: prefect worker start --pool {args.pool}")  # noqa: T201

@@ -25,6 +25,7 @@ from models.errors import ConfigError
 from models.metrics import ACCURACY_METRICS
 from tasks.checks.validate import ValidationSettings
 from tasks.data.adapters import FORMATS
+from tasks.monitoring.settings import MonitorSettings
 from tasks.ranking.reranker import RankerConfig
 from tasks.splitting.split import Selection
 from tasks.transformer.sequence import SequenceConfig
@@ -278,6 +279,7 @@ class TrainConfig(_Strict):
         "Parquet shards by user, per-shard tasks on a Dask cluster (see dask), memory bounded by "
         "the shard.")
     dask: DaskConfig = Field(default_factory=DaskConfig)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     seed: int = Field(42, description="Seed of every stochastic step.")
     output_dir: str = Field("outputs", description="Folder for canonical tables, splits, models.")
     tracking_uri: str | None = Field(
@@ -308,9 +310,11 @@ def data_name(config: TrainConfig) -> str:
 
 
 DIGEST_EXCLUDED: dict[str, Any] = {
-    "tracking_uri": True, "dask": {"address": True, "workers": True, "memory_limit": True}}
+    "tracking_uri": True, "dask": {"address": True, "workers": True, "memory_limit": True},
+    "monitor": True}
 """Settings that do not change a run's results: a run may be resumed with another value (the
-store's address; the Dask cluster that runs it, as long as the shards stay the same)."""
+store's address; the Dask cluster that runs it, as long as the shards stay the same; the
+monitor's thresholds)."""
 
 
 def config_digest(config: TrainConfig) -> str:

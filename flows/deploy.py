@@ -5,7 +5,11 @@
   unless ``promote_in_train``);
 * ``promote/promote``: triggered by ``shoprank.model.evaluated``, for the version in the event;
 * ``recommend/recommend``: triggered by ``shoprank.model.promoted``, writes the batch lists of
-  the new champion.
+  the new champion;
+* ``monitor/monitor``: on its own cron schedule (hourly by default), measures the champion on
+  the events since its data and sends ``shoprank.model.decayed`` when it decayed or the shop
+  drifted; ``train/train`` is also triggered by that event, so a decayed champion is retrained
+  before the nightly run.
 
 By default the deployments are created and then served from this process (``prefect.serve``:
 blocking, each run a subprocess); with ``serve=False`` they are only created, and a later
@@ -30,16 +34,18 @@ from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
 from flows.config import TrainConfig
+from flows.monitor import monitor
 from flows.promote import promote
 from flows.recommend import recommend
 from flows.train import train
 from tasks import tracking
-from tasks.release.registry import EVALUATED, PROMOTED
+from tasks.release.registry import DECAYED, EVALUATED, PROMOTED
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CRON = "0 3 * * *"
-QUEUES = {"train": "train", "promote": "release", "recommend": "release"}
+MONITOR_CRON = "15 * * * *"
+QUEUES = {"train": "train", "promote": "release", "recommend": "release", "monitor": "release"}
 VERSION_FROM_EVENT = "{{ event.resource['shoprank.model.version'] }}"
 
 
@@ -51,9 +57,9 @@ def _model_events(event: str, model_name: str) -> dict[str, Any]:
 def build_deployments(
     config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
     promote_in_train: bool = False, recommend_k: int = 10, recommend_out: str | None = None,
-    pool: str | None = None,
+    pool: str | None = None, monitor_cron: str = MONITOR_CRON,
 ) -> list[RunnerDeployment]:
-    """The three deployments, with absolute paths and the tracking URI baked in.
+    """The four deployments, with absolute paths and the tracking URI baked in.
 
     The URI is ``config.tracking_uri``, else MLFLOW_TRACKING_URI, else ``./mlruns``.
     """
@@ -72,7 +78,10 @@ def build_deployments(
         train.to_deployment(
             name="train", schedules=[Cron(cron, timezone=timezone)],
             parameters={"config": nightly.model_dump(mode="json")},
-            description=f"Retrain nightly ({cron} {timezone}) and register the best model.",
+            triggers=[DeploymentEventTrigger(
+                name="train-on-decay", **_model_events(DECAYED, name))],
+            description=f"Retrain nightly ({cron} {timezone}), and when the champion decays; "
+            "register the best model.",
             **queue("train"), **common),
         promote.to_deployment(
             name="promote",
@@ -91,13 +100,20 @@ def build_deployments(
                 name="recommend-after-promotion", **_model_events(PROMOTED, name))],
             description="Write batch recommendations of the champion after each promotion.",
             **queue("recommend"), **common),
+        monitor.to_deployment(
+            name="monitor", schedules=[Cron(monitor_cron, timezone=timezone)],
+            parameters={"config": nightly.model_dump(mode="json")},
+            description=f"Measure the champion on new events ({monitor_cron} {timezone}); "
+            "send shoprank.model.decayed on decay or drift.",
+            **queue("monitor"), **common),
     ]
 
 
 def deploy(config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
            promote_in_train: bool = False, recommend_k: int = 10,
            recommend_out: str | None = None, serve_them: bool = True,
-           limit: int | None = None, pool: str | None = None) -> list[str]:
+           limit: int | None = None, pool: str | None = None,
+           monitor_cron: str = MONITOR_CRON) -> list[str]:
     """Create the deployments on the Prefect API and (by default) serve them until stopped.
 
     With ``pool`` they are created on that work pool for its workers to run; nothing is served.
@@ -106,7 +122,7 @@ def deploy(config: TrainConfig, cron: str = DEFAULT_CRON, timezone: str = "UTC",
         The deployment names (``flow/deployment``) once created (or when serving stops).
     """
     deployments = build_deployments(config, cron, timezone, promote_in_train, recommend_k,
-                                    recommend_out, pool)
+                                    recommend_out, pool, monitor_cron)
     names = [f"{d.flow_name}/{d.name}" for d in deployments]
     if pool:
         for deployment in deployments:

@@ -22,11 +22,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tasks.release.registry import DECISION_TAG, EVALUATED, alias_version
+from tasks.release.registry import DECAYED, DECISION_TAG, EVALUATED, alias_version
 from tests.test_registry import register_version
 from tests.test_serving import BIN, free_port, post, start_group, stop_group, wait_http
 
-NAMES = {"train/train", "promote/promote", "recommend/recommend"}
+NAMES = {"train/train", "promote/promote", "recommend/recommend", "monitor/monitor"}
 
 
 def start_prefect_server(folder: Path, wait: bool = True) -> tuple[object, str, Path]:
@@ -90,7 +90,7 @@ def _wait_for_deployments(proc, log: Path, timeout: float = 120.0) -> None:
                 pytest.fail(f"shoprank deploy exited:\n{log.read_text()[-4000:]}")
             found = {f"{client.read_flow(d.flow_id).name}/{d.name}"
                      for d in client.read_deployments()}
-            if found >= NAMES and len(client.read_automations()) >= 2:
+            if found >= NAMES and len(client.read_automations()) >= 3:
                 return
             time.sleep(1)
     pytest.fail(f"deployments did not appear:\n{log.read_text()[-4000:]}")
@@ -100,15 +100,18 @@ def test_deploy_creates_schedule_and_triggers(deployed):
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(
-                any_=["train", "promote", "recommend"])))
+                any_=["train", "promote", "recommend", "monitor"])))
         by_name = {d.name: d for d in deployments}
         schedule = by_name["train"].schedules[0].schedule
         assert (schedule.cron, schedule.timezone) == ("30 2 * * *", "Europe/Berlin")
+        watch = by_name["monitor"].schedules[0].schedule
+        assert (watch.cron, watch.timezone) == ("15 * * * *", "Europe/Berlin")
         assert by_name["train"].parameters["config"]["registry"]["promote"] is False
         automations = {a.name: a for a in client.read_automations()}
     triggers = {name: json.loads(a.trigger.model_dump_json()) for name, a in automations.items()}
     expects = {tuple(t["expect"])[0]: t for t in triggers.values()}
-    assert set(expects) == {"shoprank.model.evaluated", "shoprank.model.promoted"}
+    assert set(expects) == {"shoprank.model.evaluated", "shoprank.model.promoted",
+                            "shoprank.model.decayed"}
     for trigger in expects.values():
         assert trigger["match"]["prefect.resource.id"] == "mlflow.model-version.shoprank.*"
 
@@ -155,3 +158,26 @@ def test_evaluation_event_promotes_and_then_recommends(deployed, prefect_api, st
     assert recs["user_id"].n_unique() * 10 == recs.height
     meta = pq.read_schema(root / "recs.parquet").metadata
     assert meta[b"shoprank.model_version"] == b"2"
+
+
+def test_a_decayed_champion_is_retrained(deployed, prefect_api):
+    """``shoprank.model.decayed`` (sent by ``monitor``) runs the ``train`` deployment."""
+    _, log = deployed
+    with get_client(sync_client=True) as client:
+        before = {r.id for r in _flow_runs(client, "train")}
+    event = {"id": str(uuid.uuid4()), "occurred": dt.datetime.now(dt.UTC).isoformat(),
+             "event": DECAYED, "payload": {"version": "2", "decayed": True},
+             "resource": {"prefect.resource.id": "mlflow.model-version.shoprank.2",
+                          "shoprank.model.name": "shoprank", "shoprank.model.version": "2"}}
+    status, answer = post(f"{prefect_api}/events", json.dumps([event]).encode())
+    assert status == 204, answer
+    deadline = time.monotonic() + 90
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            new = [r for r in _flow_runs(client, "train") if r.id not in before]
+            if new:
+                deployment = client.read_deployment(new[0].deployment_id)
+                assert deployment.name == "train"
+                return
+            time.sleep(1)
+    pytest.fail(f"no train run after the decayed event:\n{log.read_text()[-4000:]}")

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 EVALUATED = "shoprank.model.evaluated"
 PROMOTED = "shoprank.model.promoted"
 REJECTED = "shoprank.model.rejected"
+DECAYED = "shoprank.model.decayed"
 DECISION_TAG = "promotion.decision"
 DECISION_ID_TAG = "promotion.decision_id"
 REGISTRY_ID_TAG = "shoprank.registry_id"
