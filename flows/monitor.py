@@ -51,17 +51,21 @@ MONITOR_TAG = "shoprank.monitor_of"
 
 def gate_figure(client: MlflowClient, model_name: str, champion: str, metric: str
                 ) -> tuple[float | None, str]:
-    """The figure the gate recorded for the champion on live sessions: ``(value, where)``.
+    """The figure the gate recorded for the champion, measured as the monitor measures.
 
-    A release of the challenger's recipe: the challenger's figure on its decision; a refresh:
-    the champion's recipe's figure on that decision; falls back to the returning-user figure.
+    ``(value, where)``: the test window's days scored like the days after the release (each
+    user's first event of the day as the session: ``daily.<metric>``), else the live-session or
+    the returning-user figure of versions decided before it existed. A release of the
+    challenger's recipe: the challenger's figure on its decision; a refresh: the champion's
+    recipe's figure on that decision.
     """
     tags = client.get_model_version(model_name, champion).tags
     decided = tags.get(EVALUATED_TAG, champion)
     role = "champion" if tags.get(KIND_TAG) == "refresh" else "challenger"
     decision = client.get_model_version(model_name, decided).tags
     key = metric.replace("@", "_at_")
-    for name in (f"promotion.{role}.live.{key}", f"promotion.{role}.{key}"):
+    for name in (f"promotion.{role}.daily.{key}", f"promotion.{role}.live.{key}",
+                 f"promotion.{role}.{key}"):
         if name in decision:
             return float(decision[name]), f"v{decided} {name}"
     return None, "no gate figure recorded"

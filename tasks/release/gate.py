@@ -154,6 +154,26 @@ def live_sessions(split: Split, events: pl.DataFrame | None, exclude_seen: bool,
     return pd.DataFrame({name: first[name].to_list() for name in first.columns}), targets
 
 
+def daily_sessions(pyfunc: Any, split: Split, events: pl.DataFrame, ks: list[int]
+                   ) -> dict[str, float]:
+    """The test window scored as ``shoprank monitor`` scores the days after a release.
+
+    Each day, each test user's first event of the day is its session and the rest of its day
+    the targets (:func:`tasks.monitoring.realised.realised_quality`); ``daily.<metric>`` is the
+    users-weighted mean over the window's days, the figure the monitor compares with.
+    """
+    from tasks.monitoring.realised import realised_quality
+    from tasks.monitoring.verdict import pooled
+
+    t_test = parse_time(split.info.get("t_test"))
+    window = (events.filter(pl.col(TIMESTAMP) >= pl.lit(t_test).cast(events[TIMESTAMP].dtype))
+              .join(split.test_targets.select(USER).unique(), on=USER, how="semi"))
+    daily = realised_quality(pyfunc.predict, window, ks=ks)
+    names = [c for c in daily.columns if "@" in c]
+    return {f"daily.{name}": pooled(daily, name, daily.height)[0] for name in names
+            if daily.height and pooled(daily, name, daily.height)[0] is not None}
+
+
 def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
             policy: PromotionPolicy, events: pl.DataFrame | None = None) -> dict[str, float]:
     """A pyfunc's served answers scored on the split's test window, and its latency.
@@ -171,6 +191,7 @@ def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen
         answers = pl.from_pandas(pyfunc.predict(live[0]))
         metrics.update({f"live.{name}": value for name, value in evaluate(
             answers, live[1], ks=ks, n_items=n_items).items()})
+        metrics.update(daily_sessions(pyfunc, split, events, ks))
     requests = request_mix(records, ks, policy.latency_requests)
     return {**metrics, **latency_ms(pyfunc, requests)}
 
@@ -332,7 +353,8 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
     if policy.guard_k not in ks:
         ks = sorted({*ks, policy.guard_k})
     keep = (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms",
-            f"live.{policy.primary_metric}", "live.users", "users")
+            f"live.{policy.primary_metric}", "live.users", "users",
+            f"daily.{policy.primary_metric}")
     every = folder.parent / "events.parquet"
     events = pl.read_parquet(every, columns=[USER, ITEM, TIMESTAMP]) if every.is_file() else None
 
