@@ -23,6 +23,13 @@ must never go back in time.
     .venv/bin/python benchmarks/retraining.py --workdir /tmp/backtest
     .venv/bin/python benchmarks/retraining.py --events 40000 --start 30 --every 4 --worse-at 3 5
     .venv/bin/python benchmarks/retraining.py --out-of-order --start 44 --every 4 --trials 1
+
+With ``--shift-day D`` the shop changes regime on day D (``demo-data --shift-day``) and three
+retraining policies are run on it side by side (:mod:`shift_policies`: a fixed cron, ``shoprank
+monitor``-triggered, both), each serving every day with its own champion; results go to
+``benchmarks/results/shift_policies.json`` with a plot beside it.
+
+    .venv/bin/python benchmarks/retraining.py --shift-day 48 --start 40 --every 4
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "retraining.json"
 WORSE = {"ranker__enabled": False, "transformer__enabled": False,
          "registry__families": ["popularity"]}
@@ -66,6 +74,10 @@ def main() -> None:
     parser.add_argument("--transformer-trials", type=int, default=1)
     parser.add_argument("--out-of-order", action="store_true",
                         help="register every retraining, then promote them newest first")
+    parser.add_argument("--shift-day", type=int, metavar="D",
+                        help="a regime change on day D; compare three retraining policies")
+    parser.add_argument("--policies", nargs="*", default=["cron", "monitor", "both"],
+                        help="with --shift-day: the policies to run (cron monitor both)")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -83,7 +95,11 @@ def main() -> None:
     from tasks.data.demo_data import generate_shop
     from tasks.release.packaging import KIND_TAG, LAST_EVENT_TAG, load_serving
 
-    events, items = generate_shop(args.events, seed=7, n_days=args.days)
+    events, items = generate_shop(args.events, seed=7, n_days=args.days,
+                                  shift_day=args.shift_day)
+    if args.shift_day is not None:
+        compare_policies(args, events, items)
+        return
     first = events["timestamp"].min()
     storage = f"sqlite:///{args.workdir / 'optuna.db'}"
     common = {"output_dir": str(args.workdir / "outputs"), "data__format": "parquet",
@@ -157,6 +173,27 @@ def main() -> None:
         print_order_table(rows)
     else:
         print_table(rows)
+
+
+def compare_policies(args, events, items) -> None:
+    """``--shift-day``: the three policies of :mod:`shift_policies` on the same shifted shop."""
+    import shift_policies
+
+    rows = [row for policy in args.policies
+            for row in shift_policies.simulate(policy, args, events, items)]
+    totals = shift_policies.summary(rows, args.shift_day)
+    figure = shift_policies.plot(rows, args.shift_day,
+                                 RESULTS.parent / f"shift_policies_day{args.shift_day}.png")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    path = RESULTS.parent / "shift_policies.json"
+    results = json.loads(path.read_text()) if path.is_file() else []
+    results.append({"date": dt.date.today().isoformat(), "commit": commit,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "args": {k: str(v) for k, v in vars(args).items()}, "summary": totals,
+                    "rows": rows, "plot": str(figure.relative_to(ROOT))})
+    path.write_text(json.dumps(results, indent=2, default=str))
+    shift_policies.print_tables(rows, totals)
 
 
 def promote_out_of_order(client, versions: list[str]) -> list[dict]:
