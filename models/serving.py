@@ -11,18 +11,23 @@ A *bundle* is a folder holding everything needed to answer a request without the
 * ``lists/``: every known user's top ``max_k`` + :data:`EXCLUDE_SLACK` list, computed by the
   model when the bundle is written and memory-mapped when it is opened
   (:mod:`models.user_lists`);
+* ``history/``: every known user's distinct history items (:class:`models.user_lists.UserItems`,
+  memory-mapped), to tell a live session's new items from those the model has seen (bundles
+  written before it existed have none: their users' whole sessions count);
 * ``manifest.json`` (family, settings) and ``config.json`` (the resolved training config).
 
 A request record has ``user_id``, optional ``k`` (default 10), optional ``recent_items`` (item ids
 of a live session, newest last) and optional ``exclude`` (item ids never to return). Known users
-are answered from their precomputed list; with ``recent_items``, a model that reads sessions
-(``recommend_session``: the transformer) answers with the session appended to the user's sequence,
-any other model's list is blended with the session model's list of the session (weighted
-reciprocal rank, ``session_weight``); unknown users
-get the session model's list when their recent items have neighbours, else trending items; every
-list is filled from trending items up to ``k``. The model itself is loaded only when a request
-goes deeper than the precomputed lists. A malformed record raises :class:`RequestError`, naming
-the record and the field.
+are answered from their precomputed list. Of a known user's ``recent_items`` only the new ones
+count, those not in the user's known history (a shop front end replays items the model has
+seen): with none, the list is the precomputed one; with some, a model that reads sessions
+(``recommend_session``: the transformer) answers with the new items appended to the user's
+sequence, any other model's list is blended with the session model's list of the new items
+(weighted reciprocal rank, ``session_weight``; :mod:`models.session_blend`). Unknown users get
+the session model's list of their whole session when it has neighbours, else trending items;
+every list is filled from trending items up to ``k``. The model itself is loaded only when a
+request goes deeper than the precomputed lists. A malformed record raises :class:`RequestError`,
+naming the record and the field.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from models.base import POP_RANK
 from models.columns import ITEM, RANK, SCORE, USER
 from models.errors import ConfigError, DataError
 from models.requests import Request, RequestError, parse_requests
-from models.user_lists import UserLists, as_lists_frame, blend
+from models.session_blend import VALID_LISTS, SessionNeighbours
+from models.user_lists import UserItems, UserLists, as_lists_frame, blend
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ FORMAT_VERSION = 1
 TRENDING_SLACK = 10_000
 """Trending items kept in memory beyond ``max_k`` for the fill of the lists."""
 LISTS = "lists"
+HISTORY = "history"
 DEFAULT_MAX_K = 200
 """Largest ``k`` a request may ask for, unless the bundle's ``max_k`` says otherwise."""
 EXCLUDE_SLACK = 16
@@ -105,6 +112,8 @@ class ServingModel:
         items: Ids of the known items.
         lists: The known users' precomputed top lists.
         folder: The bundle's folder, when it was loaded from one.
+        history: The known users' history items, rows as in ``lists`` (None: every session
+            item of a known user counts).
     """
 
     def __init__(
@@ -117,23 +126,19 @@ class ServingModel:
         items: pl.Series,
         lists: UserLists,
         folder: Path | None = None,
+        history: UserItems | None = None,
     ) -> None:
+        if history is not None and len(history) != len(lists):
+            raise DataError(f"the bundle's history has {len(history)} users and its lists "
+                            f"{len(lists)}; rebuild the bundle.")
         self.folder = folder
+        self.history = history
         self._load_model = load_model
         self._model: Any = None
         self.manifest = manifest
         self.trending = trending.sort(POP_RANK)
         self.neighbours = neighbours
-        # the session model as arrays: item -> rows of (neighbour code, score), best first
-        ordered = neighbours.sort(ITEM, SCORE, "neighbour", descending=[False, True, False])
-        vocabulary = ordered["neighbour"].unique().sort()
-        self._neighbour_ids = vocabulary.to_numpy()
-        self._neighbour_codes = ordered["neighbour"].cast(pl.Enum(vocabulary)).to_physical(
-            ).to_numpy()
-        self._neighbour_scores = ordered[SCORE].to_numpy()
-        spans = ordered.with_row_index("at").group_by(ITEM).agg(
-            pl.col("at").min().alias("start"), (pl.col("at").max() + 1).alias("end"))
-        self._neighbour_span = {item: (start, end) for item, start, end in spans.iter_rows()}
+        self._session_neighbours = SessionNeighbours(neighbours)
         self.users = users
         self.items = items
         self.lists = lists
@@ -170,6 +175,7 @@ class ServingModel:
         users: pl.Series,
         items: pl.Series,
         config: dict[str, Any] | None = None,
+        history: pl.DataFrame | None = None,
         **settings: Any,
     ) -> Path:
         """Write a bundle into ``folder`` (created; must not exist) and return it.
@@ -178,12 +184,16 @@ class ServingModel:
         ``session_items``, ``session_decay``, ``session_weight`` and anything descriptive
         (``model_name``, ...). Every known user's top ``max_k`` + :data:`EXCLUDE_SLACK` list is
         computed here, once, and stored under ``lists/`` (see :mod:`models.user_lists`).
+        ``history`` (``user_id, item_id``: the events the model was fitted on) gives each known
+        user's distinct items, stored under ``history/``: only session items outside them count
+        (None: none stored, every session item counts). The model folder's validation lists
+        (:data:`models.session_blend.VALID_LISTS`) are not copied.
         """
         loader_class = family_class(family)  # fail early for a family that cannot be loaded
         folder = Path(folder)
         if folder.exists():
             raise DataError(f"{folder} already exists; give a new folder for the bundle.")
-        shutil.copytree(model_dir, folder / "model")
+        shutil.copytree(model_dir, folder / "model", ignore=shutil.ignore_patterns(VALID_LISTS))
         trending.select(ITEM, SCORE, POP_RANK).write_parquet(folder / "trending.parquet")
         neighbours.select(ITEM, "neighbour", SCORE).write_parquet(folder / "neighbours.parquet")
         users = users.cast(pl.String).unique(maintain_order=True)
@@ -199,6 +209,11 @@ class ServingModel:
         lists.save(folder / LISTS)
         logger.info("precomputed the top %d of %d users in %.1f s (%.1f MB)", depth, len(lists),
                     time.perf_counter() - start, lists.nbytes / 1e6)
+        if history is not None:
+            known = UserItems.build(users, history)
+            known.save(folder / HISTORY)
+            logger.info("stored the history items of %d users (%.1f MB)", len(known),
+                        known.nbytes / 1e6)
         manifest = {"format_version": FORMAT_VERSION, "family": family, "list_depth": depth,
                     "session_model": hasattr(loader_class, "recommend_session"), **settings}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -209,8 +224,9 @@ class ServingModel:
     def load(cls, folder: Path) -> ServingModel:
         """Open a bundle written by :meth:`build`.
 
-        The lists are memory-mapped and the model is loaded on first use. A bundle written
-        before lists existed gets them computed now, to the depth it was written for.
+        The lists and the history are memory-mapped and the model is loaded on first use. A
+        bundle written before lists existed gets them computed now, to the depth it was written
+        for; one written before the history existed counts every session item.
         """
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
@@ -227,8 +243,10 @@ class ServingModel:
         else:
             recommend = _recommender(load_model(), bool(manifest.get("exclude_seen", False)))
             lists = UserLists.compute(recommend, users, items, LEGACY_LIST_DEPTH)
+        history = UserItems.open(folder / HISTORY) if (folder / HISTORY).is_dir() else None
         serving = cls(load_model, manifest, pl.read_parquet(folder / "trending.parquet"),
-                      pl.read_parquet(folder / "neighbours.parquet"), users, items, lists, folder)
+                      pl.read_parquet(folder / "neighbours.parquet"), users, items, lists, folder,
+                      history)
         if serving.session_model:  # it answers every live session: load it now, not mid-traffic
             serving.model  # noqa: B018
         return serving
@@ -242,10 +260,12 @@ class ServingModel:
         """Top-``k`` lists of every request.
 
         A known user's list is read from the precomputed lists (the model runs only when ``k``
-        plus the exclusions go deeper); a request with ``recent_items`` is answered by the
-        model itself when it reads sessions (``recommend_session``), else blends the list with
-        the session model's (:func:`models.user_lists.blend`, ``session_weight``); an unknown
-        user with ``recent_items`` gets the session model's list; then trending items fill.
+        plus the exclusions go deeper). Of a known user's ``recent_items`` only those outside
+        the user's history count (:meth:`session_items_of`); with some, the request is answered by
+        the model itself when it reads sessions (``recommend_session``), else the list is
+        blended with the session model's (:func:`models.user_lists.blend`,
+        ``session_weight``); an unknown user with ``recent_items`` gets the session model's
+        list; then trending items fill.
 
         Returns:
             ``user_id, item_id, score, rank`` sorted by request order then rank. Scores never
@@ -262,15 +282,18 @@ class ServingModel:
             else:
                 deep.append(r)
         lists.update(_grouped(self._model_lists(deep)))
+        sessions = {r.user_id: self.session_items_of(r) for r in requests if r.recent_items}
         live: dict[str, list[tuple[str, float]]] = {}
         if self.session_model:
             live = _grouped(self._model_session_lists(
-                [r for r in requests if r.recent_items and r.user_id in self.lists]))
+                [r for r in requests if sessions.get(r.user_id) and r.user_id in self.lists],
+                sessions))
             lists.update(live)
         for r in requests:
-            if r.user_id in live:
+            recent = sessions.get(r.user_id)
+            if not recent or r.user_id in live:
                 continue
-            session = self._session_list(r.recent_items) if r.recent_items else []
+            session = self._session_list(recent)
             if session:
                 own = lists.get(r.user_id)
                 lists[r.user_id] = session if own is None else blend(
@@ -297,37 +320,36 @@ class ServingModel:
             parts.append(recs.select(USER, ITEM, SCORE, pl.col(RANK).alias(_POS)))
         return pl.concat(parts)
 
-    def _model_session_lists(self, requests: Sequence[Request]) -> pl.DataFrame:
-        """A session-aware model's own lists for known users' live sessions."""
+    def session_items_of(self, request: Request) -> list[str]:
+        """The items of ``request``'s session that count, newest last.
+
+        A known user's items not in their history (every item when the bundle holds no
+        history); an unknown user's every item.
+        """
+        recent = list(request.recent_items)
+        row = self.lists.row(request.user_id)
+        if row is None or self.history is None:
+            return recent
+        return self.history.unseen(row, recent)
+
+    def _model_session_lists(self, requests: Sequence[Request],
+                             sessions: Mapping[str, Sequence[str]]) -> pl.DataFrame:
+        """A session-aware model's own lists for known users' live ``sessions`` (by user)."""
         if not requests:
             return _empty_lists()
         depth = max(r.k + len(r.exclude) for r in requests)
         recs = self.model.recommend_session(
-            [r.user_id for r in requests], [list(r.recent_items) for r in requests], k=depth,
-            exclude_seen=self.exclude_seen)
+            [r.user_id for r in requests], [list(sessions[r.user_id]) for r in requests],
+            k=depth, exclude_seen=self.exclude_seen)
         return as_lists_frame(recs).select(USER, ITEM, SCORE, pl.col(RANK).alias(_POS))
 
     def _session_list(self, recent: Sequence[str]) -> list[tuple[str, float]]:
         """Co-visitation neighbours of a session's newest ``session_items`` items.
 
-        A neighbour scores the sum over those items of ``session_decay ** age`` times its
-        co-visitation score (age 0: the newest item); best first, ties by item id.
+        Weighted by ``session_decay`` (:meth:`models.session_blend.SessionNeighbours.session_list`).
         """
-        ages: dict[str, int] = {}
-        for age, item in enumerate(reversed(recent[-self.session_items:])):
-            ages.setdefault(item, age)
-        scores: dict[int, float] = {}
-        for item, age in ages.items():
-            span = self._neighbour_span.get(item)
-            if span is None:
-                continue
-            weight = self.session_decay ** age
-            rows = slice(*span)
-            for code, score in zip(self._neighbour_codes[rows].tolist(),
-                                   self._neighbour_scores[rows].tolist(), strict=True):
-                scores[code] = scores.get(code, 0.0) + weight * score
-        named = [(self._neighbour_ids[code], score) for code, score in scores.items()]
-        return sorted(named, key=lambda pair: (-pair[1], pair[0]))
+        return self._session_neighbours.session_list(recent, self.session_items,
+                                                     self.session_decay)
 
     def _assemble(
         self, requests: Sequence[Request], lists: dict[str, list[tuple[str, float]]]

@@ -12,6 +12,11 @@ slack for exclusions, and stored in compressed-sparse-row form in a folder:
 :meth:`UserLists.open` memory-maps the arrays: opening costs the user index only, whatever the
 number of users, and every server worker process shares the same pages of the operating system's
 file cache. Memory on disk and in the cache: ``n_entries * 12`` bytes plus the ids.
+
+:class:`UserItems` stores each known user's distinct history items the same way (``offsets.npy``,
+``codes.npy``: ``int32`` positions in a sorted ``vocabulary.parquet``, 4 bytes a distinct
+(user, item) pair), in the row order of the users of the lists it goes with; the served model
+reads it to tell a live session's new items from those the model has already seen.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from models.columns import ITEM, RANK, SCORE, USER
+from models.errors import require_columns
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,10 @@ class UserLists:
     def nbytes(self) -> int:
         """Bytes of the three arrays (what the lists cost in memory when every page is read)."""
         return int(self.offsets.nbytes + self.codes.nbytes + self.scores.nbytes)
+
+    def row(self, user: str) -> int | None:
+        """The row of ``user`` (the position in ``users``), None for an unknown user."""
+        return self._rows.get(user)
 
     def get(self, user: str) -> list[tuple[str, float]]:
         """``[(item_id, score), ...]`` of a known user, best first (empty for unknown users)."""
@@ -140,6 +150,80 @@ class UserLists:
         )
 
 
+class UserItems:
+    """Each user's distinct known items, by row (see the module docstring).
+
+    Args:
+        offsets: Start of each row's items in ``codes`` (length ``n_rows + 1``).
+        codes: Item codes (positions in ``vocabulary``), ascending within a row.
+        vocabulary: Item ids, sorted.
+    """
+
+    def __init__(self, offsets: np.ndarray, codes: np.ndarray, vocabulary: pl.Series) -> None:
+        self.offsets = offsets
+        self.codes = codes
+        self.vocabulary = vocabulary.to_numpy()  # sorted: looked up by binary search
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the two arrays."""
+        return int(self.offsets.nbytes + self.codes.nbytes)
+
+    def unseen(self, row: int, items: Sequence[str]) -> list[str]:
+        """The ``items`` (order and repeats kept) that are not among row ``row``'s items."""
+        if not items:
+            return []
+        wanted = np.asarray(items, dtype=object)
+        at = np.searchsorted(self.vocabulary, wanted)  # each item's code, where it is known
+        found = at < len(self.vocabulary)
+        found[found] = self.vocabulary[at[found]] == wanted[found]
+        codes = self.codes[int(self.offsets[row]):int(self.offsets[row + 1])]
+        place = np.searchsorted(codes, at)
+        found &= place < len(codes)
+        found[found] = codes[place[found]] == at[found]
+        return [item for item, known in zip(items, found.tolist(), strict=True) if not known]
+
+    @classmethod
+    def build(cls, users: pl.Series, history: pl.DataFrame) -> UserItems:
+        """The distinct items of ``history`` (``user_id, item_id``) of each of ``users``.
+
+        Rows follow ``users`` (distinct, first occurrence first, as :meth:`UserLists.compute`
+        orders them); a user without history has no items, history of other users is ignored.
+        """
+        require_columns(history.columns, (USER, ITEM), "history")
+        users = users.cast(pl.String).unique(maintain_order=True)
+        pairs = history.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String))
+        pairs = pairs.drop_nulls().unique()
+        vocab = pairs[ITEM].unique().sort()
+        order = pl.DataFrame({USER: users}).with_row_index("row")
+        coded = (pairs.join(order, on=USER)
+                 .join(pl.DataFrame({ITEM: vocab}).with_row_index("code"), on=ITEM)
+                 .sort("row", "code"))
+        counts = np.bincount(coded["row"].to_numpy(), minlength=users.len())
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(offsets, coded["code"].to_numpy().astype(np.int32), vocab)
+
+    def save(self, folder: Path) -> None:
+        """Write the items into ``folder`` (created)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "offsets.npy", np.asarray(self.offsets))
+        np.save(folder / "codes.npy", np.asarray(self.codes))
+        pl.DataFrame({ITEM: pl.Series(self.vocabulary, dtype=pl.String)}).write_parquet(
+            folder / "vocabulary.parquet")
+
+    @classmethod
+    def open(cls, folder: Path) -> UserItems:
+        """Memory-map items written by :meth:`save`."""
+        folder = Path(folder)
+        return cls(np.load(folder / "offsets.npy", mmap_mode="r"),
+                   np.load(folder / "codes.npy", mmap_mode="r"),
+                   pl.read_parquet(folder / "vocabulary.parquet")[ITEM])
+
+
 def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
@@ -157,5 +241,7 @@ def blend(model: Sequence[tuple[str, float]], session: Sequence[tuple[str, float
         fused[item] = (1.0 - weight) / (offset + rank)
     for rank, (item, _) in enumerate(session, start=1):
         fused[item] = fused.get(item, 0.0) + weight / (offset + rank)
-    order = {item: position for position, item in enumerate(fused)}
-    return sorted(fused.items(), key=lambda pair: (-pair[1], order[pair[0]]))
+    # by score, then first appearance (the model's order, then the session's)
+    ranked = sorted(zip([-score for score in fused.values()], range(len(fused)), fused,
+                        strict=True))
+    return [(item, -negated) for negated, _, item in ranked]

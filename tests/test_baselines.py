@@ -275,3 +275,27 @@ def test_a_part_fitted_with_the_stage_orderings_recommends_as_with_the_counts(
         got = factory().fit(part, _shared(name, t_max, ordered, neighbours)).recommend(
             users, k=8, exclude_seen=True)
         assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
+
+
+def test_the_baselines_save_their_validation_lists(tmp_path: Path, demo_shop_dir: Path) -> None:
+    """Beside each saved baseline: the top max(ks) of every scored validation user."""
+    from prefect.logging import disable_run_logger
+
+    from models.session_blend import VALID_LISTS
+    from tasks.data.prepare import read_split, write_split
+    from tasks.evaluation.evaluate import evaluate_baselines
+    from tasks.splitting.split import Selection, cut_times, time_split
+
+    events = pl.read_parquet(demo_shop_dir / "events.parquet")
+    write_split(time_split(events, *cut_times(events)), tmp_path / "split")
+    selection = Selection(share=0.5, seed=3)
+    with disable_run_logger():
+        scores = evaluate_baselines.fn(tmp_path / "split", [5, 10], events[ITEM].n_unique(),
+                                       False, 7.0, tmp_path / "models", None, selection)
+    targets = selection.targets(read_split(tmp_path / "split"))
+    for name, stages in scores.items():
+        lists = pl.read_parquet(tmp_path / "models" / name / VALID_LISTS)
+        assert lists.columns == ["user_id", "item_id", "score", "rank"]
+        assert set(lists[USER]) == set(targets[USER])
+        assert lists.group_by(USER).len()["len"].max() == 10
+        assert evaluate(lists, targets, ks=[5, 10])["ndcg@10"] == stages["valid"]["ndcg@10"]

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from flows.cli import run
 from flows.recommend import MODEL_VERSION, batch_recommend
 from flows.server import MAX_RECORDS
-from models.baselines import CoVisitation, Popularity
+from models.baselines import BuyAgain, CoVisitation, Popularity
 from models.errors import ConfigError
 from models.serving import (
     EXCLUDE_SLACK,
@@ -226,6 +226,82 @@ def test_a_known_users_session_changes_the_list(serving):
     assert _items(ignored, user) == plain
 
 
+# ---------------------------------------------------------------- sessions that only add
+@pytest.fixture(scope="module")
+def shop_events(demo_shop_dir) -> pl.DataFrame:
+    return pl.read_parquet(demo_shop_dir / "events.parquet")
+
+
+@pytest.fixture(scope="module")
+def blended(tmp_path_factory, shop_events) -> ServingModel:
+    """A blending family (buy-again) whose bundle knows each user's history."""
+    root = tmp_path_factory.mktemp("history-bundle")
+    BuyAgain().fit(shop_events).save(root / "buy_again")
+    bundle = ServingModel.build(
+        root / "bundle", family="buy_again", model_dir=root / "buy_again",
+        trending=Popularity(window_days=7).fit(shop_events).popularity_,
+        neighbours=CoVisitation().fit(shop_events).neighbours_, users=shop_events["user_id"],
+        items=shop_events["item_id"], history=shop_events.select("user_id", "item_id"),
+        exclude_seen=False, max_k=50)
+    return ServingModel.load(bundle)
+
+
+def _history(events: pl.DataFrame, user: str) -> list[str]:
+    """A user's distinct items, newest last (what a shop front end replays)."""
+    mine = events.filter(pl.col("user_id") == user).sort("timestamp")
+    return mine["item_id"].reverse().unique(maintain_order=True).reverse().to_list()
+
+
+def _new_item(serving: ServingModel, events: pl.DataFrame, user: str) -> str:
+    """An item with session neighbours that ``user`` never interacted with."""
+    seen = set(_history(events, user))
+    return next(i for i in serving.neighbours["item_id"].unique(maintain_order=True)
+                if i not in seen)
+
+
+def test_a_session_of_known_items_leaves_a_known_users_list_as_it_is(blended, shop_events):
+    users = blended.users.head(8).to_list()
+    plain = blended.predict([{"user_id": u, "k": 10} for u in users])
+    replayed = blended.predict([{"user_id": u, "k": 10, "recent_items": _history(
+        shop_events, u)[-5:]} for u in users])
+    assert replayed.equals(plain)  # items, order and scores
+
+
+def test_only_new_session_items_change_a_known_users_list(blended, shop_events):
+    user = blended.users[3]
+    known, new = _history(shop_events, user)[-4:], _new_item(blended, shop_events, user)
+    plain = _items(blended.predict([{"user_id": user}]), user)
+    mixed = blended.predict([{"user_id": user, "recent_items": [*known[:2], new, *known[2:]]}])
+    alone = blended.predict([{"user_id": user, "recent_items": [new]}])
+    assert _items(mixed, user) != plain
+    assert blended._session_list([new])[0][0] in _items(mixed, user)
+    assert mixed.equals(alone)  # the known items count for nothing
+
+
+def test_an_unknown_users_whole_session_counts(blended, shop_events):
+    recent = _history(shop_events, blended.users[0])[-3:]  # someone else's known items
+    answer = blended.predict([{"user_id": "a-new-visitor", "k": 5, "recent_items": recent}])
+    session = [i for i, _ in blended._session_list(recent)]
+    assert session
+    assert _items(answer, "a-new-visitor") == session[:5]
+
+
+def test_a_bundle_without_the_history_still_blends_the_whole_session(blended, shop_events,
+                                                                      tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(blended.folder, older)
+    shutil.rmtree(older / "history")
+    old = ServingModel.load(older)
+    user = blended.users[5]
+    recent = _history(shop_events, user)[-3:]
+    plain = [{"user_id": user, "k": 10}]
+    assert old.predict(plain).equals(blended.predict(plain))
+    live = _items(old.predict([{"user_id": user, "k": 10, "recent_items": recent}]), user)
+    expected = blend(old.lists.get(user), old._session_list(recent)[: old.list_depth],
+                     old.session_weight)
+    assert live == [i for i, _ in expected][:10]
+
+
 def test_blend_weights_ranks():
     model = [("a", 9.0), ("b", 8.0), ("c", 7.0)]
     session = [("c", 1.0), ("d", 0.5)]
@@ -415,21 +491,34 @@ def test_mlflow_scoring_server_gives_the_same_answers(tmp_path, champion_store, 
         stop_group(proc)
 
 
-def test_a_session_reading_model_answers_live_sessions_itself(tmp_path, demo_shop_dir):
+@pytest.fixture(scope="module")
+def tiny_transformer(tmp_path_factory, shop_events) -> Path:
+    """A one-epoch transformer fitted on the demo shop, saved; returns its folder."""
     from models.transformer import SequentialTransformer, TransformerConfig
 
-    events = pl.read_parquet(demo_shop_dir / "events.parquet")
-    model = SequentialTransformer(TransformerConfig(
+    folder = tmp_path_factory.mktemp("tiny-transformer") / "transformer"
+    SequentialTransformer(TransformerConfig(
         hidden_size=16, n_blocks=1, n_heads=1, max_len=10, epochs=1, batch_size=256,
-        n_negatives=8, device="cpu", num_threads=1, seed=1)).fit(events)
-    model.save(tmp_path / "transformer")
-    covis = CoVisitation().fit(events)
+        n_negatives=8, device="cpu", num_threads=1, seed=1)).fit(shop_events).save(folder)
+    return folder
+
+
+def _transformer_bundle(folder: Path, model_dir: Path, events: pl.DataFrame,
+                        history: pl.DataFrame | None = None) -> ServingModel:
     bundle = ServingModel.build(
-        tmp_path / "bundle", family="transformer", model_dir=tmp_path / "transformer",
+        folder, family="transformer", model_dir=model_dir,
         trending=Popularity(window_days=7).fit(events).popularity_,
-        neighbours=covis.neighbours_, users=events["user_id"], items=events["item_id"],
-        exclude_seen=False, max_k=20)
-    serving = ServingModel.load(bundle)
+        neighbours=CoVisitation().fit(events).neighbours_, users=events["user_id"],
+        items=events["item_id"], history=history, exclude_seen=False, max_k=20)
+    return ServingModel.load(bundle)
+
+
+def test_a_session_reading_model_answers_live_sessions_itself(tmp_path, tiny_transformer,
+                                                              shop_events):
+    from models.transformer import SequentialTransformer
+
+    model = SequentialTransformer.load(tiny_transformer)
+    serving = _transformer_bundle(tmp_path / "bundle", tiny_transformer, shop_events)
     assert serving.session_model
     assert serving._model is not None  # loaded before traffic
     user, recent = serving.users[0], serving.neighbours["item_id"].head(2).to_list()
@@ -438,3 +527,34 @@ def test_a_session_reading_model_answers_live_sessions_itself(tmp_path, demo_sho
     own = model.recommend_session([user], [recent], k=5, exclude_seen=False)
     assert _items(answer, user) == own["item_id"].tolist()
     assert _items(answer, "someone-new") == [i for i, _ in serving._session_list(recent)][:5]
+
+
+def test_a_session_reading_model_reads_only_the_new_session_items(tmp_path, tiny_transformer,
+                                                                  shop_events):
+    from models.transformer import SequentialTransformer
+
+    model = SequentialTransformer.load(tiny_transformer)
+    serving = _transformer_bundle(tmp_path / "bundle", tiny_transformer, shop_events,
+                                  shop_events.select("user_id", "item_id"))
+    user = serving.users[2]
+    known, new = _history(shop_events, user)[-3:], _new_item(serving, shop_events, user)
+    plain = serving.predict([{"user_id": user, "k": 5}])
+    assert serving.predict([{"user_id": user, "k": 5, "recent_items": known}]).equals(plain)
+    mixed = serving.predict([{"user_id": user, "k": 5, "recent_items": [known[0], new]}])
+    own = model.recommend_session([user], [[new]], k=5, exclude_seen=False)
+    assert _items(mixed, user) == own["item_id"].tolist()
+    assert _items(mixed, user) != _items(plain, user)
+
+
+def test_history_items_tell_new_items_from_known_ones(tmp_path):
+    from models.user_lists import UserItems
+
+    history = pl.DataFrame({"user_id": ["a", "a", "b", "a", "x"],
+                            "item_id": ["i2", "i1", "i3", "i2", "i9"]})
+    UserItems.build(pl.Series(["b", "a", "c"]), history).save(tmp_path / "history")
+    known = UserItems.open(tmp_path / "history")
+    assert len(known) == 3  # rows follow the users given; x is not one of them
+    assert known.unseen(1, ["i3", "i1", "new", "i2", "new"]) == ["i3", "new", "new"]
+    assert known.unseen(0, ["i1", "i3", "i9"]) == ["i1", "i9"]
+    assert known.unseen(2, ["i1"]) == ["i1"]  # a user without history
+    assert known.unseen(1, []) == []

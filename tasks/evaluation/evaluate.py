@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from models.baselines import baseline_factories
 from models.columns import ITEM, USER
 from models.metrics import evaluate, metrics_table
+from models.session_blend import save_valid_lists
 from tasks import tracking
 from tasks.data.prepare import read_split
 from tasks.ranking.reranker import RankerConfig
@@ -35,11 +36,13 @@ def item_counts(events: pl.DataFrame) -> pl.DataFrame:
 
 def score_model(
     factory: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
-    selection: Selection | None = None,
+    selection: Selection | None = None, lists_dir: Path | None = None,
 ) -> tuple[dict[str, dict[str, float]], Any]:
     """Fit on train → score validation; refit on train+validation → score test.
 
     ``selection``: validation is scored on its users only (default: every validation user).
+    ``lists_dir``: where the validation lists of the scored users go (top ``max(ks)``,
+    :func:`models.session_blend.save_valid_lists`); None writes none.
     Returns metrics per stage (``valid``, ``test``, with ``fit_seconds``) and the test model.
     """
     k = max(ks)
@@ -57,6 +60,8 @@ def score_model(
         metrics = evaluate(recs, targets, ks=ks, n_items=n_items,
                            item_popularity=item_counts(history))
         results[stage] = {**metrics, "fit_seconds": fitted}
+        if stage == "valid" and lists_dir is not None:
+            save_valid_lists(recs, lists_dir, k)
     return results, model
 
 
@@ -67,7 +72,8 @@ def evaluate_baselines(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Fit, score and save every baseline; log each metric per model, stage and K.
 
-    ``valid`` metrics are on the users of ``selection`` (default: every validation user).
+    ``valid`` metrics are on the users of ``selection`` (default: every validation user);
+    their lists are saved beside each model (:data:`models.session_blend.VALID_LISTS`).
     """
     logger = get_run_logger()
     split = read_split(split_dir)
@@ -75,7 +81,8 @@ def evaluate_baselines(
     selection.check(selection.targets(split)[USER].n_unique())
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for name, factory in baseline_factories(recent_days).items():
-        scores[name], model = score_model(factory, split, ks, n_items, exclude_seen, selection)
+        scores[name], model = score_model(factory, split, ks, n_items, exclude_seen, selection,
+                                          lists_dir=model_dir / name)
         model.save(model_dir / name)
         write_recipe(model_dir / name, baseline_recipe(name, recent_days, exclude_seen))
         logger.info("%s: test %s", name, _brief(scores[name]["test"], ks))

@@ -10,7 +10,8 @@ users every other family is validated on.
 The study lives in an RDB storage (``sqlite:///mlruns/optuna.db`` by default), so a re-run with
 the same study name continues it: only the trials still missing are run. Each trial is a nested
 MLflow run of the training run. The best parameters are refitted on all users, scored on the
-test window and logged with plots.
+test window and logged with plots. With a selection holdout, the refitted ranker's lists of its
+users (behind ``valid``) are saved beside the model (:data:`models.session_blend.VALID_LISTS`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import polars as pl
 from models.columns import ITEM, USER
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import evaluate
+from models.session_blend import VALID_LISTS, save_valid_lists
 from tasks.ranking.candidate_sources import BUILTIN_SOURCES, RANK_PREFIX
 from tasks.ranking.candidates import candidate_recall, rank_columns
 from tasks.ranking.reranker import (
@@ -210,17 +212,20 @@ def log_results(run_id: str, result: dict[str, Any], config: RankerConfig) -> No
 
 
 def score_window(pipe: RankingPipeline, targets: pl.DataFrame, ks: list[int],
-                 n_items: int | None, external: ExternalSources | None = None
-                 ) -> tuple[dict[str, float], dict[str, float]]:
+                 n_items: int | None, external: ExternalSources | None = None,
+                 lists_dir: Path | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Metrics (full catalogue) and candidate recall of the targets' users.
 
     The lists come from the pipeline's current history (the test history for the test window,
-    train for validation).
+    train for validation); ``lists_dir``: where they go
+    (:func:`models.session_blend.save_valid_lists`; None: nowhere).
     """
     users = targets[USER].unique()
     history = pipe.history_
     frame = pipe.candidate_frame(users, external(history, users) if external else None)
     recs = pipe.rank(frame, users, max(ks), pipe.config.candidates.exclude_seen)
+    if lists_dir is not None:
+        save_valid_lists(recs, lists_dir, max(ks))
     counts = history.group_by(ITEM).len("count")
     metrics = evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
     return metrics, candidate_recall(frame, targets)
@@ -269,7 +274,9 @@ def tune_and_evaluate_lgbm(
     Returns:
         ``valid`` metrics, ``test`` metrics,
         ``candidate_recall`` per stage, ``best_params``, ``best_trial``, ``study_name``,
-        ``n_trials`` and ``model_dir``.
+        ``n_trials`` and ``model_dir``. With a ``selection``, the lists behind ``valid`` are
+        saved in ``model_dir`` (:data:`models.session_blend.VALID_LISTS`); without one, the
+        held-out users' lists of the best trial are not kept, and none are saved.
     """
     ks = list(ks or [10, 20])
     loo = split.protocol == "leave_one_out"
@@ -291,15 +298,17 @@ def tune_and_evaluate_lgbm(
     pipe.ranker_ = pipe.new_ranker(dict(best.params), num_boost_round=rounds).fit(everyone)
     valid = best.user_attrs.get("valid_metrics", best.user_attrs.get(
         "metrics", {"ndcg@10": best.value}))
+    model_dir = Path(workdir) / "models" / MODEL_NAME
+    (model_dir / VALID_LISTS).unlink(missing_ok=True)  # an earlier attempt's
     if selection is not None:  # the refitted ranker on the selection holdout
         targets = selection.targets(split)
         selection.check(targets[USER].n_unique())
-        valid = score_window(pipe.set_history(split.train), targets, ks, n_items, external)[0]
+        valid = score_window(pipe.set_history(split.train), targets, ks, n_items, external,
+                             lists_dir=model_dir)[0]
     pipe.source = source
     pipe.set_history(split.test_history)
     test, test_recall = score_window(pipe, split.test_targets, ks, n_items,
                                      None if source is not None else external)
-    model_dir = Path(workdir) / "models" / MODEL_NAME
     pipe.save(model_dir)
     result = {
         "valid": valid, "test": test,

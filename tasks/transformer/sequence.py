@@ -10,7 +10,8 @@ earlier ones at the same epoch. The loss, speed, NDCG@10, Recall@10 and the prim
 every epoch go to the trial's nested MLflow run as curves (``epoch.*``). A trial's value is the
 primary metric of its kept weights, so the families compete on one metric.
 The best parameters are refitted on train + validation for as many epochs as the best trial
-needed, scored on the test window and saved as the servable ``transformer`` model.
+needed, scored on the test window and saved as the servable ``transformer`` model. Beside it go
+the validation lists behind its ``valid`` metrics (:data:`models.session_blend.VALID_LISTS`).
 
 :class:`SequenceSource` turns a fitted transformer into an external candidate source of the
 LightGBM ranker: each user's nearest items to the hidden state after their last event. So that
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from models.columns import ITEM, SCORE, USER
 from models.errors import ConfigError, DataError
 from models.metrics import ACCURACY_METRICS, evaluate
+from models.session_blend import VALID_LISTS, save_valid_lists
 from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
 from tasks.splitting.split import Selection, Split
 
@@ -166,11 +168,23 @@ def study_name(split: Split, config: SequenceConfig, ks: list[int] | None = None
         "ks": ks, "exclude_seen": exclude_seen, "items": items, "primary_metric": metric})
 
 
-def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
-                 ks: list[int], exclude_seen: bool, n_items: int | None) -> dict[str, float]:
-    """Full-catalogue metrics of ``model``'s lists for the target users (as for the baselines)."""
+def validation_lists(model: SequentialTransformer, targets: pl.DataFrame, k: int,
+                     exclude_seen: bool) -> pl.DataFrame:
+    """``model``'s top ``k`` of every target user (the lists :func:`full_metrics` scores)."""
     users = targets[USER].unique(maintain_order=True)
-    recs = pl.from_pandas(model.recommend(users.to_list(), k=max(ks), exclude_seen=exclude_seen))
+    return pl.from_pandas(model.recommend(users.to_list(), k=k, exclude_seen=exclude_seen))
+
+
+def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
+                 ks: list[int], exclude_seen: bool, n_items: int | None,
+                 lists_dir: Path | None = None) -> dict[str, float]:
+    """Full-catalogue metrics of ``model``'s lists for the target users (as for the baselines).
+
+    ``lists_dir``: where the scored lists go (:func:`models.session_blend.save_valid_lists`).
+    """
+    recs = validation_lists(model, targets, max(ks), exclude_seen)
+    if lists_dir is not None:
+        save_valid_lists(recs, lists_dir, max(ks))
     counts = history.group_by(ITEM).len("count")
     return evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
 
@@ -336,7 +350,8 @@ def tune_and_evaluate_transformer(
     Returns:
         ``valid`` metrics, ``test`` metrics, ``best_params``, ``best_trial``,
         ``best_epoch``, ``study_name``, ``n_trials``, ``model_dir`` and ``curve`` (the refit's
-        per-epoch loss).
+        per-epoch loss). The lists behind ``valid`` are saved in ``model_dir``
+        (:data:`models.session_blend.VALID_LISTS`; see :func:`save_best_trial_lists`).
     """
     ks = list(ks or [10, 20])
     seen = split.protocol == "leave_one_out" if exclude_seen is None else exclude_seen
@@ -345,13 +360,15 @@ def tune_and_evaluate_transformer(
         TrialLogger(run_id, MODEL_NAME), ks, seen, n_items, primary_metric)
     best = study.best_trial
     epochs = best_epochs(best)
+    model_dir = Path(workdir) / "models" / MODEL_NAME
     valid = best.user_attrs.get("metrics", {objective.primary: best.value})
     if selection is not None:
         valid = selected_metrics(split, items, config, study, objective, selection, ks, seen,
-                                 n_items)
+                                 n_items, lists_dir=model_dir)
+    else:
+        save_best_trial_lists(split, study, objective, max(ks), seen, model_dir)
     final = fit_final(split.test_history, items, config, dict(best.params), epochs)
     test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
-    model_dir = Path(workdir) / "models" / MODEL_NAME
     final.save(model_dir)
     result = {
         "valid": valid, "test": test,
@@ -382,12 +399,33 @@ def best_trial_model(split: Split, items: pl.DataFrame | None, config: SequenceC
 
 def selected_metrics(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
                      study: optuna.Study, objective: _Objective, selection: Selection,
-                     ks: list[int], exclude_seen: bool, n_items: int | None) -> dict[str, float]:
-    """The best trial's model scored on the selection holdout's validation targets."""
+                     ks: list[int], exclude_seen: bool, n_items: int | None,
+                     lists_dir: Path | None = None) -> dict[str, float]:
+    """The best trial's model scored on the selection holdout's validation targets.
+
+    ``lists_dir``: where its scored lists go (:func:`models.session_blend.save_valid_lists`).
+    """
     targets = selection.targets(split)
     selection.check(targets[USER].n_unique())
     model = best_trial_model(split, items, config, study, objective)
-    return full_metrics(model, split.train, targets, ks, exclude_seen, n_items)
+    return full_metrics(model, split.train, targets, ks, exclude_seen, n_items, lists_dir)
+
+
+def save_best_trial_lists(split: Split, study: optuna.Study, objective: _Objective, k: int,
+                          exclude_seen: bool, folder: Path) -> None:
+    """Save the best trial's validation lists (every validation user) in ``folder``.
+
+    Only when the best trial ran in this process (its model is at hand): a resumed study's
+    best model would have to be trained again, so no lists are saved then (and stale ones are
+    removed).
+    """
+    model = objective.best_model
+    if model is None or objective.best_value != study.best_trial.value:
+        (Path(folder) / VALID_LISTS).unlink(missing_ok=True)
+        logger.info("transformer: the best trial ran in an earlier process; no validation "
+                    "lists saved")
+        return
+    save_valid_lists(validation_lists(model, split.valid_targets, k, exclude_seen), folder, k)
 
 
 def ranker_sources(split: Split, items: pl.DataFrame | None, result: dict[str, Any],
