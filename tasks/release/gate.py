@@ -44,6 +44,7 @@ from tasks.release.packaging import (
     KIND_TAG,
     LAST_EVENT_TAG,
     RECIPE_TAG,
+    SESSION_WEIGHT_TAG,
     SPLIT_DIR_TAG,
     T_TEST_TAG,
     build_bundle,
@@ -275,8 +276,11 @@ def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
 
 
 def fit_bundle(recipe: dict[str, Any], split_dir: Path, folder: Path, config: dict[str, Any],
-               run_id: str) -> Path:
-    """Fit ``recipe`` on the split in ``split_dir`` and package it as a serving bundle."""
+               run_id: str, session_weight: float | None = None) -> Path:
+    """Fit ``recipe`` on the split in ``split_dir`` and package it as a serving bundle.
+
+    ``session_weight``: the weight chosen for the recipe's version (its tag), else the config's.
+    """
     split = read_split(split_dir)
     items_path = split_dir.parent / "items.parquet"
     items = pl.read_parquet(items_path) if items_path.is_file() else None
@@ -284,8 +288,14 @@ def fit_bundle(recipe: dict[str, Any], split_dir: Path, folder: Path, config: di
     model_dir = fit_recipe(recipe, split, items, folder / "models" / family)
     return build_bundle(folder / "bundle", family=family, model_dir=model_dir,
                         model_root=folder / "models", split_dir=split_dir, config=config,
-                        exclude_seen=bool(recipe.get("exclude_seen")), model_name=family,
-                        run_id=run_id)
+                        exclude_seen=bool(recipe.get("exclude_seen")),
+                        session_weight=session_weight, model_name=family, run_id=run_id)
+
+
+def chosen_weight_of(tags: dict[str, str]) -> float | None:
+    """The session weight chosen on validation for a version (tag), or None."""
+    value = tags.get(SESSION_WEIGHT_TAG)
+    return float(value) if value else None
 
 
 def parse_time(value: str | None) -> dt.datetime | None:
@@ -316,7 +326,7 @@ def champion_side(client: MlflowClient, model_name: str, version: str, champion:
     if recipe is not None:
         try:
             bundle = fit_bundle(recipe, split_dir, work, run_config(client, ours.run_id),
-                                ours.run_id)
+                                ours.run_id, chosen_weight_of(theirs))
         except Exception as err:  # a recipe of an older shoprank: renamed field or family
             logger.warning("the champion's recipe cannot be refitted", exc_info=True)
             return None, (f"the recipe of the champion v{champion} "

@@ -69,6 +69,7 @@ LAST_EVENT_TAG = "shoprank.last_event"
 DATA_END_TAG = "shoprank.data_last_event"  # the last event of the run's data (the release's)
 T_TEST_TAG = "shoprank.t_test"
 KIND_TAG = "release.kind"
+SESSION_WEIGHT_TAG = "serve.session_weight"  # chosen on validation for the version's family
 
 
 class ShoprankPyfunc(mlflow.pyfunc.PythonModel):
@@ -137,13 +138,16 @@ def _load_or_fit(folder: Path, factory: Any, history: pl.DataFrame) -> Any:
 
 def build_bundle(
     folder: Path, *, family: str, model_dir: Path, model_root: Path, split_dir: Path,
-    config: dict[str, Any], exclude_seen: bool, **settings: Any,
+    config: dict[str, Any], exclude_seen: bool, session_weight: float | None = None,
+    **settings: Any,
 ) -> Path:
     """Write the serving bundle of the model saved in ``model_dir`` (fitted on the test history).
 
     The fallback and session models are the run's ``recent_popularity`` and ``covisitation``
     baselines under ``model_root`` (fitted on the test history when missing); the known users
-    and items come from the test history and the catalogue beside the split.
+    and items come from the test history and the catalogue beside the split, and each known
+    user's history items tell its new session items from known ones. ``session_weight``: the
+    weight chosen for the family on validation (default: ``serve.session_weight``).
     """
     history = pl.read_parquet(split_dir / "test_history.parquet")
     recent_days = config.get("baselines", {}).get("recent_days", 7.0)
@@ -159,8 +163,9 @@ def build_bundle(
         folder, family=family, model_dir=model_dir, trending=trending, neighbours=neighbours,
         users=history[USER], items=items, config=config, exclude_seen=exclude_seen,
         default_k=serve.get("default_k", 10), max_k=serve.get("max_k", DEFAULT_MAX_K),
-        session_items=serve.get("session_items", 5),
-        session_weight=serve.get("session_weight", DEFAULT_SESSION_WEIGHT), **settings)
+        session_items=serve.get("session_items", 5), history=history.select(USER, ITEM),
+        session_weight=session_weight if session_weight is not None else serve.get(
+            "session_weight", DEFAULT_SESSION_WEIGHT), **settings)
 
 
 def input_example(split_dir: Path, n_recent: int = 3) -> pd.DataFrame:
@@ -335,6 +340,27 @@ def select_best(scores: dict[str, dict[str, dict[str, float]]], metric: str,
     return max(allowed, key=lambda name: scores[name]["valid"][metric])
 
 
+def session_choice(client: MlflowClient, run: ReleaseRun, family: str, metric: str
+                   ) -> float | None:
+    """The family's session weight chosen on validation (:mod:`tasks.release.sessions`).
+
+    Logged on the run (``session_weight/<family>.json``: every weight's figures); None when it
+    cannot be chosen (no validation lists, no sessions) or the family reads sessions itself.
+    """
+    from tasks.data.prepare import read_split
+    from tasks.release.sessions import chosen_weight
+
+    if getattr(family_class(family), "recommend_session", None) is not None:
+        return None
+    serve = run.config.get("serve", {})
+    choice = chosen_weight(read_split(run.split_dir), run.split_dir.parent / "events.parquet",
+                           run.model_root / family, metric, serve.get("session_items", 5))
+    if choice is None:
+        return None
+    client.log_dict(run.run_id, choice, f"session_weight/{family}.json")
+    return float(choice["weight"])
+
+
 def registered_of_run(client: MlflowClient, model_name: str, run_id: str) -> Any | None:
     """The evaluated version a training run already registered (a resumed release), or None."""
     try:
@@ -391,12 +417,16 @@ def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRu
         f"{family} chosen on validation {metric} = {scores[family]['valid'][metric]:.4f} "
         f"(test {scores[family]['test'][metric]:.4f}) among {', '.join(scores)}; data "
         f"{run.data_name} ({run.fingerprint[:12]}), protocol {run.protocol}, run {run.run_id}.")
+    weight = session_choice(client, run, family, metric)
+    if weight is not None:
+        tags[SESSION_WEIGHT_TAG] = f"{weight:g}"
     # a fresh folder per attempt: a killed attempt's leftover never blocks the next one
     with tempfile.TemporaryDirectory(prefix="serving-bundle-", dir=run.split_dir.parent) as tmp:
         bundle = build_bundle(
             Path(tmp) / "bundle", family=family, model_dir=run.model_root / family,
             model_root=run.model_root, split_dir=run.split_dir, config=cfg,
-            exclude_seen=run.exclude_seen, model_name=family, run_id=run.run_id)
+            exclude_seen=run.exclude_seen, session_weight=weight, model_name=family,
+            run_id=run.run_id)
         packaged = package_and_register(
             run.run_id, bundle, run.split_dir, family=family, model_name=model_name,
             tracking_uri=run.tracking_uri, tags=tags, description=description)

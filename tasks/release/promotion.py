@@ -43,6 +43,7 @@ from tasks.data.prepare import read_split, write_split
 from tasks.release.gate import (
     COPIED_TAGS,
     EVALUATED_TAG,
+    chosen_weight_of,
     compare,
     fit_bundle,
     gate_split,
@@ -57,6 +58,7 @@ from tasks.release.packaging import (
     KIND_TAG,
     LAST_EVENT_TAG,
     RECIPE_TAG,
+    SESSION_WEIGHT_TAG,
     package_and_register,
 )
 from tasks.release.recipes import last_event, release_split
@@ -198,7 +200,10 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
     write_split(release_split(read_split(folder), events), shifted)
     if (folder.parent / "items.parquet").is_file():
         shutil.copy(folder.parent / "items.parquet", work / "items.parquet")
-    bundle = fit_bundle(recipe, shifted, work, run_config(client, run_id), run_id)
+    weights_of = source if kind == "challenger" else get_version(
+        client, name, decision.champion_version or evaluated)
+    weight = chosen_weight_of(weights_of.tags)
+    bundle = fit_bundle(recipe, shifted, work, run_config(client, run_id), run_id, weight)
     path = f"released/{decision.decision_id[:12]}-{uuid.uuid4().hex[:8]}"
     client.log_dict(run_id, recipe, f"{path}/recipe.json")
     tags = {key: source.tags[key] for key in COPIED_TAGS if key in source.tags}
@@ -210,7 +215,8 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
                      for m, v in (decision.champion or {}).items() if "@" in m})
     tags.update({"model.family": recipe["family"], RECIPE_TAG: f"runs:/{run_id}/{path}/recipe.json",
                  LAST_EVENT_TAG: last_event(events), KIND_TAG: kind, EVALUATED_TAG: evaluated,
-                 RELEASE_DECISION_TAG: decision.decision_id})
+                 RELEASE_DECISION_TAG: decision.decision_id,
+                 **({SESSION_WEIGHT_TAG: f"{weight:g}"} if weight is not None else {})})
     description = (f"{recipe['family']} refitted on every event ({events.height:,}, last "
                    f"{tags[LAST_EVENT_TAG]}) after the decision on v{evaluated}: {kind}.")
     return package_and_register(
