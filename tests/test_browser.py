@@ -53,12 +53,16 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_shop_dir) -> tuple[str, Path]:
-    """A store whose ``shoprank`` has a champion (version 1) and a rejected challenger (2)."""
+    """A store whose ``shoprank`` went through two releases.
+
+    v1 (buy-again, evaluated) won and was released as v2; v3 (popularity) lost, and the
+    champion's recipe was released again as v4 (a refresh): champion v4, challenger v3.
+    """
     root = tmp_path_factory.mktemp("browser-store")
     (root / "mlruns").mkdir()
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     for family in ("buy_again", "popularity"):
-        version = register_version(root, demo_shop_dir, uri, family)
+        version = register_version(root, demo_shop_dir, uri, family, recipe=True)
         promote_version("shoprank", version, uri, FAST)
     return uri, root
 
@@ -126,7 +130,7 @@ def test_prefect_ui_shows_the_flow_run(browser, trained, servers):
     _wait_for_text(browser, "recommend")
     browser.get(f"{ui}/runs/flow-run/{run.id}")
     _wait_for_text(browser, "Completed")
-    _wait_for_text(browser, "from shoprank v1")  # the run's log line
+    _wait_for_text(browser, "from shoprank v4")  # the run's log line
     _save(browser, servers["folder"], "prefect-ui.png")
 
 
@@ -135,6 +139,62 @@ def test_mlflow_ui_shows_the_champion(browser, servers):
     browser.get(f"{servers['mlflow']}/#/models/shoprank")
     _wait_for_text(browser, "champion")
     _wait_for_text(browser, "challenger")
-    _wait_for_text(browser, "Version 2")
+    _wait_for_text(browser, "Version 4")
     _close_side_panel(browser)
     _save(browser, servers["folder"], "mlflow-models.png")
+    browser.get(f"{servers['mlflow']}/#/models/shoprank/versions/3")  # the rejected challenger
+    _wait_for_text(browser, "REJECTED")
+    _close_side_panel(browser)
+    _save(browser, servers["folder"], "mlflow-version.png")
+
+
+def test_the_monitor_series_in_both_uis(browser, trained, servers, tmp_path):
+    """A champion trained before a shop's regime change, watched for five days."""
+    from mlflow import MlflowClient
+
+    from tasks.data.demo_data import generate_shop
+    from tests.test_monitor_flow import _shop_until
+
+    uri, _ = trained
+    api = servers["prefect_api"]
+    events, items = generate_shop(40_000, seed=3, shift_day=45)
+    past = _shop_until(events, items, 45, tmp_path / "past")
+    later = _shop_until(events, items, 50, tmp_path / "later")
+    env = {**os.environ, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": uri}
+    common = ["--format", "parquet", "--name", "watched", "--model-name", "shoprank-watched",
+              "--output-dir", str(tmp_path / "out")]
+    for argv, code in ((["train", "--data", str(past), "--no-ranker", "--no-transformer"], 0),
+                       (["monitor", "--data", str(later)], 3)):
+        done = subprocess.run([str(BIN / "shoprank"), *argv, *common], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == code, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("watched").experiment_id
+    [watch] = client.search_runs([experiment], "tags.`shoprank.monitor_of` = 'shoprank-watched/2'")
+    browser.set_window_size(1440, 1100)
+    browser.get(f"{servers['mlflow']}/#/experiments/{experiment}/runs/{watch.info.run_id}"
+                "/model-metrics")
+    _wait_for_text(browser, "Model metrics")
+    _close_side_panel(browser)
+    deadline = time.monotonic() + 60
+    while not browser.find_elements("css selector", "input[placeholder*='Search metric']"):
+        assert time.monotonic() < deadline, "no metric search box on the run page"
+        time.sleep(0.5)
+    browser.find_element("css selector", "input[placeholder*='Search metric']").send_keys(
+        "realised.ndcg")  # the realised quality charts
+    _wait_for_text(browser, "realised.ndcg_at_10")
+    time.sleep(2)  # the charts draw
+    _save(browser, servers["folder"], "mlflow-monitor.png")
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+        [run] = [r for r in prefect.read_flow_runs() if prefect.read_flow(r.flow_id).name
+                 == "monitor"]
+        [artifact] = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["monitor-shoprank-watched"])))
+    assert run.state.is_completed()
+    assert artifact.flow_run_id == run.id
+    browser.get(f"{api.removesuffix('/api')}/artifacts/artifact/{artifact.id}")
+    _wait_for_text(browser, "decay ndcg@10")
+    time.sleep(2)  # the plot draws
+    _save(browser, servers["folder"], "prefect-monitor.png")
