@@ -148,6 +148,7 @@ def test_mlflow_ui_shows_the_champion(browser, servers):
     _save(browser, servers["folder"], "mlflow-version.png")
 
 
+@pytest.mark.slow  # a train and a monitor run: `make test-release` runs it
 def test_the_monitor_series_in_both_uis(browser, trained, servers, tmp_path):
     """A champion trained before a shop's regime change, watched for five days."""
     from mlflow import MlflowClient
