@@ -21,7 +21,7 @@ from tasks.data.demo_data import generate_shop
 from tasks.release.registry import DECAYED
 from tests.test_release_loop import model_events
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def _shop_until(events: pl.DataFrame, items: pl.DataFrame, day: int, folder: Path) -> Path:
@@ -32,6 +32,7 @@ def _shop_until(events: pl.DataFrame, items: pl.DataFrame, day: int, folder: Pat
     return folder
 
 
+@pytest.mark.slow  # two trains and two monitor runs: `make test-release` runs it
 @pytest.mark.parametrize(("shift_day", "expected"), [(None, 0), (45, 3)])
 def test_monitor_flags_a_shifted_shop_and_not_an_unshifted_one(tmp_path, mlflow_store, capsys,
                                                                shift_day, expected):
@@ -58,3 +59,12 @@ def test_monitor_flags_a_shifted_shop_and_not_an_unshifted_one(tmp_path, mlflow_
     if expected:
         assert decayed[0].payload["decayed"]
     shutil.rmtree(tmp_path / "out")
+
+
+def test_monitor_without_a_champion_is_one_clear_paragraph(tmp_path, mlflow_store, capsys):
+    code = run(["monitor", "--model-name", "nothing", "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'nothing' has no champion" in err
+    assert "shoprank train" in err
+    assert "Traceback" not in err
