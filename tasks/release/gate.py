@@ -60,6 +60,7 @@ from tasks.release.registry import (
     get_version,
     load_version,
 )
+from tasks.release.sessions import between, window_sessions
 from tasks.splitting.split import Split
 
 logger = logging.getLogger(__name__)
@@ -126,28 +127,26 @@ def latency_ms(pyfunc: Any, requests: list[dict]) -> dict[str, float]:
             LATENCY: float(np.percentile(times, 99))}
 
 
-def live_sessions(split: Split, events: pl.DataFrame | None, exclude_seen: bool, k: int
+def test_window(split: Split, events: pl.DataFrame | None) -> pl.DataFrame | None:
+    """The test users' events of the test window, or None without a time split or events."""
+    if split.protocol != "time" or events is None or not split.info.get("t_test"):
+        return None
+    return between(events, split.info["t_test"]).join(
+        split.test_targets.select(USER).unique(), on=USER, how="semi")
+
+
+def live_sessions(split: Split, window: pl.DataFrame, exclude_seen: bool, k: int
                   ) -> tuple[pd.DataFrame, pl.DataFrame] | None:
-    """Live sessions on the test window: ``(requests, targets)``, or None without a time split.
+    """Live sessions on the test window: ``(requests, targets)``, or None without any.
 
     Each test user's first test-window event is its session (``recent_items``, as a shop front
     end sends it); its targets are its test targets among the items of its later test-window
-    events. Users with no later target are left out.
+    events (:func:`tasks.release.sessions.window_sessions`).
     """
-    t_test = parse_time(split.info.get("t_test")) if split.protocol == "time" else None
-    if t_test is None or events is None:
+    sessions, targets = window_sessions(window, split.test_targets)
+    if sessions.is_empty():
         return None
-    window = (events.filter(pl.col(TIMESTAMP) >= pl.lit(t_test).cast(events[TIMESTAMP].dtype))
-              .join(split.test_targets.select(USER).unique(), on=USER, how="semi")
-              .sort([USER, TIMESTAMP, ITEM])
-              .with_columns(pl.int_range(pl.len()).over(USER).alias("__n")))
-    later = window.filter(pl.col("__n") > 0).select(USER, ITEM).unique()
-    targets = split.test_targets.join(later, on=[USER, ITEM], how="semi")
-    first = window.filter(pl.col("__n") == 0).select(
-        USER, pl.concat_list(ITEM).alias("recent_items")).join(targets.select(USER).unique(),
-                                                               on=USER, how="semi").sort(USER)
-    if first.is_empty():
-        return None
+    first = sessions.select(USER, pl.concat_list(ITEM).alias("recent_items"))
     if exclude_seen:
         seen = split.test_history.group_by(USER).agg(pl.col(ITEM).unique().alias("exclude"))
         first = first.join(seen, on=USER, how="left")
@@ -155,8 +154,7 @@ def live_sessions(split: Split, events: pl.DataFrame | None, exclude_seen: bool,
     return pd.DataFrame({name: first[name].to_list() for name in first.columns}), targets
 
 
-def daily_sessions(pyfunc: Any, split: Split, events: pl.DataFrame, ks: list[int]
-                   ) -> dict[str, float]:
+def daily_sessions(pyfunc: Any, window: pl.DataFrame, ks: list[int]) -> dict[str, float]:
     """The test window scored as ``shoprank monitor`` scores the days after a release.
 
     Each day, each test user's first event of the day is its session and the rest of its day
@@ -166,13 +164,10 @@ def daily_sessions(pyfunc: Any, split: Split, events: pl.DataFrame, ks: list[int
     from tasks.monitoring.realised import realised_quality
     from tasks.monitoring.verdict import pooled
 
-    t_test = parse_time(split.info.get("t_test"))
-    window = (events.filter(pl.col(TIMESTAMP) >= pl.lit(t_test).cast(events[TIMESTAMP].dtype))
-              .join(split.test_targets.select(USER).unique(), on=USER, how="semi"))
     daily = realised_quality(pyfunc.predict, window, ks=ks)
-    names = [c for c in daily.columns if "@" in c]
-    return {f"daily.{name}": pooled(daily, name, daily.height)[0] for name in names
-            if daily.height and pooled(daily, name, daily.height)[0] is not None}
+    values = {name: pooled(daily, name, daily.height)[0] for name in daily.columns
+              if "@" in name}
+    return {f"daily.{name}": value for name, value in values.items() if value is not None}
 
 
 def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen: bool,
@@ -187,12 +182,13 @@ def measure(pyfunc: Any, split: Split, ks: list[int], n_items: int, exclude_seen
     recs = pl.from_pandas(pyfunc.predict(records))
     metrics = evaluate(recs, split.test_targets, ks=ks, n_items=n_items,
                        item_popularity=popularity)
-    live = live_sessions(split, events, exclude_seen, max(ks))
+    window = test_window(split, events)
+    live = None if window is None else live_sessions(split, window, exclude_seen, max(ks))
     if live is not None:
         answers = pl.from_pandas(pyfunc.predict(live[0]))
         metrics.update({f"live.{name}": value for name, value in evaluate(
             answers, live[1], ks=ks, n_items=n_items).items()})
-        metrics.update(daily_sessions(pyfunc, split, events, ks))
+        metrics.update(daily_sessions(pyfunc, window, ks))
     requests = request_mix(records, ks, policy.latency_requests)
     return {**metrics, **latency_ms(pyfunc, requests)}
 
@@ -256,13 +252,18 @@ def bundle_pyfunc(bundle: Path, split_dir: Path, family: str) -> Any:
     return mlflow.pyfunc.load_model(str(path))
 
 
-def version_recipe(client: MlflowClient, model_name: str, version: str) -> dict[str, Any] | None:
-    """The recipe a version was made with (tag ``shoprank.recipe``), or None without one."""
-    run_id, path = run_artifact(get_version(client, model_name, version).tags.get(RECIPE_TAG, ""))
+def recipe_at(client: MlflowClient, uri: str) -> dict[str, Any] | None:
+    """The recipe a ``runs:/RUN_ID/PATH`` URI names (None for an empty URI)."""
+    run_id, path = run_artifact(uri)
     if not run_id or not path:
         return None
     with tempfile.TemporaryDirectory(prefix="shoprank-recipe-") as tmp:
         return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+
+
+def version_recipe(client: MlflowClient, model_name: str, version: str) -> dict[str, Any] | None:
+    """The recipe a version was made with (tag ``shoprank.recipe``), or None without one."""
+    return recipe_at(client, get_version(client, model_name, version).tags.get(RECIPE_TAG, ""))
 
 
 def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:

@@ -27,13 +27,11 @@ completes every pending decision of the model (oldest first) before it decides a
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 from mlflow import MlflowClient
@@ -48,7 +46,7 @@ from tasks.release.gate import (
     fit_bundle,
     gate_split,
     parse_time,
-    run_artifact,
+    recipe_at,
     run_config,
 )
 from tasks.release.packaging import (
@@ -177,13 +175,6 @@ def find_release(client: MlflowClient, model_name: str, decision_id: str) -> str
     return str(min(int(v.version) for v in found)) if found else None
 
 
-def recipe_at(client: MlflowClient, uri: str) -> dict[str, Any]:
-    """The recipe a ``runs:/RUN_ID/PATH`` URI names."""
-    run_id, path = run_artifact(uri)
-    with tempfile.TemporaryDirectory(prefix="shoprank-recipe-") as tmp:
-        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
-
-
 def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str,
             split_dir: Path | None, work: Path, tracking_uri: str) -> str:
     """Register the planned recipe refitted on every event of the decided version's run.
@@ -194,8 +185,9 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
     name, evaluated = decision.model_name, decision.version
     source = get_version(client, name, evaluated)
     run_id, recipe = source.run_id, recipe_at(client, recipe_uri)
-    folder = gate_split(client, name, evaluated, split_dir, work)
+    folder = gate_split(client, name, evaluated, split_dir, work)  # downloaded once: the gate's
     events = pl.read_parquet(folder.parent / "events.parquet")
+    work = work / "release"
     shifted = work / "split"
     write_split(release_split(read_split(folder), events), shifted)
     if (folder.parent / "items.parquet").is_file():
@@ -354,11 +346,9 @@ def promote_version(
         if champion is not None and serves(client, model_name, champion, version):
             return Decision(model_name, version, "unchanged", "already the champion",
                             policy.primary_metric, policy.margin, champion_version=champion)
-        decision = judge(client, model_name, version, champion, split_dir, policy,
-                         work / "gate", force)
+        decision = judge(client, model_name, version, champion, split_dir, policy, work, force)
         kind, recipe = plan(client, model_name, version, champion, decision)
         write_pending(client, decision, kind, recipe)
-        decision = complete(client, model_name, version, tracking_uri, split_dir,
-                            work / "release")
+        decision = complete(client, model_name, version, tracking_uri, split_dir, work)
     logger.info("%s version %s %s: %s", model_name, version, decision.decision, decision.reason)
     return decision

@@ -27,25 +27,38 @@ from tasks.splitting.split import Split
 logger = logging.getLogger(__name__)
 
 
-def validation_sessions(split: Split, events: pl.DataFrame, users: pl.Series
-                        ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``(sessions, targets)`` of the validation window ``[t_valid, t_test)`` for ``users``.
+def window_sessions(window: pl.DataFrame, targets: pl.DataFrame
+                    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Live sessions of a window's events: ``(sessions, targets)``.
 
-    A session is the user's first validation-window event (``user_id, item_id``); its targets
-    are its validation targets among the items of its later events in the window.
+    A user's first event in ``window`` is its session (``user_id, item_id``); its targets are
+    its ``targets`` among the items of its later events in the window. Users with no later
+    target are left out of both.
     """
-    dtype = events[TIMESTAMP].dtype
-    bounds = [pl.lit(dt.datetime.fromisoformat(str(split.info[k]))).cast(dtype)
-              for k in ("t_valid", "t_test")]
-    window = (events.filter((pl.col(TIMESTAMP) >= bounds[0]) & (pl.col(TIMESTAMP) < bounds[1]))
-              .filter(pl.col(USER).is_in(users.implode()))
-              .sort([USER, TIMESTAMP, ITEM])
+    window = (window.sort([USER, TIMESTAMP, ITEM])
               .with_columns(pl.int_range(pl.len()).over(USER).alias("__n")))
     later = window.filter(pl.col("__n") > 0).select(USER, ITEM).unique()
-    targets = split.valid_targets.join(later, on=[USER, ITEM], how="semi")
+    targets = targets.join(later, on=[USER, ITEM], how="semi")
     sessions = (window.filter(pl.col("__n") == 0).select(USER, ITEM)
-                .join(targets.select(USER).unique(), on=USER, how="semi"))
+                .join(targets.select(USER).unique(), on=USER, how="semi").sort(USER))
     return sessions, targets
+
+
+def between(events: pl.DataFrame, start: Any, end: Any = None) -> pl.DataFrame:
+    """The events from ``start`` (an ISO 8601 time or datetime) up to ``end`` (excluded)."""
+    def moment(value: Any) -> pl.Expr:
+        return pl.lit(dt.datetime.fromisoformat(str(value))).cast(events[TIMESTAMP].dtype)
+
+    kept = events.filter(pl.col(TIMESTAMP) >= moment(start))
+    return kept if end is None else kept.filter(pl.col(TIMESTAMP) < moment(end))
+
+
+def validation_sessions(split: Split, events: pl.DataFrame, users: pl.Series
+                        ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`window_sessions` of the validation window ``[t_valid, t_test)`` for ``users``."""
+    window = between(events, split.info["t_valid"], split.info["t_test"])
+    return window_sessions(window.filter(pl.col(USER).is_in(users.implode())),
+                           split.valid_targets)
 
 
 def chosen_weight(split: Split, events_path: Path, model_dir: Path, metric: str,
