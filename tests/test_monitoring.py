@@ -11,7 +11,6 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from models.baselines import CoVisitation, Popularity
 from models.serving import ServingModel
 from tasks.data.demo_data import generate_shop
 from tasks.monitoring.drift import daily_drift, drift_checks, js_distance, price_distance
@@ -20,6 +19,7 @@ from tasks.monitoring.plot import plot_monitor
 from tasks.monitoring.realised import day_sessions, realised_quality
 from tasks.monitoring.settings import FLAGGED, OK, SKIPPED, CheckResult, MonitorSettings
 from tasks.monitoring.verdict import decay_check, verdict
+from tests.test_serving import covisitation_bundle
 
 UTC = dt.UTC
 DAY1, DAY2 = dt.datetime(2026, 1, 5, tzinfo=UTC), dt.datetime(2026, 1, 6, tzinfo=UTC)
@@ -149,15 +149,7 @@ def served(tmp_path_factory) -> tuple[ServingModel, pl.DataFrame, pl.DataFrame]:
     reference, new, _ = _split(*generate_shop(N_EVENTS, seed=1, n_days=N_DAYS))
     before, shifted, _ = _split(*shifted_shop(seed=1, behaviour=False))
     assert before.equals(reference)
-    root = tmp_path_factory.mktemp("champion")
-    covis = CoVisitation().fit(reference)
-    covis.save(root / "covisitation")
-    bundle = ServingModel.build(
-        root / "bundle", family="covisitation", model_dir=root / "covisitation",
-        trending=Popularity(window_days=7).fit(reference).popularity_,
-        neighbours=covis.neighbours_, users=reference["user_id"], items=reference["item_id"],
-        exclude_seen=False, max_k=50)
-    return ServingModel.load(bundle), new, shifted
+    return covisitation_bundle(reference, tmp_path_factory.mktemp("champion")), new, shifted
 
 
 def test_a_served_model_is_scored_each_day_and_the_session_helps(served):

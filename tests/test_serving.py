@@ -112,18 +112,22 @@ def post(url: str, body: bytes | dict) -> tuple[int, dict | str]:
 
 
 # ---------------------------------------------------------------- the pure serving logic
-@pytest.fixture(scope="module")
-def serving(tmp_path_factory, demo_shop_dir) -> ServingModel:
-    events = pl.read_parquet(demo_shop_dir / "events.parquet")
-    root = tmp_path_factory.mktemp("bundle")
+def covisitation_bundle(events: pl.DataFrame, root: Path, **settings: object) -> ServingModel:
+    """A co-visitation model fitted on ``events``, served from a bundle written under ``root``."""
     covis = CoVisitation().fit(events)
     covis.save(root / "covisitation")
     bundle = ServingModel.build(
         root / "bundle", family="covisitation", model_dir=root / "covisitation",
         trending=Popularity(window_days=7).fit(events).popularity_,
         neighbours=covis.neighbours_, users=events["user_id"], items=events["item_id"],
-        config={"seed": 1}, exclude_seen=False, max_k=50)
+        exclude_seen=False, max_k=50, **settings)
     return ServingModel.load(bundle)
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory, demo_shop_dir) -> ServingModel:
+    events = pl.read_parquet(demo_shop_dir / "events.parquet")
+    return covisitation_bundle(events, tmp_path_factory.mktemp("bundle"), config={"seed": 1})
 
 
 def _items(frame: pl.DataFrame, user: str) -> list[str]:
