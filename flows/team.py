@@ -141,6 +141,16 @@ class Team:
 
     # ---- Prefect and MLflow servers ----
 
+    def create_study_tables(self) -> None:
+        """Create Optuna's tables in ``optuna`` now, before workers open studies at once.
+
+        Two trainings opening their first study together would both create the tables, and
+        PostgreSQL refuses one of two concurrent ``CREATE TABLE`` of one name.
+        """
+        import optuna
+
+        optuna.storages.RDBStorage(self.url("optuna")).remove_session()
+
     def start_servers(self) -> None:
         """Start the Prefect and MLflow servers in their own process groups; wait for them."""
         logs = self.folder / "logs"
@@ -208,6 +218,7 @@ class Team:
     def up(self) -> Path:
         """Start everything; returns the env file to source."""
         self.start_postgres()
+        self.create_study_tables()
         self.start_servers()
         self.create_pool()
         path = self.folder / ENV_FILE

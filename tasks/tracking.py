@@ -49,7 +49,14 @@ def artifact_root(uri: str) -> str | None:
 
 
 def ensure_experiment(name: str, uri: str) -> str:
-    """Id of experiment ``name`` in the store at ``uri``, created if missing."""
+    """Id of experiment ``name`` in the store at ``uri``, created if missing.
+
+    Safe when raced: two runs of one shop starting together on a shared tracking server both
+    find no experiment; the one whose creation is refused reads the other's.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(name)
@@ -57,7 +64,13 @@ def ensure_experiment(name: str, uri: str) -> str:
         return found.experiment_id
     root = artifact_root(uri)
     location = f"{root}/{name}" if root else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        raced = client.get_experiment_by_name(name)
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or raced is None:
+            raise
+        return raced.experiment_id
 
 
 def fingerprint(paths: list[Path]) -> str:
@@ -139,8 +152,14 @@ def log_dataset(run_id: str, name: str, source: str, digest: str, context: str,
             return
     dataset = MetaDataset(dataset_source, name=name, digest=digest[:36])
     tag = InputTag(key="mlflow.data.context", value=context)
-    (client or MlflowClient()).log_inputs(
-        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [tag])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [tag])]
+    client = client or MlflowClient()
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException:  # another run recorded the same dataset at the same instant
+        logger.info("recording dataset %s as an input of run %s raced; retrying once", name,
+                    run_id)
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def metric_key(model: str, stage: str, metric: str) -> str:

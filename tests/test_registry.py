@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from flows.config import load_config
 from models.errors import ConfigError, ShoprankError
@@ -220,6 +221,44 @@ def test_no_password_of_a_storage_url_reaches_params_or_the_config_artifact(tmp_
     logged = Path(client.download_artifacts(run_id, "config.json", str(tmp_path)))
     assert "s3cret" not in logged.read_text()
     assert "s3cret" not in str(params)
+
+
+def test_two_runs_starting_together_share_the_experiment_and_the_dataset(tmp_path,
+                                                                          mlflow_store,
+                                                                          monkeypatch):
+    """Two trainings of one shop start at once: each finds no experiment and no dataset yet.
+
+    The other run's writes are forced between this one's read and write (a real store): the
+    refused creation reads the other's experiment, the refused dataset link is retried.
+    """
+    other = MlflowClient(mlflow_store)
+    read = MlflowClient.get_experiment_by_name
+    raced = []
+
+    def read_then_race(self, name):
+        if not raced:  # the first read: nothing yet, then the other run creates it
+            raced.append(other.create_experiment(name))
+            return None
+        return read(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", read_then_race)
+    assert tracking.ensure_experiment("demo", mlflow_store) == raced[0]
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", read)
+
+    run_id = other.create_run(raced[0]).info.run_id
+    log_inputs, refused = MlflowClient.log_inputs, []
+
+    def refuse_once(self, run, datasets=None, **kwargs):
+        if not refused:  # the other run wrote the same dataset row first (a 500 on a server)
+            refused.append(run)
+            raise MlflowException("duplicate key value violates unique constraint "
+                                  '"dataset_pk"')
+        return log_inputs(self, run, datasets=datasets, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", refuse_once)
+    tracking.log_dataset(run_id, "demo", str(tmp_path), "f" * 64, "training", other)
+    assert refused == [run_id]
+    assert [d.dataset.name for d in other.get_run(run_id).inputs.dataset_inputs] == ["demo"]
 
 
 def test_first_model_becomes_champion_and_better_one_replaces_it(tmp_path, mlflow_store,

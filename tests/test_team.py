@@ -76,8 +76,13 @@ def _wait(api: str, deployment: str, count: int, logs: list[Path], timeout_s: fl
         if len(ended) >= count and len(ended) == len(runs):
             return ended
         time.sleep(3)
-    tails = "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
-    pytest.fail(f"{deployment}: {count} runs did not end within {timeout_s:.0f} s\n{tails}")
+    pytest.fail(f"{deployment}: {count} runs did not end within {timeout_s:.0f} s\n"
+                f"{_tails(logs)}")
+
+
+def _tails(logs: list[Path]) -> str:
+    """The end of each worker's log (what a failed run printed)."""
+    return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
 
 
 def test_two_workers_train_at_once_and_the_release_needs_no_training_disk(team, tmp_path):
@@ -109,13 +114,13 @@ def test_two_workers_train_at_once_and_the_release_needs_no_training_disk(team, 
             for _ in range(2):
                 client.create_flow_run_from_deployment(train_id)
         trained = _wait(api, "train/train", 2, logs)
-        assert {run.state_type.value for run in trained} == {"COMPLETED"}, logs
+        assert {run.state_type.value for run in trained} == {"COMPLETED"}, _tails(logs)
 
         shutil.rmtree(outputs)  # the training machine's disk is gone before any promotion
         for _ in range(2):
             start_worker("release")
         promoted = _wait(api, "promote/promote", 2, logs)
-        assert {run.state_type.value for run in promoted} == {"COMPLETED"}
+        assert {run.state_type.value for run in promoted} == {"COMPLETED"}, _tails(logs)
         _wait(api, "recommend/recommend", 1, logs)
     finally:
         for worker in workers:
