@@ -23,7 +23,7 @@ from models.columns import (
     TIMESTAMP,
     USER,
 )
-from models.errors import ConfigError
+from models.errors import ConfigError, DataError
 from tasks.data.adapters import FORMATS, RawData, load_raw
 from tasks.data.formats import S3REC_BASE_TIME
 
@@ -370,16 +370,35 @@ def test_float_ids_with_nan_are_integer_ids_and_nulls_with_a_note(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pl.DataFrame({
-        "user_id": [7.0, float("nan"), 12.0, None], "item_id": [1.5, 2.0, float("nan"), 4.0],
+        "user_id": [7.0, float("nan"), 12.0, None], "item_id": [1.0, 2.0, float("nan"), 4.0],
         "event_type": ["view"] * 4, "timestamp": [utc(2024, 1, 1, h) for h in range(4)],
     }).write_parquet(tmp_path / "events.parquet")
     with caplog.at_level("INFO", logger="tasks"):
         raw = load_raw(tmp_path, "parquet")
     assert raw.events[USER].to_list() == ["7", None, "12", None]  # never "NaN" or "7.0"
-    assert raw.events[ITEM].to_list() == ["1.5", "2.0", None, "4.0"]  # not all whole: as given
+    assert raw.events[ITEM].to_list() == ["1", "2", None, "4"]
     assert "'user_id' of" in caplog.text
     assert "2 whole numbers read as integer ids" in caplog.text
     assert "2 missing (NaN or null) kept as null" in caplog.text
+
+
+@pytest.mark.parametrize(("dtype", "ids", "phrase"), [
+    (pl.Float64, [7.0, 7.5, 8.0, 1.25], "2 of 4 values that are not whole numbers, e.g. 7.5"),
+    (pl.Float32, [1.0, 20_000_000.0, 30_000_000.0, 2.0],
+     "2 of 4 values that are not exact in Float32 (beyond 2^24"),
+])
+def test_float_ids_that_are_not_whole_or_not_exact_are_refused(tmp_path: Path, dtype, ids,
+                                                                 phrase) -> None:
+    """1.5 is no id, and above 2^24 a Float32 id may be another id rounded: both refused."""
+    pl.DataFrame({
+        "user_id": pl.Series(ids, dtype=dtype), "item_id": ["a", "b", "c", "d"],
+        "event_type": ["view"] * 4, "timestamp": [utc(2024, 1, 1, h) for h in range(4)],
+    }).write_parquet(tmp_path / "events.parquet")
+    with pytest.raises(DataError) as refused:
+        load_raw(tmp_path, "parquet")
+    assert "Column 'user_id' of" in str(refused.value)
+    assert phrase in str(refused.value)
+    assert "text" in str(refused.value)  # the fix
 
 
 def test_catalogue_drops_exact_copies_and_keeps_conflicting_rows(

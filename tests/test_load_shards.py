@@ -167,3 +167,24 @@ def test_both_loaders_name_a_shop_as_the_config_does(
         assert local.name == sharded.name == name_of(copy, "taobao")
         names.append(local.name)
     assert names[0] != names[1]
+
+
+def test_a_user_has_one_id_across_files_whatever_their_number_types(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    """``7.0`` in a float file and ``7`` in an integer file are one user, ``"7"``."""
+    source = tmp_path / "shop" / "events"
+    source.mkdir(parents=True)
+    times = pl.datetime_range(pl.datetime(2024, 1, 1), pl.datetime(2024, 1, 1, 3), "1h",
+                              eager=True, time_zone="UTC")
+    for name, ids in (("a.parquet", pl.Series([7.0, 8.0, 7.0, 8.0])),
+                      ("b.parquet", pl.Series([7, 9, 7, 9]))):
+        pl.DataFrame({"user_id": ids, "item_id": ["i1", "i2", "i3", "i4"],
+                      "event_type": ["view"] * 4, "timestamp": times}).write_parquet(
+            source / name)
+
+    data = load_flow(source.parent, "parquet", tmp_path / "runs" / "one", 2)
+
+    events = assert_partitioned(data)
+    assert sorted(events["user_id"].unique()) == ["7", "8", "9"]
+    assert events.filter(pl.col("user_id") == "7").height == 4

@@ -54,14 +54,28 @@ def to_id(values: pl.Series, source: str = "") -> pl.Series:
     """Return ids as text; NaN and null are missing (null), never an id.
 
     Whole-number floats (ids read through a float column, often because of missing values) are
-    written as integers, ``7.0`` as ``"7"``, with a logged note.
+    written as integers, ``7.0`` as ``"7"``, with a logged note, in every file alike (one user
+    is never ``"7"`` in one file and ``"7.0"`` in another).
+
+    Raises:
+        DataError: A float id is not a whole number, or lies beyond the integers its float type
+            holds exactly (2^24 for Float32, 2^53 for Float64), where distinct ids merge.
     """
     if not values.dtype.is_float():
         return values.cast(pl.String)
     values = values.fill_nan(None)
     present = values.drop_nulls()
-    if not (present % 1 == 0).all():
-        return values.cast(pl.String)
+    fractional = present.filter(present % 1 != 0)
+    if fractional.len():
+        raise _bad_values(source or "the table", fractional, values.len(), "whole numbers",
+                          "An id read as a number must be a whole number: write the ids as "
+                          "text (or integers) if they have decimals.")
+    bits = 24 if values.dtype == pl.Float32 else 53
+    lossy = present.filter(present.abs() > 2**bits)
+    if lossy.len():
+        raise _bad_values(source or "the table", lossy, values.len(),
+                          f"exact in {values.dtype} (beyond 2^{bits} distinct ids round to one "
+                          "value)", "Write the ids as integers or text, not floats.")
     logger.info("column '%s' of %s holds ids as %s: %s whole numbers read as integer ids "
                 "(7.0 as '7'), %s missing (NaN or null) kept as null", values.name,
                 source or "the table", values.dtype, f"{present.len():,}",
