@@ -50,7 +50,9 @@ def served_ndcg(client: Any, name: str, day_events: pl.DataFrame, cache: dict) -
         cache[(name, version)] = load_version(client, name, version)
     daily = realised_quality(cache[(name, version)].predict, day_events, ks=[10, 20])
     row = daily.row(0, named=True) if daily.height else {"users": 0, "ndcg@10": float("nan")}
-    return {"champion": version, "users": row["users"], "ndcg@10": row["ndcg@10"]}
+    family = client.get_model_version(name, version).tags.get("model.family")
+    return {"champion": version, "family": family, "users": row["users"],
+            "ndcg@10": row["ndcg@10"]}
 
 
 def simulate(policy: str, args: Any, events: pl.DataFrame, items: pl.DataFrame) -> list[dict]:
@@ -81,7 +83,8 @@ def simulate(policy: str, args: Any, events: pl.DataFrame, items: pl.DataFrame) 
         due = policy in ("cron", "both") and (day + 1 - args.start) % args.every == 0
         row.update(flagged=flagged, retrained=flagged or due)
         if row["retrained"]:
-            train(load_config(None, data__path=str(seen), **common))
+            release = train(load_config(None, data__path=str(seen), **common))["release"] or {}
+            row.update(decision=release.get("decision"), reason=release.get("reason"))
         print(row, flush=True)  # noqa: T201
         rows.append(row)
     return rows
@@ -107,6 +110,7 @@ def summary(rows: list[dict], shift_day: int) -> list[dict]:
 def plot(rows: list[dict], shift_day: int, path: Path) -> Path:
     """Realised NDCG@10 per day of each policy, retrainings marked, the shift day drawn."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     frame = pl.DataFrame(rows)
     figure = Figure(figsize=(9, 4.5), dpi=110)
@@ -117,6 +121,7 @@ def plot(rows: list[dict], shift_day: int, path: Path) -> Path:
         again = mine.filter(pl.col("retrained"))
         ax.scatter(again["day"], again["ndcg@10"], marker="v", s=50, color=line.get_color())
     ax.axvline(shift_day, color="grey", linestyle="--", label=f"shift (day {shift_day})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("day (retraining at the end of a day marked ▼)")
     ax.set_ylabel("realised NDCG@10 (live sessions)")
     ax.set_title("Retraining policies on a shop that changes on day "
