@@ -21,11 +21,20 @@ Over all evaluated users' top-``K`` lists:
 * ``novelty@K``: mean of ``-log2(p(item))`` over recommended (user, item) pairs, ``p`` the item's
   share of the interaction counts in ``item_popularity`` (an item missing there counts 1).
 
+On cold targets (given ``item_popularity``), for each ``N`` in :data:`COLD_THRESHOLDS`:
+
+* ``cold<N>.ndcg@K``, ``cold<N>.recall@K``: the same formulas with ``T`` the user's targets whose
+  item has at most ``N`` interactions in ``item_popularity`` (an item missing there has 0), the
+  same recommendation list, averaged over the users with at least one such target;
+* ``cold<N>.users``: the number of those users. When it is 0 the two metrics are left out (not
+  NaN, which MLflow and the tables would carry badly, nor 0, which reads as a model that fails).
+
 With one target per user (leave-one-out) recall, plain recall and hit rate coincide.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -37,6 +46,9 @@ from models.errors import ConfigError, DataError, require_columns
 COUNT = "count"
 _INFO = "__information"  # a recommended item's self-information, for novelty
 ACCURACY_METRICS: tuple[str, ...] = ("ndcg", "recall", "recall_plain", "hitrate", "map", "mrr")
+COLD_THRESHOLDS: tuple[int, ...] = (0, 5)  # a cold target's item has at most N events
+COLD_METRICS: tuple[str, ...] = ("ndcg", "recall")
+_COLD_KEY = re.compile(r"cold(\d+)\.(.+)")  # cold5.ndcg@10 -> 5, ndcg@10
 
 
 def _check_inputs(recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int]) -> None:
@@ -84,6 +96,11 @@ def per_user_metrics(
         per user of ``targets``, sorted by user.
     """
     _check_inputs(recs, targets, ks)
+    return _per_user(recs, targets, ks)
+
+
+def _per_user(recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int]) -> pl.DataFrame:
+    """:func:`per_user_metrics` on inputs already checked."""
     k_max = max(ks)
     targets = targets.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String)).unique()
     users = targets.group_by(USER).agg(pl.len().alias("n_targets")).sort(USER)
@@ -139,10 +156,12 @@ def evaluate(
         targets: ``user_id, item_id``.
         ks: Cut-offs.
         n_items: Catalogue size for ``coverage@K``; without it coverage is left out.
-        item_popularity: ``item_id, count`` for ``novelty@K``; without it novelty is left out.
+        item_popularity: ``item_id, count`` (interactions per item in the fitted history) for
+            ``novelty@K`` and the ``cold<N>.*`` metrics; without it those are left out.
 
     Returns:
-        Flat ``{"ndcg@10": ..., "recall@10": ..., ..., "users": n}``.
+        Flat ``{"ndcg@10": ..., "recall@10": ..., ..., "users": n}``, then with
+        ``item_popularity`` ``{"cold0.ndcg@10": ..., ..., "cold0.users": m, "cold5.ndcg@10": ...}``.
     """
     return merge_partials([partial_metrics(recs, targets, ks, item_popularity)], n_items)
 
@@ -159,7 +178,8 @@ def partial_metrics(
     must be the same (whole-history) table for every part.
     """
     per_user = per_user_metrics(recs, targets, ks)
-    part: dict[str, object] = {"users": per_user.height, "sums": {}, "items": {}, "novelty": {}}
+    part: dict[str, object] = {"users": per_user.height, "sums": {}, "items": {}, "novelty": {},
+                               "cold": {}}
     for k in sorted(set(ks)):
         for metric in ACCURACY_METRICS:
             part["sums"][f"{metric}@{k}"] = float(per_user[f"{metric}@{k}"].sum())
@@ -173,7 +193,31 @@ def partial_metrics(
         part["items"][k] = top_k[ITEM].unique()
         if item_popularity is not None:
             part["novelty"][k] = (float(top_k[_INFO].sum()), top_k.height)
+    if item_popularity is not None:
+        part["cold"] = _cold_sums(recs, targets, ks, item_popularity)
     return part
+
+
+def _cold_sums(
+    recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int], item_popularity: pl.DataFrame
+) -> dict[int, dict[str, object]]:
+    """Per threshold ``N``: the users with a cold target and their summed cold metrics."""
+    require_columns(item_popularity.columns, (ITEM, COUNT), "item_popularity")
+    targets = targets.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String))
+    recs = recs.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String), RANK)
+    # only the targets' items are looked up: the table is the whole catalogue
+    counts = item_popularity.select(pl.col(ITEM).cast(pl.String), COUNT).join(
+        targets.select(ITEM).unique(), on=ITEM, how="semi"
+    )
+    cold: dict[int, dict[str, object]] = {}
+    for n in COLD_THRESHOLDS:
+        cold_targets = targets.join(counts.filter(pl.col(COUNT) > n), on=ITEM, how="anti")
+        cold_recs = recs.join(cold_targets.select(USER), on=USER, how="semi")
+        per_user = _per_user(cold_recs, cold_targets, ks)
+        sums = {f"{metric}@{k}": float(per_user[f"{metric}@{k}"].sum())
+                for k in sorted(set(ks)) for metric in COLD_METRICS}
+        cold[n] = {"users": per_user.height, "sums": sums}
+    return cold
 
 
 def merge_partials(parts: Sequence[Mapping[str, object]], n_items: int | None = None
@@ -194,6 +238,19 @@ def merge_partials(parts: Sequence[Mapping[str, object]], n_items: int | None = 
             count = sum(p["novelty"][k][1] for p in parts)
             result[f"novelty@{k}"] = total / count if count else 0.0
     result["users"] = float(users)
+    if parts and all(p.get("cold") for p in parts):
+        result.update(_merge_cold(parts))
+    return result
+
+
+def _merge_cold(parts: Sequence[Mapping[str, object]]) -> dict[str, float]:
+    """The ``cold<N>.*`` metrics: sums over the parts divided by their cold users."""
+    result: dict[str, float] = {}
+    for n in parts[0]["cold"]:
+        users = sum(int(p["cold"][n]["users"]) for p in parts)
+        for key in parts[0]["cold"][n]["sums"] if users else ():
+            result[f"cold{n}.{key}"] = sum(p["cold"][n]["sums"][key] for p in parts) / users
+        result[f"cold{n}.users"] = float(users)
     return result
 
 
@@ -224,8 +281,9 @@ def metrics_table(
     Args:
         results: ``{model name: evaluate(...) output}``.
         digits: Decimals shown.
-        metrics: Columns to show, in order; default every key seen, in first-seen order with
-            ``users`` last.
+        metrics: Columns to show, in order; default every key seen except the ``cold<N>.*``
+            ones (:func:`cold_metrics_table` shows those), in first-seen order with ``users``
+            last.
 
     Returns:
         The table as a markdown string (empty cells for metrics a model lacks).
@@ -233,7 +291,7 @@ def metrics_table(
     if not metrics:
         seen: dict[str, None] = {}
         for values in results.values():
-            seen.update(dict.fromkeys(values))
+            seen.update(dict.fromkeys(m for m in values if not _COLD_KEY.fullmatch(m)))
         metrics = [m for m in seen if m != "users"] + (["users"] if "users" in seen else [])
     lines = [
         "| model | " + " | ".join(metrics) + " |",
@@ -243,6 +301,25 @@ def metrics_table(
         cells = [_format(values.get(m), digits, m == "users") for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cold_metrics_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
+    """The ``cold<N>.*`` metrics as a markdown table of their own, one row per model and ``N``.
+
+    Args:
+        results: ``{model name: evaluate(...) output}``.
+        digits: Decimals shown.
+
+    Returns:
+        Rows ``model (item events <= N)`` with columns ``ndcg@K``, ``recall@K`` and ``users`` (the
+        users with a cold target); an empty string when no model has cold metrics.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    for name, values in results.items():
+        for key, value in values.items():
+            if match := _COLD_KEY.fullmatch(key):
+                rows.setdefault(f"{name} (item events <= {match[1]})", {})[match[2]] = value
+    return metrics_table(rows, digits) if rows else ""
 
 
 def _format(value: float | None, digits: int, integer: bool) -> str:

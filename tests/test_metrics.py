@@ -8,7 +8,15 @@ import polars as pl
 import pytest
 
 from models.errors import ConfigError, DataError, MissingColumnsError
-from models.metrics import evaluate, metrics_table, per_user_metrics
+from models.metrics import (
+    COLD_THRESHOLDS,
+    cold_metrics_table,
+    evaluate,
+    merge_partials,
+    metrics_table,
+    partial_metrics,
+    per_user_metrics,
+)
 
 KS = (2, 4)
 
@@ -141,6 +149,115 @@ def test_metrics_table_is_markdown() -> None:
     assert lines[0] == "| model | ndcg@10 | users |"
     assert lines[2] == "| pop | 0.1235 | 3 |"
     assert lines[3] == "| cov | 0.5000 |  |"
+
+
+# cold targets: "w" has 10 events (warm), "c5" 3 (cold for N=5 only), "n" and "n2" none (cold
+# for N=0 too: absent from the popularity table)
+# u1: targets {w, n},     list w x n y -> cold n at rank 3
+# u2: targets {c5, n2, w}, list c5 w p q -> cold c5 at rank 1, n2 missed
+# u3: target {w},         list w       -> no cold target, not a cold user
+COLD_RECS = _recs({"u1": ["w", "x", "n", "y"], "u2": ["c5", "w", "p", "q"], "u3": ["w"]})
+COLD_TARGETS = _targets({"u1": ["w", "n"], "u2": ["c5", "n2", "w"], "u3": ["w"]})
+COLD_POPULARITY = pl.DataFrame({"item_id": ["w", "c5", "x"], "count": [10, 3, 1]})
+
+
+def test_hand_computed_cold_metrics() -> None:
+    got = evaluate(COLD_RECS, COLD_TARGETS, ks=KS, item_popularity=COLD_POPULARITY)
+    # N=0: u1 {n}, u2 {n2} (absent items count 0); u3 has none
+    assert got["cold0.users"] == 2
+    # u1 @2 misses n; @4 hit at 3 -> 1/log2(4) = 0.5 over ideal 1, recall 1/min(4,1) = 1
+    assert got["cold0.ndcg@2"] == 0.0
+    assert got["cold0.recall@2"] == 0.0
+    assert got["cold0.ndcg@4"] == pytest.approx((0.5 + 0.0) / 2)
+    assert got["cold0.recall@4"] == pytest.approx((1.0 + 0.0) / 2)
+    # N=5: u1 {n}, u2 {c5, n2}; u2 hit at 1 over ideal min(K,2)=2 hits, recall 1/min(K,2)
+    u2_ndcg = 1 / (1 / L2 + 1 / L3)  # 0.61315 at both K
+    assert got["cold5.users"] == 2
+    assert got["cold5.ndcg@2"] == pytest.approx((0.0 + u2_ndcg) / 2)
+    assert got["cold5.recall@2"] == pytest.approx((0.0 + 0.5) / 2)
+    assert got["cold5.ndcg@4"] == pytest.approx((0.5 + u2_ndcg) / 2)
+    assert got["cold5.recall@4"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_cold_metrics_add_keys_and_change_none() -> None:
+    plain = evaluate(COLD_RECS, COLD_TARGETS, ks=KS, n_items=10)
+    assert not any(key.startswith("cold") for key in plain)
+    got = evaluate(COLD_RECS, COLD_TARGETS, ks=KS, n_items=10, item_popularity=COLD_POPULARITY)
+    cold = {f"cold{n}.{metric}@{k}" for n in COLD_THRESHOLDS for metric in ("ndcg", "recall")
+            for k in KS} | {f"cold{n}.users" for n in COLD_THRESHOLDS}
+    novelty = {f"novelty@{k}" for k in KS}
+    assert set(got) == set(plain) | novelty | cold
+    assert {key: got[key] for key in plain} == plain
+    assert [key for key in got if key in plain] == list(plain)  # in the same order
+
+
+def test_cold_metrics_left_out_without_cold_users() -> None:
+    warm = pl.DataFrame({"item_id": ["w", "c5", "n", "n2"], "count": [10, 10, 10, 10]})
+    got = evaluate(COLD_RECS, COLD_TARGETS, ks=KS, item_popularity=warm)
+    assert got["cold0.users"] == 0
+    assert got["cold5.users"] == 0
+    assert not any(key.startswith("cold") and not key.endswith(".users") for key in got)
+
+
+def test_cold_metrics_of_perfect_and_missed_lists() -> None:
+    targets = _targets({"u1": ["new"], "u2": ["old"]})
+    popularity = pl.DataFrame({"item_id": ["old"], "count": [50]})
+    perfect = evaluate(_recs({"u1": ["new"], "u2": ["x"]}), targets, ks=(1,),
+                       item_popularity=popularity)
+    assert perfect["cold0.ndcg@1"] == 1.0
+    assert perfect["cold0.recall@1"] == 1.0
+    assert perfect["ndcg@1"] == 0.5
+    missed = evaluate(_recs({"u1": ["x"], "u2": ["old"]}), targets, ks=(1,),
+                      item_popularity=popularity)
+    assert missed["cold5.ndcg@1"] == 0.0
+    assert missed["cold5.users"] == 1
+
+
+def test_merged_partials_equal_the_whole() -> None:
+    recs, targets = _random_case(3)
+    rng = np.random.default_rng(3)
+    # items i0..i49 get 0..9 events (i50.. are absent: 0 events)
+    popularity = pl.DataFrame({"item_id": [f"i{i}" for i in range(50)],
+                               "count": rng.integers(0, 10, 50)})
+    ks = (5, 10)
+    whole = evaluate(recs, targets, ks=ks, n_items=60, item_popularity=popularity)
+    assert whole["cold0.users"] > 0
+    assert whole["cold5.users"] > whole["cold0.users"]
+    users = targets["user_id"].unique().sort()
+    halves = (users[:100], users[100:])
+    parts = [partial_metrics(recs.filter(pl.col("user_id").is_in(half.implode())),
+                             targets.filter(pl.col("user_id").is_in(half.implode())), ks,
+                             popularity)
+             for half in halves]
+    merged = merge_partials(parts, n_items=60)
+    assert merged.keys() == whole.keys()
+    for key, value in whole.items():
+        assert merged[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_merge_counts_a_part_without_cold_users() -> None:
+    popularity = pl.DataFrame({"item_id": ["w", "c5", "n", "n2"], "count": [10, 3, 10, 10]})
+    whole = evaluate(COLD_RECS, COLD_TARGETS, ks=KS, item_popularity=popularity)
+    parts = [partial_metrics(COLD_RECS.filter(pl.col("user_id") == user),
+                             COLD_TARGETS.filter(pl.col("user_id") == user), KS, popularity)
+             for user in ("u1", "u2", "u3")]
+    assert [part["cold"][5]["users"] for part in parts] == [0, 1, 0]
+    assert merge_partials(parts) == pytest.approx(whole)
+    assert whole["cold5.ndcg@2"] == 1.0  # u2's only cold target, c5, at rank 1
+    assert "cold0.ndcg@2" not in whole
+
+
+def test_cold_metrics_get_their_own_table() -> None:
+    results = {"pop": {"ndcg@10": 0.5, "users": 3.0, "cold0.ndcg@10": 0.125,
+                       "cold0.recall@10": 0.25, "cold0.users": 2.0, "cold5.users": 0.0},
+               "plain": {"ndcg@10": 0.25, "users": 3.0}}
+    assert metrics_table(results).splitlines()[0] == "| model | ndcg@10 | users |"
+    lines = cold_metrics_table(results).splitlines()
+    assert lines[0] == "| model | ndcg@10 | recall@10 | users |"
+    assert lines[2] == "| pop (item events <= 0) | 0.1250 | 0.2500 | 2 |"
+    assert lines[3] == "| pop (item events <= 5) |  |  | 0 |"
+    assert len(lines) == 4
+    assert cold_metrics_table({"plain": results["plain"]}) == ""
 
 
 def _random_case(seed: int, n_users: int = 300, n_items: int = 60, depth: int = 25):
