@@ -138,6 +138,18 @@ class BaselineConfig(_Strict):
     recent_days: float = Field(7.0, gt=0, description="Window of the recent-popularity baseline.")
 
 
+class ContentConfig(_Strict):
+    """Item understanding from the catalogue's text (titles, descriptions, categories, brands)."""
+
+    enabled: bool = Field(
+        True, description="Encode the catalogue's text into item vectors (cached by content) "
+        "and report the content model: the nearest items of a user's recent items, the one "
+        "model that can recommend items with no events. Off without an items table.")
+    encoder: str = Field(
+        "wordllama", description="'wordllama' (weights inside the package, nothing "
+        "downloaded) or 'sentence-transformers:<folder>' (a saved model on disk).")
+
+
 class RegistryConfig(_Strict):
     """How the best model is registered and when it replaces the champion."""
 
@@ -270,6 +282,7 @@ class TrainConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    content: ContentConfig = Field(default_factory=ContentConfig)
     ranker: LGBMConfig = Field(default_factory=LGBMConfig)
     transformer: TransformerFlowConfig = Field(default_factory=TransformerFlowConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

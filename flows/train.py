@@ -22,6 +22,7 @@ from flows.promote import release_best_model
 from flows.serve import default_workers
 from models.seed import seed_everything
 from tasks import tracking
+from tasks.data.item_vectors import CACHE_FOLDER, item_vectors
 from tasks.data.load_shards import load_sharded
 from tasks.data.prepare import (
     DataPaths,
@@ -174,10 +175,15 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
     client.log_param(run_id, "resolved.exclude_seen", exclude_seen)
     n_items = catalogue_size(data)
     selection = config.evaluation.selection(config.seed)
+    vectors = None
+    if config.content.enabled:
+        vectors = item_vectors(data.items, config.content.encoder,
+                               workdir.parents[1] / CACHE_FOLDER, run_id, uri)
     seed_everything(config.seed)
     scores = evaluate_baselines(
         split.folder, config.evaluation.ks, n_items, exclude_seen,
         config.baselines.recent_days, workdir / "models", run_id, selection,
+        vectors, config.content.encoder,
     )
     transformer = None
     sequence_config = config.transformer.settings(config.seed)

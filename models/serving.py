@@ -58,6 +58,7 @@ FAMILIES: dict[str, type | str] = {
     "covisitation": "models.covisitation:CoVisitation",
     "buy_again": "models.baselines:BuyAgain",
     "transformer": "models.transformer:SequentialTransformer",
+    "content": "models.content:ContentNeighbours",
 }
 """Model family name -> class with ``load(path)`` and ``recommend(users, k, exclude_seen)``
 (a class, or ``"module:Class"`` imported on first use)."""

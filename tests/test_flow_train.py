@@ -25,10 +25,15 @@ def test_train_tunes_the_lgbm_ranker_beside_the_baselines(tmp_path, mlflow_store
                      ranker__enabled=True, ranker__n_trials=2,
                      ranker__storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     result = train(config)
-    assert set(result["scores"]) == {*BASELINES, "lgbm_ranker"}
+    assert set(result["scores"]) == {*BASELINES, "content", "lgbm_ranker"}
     client = MlflowClient(mlflow_store)
-    metrics = client.get_run(result["run_id"]).data.metrics
+    run = client.get_run(result["run_id"])
+    metrics = run.data.metrics
     assert "lgbm_ranker.test.ndcg_at_10" in metrics
+    # the catalogue's item vectors: encoded once, logged with the encoder's name
+    assert run.data.params["content.encoder_name"].startswith("wordllama-")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "item_vectors")]
+    assert len(list((tmp_path / "outputs" / "item-vectors").glob("*.parquet"))) == 1
     assert any(key.startswith("lgbm_ranker.candidates.test.recall") for key in metrics)
     trials = client.search_runs(
         [result["experiment_id"]], f"tags.mlflow.parentRunId = '{result['run_id']}'")
@@ -50,7 +55,7 @@ def test_train_tunes_the_transformer_and_feeds_its_candidates_to_the_ranker(
                      ranker__extra={"num_boost_round": 30, "extra_windows": 1},
                      registry__families=["transformer"], registry__latency_requests=20)
     result = train(config)
-    assert set(result["scores"]) == {*BASELINES, "transformer", "lgbm_ranker"}
+    assert set(result["scores"]) == {*BASELINES, "content", "transformer", "lgbm_ranker"}
     # every family is selected on the same validation users (the selection holdout)
     selected = {name: stages["valid"]["users"] for name, stages in result["scores"].items()}
     assert len(set(selected.values())) == 1, selected

@@ -12,13 +12,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from models.baselines import baseline_factories
 from models.columns import ITEM, USER
-from models.metrics import evaluate, metrics_table
+from models.content import ContentNeighbours
+from models.metrics import cold_metrics_table, evaluate, metrics_table
 from models.session_blend import save_valid_lists
 from tasks import tracking
 from tasks.data.prepare import read_split
 from tasks.ranking.reranker import RankerConfig
 from tasks.release.recipes import (
     baseline_recipe,
+    content_recipe,
     ranker_recipe,
     read_recipe,
     transformer_recipe,
@@ -69,22 +71,30 @@ def score_model(
 def evaluate_baselines(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
     model_dir: Path, run_id: str | None, selection: Selection | None = None,
+    vectors: Path | None = None, encoder: str | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Fit, score and save every baseline; log each metric per model, stage and K.
 
     ``valid`` metrics are on the users of ``selection`` (default: every validation user);
     their lists are saved beside each model (:data:`models.session_blend.VALID_LISTS`).
+    With the catalogue's item ``vectors`` (made by ``encoder``), the content model too.
     """
     logger = get_run_logger()
     split = read_split(split_dir)
     selection = selection or Selection()
     selection.check(selection.targets(split)[USER].n_unique())
     scores: dict[str, dict[str, dict[str, float]]] = {}
-    for name, factory in baseline_factories(recent_days).items():
+    factories = {name: (factory, baseline_recipe(name, recent_days, exclude_seen))
+                 for name, factory in baseline_factories(recent_days).items()}
+    if vectors is not None and encoder is not None:
+        table = pl.read_parquet(vectors)
+        factories["content"] = (lambda: ContentNeighbours().with_vectors(table),
+                                content_recipe(encoder, exclude_seen))
+    for name, (factory, recipe) in factories.items():
         scores[name], model = score_model(factory, split, ks, n_items, exclude_seen, selection,
                                           lists_dir=model_dir / name)
         model.save(model_dir / name)
-        write_recipe(model_dir / name, baseline_recipe(name, recent_days, exclude_seen))
+        write_recipe(model_dir / name, recipe)
         logger.info("%s: test %s", name, _brief(scores[name]["test"], ks))
         if run_id:
             for stage, metrics in scores[name].items():
@@ -158,12 +168,20 @@ def evaluate_lgbm_ranker(
 def report_metrics(
     scores: dict[str, dict[str, dict[str, float]]], protocol: str, run_id: str | None
 ) -> str:
-    """Publish the test metrics table as a Prefect artifact and an MLflow artifact."""
-    table = metrics_table({name: stages["test"] for name, stages in scores.items()})
+    """Publish the metrics tables as a Prefect artifact and an MLflow artifact.
+
+    The test metrics on cold targets (:func:`models.metrics.cold_metrics_table`) get their own
+    table after the test one, when the models have them.
+    """
+    test = {name: stages["test"] for name, stages in scores.items()}
     valid = metrics_table({name: stages["valid"] for name, stages in scores.items()})
-    markdown = (
-        f"## Test metrics ({protocol})\n\n{table}\n\n## Validation metrics\n\n{valid}\n"
-    )
+    markdown = f"## Test metrics ({protocol})\n\n{metrics_table(test)}\n\n"
+    if cold := cold_metrics_table(test):
+        markdown += (
+            "## Test metrics on cold targets\n\nTargets whose item had at most N events in the "
+            f"history the model was fitted on; users: those with such a target.\n\n{cold}\n\n"
+        )
+    markdown += f"## Validation metrics\n\n{valid}\n"
     create_markdown_artifact(markdown, key="metrics", description="Metrics per model")
     if run_id:
         tracking.log_text(run_id, markdown, "metrics.md")

@@ -55,6 +55,11 @@ def baseline_recipe(family: str, recent_days: float, exclude_seen: bool) -> dict
     return {"family": family, "recent_days": recent_days, "exclude_seen": exclude_seen}
 
 
+def content_recipe(encoder: str, exclude_seen: bool) -> dict[str, Any]:
+    """The recipe of the content neighbours: the encoder that turns the catalogue into vectors."""
+    return {"family": "content", "encoder": encoder, "exclude_seen": exclude_seen}
+
+
 def transformer_recipe(config: Any, result: dict[str, Any]) -> dict[str, Any]:
     """The recipe of the tuned transformer (its config and best trial)."""
     return {"family": "transformer", "config": config.model_dump(mode="json"),
@@ -86,12 +91,25 @@ def fit_recipe(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None,
         _fit_transformer(recipe, history, items).save(out)
     elif family in baseline_factories(7.0):
         baseline_factories(recipe.get("recent_days", 7.0))[family]().fit(history).save(out)
+    elif family == "content":
+        _fit_content(recipe, history, items).save(out)
     else:
         raise ConfigError(f"recipe of unknown family {family!r}: expected lgbm_ranker, "
-                          f"transformer or one of {', '.join(baseline_factories(7.0))}.")
+                          f"transformer, content or one of {', '.join(baseline_factories(7.0))}.")
     write_recipe(out, recipe)
     logger.info("%s refitted from its recipe on %d events", family, history.height)
     return Path(out)
+
+
+def _fit_content(recipe: dict[str, Any], history: pl.DataFrame,
+                 items: pl.DataFrame | None) -> Any:
+    from models.content import ContentNeighbours
+    from models.item_text import encode_items, encoder_from_spec
+
+    if items is None:
+        raise ConfigError("the content recipe needs the catalogue (items.parquet) to encode.")
+    vectors = encode_items(items, encoder_from_spec(recipe["encoder"]))
+    return ContentNeighbours().with_vectors(vectors).fit(history)
 
 
 def _fit_transformer(recipe: dict[str, Any], history: pl.DataFrame,

@@ -1,0 +1,131 @@
+"""Item vectors from the catalogue's text, their cache, and the content model that uses them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from models.columns import ATTRIBUTES, BRAND, CATEGORY, EVENT_TYPE, ITEM, TIMESTAMP, TITLE, USER
+from models.content import ContentNeighbours
+from models.errors import ConfigError, DataError
+from models.item_text import (
+    VECTOR,
+    WordLlamaEncoder,
+    check_vectors,
+    encode_items,
+    encoder_from_spec,
+    item_texts,
+)
+from tasks.data.item_vectors import cached_vectors
+
+CATALOGUE = pl.DataFrame({
+    ITEM: ["sweater", "jumper", "hose", "shirt", "new-jumper"],
+    TITLE: ["red wool sweater", "crimson woolen jumper", "garden hose 20 m",
+            "blue cotton shirt", "warm wool jumper"],
+    CATEGORY: ["fashion/knitwear", "fashion/knitwear", "garden/tools", "fashion/shirts",
+               "fashion/knitwear"],
+    BRAND: ["Tika", "Ruka", "Hoza", "Tika", "Ruka"],
+})
+
+
+@pytest.fixture(scope="module")
+def encoder() -> WordLlamaEncoder:
+    return WordLlamaEncoder()
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails (the encoder must need none)."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_the_encoder_loads_and_encodes_with_the_network_off(no_network: None) -> None:
+    encoder = WordLlamaEncoder()
+    vectors = encoder.encode(CATALOGUE[TITLE].to_list())
+    assert vectors.shape == (5, encoder.dim)
+    assert vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert encoder.name.startswith("wordllama-")
+
+
+def test_vectors_are_deterministic_and_similar_texts_are_near(encoder: WordLlamaEncoder) -> None:
+    first = encode_items(CATALOGUE, encoder)
+    again = encode_items(CATALOGUE, WordLlamaEncoder())
+    assert first.equals(again)
+    v = dict(zip(first[ITEM], first[VECTOR].to_numpy(), strict=True))
+    assert v["sweater"] @ v["jumper"] > v["sweater"] @ v["hose"]
+    assert v["new-jumper"] @ v["jumper"] > v["new-jumper"] @ v["shirt"]
+
+
+def test_item_text_reads_every_column_the_catalogue_has() -> None:
+    items = CATALOGUE.head(1).with_columns(pl.Series(ATTRIBUTES, [["wool", "red"]]))
+    assert item_texts(items)["text"][0] == "red wool sweater. fashion knitwear. Tika. wool red"
+    bare = pl.DataFrame({ITEM: ["a"], TITLE: [None]}, schema={ITEM: pl.String, TITLE: pl.String})
+    assert item_texts(bare)["text"].to_list() == [""]
+
+
+def test_bad_vectors_and_bad_encoders_are_refused() -> None:
+    texts = pl.Series(["a", "b"])
+    with pytest.raises(DataError, match="non-finite"):
+        check_vectors(np.array([[1.0, 0.0], [np.nan, 0.0]]), texts, "x")
+    with pytest.raises(DataError, match="unit norm"):
+        check_vectors(np.array([[1.0, 0.0], [2.0, 0.0]]), texts, "x")
+    check_vectors(np.array([[1.0, 0.0], [0.0, 0.0]]), texts, "x")  # zero: nothing read
+    with pytest.raises(ConfigError, match="'wordllama' or"):
+        encoder_from_spec("bert")
+    with pytest.raises(ConfigError, match="no such folder"):
+        encoder_from_spec("sentence-transformers:/nonexistent/model")
+
+
+def test_vectors_are_cached_by_catalogue_content(tmp_path: Path) -> None:
+    items = tmp_path / "items.parquet"
+    CATALOGUE.write_parquet(items)
+    path, name, hit = cached_vectors(items, "wordllama", tmp_path / "cache")
+    assert not hit
+    assert path.is_file()
+    assert name in path.name
+    assert cached_vectors(items, "wordllama", tmp_path / "cache") == (path, name, True)
+    CATALOGUE.with_columns(pl.col(TITLE).str.to_uppercase()).write_parquet(items)
+    changed, _, hit = cached_vectors(items, "wordllama", tmp_path / "cache")
+    assert not hit
+    assert changed != path
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def _events(rows: list[tuple[str, str, int]]) -> pl.DataFrame:
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return pl.DataFrame({USER: [r[0] for r in rows], ITEM: [r[1] for r in rows],
+                         EVENT_TYPE: ["view"] * len(rows),
+                         TIMESTAMP: [start + dt.timedelta(hours=r[2]) for r in rows]})
+
+
+def test_content_model_recommends_an_item_nobody_has_seen(encoder: WordLlamaEncoder,
+                                                          tmp_path: Path) -> None:
+    vectors = encode_items(CATALOGUE, encoder)
+    events = _events([("u1", "hose", 0), ("u1", "sweater", 1), ("u2", "shirt", 0),
+                      ("u2", "hose", 1), ("u3", "hose", 2)])
+    model = ContentNeighbours(n_recent=1).with_vectors(vectors).fit(events)
+    lists = model.recommend(["u1", "nobody"], k=3, exclude_seen=True)
+    mine = lists.filter(pl.col(USER) == "u1")[ITEM].to_list()
+    assert mine[:2] == ["jumper", "new-jumper"] or mine[:2] == ["new-jumper", "jumper"]
+    assert "sweater" not in mine
+    assert "hose" not in mine
+    assert lists.filter(pl.col(USER) == "nobody")[ITEM][0] == "hose"  # popularity fallback
+
+    model.save(tmp_path / "content")
+    loaded = ContentNeighbours.load(tmp_path / "content")
+    assert loaded.recommend(["u1", "nobody"], k=3, exclude_seen=True).equals(lists)
+
+
+def test_content_model_needs_its_vectors() -> None:
+    with pytest.raises(ConfigError, match="with_vectors"):
+        ContentNeighbours().fit(_events([("u1", "hose", 0)]))
