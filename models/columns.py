@@ -6,7 +6,7 @@ The canonical tables (see the README):
   ``timestamp`` (UTC datetime, microseconds); optional ``session_id`` (str), ``price`` (float),
   ``quantity`` (int).
 * **items**: ``item_id`` (str); optional ``category_id`` (str), ``brand`` (str), ``price`` (float),
-  ``title`` (str), ``attributes`` (list of str).
+  ``title`` (str), ``description`` (str), ``attributes`` (list of str).
 
 Ids are strings everywhere outside a model: datasets mix integer and hashed ids, and a string id
 never loses a leading zero. Models map ids to dense integer indices internally.
@@ -25,6 +25,7 @@ QUANTITY = "quantity"
 CATEGORY = "category_id"
 BRAND = "brand"
 TITLE = "title"
+DESCRIPTION = "description"
 ATTRIBUTES = "attributes"
 
 SCORE = "score"
@@ -36,7 +37,7 @@ EVENT_TYPES: tuple[str, ...] = (VIEW, CART, FAV, PURCHASE)
 EVENT_REQUIRED: tuple[str, ...] = (USER, ITEM, EVENT_TYPE, TIMESTAMP)
 EVENT_OPTIONAL: tuple[str, ...] = (SESSION, PRICE, QUANTITY)
 ITEM_REQUIRED: tuple[str, ...] = (ITEM,)
-ITEM_OPTIONAL: tuple[str, ...] = (CATEGORY, BRAND, PRICE, TITLE, ATTRIBUTES)
+ITEM_OPTIONAL: tuple[str, ...] = (CATEGORY, BRAND, PRICE, TITLE, DESCRIPTION, ATTRIBUTES)
 
 # Polars dtype names per canonical column (kept as strings so this module imports nothing).
 EVENT_DTYPES: dict[str, str] = {
@@ -54,5 +55,6 @@ ITEM_DTYPES: dict[str, str] = {
     BRAND: "String",
     PRICE: "Float64",
     TITLE: "String",
+    DESCRIPTION: "String",
     ATTRIBUTES: "List(String)",
 }

@@ -26,11 +26,9 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from models.columns import ATTRIBUTES, BRAND, CATEGORY, ITEM, TITLE
+from models.columns import ATTRIBUTES, BRAND, CATEGORY, DESCRIPTION, ITEM, TITLE
 from models.errors import ConfigError, DataError
 
-DESCRIPTION = "description"
-"""Optional free-text column of a catalogue, read when present."""
 TEXT_COLUMNS = (TITLE, DESCRIPTION, CATEGORY, BRAND)
 VECTOR = "vector"
 NORM_TOLERANCE = 1e-3

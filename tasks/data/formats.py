@@ -23,6 +23,7 @@ from models.columns import (
     BRAND,
     CART,
     CATEGORY,
+    DESCRIPTION,
     EVENT_TYPE,
     FAV,
     ITEM,
@@ -219,8 +220,10 @@ def load_diginetica(path: Path, opts: Options) -> RawData:
 
 
 def _hm_items(file: Path, events: pl.DataFrame) -> tuple[pl.DataFrame, str]:
-    raw = read_csv(file, ("article_id",), ("prod_name", "product_type_name", *_HM_ATTRIBUTES))
-    frame = convert(raw, str(file), {ITEM: "article_id", TITLE: "prod_name"})
+    raw = read_csv(file, ("article_id",), ("prod_name", "detail_desc", "product_type_name",
+                                           *_HM_ATTRIBUTES))
+    frame = convert(raw, str(file), {ITEM: "article_id", TITLE: "prod_name",
+                                     DESCRIPTION: "detail_desc"})
     types = [pl.col(c) for c in ("product_type_name", "product_group_name") if c in raw.columns]
     tags = [pl.lit(f"{short}:") + pl.col(c) for c, short in _HM_ATTRIBUTES.items()
             if c in raw.columns]
