@@ -10,7 +10,8 @@ Two encoders sit behind the one interface (:func:`encoder_from_spec`):
   pooled. Its weights and tokenizer ship inside the ``wordllama`` wheel, so nothing is
   downloaded: the files are opened from the package folder directly (``WordLlama.load`` of
   0.4.0 looks for the tokenizer in ``tokenizer/`` while the wheel puts it in ``tokenizers/``,
-  and falls back to a download). About 9,000 items a second on one CPU core.
+  and falls back to a download). 6,000 (long texts) to 28,000 (short titles) items a second
+  on one CPU core, in batches of 64.
 * ``sentence-transformers:<folder>``: a sentence-transformers model already on disk (larger,
   better, slower; GPU when present). The package is not a dependency: install it to use this.
 
@@ -51,7 +52,7 @@ class WordLlamaEncoder:
     config, weights, tokenizer = ("l2_supercat", "l2_supercat_256.safetensors",
                                   "l2_supercat_tokenizer_config.json")
 
-    def __init__(self, batch_size: int = 512) -> None:
+    def __init__(self, batch_size: int = 64) -> None:
         try:
             import wordllama
             from safetensors import safe_open

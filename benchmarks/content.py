@@ -1,0 +1,128 @@
+"""The content model and the item encoder: quality on cold targets, and what encoding costs.
+
+For each shop, one ``shoprank train`` (baselines and the content model; ranker and transformer
+off, registry off) under the project's protocol, in a temporary folder with its own MLflow
+store; the test figures of every family, overall and on cold targets (items with at most 0 or 5
+events before the test cut). Then the encoder alone on the shop's catalogue: items per second,
+the peak memory of a process that only loads and encodes, and the cache hit of a second run.
+
+    .venv/bin/python benchmarks/content.py                      # the built-in shop and H&M
+    .venv/bin/python benchmarks/content.py --shops demo --events 200000
+
+Results: ``benchmarks/results/content.json`` and Markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "content.json"
+SHOPS = {"demo": (None, None), "hm": ("hm_sample", "hm")}
+LENIENT = {"hm": {"validation__min_catalogue_share": 0.3, "validation__max_duplicate_share": 0.1}}
+"""The H&M sample's articles are another sample than its transactions (31% of the events have
+one) and 9% of its purchases repeat another the same day: accepted here, with a warning."""
+METRICS = ("ndcg@10", "recall@20", "cold0.ndcg@10", "cold0.recall@20", "cold0.users",
+           "cold5.recall@20", "cold5.users")
+
+
+def train_scores(shop: str, events: int, folder: Path) -> tuple[dict, Path]:
+    """Test metrics of every family from one ``train`` of ``shop``; and the items file."""
+    from flows.config import load_config
+    from flows.train import train
+
+    data, fmt = SHOPS[shop]
+    overrides = {"output_dir": str(folder / "outputs"), "ranker__enabled": False,
+                 "transformer__enabled": False, "registry__enabled": False,
+                 "data__demo_events": events}
+    if data:
+        overrides.update(data__path=str(ROOT.parent / "shared" / "data" / data),
+                         data__format=fmt, **LENIENT.get(shop, {}))
+    result = train(load_config(None, **overrides))
+    items = next(Path(result["workdir"]).glob("items.parquet"))
+    return {name: {m: stages["test"].get(m) for m in METRICS}
+            for name, stages in result["scores"].items()}, items
+
+
+ENCODE = """
+import re, sys, time, polars as pl
+from models.item_text import WordLlamaEncoder, encode_items
+items = pl.read_parquet(sys.argv[1])
+start = time.perf_counter(); encoder = WordLlamaEncoder(); load = time.perf_counter() - start
+start = time.perf_counter(); encode_items(items, encoder); took = time.perf_counter() - start
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]
+print(items.height, load, took, peak)
+"""
+"""A fresh process (its peak resident memory, VmHWM, is its own: ``ru_maxrss`` would carry the
+parent's peak across ``exec``)."""
+
+
+def encoder_cost(items: Path, folder: Path) -> dict:
+    """Items/s and peak RSS of a process that only encodes; the cache's miss and hit times."""
+    from tasks.data.item_vectors import cached_vectors
+
+    out = subprocess.run([sys.executable, "-c", ENCODE, str(items)], cwd=ROOT, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout.split()
+    n, load, took, rss_kb = int(out[0]), float(out[1]), float(out[2]), int(out[3])
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        _, _, hit = cached_vectors(items, "wordllama", folder / "cache")
+        timings.append((hit, time.perf_counter() - start))
+    return {"items": n, "load_s": load, "encode_s": took, "items_per_s": n / took,
+            "peak_rss_mb": rss_kb / 1024, "miss_s": timings[0][1], "hit_s": timings[1][1],
+            "second_was_hit": timings[1][0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shops", nargs="*", default=list(SHOPS), choices=list(SHOPS))
+    parser.add_argument("--events", type=int, default=200_000, help="events of the demo shop")
+    args = parser.parse_args()
+    results = []
+    for shop in args.shops:
+        with tempfile.TemporaryDirectory(prefix="shoprank-content-") as tmp:
+            folder = Path(tmp)
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+            scores, items = train_scores(shop, args.events, folder)
+            cost = encoder_cost(items, folder)
+        results.append({"shop": shop, "scores": scores, "encoder": cost})
+        print(f"\n### {shop}\n\n| family | NDCG@10 | Recall@20 | cold0 NDCG@10 | "  # noqa: T201
+              "cold0 Recall@20 | cold0 users | cold5 Recall@20 | cold5 users |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")  # noqa: T201
+        for name, m in scores.items():
+            cells = " | ".join("" if m.get(k) is None else
+                               (f"{m[k]:.0f}" if k.endswith("users") else f"{m[k]:.4f}")
+                               for k in METRICS)
+            print(f"| {name} | {cells} |")  # noqa: T201
+        print(f"\nencoder: {cost['items']:,} items, load {cost['load_s']:.2f} s, "  # noqa: T201
+              f"{cost['items_per_s']:,.0f} items/s, peak RSS {cost['peak_rss_mb']:.0f} MB; "
+              f"cache miss {cost['miss_s']:.2f} s, hit {cost['hit_s']:.2f} s")
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    previous.append({"date": dt.date.today().isoformat(),
+                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                              capture_output=True, text=True).stdout.strip(),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                     "args": vars(args), "results": results,
+                     "bench_peak_rss_mb": resource.getrusage(
+                         resource.RUSAGE_SELF).ru_maxrss / 1024})
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(previous, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    sys.path.insert(0, str(ROOT))
+    main()
