@@ -148,6 +148,9 @@ class ContentConfig(_Strict):
     encoder: str = Field(
         "wordllama", description="'wordllama' (weights inside the package, nothing "
         "downloaded) or 'sentence-transformers:<folder>' (a saved model on disk).")
+    ranker_candidates: bool = Field(
+        True, description="The content neighbours join the ranker's candidates (source "
+        "'content', quota ranker.candidates.n_external) with their rank and score as features.")
 
 
 class RegistryConfig(_Strict):

@@ -142,6 +142,9 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
     if config.transformer.enabled and config.transformer.candidates and config.ranker.enabled:
         logger.warning("engine dask: the transformer does not feed the ranker's candidates "
                        "(transformer.candidates is ignored)")
+    if config.content.enabled:
+        logger.warning("engine dask: no item vectors yet: the content model and its candidates "
+                       "run with engine local only (content.enabled is ignored)")
     result = sharded_stages.with_options(task_runner=dask_runner(config.dask))(
         config, data, run_id, workdir)
     client = MlflowClient(tracking.tracking_uri(config.tracking_uri))
@@ -195,10 +198,11 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
         scores["transformer"] = {"valid": transformer["valid"], "test": transformer["test"]}
     if config.ranker.enabled:
         seed_everything(config.seed)
+        content = vectors if config.content.ranker_candidates else None
         scores["lgbm_ranker"] = evaluate_lgbm_ranker(
             split.folder, data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, workdir, run_id,
-            transformer, sequence_config, selection)
+            transformer, sequence_config, selection, content, config.content.encoder)
     report = report_metrics(scores, protocol, run_id)
     # ---- release: the best model on validation is packaged, registered and promoted ----
     release = None

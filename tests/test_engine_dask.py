@@ -44,7 +44,8 @@ def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
     storage = f"sqlite:///{tmp_path / f'optuna-{engine}.db'}"
     overrides = {"ranker__n_trials": 1, "ranker__extra": RANKER, "ranker__storage": storage,
                  "transformer__n_trials": 1, "transformer__extra": TRANSFORMER,
-                 "transformer__candidates": False, "transformer__storage": storage, **overrides}
+                 "transformer__candidates": False, "transformer__storage": storage,
+                 "content__enabled": False, **overrides}  # neither feeds the dask engine yet
     return load_config(None, output_dir=str(tmp_path / engine), engine=engine,
                        data__path=str(shop), data__format="parquet", registry__enabled=False,
                        **overrides)

@@ -121,6 +121,37 @@ def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
     assert (tmp_path / "released" / "recipe.json").is_file()
 
 
+def test_the_content_source_feeds_the_ranker_and_its_recipe_refits(shop, tmp_path):
+    """Content candidates: features of their own, another study, kept by the saved pipeline.
+
+    The catalogue's vectors travel with the pipeline (a set of sources saved by name); the
+    recipe encodes the catalogue again and refits the same ranker.
+    """
+    from models.item_text import WordLlamaEncoder, encode_items
+    from tasks.ranking.external_sources import ContentSource, SourceSet, combined
+    from tasks.ranking.tune import score_window
+    from tasks.release.recipes import fit_recipe, ranker_recipe
+
+    split, items = shop
+    settings = {"encoder": "wordllama", "n": 30}
+    source = combined(ContentSource(encode_items(items, WordLlamaEncoder()), 30, False,
+                                    "wordllama"))
+    assert isinstance(source, SourceSet)  # alone, content is saved as a set all the same
+    result = tune_and_evaluate_lgbm(split, items, _config("sqlite://", n_trials=2), None,
+                                    tmp_path / "run", n_items=100, external=source,
+                                    source=source, content=settings)
+    assert result["study_name"].startswith("lgbm_ranker-content-time-")
+    assert result["candidate_recall"]["test"]["content"] > 0
+    loaded = RankingPipeline.load(Path(result["model_dir"]))
+    assert isinstance(loaded.source, SourceSet)
+    assert [s.name for s in loaded.source.sources] == ["content"]
+    assert score_window(loaded, split.test_targets, [10, 20], 100)[0] == result["test"]
+
+    recipe = ranker_recipe(result, None, None, settings)
+    refit = RankingPipeline.load(fit_recipe(recipe, split, items, tmp_path / "refit"))
+    assert score_window(refit, split.test_targets, [10, 20], 100)[0] == result["test"]
+
+
 def altered_selection(split, items, selection):
     """``split`` with the selection users' validation targets replaced by another item."""
     from tasks.splitting.split import Split

@@ -133,19 +133,21 @@ def evaluate_lgbm_ranker(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, workdir: Path, run_id: str | None,
     transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
-    selection: Selection | None = None,
+    selection: Selection | None = None, vectors: Path | None = None, encoder: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Tune (Optuna), refit and test the LightGBM re-ranker; metrics per stage like baselines.
 
     With a ``transformer`` result (and its config asking for candidates), the transformer's
-    nearest items join the candidates under the source name ``seq``.
+    nearest items join the candidates under the source name ``seq``; with the catalogue's item
+    ``vectors`` (made by ``encoder``), the content neighbours under ``content``.
     """
+    from tasks.ranking.external_sources import ContentSource, combined
     from tasks.ranking.reranker import training_windows
     from tasks.ranking.tune import tune_and_evaluate_lgbm
 
     split = read_split(split_dir)
     items = pl.read_parquet(items_path) if items_path else None
-    external = source = recipe = None
+    external = source = recipe = content = settings = None
     if transformer and transformer_config and transformer_config.candidates:
         from tasks.transformer.sequence import ranker_sources
 
@@ -153,11 +155,17 @@ def evaluate_lgbm_ranker(
         external, source = ranker_sources(split, items, transformer, transformer_config,
                                           earliest)
         recipe = read_recipe(Path(transformer["model_dir"]))  # part of the study's name
+    if vectors is not None and encoder is not None:
+        settings = {"encoder": encoder, "n": config.candidates.n_external}
+        content = ContentSource(pl.read_parquet(vectors), settings["n"], exclude_seen, encoder)
+    external, source = combined(external, content), combined(source, content)
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
                                     exclude_seen=exclude_seen, ordered_only=ordered_only,
                                     n_items=n_items, external=external, source=source,
-                                    selection=selection, source_recipe=recipe)
-    write_recipe(Path(result["model_dir"]), ranker_recipe(result, recipe, selection))
+                                    selection=selection, source_recipe=recipe,
+                                    content=settings)
+    write_recipe(Path(result["model_dir"]),
+                 ranker_recipe(result, recipe, selection, settings))
     recall = result["candidate_recall"]
     get_run_logger().info("lgbm ranker: best trial %s of %s, candidate recall %s",
                           result["best_trial"], result["n_trials"], recall["test"])

@@ -332,10 +332,10 @@ class RankingPipeline:
             else None
         pipe = cls(RankerConfig.model_validate(meta["config"]), items, meta["ordered_only"])
         pipe.ranker_ = LightGBMRanker.load(path / "ranker")
-        if (path / SOURCE_DIR).is_dir():  # a transformer's nearest items feed the candidates
-            from tasks.transformer.sequence import SequenceSource
+        if (path / SOURCE_DIR).is_dir():  # external sources feed the candidates
+            from tasks.ranking.external_sources import load_source
 
-            pipe.source = SequenceSource.load(path / SOURCE_DIR)
+            pipe.source = load_source(path / SOURCE_DIR)
         return pipe.set_history(pl.read_parquet(path / "history.parquet"))
 
 

@@ -69,7 +69,8 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
 def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None,
                ks: list[int] | None = None, items: pl.DataFrame | None = None,
                selection: Selection | None = None,
-               source_recipe: dict[str, Any] | None = None) -> str:
+               source_recipe: dict[str, Any] | None = None,
+               content: dict[str, Any] | None = None) -> str:
     """The configured study name, else one derived from the data and settings (re-runs resume).
 
     ``sources`` names the external candidate sources (their features change what a trial
@@ -77,13 +78,15 @@ def study_name(split: Split, config: RankerConfig, sources: list[str] | None = N
     and the items table (categories, prices) change what a trial measures: another study. So do
     the selection holdout (share and seed: the users whose targets no trial may learn or stop
     on) and ``source_recipe``, the recipe of the transformer that proposes the external
-    candidates (its settings but the budget, best parameters and epochs).
+    candidates (its settings but the budget, best parameters and epochs), and ``content``, the
+    content source's settings (the encoder and its quota), when it proposes candidates.
     """
     family = "-".join([MODEL_NAME, *sorted(sources or [])])
     chosen = selection or Selection()
-    return config.study_name or derived_study_name(family, split, config, {
-        "ks": ks, "items": items, "selection": [chosen.share, chosen.seed],
-        "source": _without_budget(source_recipe)})
+    measured = {"ks": ks, "items": items, "selection": [chosen.share, chosen.seed],
+                "source": _without_budget(source_recipe)}
+    return config.study_name or derived_study_name(
+        family, split, config, {**measured, **({"content": content} if content else {})})
 
 
 def _without_budget(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -245,6 +248,7 @@ def tune_and_evaluate_lgbm(
     source: ExternalSource | None = None,
     selection: Selection | None = None,
     source_recipe: dict[str, Any] | None = None,
+    content: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tune, refit, test and save the LightGBM re-ranker; log everything under ``run_id``.
 
@@ -270,6 +274,8 @@ def tune_and_evaluate_lgbm(
         source_recipe: The recipe of the transformer behind ``external`` and ``source``
             (:func:`tasks.release.recipes.transformer_recipe`): another transformer proposes
             other candidates, so it names another study (None: not known).
+        content: The settings of the content source among ``external`` (``encoder``, ``n``):
+            part of the study's name.
 
     Returns:
         ``valid`` metrics, ``test`` metrics,
@@ -287,7 +293,8 @@ def tune_and_evaluate_lgbm(
                                 external)
     external_names = [c.removeprefix(RANK_PREFIX) for c in rank_columns(data.train)
                       if c.removeprefix(RANK_PREFIX) not in BUILTIN_SOURCES]
-    name = study_name(split, config, external_names, ks, items, selection, source_recipe)
+    name = study_name(split, config, external_names, ks, items, selection, source_recipe,
+                      content)
     study = open_study(name, config.storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     run_study(study, make_objective(pipe, data, ks, TrialLogger(run_id, MODEL_NAME)),

@@ -68,16 +68,19 @@ def transformer_recipe(config: Any, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def ranker_recipe(result: dict[str, Any], source: dict[str, Any] | None,
-                  selection: Selection | None = None) -> dict[str, Any]:
+                  selection: Selection | None = None,
+                  content: dict[str, Any] | None = None) -> dict[str, Any]:
     """The recipe of the tuned re-ranker; ``source``: the transformer's, when it feeds it.
 
     ``selection``: the selection holdout whose users' validation targets it did not learn.
+    ``content``: the content source's settings (``encoder``, ``n``), when it feeds it.
     """
     selection = selection or Selection()
-    return {"family": "lgbm_ranker", "config": result["config"],
-            "ordered_only": result["ordered_only"], "params": result["best_params"],
-            "rounds": result["best_iteration"], "exclude_seen": result["exclude_seen"],
-            "source": source, "selection": [selection.share, selection.seed]}
+    recipe = {"family": "lgbm_ranker", "config": result["config"],
+              "ordered_only": result["ordered_only"], "params": result["best_params"],
+              "rounds": result["best_iteration"], "exclude_seen": result["exclude_seen"],
+              "source": source, "selection": [selection.share, selection.seed]}
+    return {**recipe, "content": content} if content else recipe
 
 
 def fit_recipe(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None, out: Path
@@ -121,11 +124,12 @@ def _fit_transformer(recipe: dict[str, Any], history: pl.DataFrame,
 
 
 def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None) -> Any:
+    from tasks.ranking.external_sources import ContentSource, combined
     from tasks.ranking.reranker import RankerConfig, RankingPipeline, training_windows
 
     config = RankerConfig.model_validate(recipe["config"])
     pipe = RankingPipeline(config, items, bool(recipe.get("ordered_only")))
-    training = serving = None
+    training = serving = content = None
     source = recipe.get("source")
     if source:  # the transformer feeds the candidates: refitted like training does
         from tasks.transformer.sequence import SequenceConfig, SequenceSource
@@ -136,6 +140,17 @@ def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None
                                   bool(source["exclude_seen"]))
         serving = SequenceSource(_fit_transformer(source, split.test_history, items), n,
                                  bool(source["exclude_seen"]))
+    if recipe.get("content"):  # the catalogue's text feeds the candidates: encoded again
+        from models.item_text import encode_items, encoder_from_spec
+
+        settings = recipe["content"]
+        if items is None:
+            raise ConfigError("the ranker's recipe reads the catalogue's text (content "
+                              "candidates), but there is no items table to encode.")
+        vectors = encode_items(items, encoder_from_spec(settings["encoder"]))
+        content = ContentSource(vectors, int(settings["n"]), bool(recipe["exclude_seen"]),
+                                settings["encoder"])
+    training, serving = combined(training, content), combined(serving, content)
     data = pipe.training_frames(Selection(*recipe.get("selection", [0.0, 0])).tuning(split),
                                 training)
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
