@@ -4,7 +4,8 @@ The one recommender that can put an item with no events in a list: it reads only
 vectors of :mod:`models.item_text` and each user's last items. A user's profile is the
 recency-weighted sum of the vectors of its ``n_recent`` latest distinct items; every catalogue
 item is scored by its cosine with the profile (exact blocked matrix products: a block of users
-against the whole catalogue at a time). Users without history get popularity.
+against the whole catalogue at a time, at most 2^25 scores, 128 MiB, held at once). Users without
+history get popularity. A large catalogue would want an ANN index here; not needed yet.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from models.errors import ConfigError
 from models.item_text import VECTOR
 from models.partials import sorted_history
 
-_BLOCK = 1024  # users scored at a time: 1024 x catalogue float32 scores
+_BLOCK_CELLS = 1 << 25  # scores held at once (users x catalogue float32): 128 MiB
 
 
 class ContentNeighbours(Recommender):
@@ -80,8 +81,9 @@ class ContentNeighbours(Recommender):
         depth_of = dict(zip(depth[USER].to_list(), depth["depth"].to_list(), strict=True))
         codes, weights = recent["code"].to_numpy(), recent["weight"].to_numpy().astype(np.float32)
         frames = []
-        for start in range(0, ids.size, _BLOCK):
-            block = ids[start:start + _BLOCK]
+        step = max(1, min(1024, _BLOCK_CELLS // max(1, matrix.shape[0])))
+        for start in range(0, ids.size, step):
+            block = ids[start:start + step]
             profile = np.zeros((block.size, matrix.shape[1]), dtype=np.float32)
             for row, index in enumerate(range(start, start + block.size)):
                 lo, hi = bounds[index], bounds[index + 1]
