@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Optuna trials of the sequential transformer (3; a re-run resumes it)")
     tr.add_argument("--no-transformer", action="store_true",
                     help="skip the sequential transformer (model and candidate source)")
+    tr.add_argument("--no-content", action="store_true",
+                    help="skip the catalogue's item vectors (the content model and its "
+                    "candidates for the ranker)")
     tr.add_argument("--engine", choices=["local", "dask"],
                     help="local (default): one process; dask: the events as user shards, "
                     "per-shard tasks on a Dask cluster")

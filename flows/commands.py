@@ -69,6 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ranker__n_trials=args.trials, ranker__enabled=False if args.no_ranker else None,
         transformer__n_trials=args.transformer_trials,
         transformer__enabled=False if args.no_transformer else None,
+        content__enabled=False if args.no_content else None,
         engine=args.engine, dask__address=args.dask_address, dask__workers=args.dask_workers,
         dask__shards=args.shards, registry__model_name=args.model_name,
     )

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from mlflow import MlflowClient
 
+from flows.cli import run
 from models.columns import ATTRIBUTES, BRAND, CATEGORY, EVENT_TYPE, ITEM, TIMESTAMP, TITLE, USER
 from models.content import ContentNeighbours
 from models.errors import ConfigError, DataError
@@ -129,3 +131,16 @@ def test_content_model_recommends_an_item_nobody_has_seen(encoder: WordLlamaEnco
 def test_content_model_needs_its_vectors() -> None:
     with pytest.raises(ConfigError, match="with_vectors"):
         ContentNeighbours().fit(_events([("u1", "hose", 0)]))
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_no_content_flag_leaves_the_vectors_and_the_content_model_out(tmp_path, mlflow_store,
+                                                                      demo_shop_dir):
+    argv = ["train", "--data", str(demo_shop_dir), "--format", "parquet", "--no-ranker",
+            "--no-transformer", "--output-dir", str(tmp_path / "out"), "--no-content"]
+    assert run(argv) == 0
+    client = MlflowClient(mlflow_store)
+    (train_run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [k for k in train_run.data.metrics if k.startswith("content.")]
+    assert "content.encoder_name" not in train_run.data.params
+    assert not (tmp_path / "out" / "item-vectors").exists()
