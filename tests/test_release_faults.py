@@ -110,7 +110,9 @@ def test_a_release_killed_at_any_step_ends_consistent(tmp_path, mlflow_store, de
     config.write_text(yaml.safe_dump(settings))
     settings["registry"]["families"] = ["buy_again"]  # better: the first round promotes it
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "PREFECT_API_URL": prefect_api,
+    scratch = tmp_path / "scratch"  # what a killed process cannot clean stays under tmp_path
+    scratch.mkdir()
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "TMPDIR": str(scratch),
            "PREFECT_HOME": str(tmp_path / "prefect-home"), "MLFLOW_TRACKING_URI": mlflow_store}
     log = tmp_path / "shoprank.log"
     assert _shoprank(["train", "--config", str(config)], env, tmp_path, log) == 0, \
