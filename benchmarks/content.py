@@ -69,6 +69,8 @@ parent's peak across ``exec``)."""
 
 def encoder_cost(items: Path, folder: Path) -> dict:
     """Items/s and peak RSS of a process that only encodes; the cache's miss and hit times."""
+    import polars as pl
+
     from tasks.data.item_vectors import cached_vectors
 
     out = subprocess.run([sys.executable, "-c", ENCODE, str(items)], cwd=ROOT, check=True,
@@ -78,7 +80,7 @@ def encoder_cost(items: Path, folder: Path) -> dict:
     timings = []
     for _ in range(2):
         start = time.perf_counter()
-        _, _, hit = cached_vectors(items, "wordllama", folder / "cache")
+        _, _, hit = cached_vectors(pl.read_parquet(items), "wordllama", folder / "cache")
         timings.append((hit, time.perf_counter() - start))
     return {"items": n, "load_s": load, "encode_s": took, "items_per_s": n / took,
             "peak_rss_mb": rss_kb / 1024, "miss_s": timings[0][1], "hit_s": timings[1][1],

@@ -134,10 +134,8 @@ def item_texts(items: pl.DataFrame) -> pl.DataFrame:
     Category paths read as words (``c4/c4.2`` as ``c4 c4.2``). Columns the catalogue lacks are
     skipped; an item with nothing gets an empty text (and a zero vector).
     """
-    parts = [pl.col(c).cast(pl.String) for c in TEXT_COLUMNS if c in items.columns]
-    if CATEGORY in items.columns:
-        parts[[c for c in TEXT_COLUMNS if c in items.columns].index(CATEGORY)] = (
-            pl.col(CATEGORY).cast(pl.String).str.replace_all("/", " "))
+    parts = [pl.col(c).cast(pl.String).str.replace_all("/", " ") if c == CATEGORY
+             else pl.col(c).cast(pl.String) for c in TEXT_COLUMNS if c in items.columns]
     if ATTRIBUTES in items.columns:
         parts.append(pl.col(ATTRIBUTES).list.join(" "))
     text = (pl.concat_str(parts, separator=". ", ignore_nulls=True) if parts
@@ -173,16 +171,16 @@ def encode_items(items: pl.DataFrame, encoder: ItemEncoder) -> pl.DataFrame:
     if texts.height == 0:
         raise DataError("the items table is empty: there is nothing to encode.")
     vectors = encoder.encode(texts["text"].to_list())
-    check_vectors(vectors, texts["text"], encoder.name)
+    check_vectors(vectors, texts.height, encoder.name)
     return pl.DataFrame({ITEM: texts[ITEM],
                          VECTOR: pl.Series(vectors, dtype=pl.Array(pl.Float32, encoder.dim))})
 
 
-def check_vectors(vectors: np.ndarray, texts: pl.Series, encoder_name: str) -> None:
-    """One vector per text, finite values, each of unit norm (or zero: nothing to read)."""
-    if vectors.shape[0] != texts.len():
+def check_vectors(vectors: np.ndarray, rows: int, encoder_name: str) -> None:
+    """``rows`` vectors of finite values, each of unit norm (or zero: nothing to read)."""
+    if vectors.shape[0] != rows:
         raise DataError(f"encoder {encoder_name} returned {vectors.shape[0]} vectors for "
-                        f"{texts.len()} items.")
+                        f"{rows} items.")
     if not np.isfinite(vectors).all():
         raise DataError(f"encoder {encoder_name} returned non-finite values (NaN or inf) for "
                         f"{int((~np.isfinite(vectors)).any(axis=1).sum())} items.")

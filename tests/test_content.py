@@ -76,7 +76,7 @@ def test_item_text_reads_every_column_the_catalogue_has() -> None:
 
 
 def test_bad_vectors_and_bad_encoders_are_refused() -> None:
-    texts = pl.Series(["a", "b"])
+    texts = 2
     with pytest.raises(DataError, match="non-finite"):
         check_vectors(np.array([[1.0, 0.0], [np.nan, 0.0]]), texts, "x")
     with pytest.raises(DataError, match="unit norm"):
@@ -89,15 +89,15 @@ def test_bad_vectors_and_bad_encoders_are_refused() -> None:
 
 
 def test_vectors_are_cached_by_catalogue_content(tmp_path: Path) -> None:
-    items = tmp_path / "items.parquet"
+    items, cache = tmp_path / "items.parquet", tmp_path / "cache"
     CATALOGUE.write_parquet(items)
-    path, name, hit = cached_vectors(items, "wordllama", tmp_path / "cache")
+    path, name, hit = cached_vectors(pl.read_parquet(items), "wordllama", cache)
     assert not hit
     assert path.is_file()
     assert name in path.name
-    assert cached_vectors(items, "wordllama", tmp_path / "cache") == (path, name, True)
+    assert cached_vectors(pl.read_parquet(items), "wordllama", cache) == (path, name, True)
     CATALOGUE.with_columns(pl.col(TITLE).str.to_uppercase()).write_parquet(items)
-    changed, _, hit = cached_vectors(items, "wordllama", tmp_path / "cache")
+    changed, _, hit = cached_vectors(pl.read_parquet(items), "wordllama", cache)
     assert not hit
     assert changed != path
     assert not list((tmp_path / "cache").glob("*.tmp"))

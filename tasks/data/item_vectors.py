@@ -30,15 +30,14 @@ from models.item_text import (
 CACHE_FOLDER = "item-vectors"
 
 
-def cached_vectors(items_path: Path, spec: str, cache_dir: Path) -> tuple[Path, str, bool]:
-    """The vectors file of the catalogue at ``items_path``: (path, encoder name, cache hit)."""
-    items = pl.read_parquet(items_path)
+def cached_vectors(items: pl.DataFrame, spec: str, cache_dir: Path) -> tuple[Path, str, bool]:
+    """The vectors file of the catalogue ``items``: (path, encoder name, cache hit)."""
     encoder = encoder_from_spec(spec)
     digest = texts_digest(item_texts(items), encoder.name)[:16]
     path = cache_dir / f"{encoder.name}-{digest}.parquet"
     if path.is_file():
         cached = pl.read_parquet(path)
-        check_vectors(cached[VECTOR].to_numpy(), pl.Series([""] * cached.height), encoder.name)
+        check_vectors(cached[VECTOR].to_numpy(), cached.height, encoder.name)
         return path, encoder.name, True
     vectors = encode_items(items, encoder)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -60,14 +59,14 @@ def item_vectors(items_path: Path | None, spec: str, cache_dir: Path, run_id: st
     if items_path is None:
         logger.info("no items table: no item vectors, the content model is left out")
         return None
-    if not has_text(pl.read_parquet(items_path)):
+    items = pl.read_parquet(items_path)
+    if not has_text(items):
         logger.info("the items table has no title, description, brand or attributes: no item "
                     "vectors, the content model is left out")
         return None
     start = time.perf_counter()
-    path, name, hit = cached_vectors(Path(items_path), spec, Path(cache_dir))
-    rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-    logger.info("item vectors of %s items by %s: %s in %.1f s (%s)", f"{rows:,}", name,
+    path, name, hit = cached_vectors(items, spec, Path(cache_dir))
+    logger.info("item vectors of %s items by %s: %s in %.1f s (%s)", f"{items.height:,}", name,
                 "read from the cache" if hit else "encoded", time.perf_counter() - start, path)
     if run_id:
         client = MlflowClient(tracking_uri)

@@ -107,12 +107,18 @@ def fit_recipe(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None,
 def _fit_content(recipe: dict[str, Any], history: pl.DataFrame,
                  items: pl.DataFrame | None) -> Any:
     from models.content import ContentNeighbours
+
+    return ContentNeighbours().with_vectors(_vectors(recipe["encoder"], items)).fit(history)
+
+
+def _vectors(encoder: str, items: pl.DataFrame | None) -> pl.DataFrame:
+    """The catalogue encoded again by ``encoder`` (a recipe reading the catalogue's text)."""
     from models.item_text import encode_items, encoder_from_spec
 
     if items is None:
-        raise ConfigError("the content recipe needs the catalogue (items.parquet) to encode.")
-    vectors = encode_items(items, encoder_from_spec(recipe["encoder"]))
-    return ContentNeighbours().with_vectors(vectors).fit(history)
+        raise ConfigError("the recipe reads the catalogue's text (the content model or its "
+                          "candidates), but there is no items table to encode.")
+    return encode_items(items, encoder_from_spec(encoder))
 
 
 def _fit_transformer(recipe: dict[str, Any], history: pl.DataFrame,
@@ -141,15 +147,9 @@ def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None
         serving = SequenceSource(_fit_transformer(source, split.test_history, items), n,
                                  bool(source["exclude_seen"]))
     if recipe.get("content"):  # the catalogue's text feeds the candidates: encoded again
-        from models.item_text import encode_items, encoder_from_spec
-
         settings = recipe["content"]
-        if items is None:
-            raise ConfigError("the ranker's recipe reads the catalogue's text (content "
-                              "candidates), but there is no items table to encode.")
-        vectors = encode_items(items, encoder_from_spec(settings["encoder"]))
-        content = ContentSource(vectors, int(settings["n"]), bool(recipe["exclude_seen"]),
-                                settings["encoder"])
+        content = ContentSource(_vectors(settings["encoder"], items), int(settings["n"]),
+                                bool(recipe["exclude_seen"]), settings["encoder"])
     training, serving = combined(training, content), combined(serving, content)
     data = pipe.training_frames(Selection(*recipe.get("selection", [0.0, 0])).tuning(split),
                                 training)
