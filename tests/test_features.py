@@ -74,6 +74,27 @@ def test_hand_computed_values(history, items):
     assert d["i_purchase_user_share"] == 1.0
 
 
+def test_text_similarity_features_by_hand(history, items):
+    # unit vectors in 2-D: a, b and the new item n point one way, c and d the other
+    vectors = pl.DataFrame({
+        "item_id": ["a", "b", "c", "d", "n"],
+        "vector": pl.Series([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
+                            dtype=pl.Array(pl.Float32, 2))})
+    covis = CoVisitation().fit(history)
+    cands = pl.DataFrame({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["n", "z", "n", "a"],
+                          "cand_rank": [1, 2, 1, 2]})
+    feats = build_features(cands, history, items, covis, vectors=vectors)
+    n = _row(feats, "u1", "n")
+    assert n["ui_text_last"] == pytest.approx(0.0)  # u1's last item is c
+    assert n["ui_text_recent"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)  # a, b, c
+    assert n["ui_text_bought"] == 0.0  # u1 bought nothing
+    assert _row(feats, "u2", "n")["ui_text_bought"] == pytest.approx(0.0)  # d
+    assert _row(feats, "u2", "a")["ui_text_recent"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
+    z = _row(feats, "u1", "z")  # no vector: no evidence
+    assert (z["ui_text_last"], z["ui_text_recent"]) == (0.0, 0.0)
+    assert "ui_text_last" not in _features(history, items).columns
+
+
 def test_ordered_only_has_no_time_features(history, items):
     feats = _features(history, items, ordered_only=True)
     timed = {"ui_hours_since_last", "u_days_since_last", "ctx_last_hour", "i_n_1d", "i_trend"}

@@ -104,6 +104,19 @@ def load_source(path: Path) -> Any:
     return SourceSet([kinds[name].load(path / name) for name in names])
 
 
+def content_vectors(source: Any) -> pl.DataFrame | None:
+    """The item vectors of the :class:`ContentSource` that is or is in ``source``, else None.
+
+    The re-ranker computes its text-similarity features from them (:mod:`tasks.ranking.features`),
+    so a pipeline fed by the content source also scores every candidate by its text.
+    """
+    if isinstance(source, ContentSource):
+        return source.vectors
+    if isinstance(source, SourceSet):
+        return next((s.vectors for s in source.sources if isinstance(s, ContentSource)), None)
+    return None
+
+
 def combined(*sources: Any) -> Any:
     """The given sources (None left out) as one: None, a set, or the transformer's alone.
 

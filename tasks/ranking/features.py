@@ -14,7 +14,8 @@ measured back from ``end``, so features built for one window never see that wind
   weighted counts at a few half-lives, steps, hours and sessions since the last one, distinct
   days and sessions with it and hours from the first to the last; events in the item's category
   (count, share of all and of the latest events, steps and hours since the last); attributes
-  shared with the user's recent items; co-visitation evidence (from the candidates, plus the
+  shared with the user's recent items; with item vectors (the catalogue's text), the candidate's
+  cosine with the user's last item, recent items and bought items; co-visitation evidence (from the candidates, plus the
   links from the user's last two items); the rank in every candidate source and the merged
   position;
 * **context**: hour of day and day of week of the user's last event.
@@ -61,8 +62,10 @@ from tasks.ranking.history_tables import (
 )
 from tasks.ranking.pair_features import (
     FeatureConfig,
+    ItemVectors,
     attribute_features,
     category_features,
+    content_features,
     item_attributes,
     last_item_links,
     user_features,
@@ -100,12 +103,14 @@ class FeatureBuilder:
         config: Windows and depths; defaults to ``FeatureConfig()``.
         tables: The whole history's tables when ``history`` is a part of it (by user); else
             computed from ``history``.
+        vectors: ``item_id, vector`` of the catalogue (:mod:`models.item_text`): adds the
+            text-similarity features (``ui_text_*``).
     """
 
     def __init__(self, history: pl.DataFrame | PreparedHistory, items: pl.DataFrame | None = None,
                  covis: CoVisitation | None = None, ordered_only: bool = False,
-                 config: FeatureConfig | None = None, tables: HistoryTables | None = None
-                 ) -> None:
+                 config: FeatureConfig | None = None, tables: HistoryTables | None = None,
+                 vectors: pl.DataFrame | None = None) -> None:
         self.config = config or FeatureConfig()
         self.history = prepared_history(history, self.config.event_weights)
         self.covis, self.real_time = covis, not ordered_only
@@ -117,6 +122,7 @@ class FeatureBuilder:
         self.item_table = tables.item_table
         self.items = items if items is not None and ATTRIBUTES in items.columns else None
         self.attributes = None if self.items is None else item_attributes(self.items)
+        self.vectors = None if vectors is None else ItemVectors(vectors)
 
     def build(self, cands: pl.DataFrame) -> pl.DataFrame:
         """``cands`` (row order kept) with every feature added (see the module docstring)."""
@@ -134,6 +140,8 @@ class FeatureBuilder:
         if self.items is not None:
             parts.append(attribute_features(pairs, user_hist, self.items, config.recent_items,
                                             self.attributes))
+        if self.vectors is not None:
+            parts.append(content_features(pairs, user_hist, self.vectors, config.recent_items))
         if self.covis is not None:
             parts.append(last_item_links(pairs, user_hist, self.covis))
         for part in parts:
@@ -153,13 +161,15 @@ def build_features(
     covis: CoVisitation | None = None,
     ordered_only: bool = False,
     config: FeatureConfig | None = None,
+    vectors: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Add every feature to the candidate pairs, using ``history`` only.
 
     ``cands`` come from :func:`tasks.ranking.candidates.build_candidates` (row order is kept). One
     call of :meth:`FeatureBuilder.build`; see :class:`FeatureBuilder` for the other arguments.
     """
-    return FeatureBuilder(history, items, covis, ordered_only, config).build(cands)
+    return FeatureBuilder(history, items, covis, ordered_only, config,
+                          vectors=vectors).build(cands)
 
 
 def candidate_features(
@@ -174,6 +184,7 @@ def candidate_features(
     targets: pl.DataFrame | None = None,
     user_chunk: int = USER_CHUNK,
     tables: HistoryTables | None = None,
+    vectors: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Candidates of ``users`` with their features (and labels), ``user_chunk`` users at a time.
 
@@ -196,8 +207,8 @@ def candidate_features(
         targets: ``user_id, item_id`` of the window to learn; adds ``label`` when given.
         user_chunk: Users per chunk; working memory follows it (see :data:`USER_CHUNK`).
         tables: The whole history's tables (:mod:`tasks.ranking.history_tables`) when ``history``
-        holds
-            only some users' events (a shard); else computed from ``history``.
+            holds only some users' events (a shard); else computed from ``history``.
+        vectors: ``item_id, vector`` of the catalogue: adds the text-similarity features.
 
     Returns:
         The candidate pairs with ``rank_*``, ``cand_rank``, co-visitation evidence, the feature
@@ -220,7 +231,7 @@ def candidate_features(
                                   tables.popular, tables.popularity)
     shared = prepared.event_weights == dict(feature_config.event_weights)
     features = FeatureBuilder(prepared if shared else history, items, covis, ordered_only,
-                              feature_config, tables)
+                              feature_config, tables, vectors)
     n_chunks = max(-(-users_df.height // user_chunk), 1)
     parts = []
     for i in range(n_chunks):

@@ -7,6 +7,7 @@ item features are whole-history tables (:mod:`tasks.ranking.history_tables`). As
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,7 @@ from models.columns import (
     TIMESTAMP,
     USER,
 )
+from models.item_text import VECTOR
 from tasks.ranking.candidate_sources import POS, WEIGHT
 from tasks.ranking.history_tables import (
     days as _days,
@@ -31,6 +33,7 @@ from tasks.ranking.history_tables import (
 )
 
 US_PER_HOUR = 3_600 * 1e6
+_PAIR_BLOCK = 1 << 16  # pairs whose vectors are gathered at once (x 256 floats: 64 MiB)
 
 
 class FeatureConfig(BaseModel):
@@ -219,3 +222,57 @@ def last_item_links(pairs: pl.DataFrame, hist: pl.DataFrame, covis: CoVisitation
         pl.col(SCORE).filter(pl.col("__k") == k).max().fill_null(0.0).alias(f"covis_last{k}")
         for k in (1, 2)
     )
+
+
+class ItemVectors:
+    """The catalogue's item vectors as one float32 matrix and a code per item, built once.
+
+    Args:
+        vectors: ``item_id, vector`` (:func:`models.item_text.encode_items`): unit vectors.
+    """
+
+    def __init__(self, vectors: pl.DataFrame) -> None:
+        self.matrix = vectors[VECTOR].to_numpy().astype(np.float32, copy=False)
+        self.codes = pl.DataFrame({ITEM: vectors[ITEM],
+                                   "__code": np.arange(vectors.height, dtype=np.int64)})
+
+    def profiles(self, rows: pl.DataFrame, n_users: int) -> np.ndarray:
+        """Mean vector per user of ``rows`` (``__user`` index, ``__code``): ``(n_users, D)``."""
+        out = np.zeros((n_users, self.matrix.shape[1]), dtype=np.float32)
+        users, codes = rows["__user"].to_numpy(), rows["__code"].to_numpy()
+        np.add.at(out, users, self.matrix[codes])
+        counts = np.bincount(users, minlength=n_users).astype(np.float32)
+        return out / np.maximum(counts, 1.0)[:, None]
+
+
+def content_features(pairs: pl.DataFrame, hist: pl.DataFrame, vectors: ItemVectors,
+                     recent_items: int) -> pl.DataFrame:
+    """How close each candidate's text is to the user's items: its mean cosine with them.
+
+    Returns ``user_id, item_id, ui_text_last, ui_text_recent, ui_text_bought`` for ``pairs``
+    whose candidate has a vector: the cosine with the user's last item, the mean cosine with
+    the last ``recent_items`` distinct items and with the items the user bought (0 without any).
+    These are what let the ranker trust an item with no events (``i_n_events`` 0,
+    ``i_days_since_first`` null) when its text matches what the user looks at.
+    """
+    users = pairs.select(USER).unique(maintain_order=True).with_row_index("__user")
+    coded = (hist.join(users, on=USER).join(vectors.codes, on=ITEM)
+             .with_columns(pl.col("__user").cast(pl.Int64)))
+    latest = (coded.group_by("__user", "__code").agg(pl.col(POS).max())
+              .with_columns(pl.col(POS).rank("ordinal", descending=True).over("__user")
+                            .alias("__back")))
+    bought = coded.filter(pl.col(EVENT_TYPE) == "purchase").select("__user", "__code").unique()
+    n = users.height
+    profiles = np.stack([vectors.profiles(latest.filter(pl.col("__back") == 1), n),
+                         vectors.profiles(latest.filter(pl.col("__back") <= recent_items), n),
+                         vectors.profiles(bought, n)], axis=1)  # (users, 3, D)
+    found = (pairs.select(USER, ITEM).join(users, on=USER).join(vectors.codes, on=ITEM)
+             .with_columns(pl.col("__user").cast(pl.Int64)))
+    user, code = found["__user"].to_numpy(), found["__code"].to_numpy()
+    sims = np.empty((found.height, 3), dtype=np.float32)
+    for start in range(0, found.height, _PAIR_BLOCK):
+        part = slice(start, start + _PAIR_BLOCK)
+        sims[part] = np.einsum("pkd,pd->pk", profiles[user[part]], vectors.matrix[code[part]])
+    return found.select(USER, ITEM).with_columns(
+        pl.Series(f"ui_text_{name}", sims[:, j].astype(np.float64))
+        for j, name in enumerate(("last", "recent", "bought")))

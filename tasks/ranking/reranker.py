@@ -32,6 +32,7 @@ from models.lgbm_ranker import LightGBMRanker
 from tasks.data.shards import shard_of
 from tasks.ranking.candidate_sources import LABEL, CandidateConfig
 from tasks.ranking.candidates import candidate_recall, user_frame
+from tasks.ranking.external_sources import content_vectors
 from tasks.ranking.features import USER_CHUNK, FeatureConfig, candidate_features, check_features
 from tasks.splitting.split import Split, leave_one_out
 
@@ -215,16 +216,21 @@ class RankingPipeline:
 
     def pairs(self, history: pl.DataFrame, users: Any, targets: pl.DataFrame | None = None,
               external: dict[str, pl.DataFrame] | None = None,
-              covis: CoVisitation | None = None) -> pl.DataFrame:
+              covis: CoVisitation | None = None, vectors: pl.DataFrame | None = None
+              ) -> pl.DataFrame:
         """Candidates of ``users`` from ``history`` with their features (and labels).
 
         ``covis`` is a :class:`CoVisitation` already fitted on ``history``; fitted here if None.
+        ``vectors``: the catalogue's item vectors (text-similarity features); by default those
+        of the pipeline's content source, when it has one.
         """
         cfg = self.config
         covis = covis or CoVisitation(**cfg.covisitation).fit(history)
+        if vectors is None:
+            vectors = content_vectors(self.source)
         return candidate_features(history, users, covis, cfg.candidates, cfg.features,
                                   self.items, external, self.ordered_only, targets,
-                                  cfg.user_chunk)
+                                  cfg.user_chunk, vectors=vectors)
 
     def training_frames(self, split: Split, external: ExternalSources | None = None
                         ) -> TrainingData:
@@ -244,7 +250,8 @@ class RankingPipeline:
                 training_windows(split, self.config.extra_windows, self.config.window_stride)):
             users = window[USER].unique()
             sources = external(history, users) if external else None
-            frame = self.pairs(history, users, window, sources)
+            frame = self.pairs(history, users, window, sources,
+                               vectors=content_vectors(external))
             if j == 0:
                 recall = candidate_recall(frame, window)
                 if self.config.check_features:
