@@ -184,6 +184,12 @@ class RegistryConfig(_Strict):
     latency_requests: int = Field(
         200, gt=0, description="Single-user requests timed per model for the latency guardrail."
     )
+    cold_tolerance: float = Field(
+        0.2, ge=0, le=1, description="Largest relative drop of cold5.recall@20 (test targets "
+        "whose item had at most 5 events before the test window: new items) a challenger may "
+        "have; checked when both sides have cold_min_users users with such a target.")
+    cold_min_users: int = Field(
+        50, ge=1, description="Users with a cold target both sides need for the cold guardrail.")
 
 
 class ServeConfig(_Strict):

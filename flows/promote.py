@@ -43,7 +43,8 @@ def policy_of(registry: RegistryConfig, primary_metric: str, serve_session_items
         primary_metric=primary_metric, margin=registry.margin,
         coverage_tolerance=registry.coverage_tolerance,
         latency_tolerance=registry.latency_tolerance, latency_slack_ms=registry.latency_slack_ms,
-        latency_requests=registry.latency_requests, session_items=serve_session_items)
+        latency_requests=registry.latency_requests, session_items=serve_session_items,
+        cold_tolerance=registry.cold_tolerance, cold_min_users=registry.cold_min_users)
 
 
 def trained_policy(client: MlflowClient, model_name: str, version: str,

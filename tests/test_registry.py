@@ -142,6 +142,14 @@ def test_decide_applies_margin_and_guardrails():
     assert not promote
     assert "live sessions regresses" in reason
     assert decide({**live, "ndcg@10": 0.3, "live.ndcg@10": 0.29}, live, policy)[0]
+    # cold targets (new items): at most 20% below the champion, when both have 50 such users
+    cold = {**champion, "cold5.recall@20": 0.10, "cold5.users": 80.0}
+    promote, reason = decide({**cold, "ndcg@10": 0.3, "cold5.recall@20": 0.07}, cold, policy)
+    assert not promote
+    assert "cold targets regresses: cold5.recall@20 0.0700 < 0.0800" in reason
+    assert decide({**cold, "ndcg@10": 0.3, "cold5.recall@20": 0.085}, cold, policy)[0]
+    few = {**cold, "cold5.users": 12.0}  # too few users: noise, not checked
+    assert decide({**few, "ndcg@10": 0.3, "cold5.recall@20": 0.0}, few, policy)[0]
 
 
 def test_select_best_uses_validation_and_skips_unservable():

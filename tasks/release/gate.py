@@ -11,8 +11,8 @@ before the test window (``t_test``), with alias ``challenger``. The gate (:func:
    recipe is scored as served only when the last event it saw is before the challenger's ``t_test``;
    otherwise the decision is ``incomparable`` and nothing moves. A champion of another shop (tag
    ``data.name``), or whose recipe this version of shoprank cannot refit, is ``incomparable``;
-3. decides with :func:`tasks.release.registry.decide` (margin on the primary metric, coverage and
-   latency guardrails). Both sides are served through the same MLflow pyfunc path and timed on
+3. decides with :func:`tasks.release.registry.decide` (margin on the primary metric, coverage,
+   latency, live-session and cold-target guardrails). Both sides are served through the same MLflow pyfunc path and timed on
    the same mix of requests (every cut-off, with and without a live session, unknown visitors).
 
 The release that follows a decision is :mod:`tasks.release.promotion`.
@@ -361,11 +361,11 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
     ks, exclude_seen = version_settings(client, model_name, version)
     split = read_split(folder)
     n_items = n_items_of(folder, split)
-    if policy.guard_k not in ks:
-        ks = sorted({*ks, policy.guard_k})
+    ks = sorted({*ks, policy.guard_k, policy.cold_k})
     keep = (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms",
             f"live.{policy.primary_metric}", "live.users", "users",
-            f"daily.{policy.primary_metric}")
+            f"daily.{policy.primary_metric}", policy.cold_metric,
+            f"cold{policy.cold_threshold}.users")
     every = folder.parent / "events.parquet"
     events = pl.read_parquet(every, columns=[USER, ITEM, TIMESTAMP]) if every.is_file() else None
 

@@ -4,7 +4,11 @@ The gate that uses them (scoring, recipes, the release) is :mod:`tasks.release.g
 wins when its primary metric beats the champion's by the relative ``margin`` and no guardrail
 regresses: ``coverage@10`` may drop by at most ``coverage_tolerance`` (relative) and the p99
 latency of single-user requests, measured in-process, may grow by at most ``latency_tolerance``
-(relative) plus ``latency_slack_ms``. The first model becomes champion.
+(relative) plus ``latency_slack_ms``; live sessions may score at most ``margin`` below the
+champion's; and on cold targets (test targets whose item had at most ``cold_threshold`` events
+before the test window, :mod:`models.metrics`) ``recall@cold_k`` may drop by at most
+``cold_tolerance`` (relative), checked when both sides have ``cold_min_users`` users with one
+(fewer make the figure noise). The first model becomes champion.
 
 The compare-and-set runs under a lock (:func:`registry_lock`) named after the registered model's
 own id (tag ``shoprank.registry_id``, written when the model is created), so every spelling of
@@ -68,6 +72,15 @@ class PromotionPolicy:
     guard_k: int = 10
     session_items: int = 5
     lock_timeout_s: float = 900.0
+    cold_threshold: int = 5
+    cold_k: int = 20
+    cold_tolerance: float = 0.2
+    cold_min_users: int = 50
+
+    @property
+    def cold_metric(self) -> str:
+        """The guarded cold-target metric, e.g. ``cold5.recall@20``."""
+        return f"cold{self.cold_threshold}.recall@{self.cold_k}"
 
 
 @dataclass
@@ -158,10 +171,19 @@ def decide(challenger: dict[str, float], champion: dict[str, float] | None,
             return False, (f"{metric} wins for returning users ({ours:.4f} vs {theirs:.4f}) but "
                            f"the guardrail of live sessions regresses: {challenger[live]:.4f} < "
                            f"{least:.4f}")
+    cold, users = policy.cold_metric, f"cold{policy.cold_threshold}.users"
+    guarded = (cold in challenger and cold in champion
+               and min(challenger.get(users, 0), champion.get(users, 0)) >= policy.cold_min_users)
+    if guarded and challenger[cold] < champion[cold] * (1 - policy.cold_tolerance):
+        return False, (f"{metric} wins ({ours:.4f} vs {theirs:.4f}) but the guardrail of cold "
+                       f"targets regresses: {cold} {challenger[cold]:.4f} < "
+                       f"{champion[cold] * (1 - policy.cold_tolerance):.4f} (items with at most "
+                       f"{policy.cold_threshold} events before the test window)")
+    cold_note = f", {cold} {challenger[cold]:.4f}" if guarded else ""
     return True, (f"{metric} {ours:.4f} beats the champion's {theirs:.4f} by more than "
                   f"{policy.margin:.1%}; {cov} {challenger[cov]:.4f}, p99 latency "
-                  f"{challenger[LATENCY]:.1f} ms and live sessions "
-                  f"{challenger.get(live, float('nan')):.4f} within their guardrails")
+                  f"{challenger[LATENCY]:.1f} ms, live sessions "
+                  f"{challenger.get(live, float('nan')):.4f}{cold_note} within their guardrails")
 
 
 def registry_id(client: MlflowClient, model_name: str) -> str:
