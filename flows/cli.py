@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from flows.commands import (
+    cmd_catalogue,
     cmd_demo_data,
     cmd_deploy,
     cmd_monitor,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
               shoprank demo-data --out shop/ --events 1000000
               shoprank promote --version 2                     # promote if it beats @champion
               shoprank monitor --data shop/ --format parquet   # decay and drift since its data
+              shoprank catalogue update --items items.csv      # new items, no retraining
               shoprank recommend --k 20 --out recs.parquet     # batch lists of the champion
               shoprank serve --port 5001                       # HTTP /invocations on localhost
               shoprank deploy --cron "0 3 * * *"               # Prefect deployments, served"""),
@@ -198,6 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--model-name", metavar="NAME", help="registered model (shoprank)")
     mon.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
     mon.set_defaults(func=cmd_monitor)
+
+    cat = sub.add_parser(
+        "catalogue", help="update the champion for today's catalogue (new items, unavailable "
+        "ones) without retraining",
+        description="catalogue update: run the Prefect flow `catalogue-update`. Reads the "
+        "shop's current catalogue, encodes its text (cached by content), and registers the "
+        "champion with its serving bundle updated for it, without retraining: items the model "
+        "does not know (launched since its training) join each known user's list when their "
+        "text is near the user's items, join live sessions through their nearest items, and "
+        "give a session on a new item its nearest known items; items with available=false are "
+        "never returned. The new version keeps the champion's recipe and tags, and the alias "
+        "champion moves to it. Running it again on the same catalogue changes nothing.")
+    cat_sub = cat.add_subparsers(dest="action", required=True, metavar="ACTION")
+    upd = cat_sub.add_parser(
+        "update", help="register the champion updated for a catalogue file",
+        description=cat.description)
+    upd.add_argument("--items", required=True, metavar="FILE",
+                     help="the whole current catalogue: CSV or Parquet with item_id and text "
+                     "(title, description, category_id, brand, attributes); optional available "
+                     "(true/false)")
+    upd.add_argument("--map", action="append", metavar="CANONICAL=SOURCE",
+                     help="column mapping, e.g. --map item_id=article_id --map title=prod_name")
+    upd.add_argument("--config", metavar="FILE",
+                     help="YAML file of settings (registry.model_name, content.encoder, "
+                     "content.new_item_weight, output_dir for the vector cache)")
+    upd.add_argument("--model-name", metavar="NAME", help="registered model (shoprank)")
+    upd.add_argument("--new-item-weight", type=float, metavar="W",
+                     help="weight of the new items against the model's list, 0-1 (0.4)")
+    upd.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    upd.set_defaults(func=cmd_catalogue)
 
     rec = sub.add_parser(
         "recommend", help="write batch top-K recommendations to Parquet",

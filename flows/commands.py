@@ -138,6 +138,27 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 3 if result["flagged"] else 0
 
 
+def cmd_catalogue(args: argparse.Namespace) -> int:
+    """Register the champion updated for a catalogue file (``catalogue update``)."""
+    from flows.catalogue import catalogue_update
+    from flows.config import load_config
+
+    config = load_config(args.config, registry__model_name=args.model_name)
+    config.tracking_uri = tracking_uri_of(args, config)
+    result = catalogue_update(config, args.items, parse_pairs(args.map, "--map"),
+                              args.new_item_weight)
+    counts = result["catalogue"]
+    print(f"\n{config.registry.model_name} v{result['version']} (the catalogue of "  # noqa: T201
+          f"{args.items} on v{result['base']}): {counts.get('new_items')} new items, "
+          f"{counts.get('unavailable')} unavailable, {counts.get('users_reached')} users with a "
+          f"new item in their top 10" + ("" if not result["reused"] else "; already registered"))
+    if not result["moved"]:
+        print(f"champion not moved: {result['reason']}")  # noqa: T201
+        return 3
+    print(f"champion -> v{result['version']}")  # noqa: T201
+    return 0
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     """Run the batch recommendation flow."""
     from flows.recommend import recommend

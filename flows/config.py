@@ -151,6 +151,11 @@ class ContentConfig(_Strict):
     ranker_candidates: bool = Field(
         True, description="The content neighbours join the ranker's candidates (source "
         "'content', quota ranker.candidates.n_external) with their rank and score as features.")
+    new_item_weight: float = Field(
+        0.4, ge=0, le=1, description="`shoprank catalogue update`: weight of the new items "
+        "nearest a user's items (in text space) against the model's list, by weighted "
+        "reciprocal rank (0 leaves the lists as they are; 0.4 puts the best match near rank 7 "
+        "of a top 10).")
 
 
 class RegistryConfig(_Strict):

@@ -27,6 +27,7 @@ BRAND = "brand"
 TITLE = "title"
 DESCRIPTION = "description"
 ATTRIBUTES = "attributes"
+AVAILABLE = "available"  # false: never recommended (a business rule of the catalogue)
 
 SCORE = "score"
 RANK = "rank"
@@ -37,7 +38,8 @@ EVENT_TYPES: tuple[str, ...] = (VIEW, CART, FAV, PURCHASE)
 EVENT_REQUIRED: tuple[str, ...] = (USER, ITEM, EVENT_TYPE, TIMESTAMP)
 EVENT_OPTIONAL: tuple[str, ...] = (SESSION, PRICE, QUANTITY)
 ITEM_REQUIRED: tuple[str, ...] = (ITEM,)
-ITEM_OPTIONAL: tuple[str, ...] = (CATEGORY, BRAND, PRICE, TITLE, DESCRIPTION, ATTRIBUTES)
+ITEM_OPTIONAL: tuple[str, ...] = (CATEGORY, BRAND, PRICE, TITLE, DESCRIPTION, ATTRIBUTES,
+                                   AVAILABLE)
 
 # Polars dtype names per canonical column (kept as strings so this module imports nothing).
 EVENT_DTYPES: dict[str, str] = {
@@ -57,4 +59,5 @@ ITEM_DTYPES: dict[str, str] = {
     TITLE: "String",
     DESCRIPTION: "String",
     ATTRIBUTES: "List(String)",
+    AVAILABLE: "Boolean",
 }

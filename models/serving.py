@@ -14,7 +14,10 @@ A *bundle* is a folder holding everything needed to answer a request without the
 * ``history/``: every known user's distinct history items (:class:`models.user_lists.UserItems`,
   memory-mapped), to tell a live session's new items from those the model has seen (bundles
   written before it existed have none: their users' whole sessions count);
-* ``manifest.json`` (family, settings) and ``config.json`` (the resolved training config).
+* ``manifest.json`` (family, settings) and ``config.json`` (the resolved training config);
+* ``catalogue/``, after a catalogue update (:mod:`models.catalogue`): items that are not
+  available (never returned) and each item's nearest new items, which a live session's counted
+  items propose (blended by ``catalogue.new_item_weight``).
 
 A request record has ``user_id``, optional ``k`` (default 10), optional ``recent_items`` (item ids
 of a live session, newest last) and optional ``exclude`` (item ids never to return). Known users
@@ -44,6 +47,7 @@ from typing import Any
 import polars as pl
 
 from models.base import POP_RANK
+from models.catalogue import read_catalogue_part
 from models.columns import ITEM, RANK, SCORE, USER
 from models.errors import ConfigError, DataError
 from models.requests import Request, RequestError, parse_requests
@@ -151,6 +155,9 @@ class ServingModel:
         self.session_weight = float(manifest.get("session_weight", DEFAULT_SESSION_WEIGHT))
         self.list_depth = int(manifest.get("list_depth", LEGACY_LIST_DEPTH))
         self.session_model = bool(manifest.get("session_model", False))
+        self.unavailable, links = read_catalogue_part(folder) if folder else (set(), None)
+        self._new_links = None if links is None else SessionNeighbours(links)
+        self.new_item_weight = float(manifest.get("catalogue", {}).get("new_item_weight", 0.0))
         top = self.trending[SCORE].max() if self.trending.height else None
         self._trend_scale = 1.0 / top if top else 0.0
         head = self.trending.head(self.max_k + TRENDING_SLACK)
@@ -299,7 +306,21 @@ class ServingModel:
                 own = lists.get(r.user_id)
                 lists[r.user_id] = session if own is None else blend(
                     own, session[: self.list_depth], self.session_weight)
+        if self._new_links is not None and self.new_item_weight > 0:
+            self._add_new_items(requests, sessions, lists)
         return self._assemble(requests, lists)
+
+    def _add_new_items(self, requests: Sequence[Request], sessions: Mapping[str, list[str]],
+                       lists: dict[str, list[tuple[str, float]]]) -> None:
+        """Blend into each session's list the new items nearest its counted items (in place)."""
+        for r in requests:
+            recent = sessions.get(r.user_id)
+            proposed = self._new_links.session_list(  # type: ignore[union-attr]
+                recent, self.session_items, self.session_decay) if recent else None
+            if proposed:
+                own = lists.get(r.user_id)
+                lists[r.user_id] = proposed if not own else blend(
+                    own, proposed[: self.list_depth], self.new_item_weight)
 
     def recommend_users(self, users: Sequence[str] | pl.Series, k: int = 10) -> pl.DataFrame:
         """Batch lists for ``users`` (known ones by the model, others by trending items)."""
@@ -359,13 +380,15 @@ class ServingModel:
         columns: dict[str, list] = {USER: [], ITEM: [], SCORE: [], RANK: []}
         for r in requests:
             taken = set(r.exclude)
-            chosen = [(i, s) for i, s in lists.get(r.user_id, ()) if i not in taken][: r.k]
+            gone = self.unavailable
+            chosen = [(i, s) for i, s in lists.get(r.user_id, ())
+                      if i not in taken and i not in gone][: r.k]
             floor = min([0.0, *(s for _, s in chosen)])
             taken.update(i for i, _ in chosen)
             for item, share in zip(self._trend_items, self._trend_shares, strict=True):
                 if len(chosen) >= r.k:
                     break
-                if item not in taken:
+                if item not in taken and item not in gone:
                     chosen.append((item, share - 1.0 + floor))
             for rank, (item, score) in enumerate(chosen, start=1):
                 columns[USER].append(r.user_id)

@@ -174,7 +174,8 @@ def _generic_files(path: Path, fmt: str) -> tuple[Path, Path | None]:
     return events[0], (items[0] if items else None)
 
 
-def _generic_items(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
+def read_items(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
+    """A canonical items table from a CSV or Parquet catalogue (``column_map`` renames)."""
     raw = apply_column_map(read_table(file), column_map, list(ITEM_DTYPES), file)
     require(raw.columns, ITEM_REQUIRED, str(file), _MAP_HINT)
     frame = convert(raw, str(file), {c: c for c in ITEM_DTYPES if c != ATTRIBUTES})
@@ -192,7 +193,7 @@ def _load_generic(path: Path, opts: Options) -> RawData:
     frame, notes = map_event_types(frame, opts.event_map, str(events_file))
     if unused := [c for c in raw.columns if c not in EVENT_DTYPES]:
         notes.append(f"columns of {events_file.name} not used: {', '.join(unused)}")
-    items = _generic_items(items_file, opts.column_map) if items_file else None
+    items = read_items(items_file, opts.column_map) if items_file else None
     return RawData(finish_events(frame), items, file_stem(path), notes=notes)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 import polars as pl
 
 from models.columns import (
+    AVAILABLE,
     BRAND,
     CATEGORY,
     EVENT_DTYPES,
@@ -40,7 +41,9 @@ _MAX_LISTED = 10
 _POLARS_DTYPES: dict[str, pl.DataType] = {
     "String": pl.String(), "Float64": pl.Float64(), "Int64": pl.Int64(),
     "Datetime(us, UTC)": pl.Datetime("us", "UTC"), "List(String)": pl.List(pl.String()),
+    "Boolean": pl.Boolean(),
 }
+_TRUE, _FALSE = ("true", "1", "yes", "y", "t"), ("false", "0", "no", "n", "f")
 _EPOCH_UNITS = ((1e11, "s", 1e6), (1e14, "ms", 1e3), (1e17, "us", 1.0), (float("inf"), "ns", 1e-3))
 
 
@@ -177,6 +180,21 @@ def to_attributes(values: pl.Series) -> pl.Series:
     return parts.list.eval(pl.element().filter(pl.element() != ""))
 
 
+def to_bool(values: pl.Series, source: str) -> pl.Series:
+    """Booleans from booleans, 0/1 numbers or text (true/false, yes/no, 1/0; case ignored)."""
+    if values.dtype == pl.Boolean:
+        return values
+    text = pl.col("t").cast(pl.String).str.strip_chars().str.to_lowercase()
+    result = pl.DataFrame({"t": values}).select(
+        pl.when(text.is_in(_TRUE)).then(True).when(text.is_in(_FALSE)).then(False)
+        .otherwise(None)).to_series()
+    bad = values.filter(result.is_null() & values.is_not_null())
+    if bad.len():
+        raise _bad_values(source, bad.cast(pl.String), values.len(), "true or false",
+                          "Write true/false (or 1/0, yes/no).")
+    return result.alias(values.name)
+
+
 def convert(
     raw: pl.DataFrame, source: str, spec: Mapping[str, str], formats: Sequence[str] = ()
 ) -> pl.DataFrame:
@@ -195,6 +213,8 @@ def convert(
             values = to_timestamp(values, source, formats)
         elif canon in (EVENT_TYPE, BRAND, TITLE):
             values = values.cast(pl.String)
+        elif canon == AVAILABLE:
+            values = to_bool(values, source)
         columns.append(values.alias(canon))
     return pl.DataFrame(columns)
 

@@ -29,7 +29,7 @@ from prefect import get_run_logger, task
 
 from models.errors import DataError
 from tasks import tracking
-from tasks.data.adapters import _generic_files, _generic_items, load_raw
+from tasks.data.adapters import _generic_files, load_raw, read_items
 from tasks.data.demo_data import write_demo_shop
 from tasks.data.prepare import DataPaths, shop_name
 from tasks.data.readers import find_files, reading
@@ -117,7 +117,7 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
     notes = _reshard_parquet(files, workdir / "events", n_shards or default_shards(_rows(files)),
                              column_map, event_map)
     if items_source is not None:
-        _generic_items(items_source, column_map).write_parquet(workdir / "items.parquet")
+        read_items(items_source, column_map).write_parquet(workdir / "items.parquet")
     return _Loaded(source, notes=notes)
 
 

@@ -241,15 +241,22 @@ def ensure_registered_model(client: MlflowClient, name: str, shop: str | None = 
 
 
 def package_and_register(
-    run_id: str, bundle: Path, split_dir: Path, *, family: str, model_name: str,
+    run_id: str, bundle: Path, split_dir: Path | None, *, family: str, model_name: str,
     tracking_uri: str, tags: dict[str, str], description: str, alias: str | None = CHALLENGER,
-    artifact_path: str = ARTIFACT_PATH,
+    artifact_path: str = ARTIFACT_PATH, example: pd.DataFrame | None = None,
 ) -> PackagedModel:
-    """Save, log (to ``run_id``) and register the bundle; point ``alias`` (if any) at it."""
+    """Save, log (to ``run_id``) and register the bundle; point ``alias`` (if any) at it.
+
+    The pyfunc's input example is ``example``, else one from the split (:func:`input_example`).
+    """
     client = MlflowClient(tracking_uri)
+    if example is None:
+        if split_dir is None:
+            raise ConfigError("package_and_register needs the split folder or an example.")
+        example = input_example(split_dir)
     with tempfile.TemporaryDirectory(prefix="shoprank-pyfunc-") as tmp:
         local = Path(tmp) / ARTIFACT_PATH
-        save_pyfunc(bundle, local, family, input_example(split_dir))
+        save_pyfunc(bundle, local, family, example)
         size = folder_bytes(local)
         start = time.perf_counter()
         mlflow.pyfunc.load_model(str(local))
