@@ -189,7 +189,8 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
         vectors, config.content.encoder,
     )
     transformer = None
-    sequence_config = config.transformer.settings(config.seed)
+    sequence_config = config.transformer.settings(config.seed).model_copy(update={
+        "content_encoder": config.content.encoder if vectors is not None else None})
     if config.transformer.enabled:
         seed_everything(config.seed)
         transformer = evaluate_transformer(

@@ -6,8 +6,11 @@ Read top to bottom: :class:`TransformerConfig` (every hyper-parameter), then the
 :class:`models.transformer.SequentialTransformer`.
 
 Each user's most recent events form a right-padded window of ``max_len`` positions. The input at
-a position is the sum of the item embedding (plus, optionally, the mean of the item's attribute
-embeddings), a learned position embedding, and optionally event-type and time-gap embeddings.
+a position is the sum of the item representation, a learned position embedding, and optionally
+event-type and time-gap embeddings. An item is represented by its id embedding plus, optionally,
+the mean of its attribute embeddings and a learned projection of its catalogue text vector; an
+item known only from the catalogue (no events) has no id embedding and is represented by its
+text and attributes alone, which item-id dropout teaches the network to read.
 Pre-LN causal self-attention blocks turn it into one hidden state per position; the score of item
 ``j`` after position ``t`` is the dot product of the hidden state with the same item table that
 embeds the inputs. Training predicts the next item at every position (full or sampled softmax).
@@ -56,6 +59,11 @@ class TransformerConfig:
         n_time_buckets: Number of time-gap buckets (padding and first event included).
         use_item_features: Add the mean of each item's attribute embeddings (category id and
             ``attributes`` of the catalogue given to ``fit``) to its item embedding.
+        use_item_text: When ``fit`` is given item text vectors, add their learned projection to
+            each item's embedding and rank the catalogue items without events too.
+        item_id_dropout: With item text, the probability that training replaces an item's id
+            embedding by zero (per occurrence, in inputs, targets and negatives), so that the
+            text stands in for the id of an item without events.
         seed: Seed of weights, dropout, data order and negative sampling.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         compile: Compile the network with ``torch.compile``.
@@ -91,6 +99,8 @@ class TransformerConfig:
     use_time_gap: bool = True
     n_time_buckets: int = 24
     use_item_features: bool = True
+    use_item_text: bool = True
+    item_id_dropout: float = 0.25
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -112,6 +122,7 @@ class TransformerConfig:
                 "a positive divisor of hidden_size",
             ),
             "dropout": (0 <= self.dropout < 1 and 0 <= self.emb_dropout < 1, "in [0, 1)"),
+            "item_id_dropout": (0 <= self.item_id_dropout < 1, "in [0, 1)"),
             "n_time_buckets": (self.n_time_buckets >= 3, "at least 3"),
         }
         for name in (
@@ -215,13 +226,22 @@ class SASRec(nn.Module):
         cfg: Hyper-parameters.
         n_items: Catalogue size (item indices ``1..n_items``; 0 is padding).
         item_attrs: ``(n_items + 1, A)`` attribute indices per item (0 = none), or None.
+        item_text: ``(n_items + 1, D)`` float32 text vector per item (zero rows: none), or None.
+        n_id_items: Items ``1..n_id_items`` have an id embedding (those with events); the
+            others are represented by their text and attributes only (default: every item).
     """
 
     def __init__(
-        self, cfg: TransformerConfig, n_items: int, item_attrs: torch.Tensor | None
+        self,
+        cfg: TransformerConfig,
+        n_items: int,
+        item_attrs: torch.Tensor | None,
+        item_text: torch.Tensor | None = None,
+        n_id_items: int | None = None,
     ) -> None:
         super().__init__()
         d = cfg.hidden_size
+        self.id_dropout = cfg.item_id_dropout if item_text is not None else 0.0
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.type_emb = (
@@ -236,10 +256,20 @@ class SASRec(nn.Module):
             self.attr_emb = nn.EmbeddingBag(
                 int(item_attrs.max()) + 1, d, mode="mean", padding_idx=0
             )
+        self.text_proj = None
+        if item_text is not None:
+            self.register_buffer("item_text", item_text, persistent=False)
+            self.text_proj = nn.Linear(item_text.shape[1], d, bias=False)
+        # 1 for items with an id embedding; the others' rows stay zero and get no gradient
+        has_id = torch.arange(n_items + 1) <= (n_items if n_id_items is None else n_id_items)
+        has_id[0] = False
+        self.register_buffer("has_id", has_id, persistent=False)
         self.drop = Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.ln_f = nn.LayerNorm(d)
         self.apply(self._init_weights)
+        with torch.no_grad():
+            self.item_emb.weight[~has_id] = 0.0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -254,19 +284,25 @@ class SASRec(nn.Module):
     def embed_items(self, ids: torch.Tensor) -> torch.Tensor:
         """Item representations of ``ids`` (any shape ``S``) -> ``(*S, d)``.
 
-        The item embedding plus the mean embedding of the item's attributes (when there are any).
+        The item's id embedding (zero for an item without one, and in training zero with
+        probability ``item_id_dropout``), plus the mean embedding of its attributes and the
+        projection of its text vector (when there are any).
         """
-        x = self.item_emb(ids)  # (*S, d)
+        keep = self.has_id[ids]  # (*S,)
+        if self.training and self.id_dropout > 0:
+            keep = keep & (torch.rand(ids.shape, device=ids.device) >= self.id_dropout)
+        x = self.item_emb(ids) * keep.unsqueeze(-1)  # (*S, d)
         if self.attr_emb is not None:
             attrs = self.item_attrs[ids.reshape(-1)]  # (prod S, A)
             x = x + self.attr_emb(attrs).view(x.shape)  # mean over non-padding attributes
+        if self.text_proj is not None:
+            x = x + self.text_proj(self.item_text[ids])  # (*S, d)
         return x
 
-    def item_table(self) -> torch.Tensor:
-        """All item representations ``(n_items + 1, d)``; row 0 is padding."""
-        return self.embed_items(
-            torch.arange(self.item_emb.num_embeddings, device=self.item_emb.weight.device)
-        )
+    def item_table(self, n_items: int | None = None) -> torch.Tensor:
+        """Item representations ``(n_items + 1, d)`` (default: every item); row 0 is padding."""
+        rows = self.item_emb.num_embeddings if n_items is None else n_items + 1
+        return self.embed_items(torch.arange(rows, device=self.item_emb.weight.device))
 
     def forward(
         self,

@@ -122,13 +122,37 @@ class Sequences:
         return pd.Index(self.users).get_indexer(users.astype(str))
 
 
-def item_vocabulary(events: pd.DataFrame) -> np.ndarray:
-    """Sorted distinct item ids of the fitted events; item index = position + 1.
+def item_vocabulary(events: pd.DataFrame, extra_items: np.ndarray | None = None) -> np.ndarray:
+    """Sorted distinct item ids of the events, then the sorted other ``extra_items``.
 
-    Only items of the history a model is fitted on: a catalogue item first seen later (in a
-    validation or test window) would otherwise be ranked with an embedding nothing trained.
+    Item index = position + 1. Without ``extra_items``, only items of the history a model is
+    fitted on: a catalogue item first seen later (in a validation or test window) would otherwise
+    be ranked with an embedding nothing trained. ``extra_items`` are items a model can represent
+    without events (by their text); coming after the event items, they leave the event items'
+    indices unchanged.
     """
-    return np.sort(np.asarray(events[ITEM].astype(str).unique(), dtype=str))
+    seen = np.sort(np.asarray(events[ITEM].astype(str).unique(), dtype=str))
+    if extra_items is None:
+        return seen
+    extra = np.setdiff1d(np.asarray(extra_items, dtype=str), seen)  # sorted, distinct
+    return np.concatenate([seen, extra])
+
+
+def item_vector_matrix(ids: np.ndarray, vectors: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    """Vectors aligned with the item vocabulary: row ``i`` is item index ``i``.
+
+    Args:
+        ids: Item ids of ``vectors``, shape ``(N,)``, distinct.
+        vectors: One vector per id, ``(N, D)``.
+        item_ids: The item vocabulary from :func:`item_vocabulary`.
+
+    Returns:
+        float32 ``(n_items + 1, D)``; row 0 (padding) and items without a vector are zero.
+    """
+    matrix = np.zeros((len(item_ids) + 1, vectors.shape[1]), dtype=np.float32)
+    where = pd.Index(ids).get_indexer(item_ids)  # (n_items,), -1: no vector
+    matrix[1:][where >= 0] = vectors[where[where >= 0]]
+    return matrix
 
 
 def build_sequences(events: pd.DataFrame, item_ids: np.ndarray, n_time_buckets: int) -> Sequences:

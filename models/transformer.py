@@ -4,6 +4,10 @@
 hyper-parameters: :class:`~models.sasrec.TransformerConfig`) on canonical events with the loop of
 :mod:`models.transformer_training`, and answers ``recommend`` / ``recommend_session`` /
 ``score`` / ``user_state`` with pandas DataFrames, like the other families' estimators.
+
+Given the catalogue's item text vectors (:func:`models.item_text.encode_items`), it ranks the
+catalogue items without events too: they follow the event items in its vocabulary and are
+represented by the projection of their text (and their attributes).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from models import seqdata, transformer_training
 from models.columns import EVENT_TYPES, ITEM, RANK, SCORE, USER
 from models.errors import ConfigError, DataError, ShoprankError, require_columns
+from models.item_text import VECTOR
 from models.sasrec import SASRec, TransformerConfig
 
 __all__ = ["SASRec", "SequentialTransformer", "TransformerConfig"]
@@ -65,6 +70,7 @@ class SequentialTransformer:
         on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
         validate: Callable[[SequentialTransformer], dict[str, float]] | None = None,
         monitor: str = "ndcg@10",
+        item_vectors: Any = None,
     ) -> Self:
         """Train on canonical events.
 
@@ -74,7 +80,8 @@ class SequentialTransformer:
                 per-epoch validation metrics and early stopping: Recall@10 and NDCG@10 of the
                 full catalogue, seen items filtered.
             items: Catalogue (``item_id``; optional ``category_id``, ``attributes``): its
-                attributes feed the item features. Only items of ``events`` are ranked.
+                attributes feed the item features. Only items of ``events`` are ranked, unless
+                ``item_vectors`` are given.
             on_epoch: Called as ``on_epoch(epoch, metrics)`` after every epoch; returning True
                 stops training (e.g. an Optuna pruner).
             validate: Instead of ``valid_targets``, your validation: ``validate(self)`` returns
@@ -82,6 +89,10 @@ class SequentialTransformer:
                 called every ``eval_every`` epochs for ``history_``, ``on_epoch`` and early
                 stopping.
             monitor: The validation metric whose best epoch's weights are kept.
+            item_vectors: ``item_id, vector`` (pandas or polars; e.g.
+                :func:`models.item_text.encode_items`): with ``use_item_text``, each item's
+                text vector feeds its representation, and every item with a non-zero vector is
+                ranked, events or not.
         """
         if validate is not None and valid_targets is not None:
             raise ConfigError("give valid_targets (the built-in next-item validation) or "
@@ -94,7 +105,14 @@ class SequentialTransformer:
         catalogue = None if items is None else seqdata.as_pandas(items, "items")
         if catalogue is not None:
             require_columns(catalogue.columns, (ITEM,), "items")
-        self.item_ids_ = seqdata.item_vocabulary(events)
+        use_text = item_vectors is not None and cfg.use_item_text
+        text = text_vectors(item_vectors) if use_text else None
+        if text is None:
+            self.item_ids_, self.item_text_ = seqdata.item_vocabulary(events), None
+        else:
+            ids, vectors = text
+            self.item_ids_ = seqdata.item_vocabulary(events, ids[np.abs(vectors).sum(1) > 0])
+            self.item_text_ = seqdata.item_vector_matrix(ids, vectors, self.item_ids_)
         self.sequences_ = seqdata.build_sequences(events, self.item_ids_, cfg.n_time_buckets)
         self.item_attrs_, self.attribute_names_ = seqdata.item_attribute_matrix(
             catalogue if cfg.use_item_features else None, self.item_ids_
@@ -109,9 +127,17 @@ class SequentialTransformer:
         transformer_training.train(self, validation, on_epoch, monitor)
         return self
 
+    @property
+    def n_event_items_(self) -> int:
+        """Items with fitted events: indices ``1..n_event_items_`` (the others follow them)."""
+        return int(np.count_nonzero(self.popularity_[1:]))
+
     def _build_model(self) -> SASRec:
         attrs = torch.from_numpy(self.item_attrs_) if self.item_attrs_.max() > 0 else None
-        return SASRec(self.config, len(self.item_ids_), attrs).to(self.device_)
+        text = None if self.item_text_ is None else torch.from_numpy(self.item_text_)
+        return SASRec(
+            self.config, len(self.item_ids_), attrs, text, self.n_event_items_
+        ).to(self.device_)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device_)
@@ -273,7 +299,7 @@ class SequentialTransformer:
 
     def _popular(self, positions: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
         """Fallback lists: the ``k`` most popular fitted items for each of ``positions``."""
-        order = np.argsort(-self.popularity_[1:], kind="stable")[:k] + 1
+        order = np.argsort(-self.popularity_[1:], kind="stable")[: min(k, self.n_event_items_)] + 1
         share = self.popularity_[order] / max(int(self.popularity_.sum()), 1)
         n = len(positions)
         return np.repeat(positions, len(order)), np.tile(order, n), np.tile(share, n)
@@ -330,7 +356,10 @@ class SequentialTransformer:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
-        """Write config, metrics history, weights, id mappings and fitted sequences to a folder."""
+        """Write config, history, weights, id mappings, sequences and item text to a folder.
+
+        The item text vectors are written when the model was fitted with them.
+        """
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -343,6 +372,7 @@ class SequentialTransformer:
         (path / "config.json").write_text(json.dumps(meta, indent=2))
         torch.save(self.model_.state_dict(), path / "model.pt")
         seqs = self.sequences_
+        text = {} if self.item_text_ is None else {"item_text": self.item_text_}
         np.savez_compressed(
             path / "state.npz",
             item_ids=self.item_ids_,
@@ -354,6 +384,7 @@ class SequentialTransformer:
             items=seqs.items,
             types=seqs.types,
             gaps=seqs.gaps,
+            **text,
         )
         logger.info("saved SequentialTransformer to %s", path)
 
@@ -372,6 +403,7 @@ class SequentialTransformer:
             arrays = {name: state[name] for name in state.files}
         model.item_ids_, model.attribute_names_ = arrays["item_ids"], arrays["attribute_names"]
         model.item_attrs_, model.popularity_ = arrays["item_attrs"], arrays["popularity"]
+        model.item_text_ = arrays.get("item_text")  # absent: fitted without text vectors
         model.sequences_ = seqdata.Sequences(
             *(arrays[n] for n in ("users", "offsets", "items", "types", "gaps"))
         )
@@ -382,3 +414,24 @@ class SequentialTransformer:
         model.model_.load_state_dict(weights)
         model.model_.eval()
         return model
+
+
+def text_vectors(frame: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(item ids (N,), float32 vectors (N, D))`` of an ``item_id, vector`` frame.
+
+    Raises:
+        DataError: Not a pandas or polars frame, ids repeat, or vectors are ragged or not finite.
+    """
+    frame = seqdata.as_pandas(frame, "item_vectors") if not hasattr(frame, "columns") else frame
+    require_columns(frame.columns, (ITEM, VECTOR), "item_vectors")
+    ids = seqdata.as_id_series(frame[ITEM]).to_numpy(dtype=str)
+    values = frame[VECTOR].to_numpy()  # polars Array: (N, D); pandas or polars List: objects
+    try:
+        vectors = np.asarray(np.stack(values) if values.dtype == object else values, np.float32)
+    except ValueError as err:
+        raise DataError("item_vectors must hold vectors of one length.") from err
+    if vectors.ndim != 2 or len(vectors) != len(ids) or not np.isfinite(vectors).all():
+        raise DataError("item_vectors must hold one finite vector of one length per item_id.")
+    if len(np.unique(ids)) != len(ids):
+        raise DataError("item_vectors has repeated item_id values: give one vector per item.")
+    return ids, vectors

@@ -138,8 +138,10 @@ def train_epoch(
         f = flat[plan.target_bounds[b] : plan.target_bounds[b + 1]]  # (N,)
         w = int(plan.widths[b])
         with est._autocast():
-            # The full softmax needs every item; sampled softmax embeds only what it uses.
-            table = est.model_.item_table() if cfg.loss == "softmax" else None  # (V, d)
+            # The full softmax needs every item with events (the only possible targets);
+            # sampled softmax embeds only what it uses.
+            table = (est.model_.item_table(est.n_event_items_) if cfg.loss == "softmax"
+                     else None)  # (V, d)
             h = forward(
                 data["items"][r, :w], data["types"][r, :w], data["gaps"][r, :w], table
             )  # (B, w, d)
@@ -191,10 +193,16 @@ def training_tensors(est: SequentialTransformer) -> dict[str, Any]:
 
 def negative_sampler(est: SequentialTransformer, generator: torch.Generator
                      ) -> Callable[[], tuple[torch.Tensor, ...]]:
-    """Draws of ``n_negatives`` items and their log-probabilities (uniform or by popularity)."""
-    cfg, n_items = est.config, len(est.item_ids_)
+    """Draws of ``n_negatives`` items and their log-probabilities (uniform or by popularity).
+
+    Only items with events are drawn: an item known only by its text is never a target in
+    training, and drawing it would teach the network to push it down (and, in a catalogue of
+    many such items, leave few informative negatives).
+    """
+    cfg, n_items = est.config, est.n_event_items_
     if cfg.negative_sampler == "popularity":
-        probs = losses.popularity_probs(est._tensor(est.popularity_), cfg.popularity_alpha)
+        counts = est._tensor(est.popularity_[: n_items + 1])
+        probs = losses.popularity_probs(counts, cfg.popularity_alpha)
         return lambda: losses.popularity_negatives(probs, cfg.n_negatives, generator)
     return lambda: losses.uniform_negatives(n_items, cfg.n_negatives, generator, est.device_)
 

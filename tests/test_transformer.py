@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gzip
 import math
 
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
 
 import models.transformer as transformer_module
 from models import losses, seqdata, transformer_training
-from models.columns import ATTRIBUTES, CATEGORY, EVENT_TYPE, ITEM, RANK, SCORE, TIMESTAMP, USER
+from models.columns import (
+    ATTRIBUTES,
+    CATEGORY,
+    EVENT_TYPE,
+    ITEM,
+    RANK,
+    SCORE,
+    TIMESTAMP,
+    TITLE,
+    USER,
+)
 from models.errors import ConfigError, DataError, MissingColumnsError
+from models.item_text import VECTOR, WordLlamaEncoder, encode_items
 from models.transformer import SASRec, SequentialTransformer, TransformerConfig
+from tasks.transformer.sequence import SequenceConfig, catalogue_vectors, fit_final
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 N_TOY_ITEMS = 30
@@ -285,6 +300,11 @@ def test_save_then_load_scores_identically(
     np.testing.assert_array_equal(fitted.user_state(valid[USER]), loaded.user_state(valid[USER]))
     assert loaded.config == fitted.config
     assert loaded.history_ == fitted.history_
+    # fitted without item text: the folder holds what it always held, and loads without text
+    with np.load(tmp_path / "model" / "state.npz") as state:
+        assert "item_text" not in state.files
+    assert loaded.item_text_ is None
+    assert loaded.model_.text_proj is None
 
 
 def test_recommend_excludes_seen_items(
@@ -440,3 +460,125 @@ def test_a_live_session_extends_the_fitted_sequence(
     # the next item of the walk is on top: the session, not the old history, decides
     assert live.loc[(live[USER] == "u0") & (live[RANK] == 1), ITEM].item() == "i5"
     assert fitted.recommend_session(["nobody", "u0"], [["i1"], ["nothing"]], k=3).empty
+
+
+# ---------------------------------------------------------------- item text
+TEXT_GROUPS = ("red wool sweater", "garden water hose", "steel kitchen knife",
+               "leather running shoes")
+PER_GROUP = 8
+N_TEXT_USERS = 160
+
+
+def _group_of(user: pd.Series) -> pd.Series:
+    return user.str[1:].astype(int) % len(TEXT_GROUPS)
+
+
+@pytest.fixture(scope="module")
+def text_shop() -> tuple[pd.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Users who stay in one group of items; titles cluster by group.
+
+    Returns events, the catalogue and its item vectors. The catalogue has one more item per
+    group, ``g<k>-new``, that no event mentions, titled like its group.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(N_TEXT_USERS):
+        group = u % len(TEXT_GROUPS)
+        picked = rng.choice(PER_GROUP, rng.integers(4, 7), replace=False)
+        rows += [(f"u{u}", f"g{group}-{j}") for j in picked]
+    suffixes = [*map(str, range(PER_GROUP)), "new"]
+    catalogue = pl.DataFrame({
+        ITEM: [f"g{g}-{j}" for g in range(len(TEXT_GROUPS)) for j in suffixes],
+        TITLE: [f"{name} model {j}" for name in TEXT_GROUPS for j in suffixes],
+    })
+    return _events(rows), catalogue, encode_items(catalogue, WordLlamaEncoder())
+
+
+@pytest.fixture(scope="module")
+def text_fitted(text_shop: tuple[pd.DataFrame, pl.DataFrame, pl.DataFrame]
+                ) -> SequentialTransformer:
+    events, _, vectors = text_shop
+    return SequentialTransformer(_tiny()).fit(events, item_vectors=vectors)
+
+
+def test_vocabulary_puts_catalogue_only_items_after_the_event_items() -> None:
+    events = _events([("a", "y"), ("a", "x")])
+    item_ids = seqdata.item_vocabulary(events, np.array(["w", "x", "z", "w"]))
+    assert item_ids.tolist() == ["x", "y", "w", "z"]
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    matrix = seqdata.item_vector_matrix(np.array(["z", "x", "q"]), vectors, item_ids)
+    assert matrix.dtype == np.float32
+    assert matrix.tolist() == [[0, 0], [0, 1], [0, 0], [0, 0], [1, 0]]
+
+
+def test_items_without_events_are_ranked_by_their_text(
+    text_fitted: SequentialTransformer, text_shop: tuple[pd.DataFrame, pl.DataFrame, pl.DataFrame]
+) -> None:
+    """A new item ranks first among the new items for the users of its group, and is offered."""
+    events, _, _ = text_shop
+    model = text_fitted
+    new_items = [f"g{g}-new" for g in range(len(TEXT_GROUPS))]
+    assert model.item_ids_[: model.n_event_items_].tolist() == seqdata.item_vocabulary(
+        events).tolist()  # event items keep their indices; the new ones follow
+    assert sorted(model.item_ids_[model.n_event_items_ :]) == new_items
+    never_trained = model.model_.item_emb.weight[model.n_event_items_ + 1 :]
+    assert not never_trained.abs().sum()  # no id embedding: text (and attributes) only
+    users = pd.Series([f"u{u}" for u in range(N_TEXT_USERS)])
+    pairs = pd.DataFrame([(u, i) for u in users for i in new_items], columns=[USER, ITEM])
+    scored = model.score(None, pairs)
+    assert np.isfinite(scored[SCORE]).all()
+    best = scored.loc[scored.groupby(USER)[SCORE].idxmax()]
+    assert (best[ITEM] == "g" + _group_of(best[USER]).astype(str) + "-new").mean() > 0.9
+    recs = model.recommend(users, k=5)
+    own_new = recs[recs[ITEM] == "g" + _group_of(recs[USER]).astype(str) + "-new"]
+    assert own_new[USER].nunique() / len(users) > 0.8
+    ids, table = model.item_vectors()
+    assert set(new_items) <= set(ids)
+    assert np.isfinite(table).all()
+
+
+def test_negatives_are_drawn_from_items_with_events(text_fitted: SequentialTransformer) -> None:
+    for sampler in ("uniform", "popularity"):
+        model = copy.copy(text_fitted)
+        model.config = dataclasses.replace(model.config, negative_sampler=sampler,
+                                           n_negatives=5000)
+        draw = transformer_training.negative_sampler(model, torch.Generator().manual_seed(0))
+        ids, logq = draw()
+        assert int(ids.min()) >= 1
+        assert int(ids.max()) == model.n_event_items_  # never an item known only by its text
+        assert torch.isfinite(logq).all()
+
+
+def test_item_text_round_trips_through_save_and_load(
+    text_fitted: SequentialTransformer, tmp_path: object
+) -> None:
+    text_fitted.save(tmp_path / "model")
+    loaded = SequentialTransformer.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.item_text_, text_fitted.item_text_)
+    users = [f"u{u}" for u in range(12)]
+    pd.testing.assert_frame_equal(text_fitted.recommend(users, k=6), loaded.recommend(users, k=6))
+    pairs = pd.DataFrame({USER: users, ITEM: [f"g{u % 4}-new" for u in range(12)]})
+    pd.testing.assert_frame_equal(text_fitted.score(None, pairs), loaded.score(None, pairs))
+
+
+def test_item_text_off_or_absent_ranks_event_items_only(
+    text_shop: tuple[pd.DataFrame, pl.DataFrame, pl.DataFrame],
+) -> None:
+    events, catalogue, vectors = text_shop
+    off = SequentialTransformer(_tiny(epochs=1, use_item_text=False)).fit(
+        events, item_vectors=vectors)
+    assert len(off.item_ids_) == off.n_event_items_ == events[ITEM].nunique()
+    assert off.item_text_ is None
+    assert off.model_.text_proj is None
+    with pytest.raises(MissingColumnsError, match=VECTOR):
+        SequentialTransformer(_tiny(epochs=1)).fit(events, item_vectors=vectors.drop(VECTOR))
+    with pytest.raises(ConfigError, match="item_id_dropout"):
+        TransformerConfig(item_id_dropout=1.0)
+    # the pipeline encodes the catalogue only with an encoder and words to read
+    settings = {"model": {"num_threads": 1, "device": "cpu", "n_negatives": 16}}
+    assert catalogue_vectors(catalogue, SequenceConfig(**settings)) is None
+    with_encoder = SequenceConfig(content_encoder="wordllama", **settings)
+    assert catalogue_vectors(catalogue.select(ITEM), with_encoder) is None
+    params = {"hidden_size": 16, "n_blocks": 1, "n_heads": 1, "max_len": 8}
+    refit = fit_final(pl.from_pandas(events), catalogue, with_encoder, params, epochs=1)
+    assert "g0-new" in set(refit.item_ids_)

@@ -9,6 +9,8 @@ early-stops the trial and goes to the pruner, which stops trials that fall below
 earlier ones at the same epoch. The loss, speed, NDCG@10, Recall@10 and the primary metric of
 every epoch go to the trial's nested MLflow run as curves (``epoch.*``). A trial's value is the
 primary metric of its kept weights, so the families compete on one metric.
+With a ``content_encoder``, the catalogue's text is encoded once per call and every fit reads
+the item vectors: the transformer then ranks catalogue items without events too.
 The best parameters are refitted on train + validation for as many epochs as the best trial
 needed, scored on the test window and saved as the servable ``transformer`` model. Beside it go
 the validation lists behind its ``valid`` metrics (:data:`models.session_blend.VALID_LISTS`).
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.columns import ITEM, SCORE, USER
 from models.errors import ConfigError, DataError
+from models.item_text import encode_items, encoder_from_spec, has_text
 from models.metrics import ACCURACY_METRICS, evaluate
 from models.session_blend import VALID_LISTS, save_valid_lists
 from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
@@ -111,6 +114,10 @@ class SequenceConfig(BaseModel):
     pruner_warmup_epochs: int = Field(2, ge=0, description="Epochs before a trial can be pruned.")
     candidates: bool = Field(True, description="Feed the ranker's candidate stage.")
     n_candidates: int = Field(50, gt=0, description="Nearest items per user as candidates.")
+    content_encoder: str | None = Field(
+        None, description="Item text encoder ('wordllama' or 'sentence-transformers:<folder>'): "
+        "every fit reads the catalogue's text vectors, so items without events are ranked too "
+        "(model.use_item_text). Empty, or a catalogue without words: no text.")
     sample_users: int = Field(
         100_000, ge=1, description="engine dask: users whose sequences the transformer learns "
         "from (a seeded sample, the same every epoch); the local engine learns from every user.")
@@ -121,6 +128,19 @@ class SequenceConfig(BaseModel):
 
         values = {"patience": self.patience, "seed": self.seed, **self.model, **params, **fixed}
         return TransformerConfig.from_dict(values)
+
+
+def catalogue_vectors(items: pl.DataFrame | None, config: SequenceConfig
+                      ) -> pl.DataFrame | None:
+    """``item_id, vector`` of the catalogue for the transformer, or None.
+
+    None without a ``content_encoder``, with ``use_item_text`` off, without an items table or
+    with one that says nothing in words (:func:`models.item_text.has_text`).
+    """
+    if (config.content_encoder is None or items is None or not has_text(items)
+            or not config.transformer({}).use_item_text):
+        return None
+    return encode_items(items, encoder_from_spec(config.content_encoder))
 
 
 def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -203,8 +223,9 @@ class _Objective:
 
     def __init__(self, split: Split, items: pl.DataFrame | None, config: SequenceConfig,
                  runs: TrialLogger, ks: list[int], exclude_seen: bool, n_items: int | None,
-                 primary_metric: str | None = None):
+                 primary_metric: str | None = None, vectors: pl.DataFrame | None = None):
         self.split, self.items, self.config, self.runs = split, items, config, runs
+        self.vectors = vectors
         self.ks, self.exclude_seen, self.n_items = ks, exclude_seen, n_items
         self.primary = resolved_primary_metric(ks, primary_metric)
         self.best_value, self.best_model = float("-inf"), None
@@ -231,7 +252,8 @@ class _Objective:
 
         try:
             model = SequentialTransformer(self.config.transformer(params)).fit(
-                self.split.train, None, self.items, on_epoch, self.validation, self.primary)
+                self.split.train, None, self.items, on_epoch, self.validation, self.primary,
+                self.vectors)
         except Exception:
             self.runs.end(run_id, "FAILED", {})
             raise
@@ -292,23 +314,37 @@ class SequenceSource:
 
 
 def fit_final(history: pl.DataFrame, items: pl.DataFrame | None, config: SequenceConfig,
-              params: dict[str, Any], epochs: int) -> SequentialTransformer:
-    """The tuned transformer fitted on ``history`` for exactly ``epochs`` epochs (no validation)."""
+              params: dict[str, Any], epochs: int, vectors: pl.DataFrame | None = None
+              ) -> SequentialTransformer:
+    """The tuned transformer fitted on ``history`` for exactly ``epochs`` epochs (no validation).
+
+    ``vectors``: the catalogue's item vectors when already encoded (None: encoded here when
+    the config asks for them, see :func:`catalogue_vectors`).
+    """
     from models.transformer import SequentialTransformer
 
+    if vectors is None:
+        vectors = catalogue_vectors(items, config)
     return SequentialTransformer(config.transformer(params, epochs=max(int(epochs), 1))).fit(
-        history, None, items)
+        history, None, items, item_vectors=vectors)
 
 
 def run_transformer_study(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
                           runs: TrialLogger, ks: list[int], exclude_seen: bool,
-                          n_items: int | None, primary_metric: str | None = None
+                          n_items: int | None, primary_metric: str | None = None,
+                          vectors: pl.DataFrame | None = None
                           ) -> tuple[optuna.Study, _Objective]:
-    """Run the study's missing trials; returns it and the objective (its ``best_model``)."""
+    """Run the study's missing trials; returns it and the objective (its ``best_model``).
+
+    ``vectors``: as for :func:`fit_final` (encoded once here when None and asked for).
+    """
     study = open_study(study_name(split, config, ks, exclude_seen, items, primary_metric),
                        config.storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_epochs)
-    objective = _Objective(split, items, config, runs, ks, exclude_seen, n_items, primary_metric)
+    if vectors is None:
+        vectors = catalogue_vectors(items, config)
+    objective = _Objective(split, items, config, runs, ks, exclude_seen, n_items, primary_metric,
+                           vectors)
     run_study(study, objective, config.n_trials, config.timeout_s)
     return study, objective
 
@@ -355,9 +391,10 @@ def tune_and_evaluate_transformer(
     """
     ks = list(ks or [10, 20])
     seen = split.protocol == "leave_one_out" if exclude_seen is None else exclude_seen
+    vectors = catalogue_vectors(items, config)  # encoded once for every fit below
     study, objective = run_transformer_study(
         split if selection is None else selection.tuning(split), items, config,
-        TrialLogger(run_id, MODEL_NAME), ks, seen, n_items, primary_metric)
+        TrialLogger(run_id, MODEL_NAME), ks, seen, n_items, primary_metric, vectors)
     best = study.best_trial
     epochs = best_epochs(best)
     model_dir = Path(workdir) / "models" / MODEL_NAME
@@ -367,7 +404,7 @@ def tune_and_evaluate_transformer(
                                  n_items, lists_dir=model_dir)
     else:
         save_best_trial_lists(split, study, objective, max(ks), seen, model_dir)
-    final = fit_final(split.test_history, items, config, dict(best.params), epochs)
+    final = fit_final(split.test_history, items, config, dict(best.params), epochs, vectors)
     test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
     final.save(model_dir)
     result = {
@@ -389,12 +426,14 @@ def best_trial_model(split: Split, items: pl.DataFrame | None, config: SequenceC
                      study: optuna.Study, objective: _Objective) -> SequentialTransformer:
     """The best trial's model, fitted on ``split.train``.
 
-    Refitted when the best trial ran in an earlier process (a resumed study).
+    Refitted (with the objective's item vectors) when the best trial ran in an earlier process
+    (a resumed study).
     """
     best = study.best_trial
     if objective.best_model is not None and objective.best_value == best.value:
         return objective.best_model
-    return fit_final(split.train, items, config, dict(best.params), best_epochs(best))
+    return fit_final(split.train, items, config, dict(best.params), best_epochs(best),
+                     objective.vectors)
 
 
 def selected_metrics(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
