@@ -18,7 +18,6 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import run
-from models.baselines import BuyAgain, CoVisitation, Popularity
 from models.catalogue import update_bundle
 from models.errors import DataError
 from models.serving import ServingModel
@@ -26,6 +25,7 @@ from tasks.release.catalogue import UPDATE_TAG
 from tasks.release.packaging import load_serving
 from tasks.release.registry import alias_version
 from tests.test_registry import register_version
+from tests.test_serving import history_bundle
 
 DIM = 16
 
@@ -47,15 +47,8 @@ def _files(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory, demo_shop_dir):
     """A buy-again bundle of the demo shop, and vectors: one new item per chosen user."""
-    root = tmp_path_factory.mktemp("catalogue")
     events = pl.read_parquet(demo_shop_dir / "events.parquet")
-    BuyAgain().fit(events).save(root / "buy_again")
-    bundle = ServingModel.build(
-        root / "bundle", family="buy_again", model_dir=root / "buy_again",
-        trending=Popularity(window_days=7).fit(events).popularity_,
-        neighbours=CoVisitation().fit(events).neighbours_, users=events["user_id"],
-        items=events["item_id"], history=events.select("user_id", "item_id"),
-        exclude_seen=False, max_k=50)
+    bundle = history_bundle(events, tmp_path_factory.mktemp("catalogue"))
     known = events["item_id"].unique().sort().to_list()
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(len(known), DIM))

@@ -236,18 +236,21 @@ def shop_events(demo_shop_dir) -> pl.DataFrame:
     return pl.read_parquet(demo_shop_dir / "events.parquet")
 
 
+def history_bundle(events: pl.DataFrame, root: Path) -> Path:
+    """A blending family (buy-again) fitted on ``events``, its bundle knowing each history."""
+    BuyAgain().fit(events).save(root / "buy_again")
+    return ServingModel.build(
+        root / "bundle", family="buy_again", model_dir=root / "buy_again",
+        trending=Popularity(window_days=7).fit(events).popularity_,
+        neighbours=CoVisitation().fit(events).neighbours_, users=events["user_id"],
+        items=events["item_id"], history=events.select("user_id", "item_id"),
+        exclude_seen=False, max_k=50)
+
+
 @pytest.fixture(scope="module")
 def blended(tmp_path_factory, shop_events) -> ServingModel:
     """A blending family (buy-again) whose bundle knows each user's history."""
-    root = tmp_path_factory.mktemp("history-bundle")
-    BuyAgain().fit(shop_events).save(root / "buy_again")
-    bundle = ServingModel.build(
-        root / "bundle", family="buy_again", model_dir=root / "buy_again",
-        trending=Popularity(window_days=7).fit(shop_events).popularity_,
-        neighbours=CoVisitation().fit(shop_events).neighbours_, users=shop_events["user_id"],
-        items=shop_events["item_id"], history=shop_events.select("user_id", "item_id"),
-        exclude_seen=False, max_k=50)
-    return ServingModel.load(bundle)
+    return ServingModel.load(history_bundle(shop_events, tmp_path_factory.mktemp("history")))
 
 
 def _history(events: pl.DataFrame, user: str) -> list[str]:
