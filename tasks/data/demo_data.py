@@ -6,8 +6,22 @@
 * **Catalogue**: eight top-level categories (grocery, beauty and pets are consumable), each with
   sub-categories. ``category_id`` is the path ``"c<top>/c<top>.<sub>"``, e.g. ``"c4/c4.2"`` is the
   third sub-category of electronics; the part before ``/`` is the top-level category. Brands
-  belong to one top-level category; prices are log-normal around a level per sub-category;
-  titles read ``"<Brand> <sub-category name> item <number>"``.
+  belong to one top-level category; prices are log-normal around a level per sub-category.
+* **Attributes and text**: each item has a colour, a material, a style and a use (8, 6, 5 and
+  5 plain words, chosen to suit the top-level category: a grocery item's "colour" is a taste
+  such as "spicy", its "material" a flavour such as "ginger"), drawn uniformly and independently.
+  Titles read ``"<Brand> <style> <colour> <material> <sub-category name>"`` ("Kalo casual red
+  cotton shirt"); the ``description`` column reads ``"A <style> <sub-category name> for <use>,
+  in <colour> <material>."`` ("A casual shirt for the office, in red cotton."; consumables
+  read "with" for "in"). Only the style and the colour reflect shoppers' tastes; the material
+  and the use are noise, as the brand is.
+* **Tastes**: each user prefers one or two styles and one or two colours, a function of the seed
+  and the user's number only (:func:`generate_shop_batches` gives every user the tastes
+  :func:`generate_shop` does). Each session takes one preferred style and one colour; 60% of its
+  draws within a sub-category keep to the sub-category's items of that style, and half of those
+  to the items of that style and colour, when any of them is on sale that day. About 60% of a
+  user's views are of a preferred style (about 30% by chance), so the words of the items a user
+  viewed tell which new items, even ones nobody has viewed yet, they will look at.
 * **Popularity**: users and items have Zipf-like weights. Each item also has a launch day and a
   rise-and-fade curve (one evergreen staple per sub-category), so recent popularity predicts
   the next days better than all-time popularity.
@@ -23,7 +37,8 @@
   sub-categories of new items, new brands, higher prices), launches and 60% of the users adopt it
   on day ``D`` or within a day or two, after which half of their sessions go to it; every
   session's sub-categories move to others (the sub-categories ordered by popularity rotate by
-  half), and within each sub-category the items' popularity ranks rotate by half. Every event
+  half), and within each sub-category the items' popularity ranks rotate by half. Users keep
+  their tastes, and the new items have attributes and texts as the others do. Every event
   before day ``D`` is the unshifted shop's of the same seed (sessions begun before ``D`` end as
   they would have); the sessions from ``D`` on are replayed under the new regime, by a generator
   of their own, and the event count stays about the same.
@@ -72,6 +87,7 @@ from tasks.data.demo_sessions import (
     plan_sessions,
     session_lengths,
     simulate,
+    user_tastes,
     user_weights,
 )
 from tasks.data.shards import ShardWriter, check_shards
@@ -184,7 +200,8 @@ def generate_shop(n_events: int = 200_000, seed: int = 0, n_days: int = 60,
     plan = _plan(n_events, seed, n_days, end, shift_day)
     cat, rng = plan.cat, plan.rng
     length = session_lengths(plan.n_views, rng)
-    ses = plan_sessions(cat, length, user_weights(plan.n_users, rng), plan.window, rng)
+    ses = plan_sessions(cat, length, user_weights(plan.n_users, rng), plan.window, rng,
+                        user_tastes(seed, 0, plan.n_users))
     batches = simulate(cat, ses, plan.n_users, plan.window, rng, shift=plan.shift_for(0))
     final, item_ids = plan.final()
     events = events_frame(batches, final, item_ids, make_ids("u", plan.n_users, 6),
@@ -231,7 +248,8 @@ def generate_shop_batches(n_events: int = 200_000, seed: int = 0, n_days: int = 
             length = session_lengths(round(plan.n_views * share.sum()), rng)
             if not len(length):
                 continue
-            ses = plan_sessions(plan.cat, length, share / share.sum(), plan.window, rng)
+            ses = plan_sessions(plan.cat, length, share / share.sum(), plan.window, rng,
+                                user_tastes(seed, start, start + len(share)))
             simulated = simulate(plan.cat, ses, len(share), plan.window, rng, by_day=True,
                                  shift=plan.shift_for(number))
             user_ids = make_ids("u", len(share), 6, start, plan.n_users)

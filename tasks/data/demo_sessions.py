@@ -1,11 +1,15 @@
-"""The demo shop's behaviour: sessions, the views within them, the funnel and rebuys.
+"""The demo shop's behaviour: tastes, sessions, the views within them, the funnel and rebuys.
 
-Sessions start more often in the evening and at weekends; each follows one sub-category, sometimes
-a second one, its next view often the previous item's complement, the same sub-category or the
-same item again; about 7% of views lead to a cart, 40% of carts to a purchase at the session's
-end, 2.5% of views to a favourite; consumables are bought again after a few weeks (see
+Each user prefers one or two styles and one or two colours (:func:`user_tastes`). Sessions start
+more often in the evening and at weekends; each follows one sub-category, sometimes a second
+one, and carries one of its user's styles and colours; its next view is often the previous
+item's complement, the same sub-category or the same item again. A draw within a sub-category
+keeps to the items of the session's style most of the time, and often to its colour as well
+(:meth:`Catalogue.draw`). About 7% of views lead to a cart, 40% of carts to a purchase at the
+session's end, 2.5% of views to a favourite; consumables are bought again after a few weeks (see
 :mod:`tasks.data.demo_data`). A :class:`Shift` replays the sessions from its day on under a new
-regime: a launched category that most shoppers adopt, and tastes rotated between sub-categories.
+regime: a launched category that most shoppers adopt, and sessions moved between sub-categories
+(each user keeps their styles and colours).
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from models.columns import (
     TIMESTAMP,
     USER,
 )
-from tasks.data.demo_catalogue import DAY, SECOND, Catalogue, make_ids, zipf
+from tasks.data.demo_catalogue import (
+    DAY,
+    N_COLOURS,
+    N_STYLES,
+    SECOND,
+    Catalogue,
+    leaf_runs,
+    make_ids,
+    zipf,
+)
 
 _VIEW, _CART, _FAV, _PURCHASE = (EVENT_TYPES.index(t) for t in ("view", "cart", "fav", "purchase"))
 # Sessions per hour of the day (UTC is the shop's clock) and per weekday (Monday first).
@@ -40,6 +53,12 @@ _MEAN_VIEWS, _MAX_VIEWS = 5.0, 40  # views per session
 # Next view of a session: complement of the previous item, same sub-category, same item again;
 # otherwise the session's other sub-category.
 _P_COMPLEMENT, _P_SAME_LEAF, _P_REVIEW = 0.25, 0.55, 0.05
+# A draw within a sub-category keeps to the session's style with chance _P_STYLE, and of those
+# draws a share _P_COLOUR keeps to its colour too. A user prefers one style (else two) with
+# chance _P_ONE_TASTE, and, drawn apart, one colour (else two).
+_P_STYLE, _P_COLOUR, _P_ONE_TASTE = 0.6, 0.5, 0.5
+_TASTE_STREAM = 0x7A57E  # first word of the seeds of the users' tastes
+_TASTE_BLOCK = 65_536  # users whose tastes one generator draws
 # After a shift: the share of users who adopt the launched category, the chance an adopter's
 # adoption day is the shift day (then each next day, geometrically) and the share of an
 # adopter's sessions spent in it from then on.
@@ -74,6 +93,14 @@ class Batch:
 
 
 @dataclass
+class Tastes:
+    """Per user, two preferred styles and two colours (equal when the user prefers one)."""
+
+    style: np.ndarray  # (users, 2), indices into the styles of demo_catalogue.WORDS
+    colour: np.ndarray  # (users, 2)
+
+
+@dataclass
 class Sessions:
     """One entry per session, sorted by start time."""
 
@@ -83,6 +110,7 @@ class Sessions:
     primary: np.ndarray  # leaf the session starts in
     secondary: np.ndarray  # the other leaf it visits (equal to primary for one-leaf sessions)
     length: np.ndarray  # number of views
+    taste: np.ndarray  # (session, 3): the runs of a leaf its draws keep to (leaf_runs)
 
     def slice(self, start: int, stop: int) -> Sessions:
         """Sessions ``start .. stop-1``."""
@@ -150,9 +178,39 @@ def user_weights(n_users: int, rng: np.random.Generator) -> np.ndarray:
     return zipf(n_users, 1.0, 0.01 * n_users + 5.0, rng)
 
 
+def user_tastes(seed: int, start: int, stop: int) -> Tastes:
+    """The preferred styles and colours of users ``start .. stop-1``: one or two of each.
+
+    A user's tastes depend on the seed and the user's number only (not on the shop's size), so a
+    batch of users has the tastes those users have in the whole shop.
+    """
+    blocks = range(start // _TASTE_BLOCK, max(start, stop - 1) // _TASTE_BLOCK + 1)
+    drawn = [_block_tastes(np.random.default_rng([_TASTE_STREAM, seed, b])) for b in blocks]
+    first = start - blocks.start * _TASTE_BLOCK
+    users = slice(first, first + stop - start)
+    return Tastes(np.concatenate([t.style for t in drawn])[users],
+                  np.concatenate([t.colour for t in drawn])[users])
+
+
+def _block_tastes(rng: np.random.Generator) -> Tastes:
+    """The tastes of a block of ``_TASTE_BLOCK`` users, drawn uniformly."""
+
+    def preferred(n_values: int) -> np.ndarray:
+        first = rng.integers(0, n_values, _TASTE_BLOCK)
+        other = (first + rng.integers(1, n_values, _TASTE_BLOCK)) % n_values
+        second = np.where(rng.random(_TASTE_BLOCK) < _P_ONE_TASTE, first, other)
+        return np.stack([first, second], axis=1).astype(np.int8)
+
+    return Tastes(preferred(N_STYLES), preferred(N_COLOURS))
+
+
 def plan_sessions(cat: Catalogue, length: np.ndarray, weights: np.ndarray,
-                   window: tuple[int, int, int], rng: np.random.Generator) -> Sessions:
-    """Who (an index into ``weights``, which sum to 1) shops when, in which sub-categories."""
+                   window: tuple[int, int, int], rng: np.random.Generator, tastes: Tastes
+                   ) -> Sessions:
+    """Who shops when, in which sub-categories, keeping to which style and colour.
+
+    A session's user is an index into ``weights`` (which sum to 1) and into ``tastes``.
+    """
     n, n_users = len(length), len(weights)
     user = rng.choice(n_users, n, p=weights)
     leaf_pop = np.add.reduceat(cat.base, cat.leaf_start[:-1])
@@ -162,7 +220,17 @@ def plan_sessions(cat: Catalogue, length: np.ndarray, weights: np.ndarray,
     primary = np.where(rng.random(n) < 0.7, own, rng.choice(len(leaf_pop), n, p=leaf_pop))
     secondary = np.where(rng.random(n) < 0.35, cat.related[primary], primary)
     day, start = session_starts(n, *window, rng)
-    return Sessions(user.astype(np.int32), day, start, primary, secondary, length)
+    taste = leaf_runs(tastes.style[user, rng.integers(0, 2, n)],
+                      tastes.colour[user, rng.integers(0, 2, n)])
+    return Sessions(user.astype(np.int32), day, start, primary, secondary, length, taste)
+
+
+def _draw(cat: Catalogue, ses: Sessions, s: np.ndarray, leaf: np.ndarray,
+          rng: np.random.Generator) -> np.ndarray:
+    """Items of ``leaf`` for the sessions ``s``, often of the session's style and colour."""
+    r = rng.random(len(s))
+    narrowing = (r < _P_STYLE).astype(np.int64) + (r < _P_STYLE * _P_COLOUR)
+    return cat.draw(leaf, ses.day[s], rng, ses.taste[s, narrowing])
 
 
 def _next_items(cat: Catalogue, ses: Sessions, s: np.ndarray, prev: np.ndarray,
@@ -179,9 +247,9 @@ def _next_items(cat: Catalogue, ses: Sessions, s: np.ndarray, prev: np.ndarray,
     leaf = np.where(r >= stay + _P_REVIEW, other, here)
     draw = ~(use_comp | review)
     out = np.where(use_comp, comp, prev)
-    out[draw] = cat.draw(leaf[draw], day[draw], rng)
+    out[draw] = _draw(cat, ses, s[draw], leaf[draw], rng)
     again = draw & (out == prev)  # a second try makes immediate repeats rarer
-    out[again] = cat.draw(leaf[again], day[again], rng)
+    out[again] = _draw(cat, ses, s[again], leaf[again], rng)
     return out
 
 
@@ -191,7 +259,7 @@ def _session_views(cat: Catalogue, ses: Sessions, rng: np.random.Generator) -> B
     n = int(ses.length.sum())
     item = np.empty(n, dtype=np.int32)
     ts = np.empty(n, dtype=np.int64)
-    item[offsets] = cat.draw(ses.primary, ses.day, rng)
+    item[offsets] = _draw(cat, ses, np.arange(len(ses.length)), ses.primary, rng)
     ts[offsets] = ses.start
     for t in range(1, int(ses.length.max())):
         s = np.flatnonzero(ses.length > t)
