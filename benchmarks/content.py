@@ -1,13 +1,16 @@
 """The content model and the item encoder: quality on cold targets, and what encoding costs.
 
-For each shop, one ``shoprank train`` (baselines and the content model; ranker and transformer
-off, registry off) under the project's protocol, in a temporary folder with its own MLflow
-store; the test figures of every family, overall and on cold targets (items with at most 0 or 5
-events before the test cut). Then the encoder alone on the shop's catalogue: items per second,
-the peak memory of a process that only loads and encodes, and the cache hit of a second run.
+For each shop, ``shoprank train`` (every family: baselines, the content model, the transformer
+and the LightGBM ranker; registry off) under the project's protocol, in a temporary folder with
+its own MLflow store, twice: with the item encoder (the content model, the ranker's content
+candidates and text features, the transformer's text input) and without it (``--no-content``);
+the test figures of every family, overall and on cold targets (items with at most 0 or 5 events
+before the test cut). Then the encoder alone on the shop's catalogue: items per second, the
+peak memory of a process that only loads and encodes, and the cache hit of a second run.
 
     .venv/bin/python benchmarks/content.py                      # the built-in shop and H&M
     .venv/bin/python benchmarks/content.py --shops demo --events 200000
+    .venv/bin/python benchmarks/content.py --baselines-only     # no ranker, no transformer
 
 Results: ``benchmarks/results/content.json`` and Markdown tables on stdout.
 """
@@ -36,15 +39,16 @@ METRICS = ("ndcg@10", "recall@20", "cold0.ndcg@10", "cold0.recall@20", "cold0.us
            "cold5.recall@20", "cold5.users")
 
 
-def train_scores(shop: str, events: int, folder: Path) -> tuple[dict, Path]:
+def train_scores(shop: str, events: int, folder: Path, content: bool, models: bool
+                 ) -> tuple[dict, Path]:
     """Test metrics of every family from one ``train`` of ``shop``; and the items file."""
     from flows.config import load_config
     from flows.train import train
 
     data, fmt = SHOPS[shop]
-    overrides = {"output_dir": str(folder / "outputs"), "ranker__enabled": False,
-                 "transformer__enabled": False, "registry__enabled": False,
-                 "data__demo_events": events}
+    overrides = {"output_dir": str(folder / "outputs"), "ranker__enabled": models,
+                 "transformer__enabled": models, "registry__enabled": False,
+                 "data__demo_events": events, "content__enabled": content}
     if data:
         overrides.update(data__path=str(ROOT.parent / "shared" / "data" / data),
                          data__format=fmt, **LENIENT.get(shop, {}))
@@ -91,23 +95,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shops", nargs="*", default=list(SHOPS), choices=list(SHOPS))
     parser.add_argument("--events", type=int, default=200_000, help="events of the demo shop")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="no ranker and no transformer (faster)")
     args = parser.parse_args()
     results = []
     for shop in args.shops:
-        with tempfile.TemporaryDirectory(prefix="shoprank-content-") as tmp:
-            folder = Path(tmp)
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
-            scores, items = train_scores(shop, args.events, folder)
-            cost = encoder_cost(items, folder)
-        results.append({"shop": shop, "scores": scores, "encoder": cost})
-        print(f"\n### {shop}\n\n| family | NDCG@10 | Recall@20 | cold0 NDCG@10 | "  # noqa: T201
+        runs = {}
+        for content in (True, False):
+            with tempfile.TemporaryDirectory(prefix="shoprank-content-") as tmp:
+                folder = Path(tmp)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+                start = time.perf_counter()
+                scores, items = train_scores(shop, args.events, folder, content,
+                                             not args.baselines_only)
+                runs["with encoder" if content else "without"] = {
+                    "scores": scores, "train_s": time.perf_counter() - start}
+                if content:
+                    cost = encoder_cost(items, folder)
+        results.append({"shop": shop, "runs": runs, "encoder": cost})
+        print(f"\n### {shop}\n\n| run | family | NDCG@10 | Recall@20 | cold0 NDCG@10 | "  # noqa: T201
               "cold0 Recall@20 | cold0 users | cold5 Recall@20 | cold5 users |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")  # noqa: T201
-        for name, m in scores.items():
-            cells = " | ".join("" if m.get(k) is None else
-                               (f"{m[k]:.0f}" if k.endswith("users") else f"{m[k]:.4f}")
-                               for k in METRICS)
-            print(f"| {name} | {cells} |")  # noqa: T201
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")  # noqa: T201
+        for run, found in runs.items():
+            for name, m in found["scores"].items():
+                cells = " | ".join("" if m.get(k) is None else
+                                   (f"{m[k]:.0f}" if k.endswith("users") else f"{m[k]:.4f}")
+                                   for k in METRICS)
+                print(f"| {run} | {name} | {cells} |")  # noqa: T201
         print(f"\nencoder: {cost['items']:,} items, load {cost['load_s']:.2f} s, "  # noqa: T201
               f"{cost['items_per_s']:,.0f} items/s, peak RSS {cost['peak_rss_mb']:.0f} MB; "
               f"cache miss {cost['miss_s']:.2f} s, hit {cost['hit_s']:.2f} s")

@@ -30,6 +30,15 @@ monitor``-triggered, both), each serving every day with its own champion; result
 ``benchmarks/results/shift_policies.json`` with a plot beside it.
 
     .venv/bin/python benchmarks/retraining.py --shift-day 48 --start 40 --every 4
+
+With ``--catalogue-updates`` every day between two retrainings runs ``catalogue update``
+(:func:`tasks.release.catalogue.update_champion`) with the catalogue of that day (the items
+seen so far), and the day's served lists are scored with and without it: the items first seen
+since the last retraining that appear in the lists (top 20 of the users active that day),
+Recall@20 of the day's items for those users, and that recall on the day's new items only.
+Results: ``benchmarks/results/catalogue_updates.json``.
+
+    .venv/bin/python benchmarks/retraining.py --catalogue-updates --worse-at
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results" / "retraining.json"
+CATALOGUE_RESULTS = ROOT / "benchmarks" / "results" / "catalogue_updates.json"
 WORSE = {"ranker__enabled": False, "transformer__enabled": False,
          "registry__families": ["popularity"]}
 
@@ -78,6 +88,9 @@ def main() -> None:
                         help="a regime change on day D; compare three retraining policies")
     parser.add_argument("--policies", nargs="*", default=["cron", "monitor", "both"],
                         help="with --shift-day: the policies to run (cron monitor both)")
+    parser.add_argument("--catalogue-updates", action="store_true",
+                        help="a catalogue update every day between retrainings, scored against "
+                        "no update")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -110,7 +123,7 @@ def main() -> None:
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     if args.out_of_order:
         common["registry__promote"] = False
-    rows, previous = [], None
+    rows, previous, daily = [], None, []
     day = args.start
     retraining = 0
     while day <= args.days:
@@ -158,6 +171,8 @@ def main() -> None:
                 users, new)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if args.catalogue_updates:
+            daily += catalogue_days(args, events, items, cut, day, served_version, client)
         previous, day = cut, day + args.every
     if args.out_of_order:
         rows = promote_out_of_order(client, [r["version"] for r in rows])
@@ -173,6 +188,88 @@ def main() -> None:
         print_order_table(rows)
     else:
         print_table(rows)
+    if daily:
+        updates = CATALOGUE_RESULTS
+        saved = json.loads(updates.read_text()) if updates.is_file() else []
+        saved.append({"date": dt.date.today().isoformat(), "commit": commit,
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                      "args": {k: str(v) for k, v in vars(args).items()}, "days": daily})
+        updates.write_text(json.dumps(saved, indent=2))
+        print_catalogue_table(daily)
+
+
+def catalogue_days(args, events, items, trained, day: int, champion: str, client) -> list[dict]:
+    """The days after a retraining at ``day``: served lists with and without a catalogue update.
+
+    On each day ``d`` until the next retraining, the catalogue of the items seen before ``d``
+    updates the champion (no retraining); the users active on ``d`` are asked for their top 20
+    by the retraining's champion and by the updated one, scored on their items of that day.
+    """
+    import polars as pl
+
+    from tasks.release.catalogue import update_champion
+    from tasks.release.packaging import load_serving
+
+    first = events["timestamp"].min()
+    plain = load_serving(f"models:/backtest/{champion}", client.tracking_uri)[0]
+    firsts = events.group_by("item_id").agg(pl.col("timestamp").min().alias("first"))
+    out = []
+    for d in range(day + 1, min(day + args.every, args.days + 1)):
+        start, end = first + dt.timedelta(days=d), first + dt.timedelta(days=d + 1)
+        known = firsts.filter(pl.col("first") < start)
+        catalogue = items.join(known, on="item_id", how="semi")
+        began = time.perf_counter()
+        update = update_champion(catalogue, model_name="backtest",
+                                 tracking_uri=client.tracking_uri, encoder="wordllama",
+                                 cache_dir=args.workdir / "item-vectors")
+        seconds = time.perf_counter() - began
+        updated = load_serving(f"models:/backtest/{update['version']}", client.tracking_uri)[0]
+        today = events.filter((pl.col("timestamp") >= start) & (pl.col("timestamp") < end))
+        new = set(known.filter(pl.col("first") >= trained)["item_id"])
+        users = today["user_id"].unique().sort().to_list()
+        targets = today.select("user_id", "item_id").unique()
+        row = {"day": d, "since_training": d - day, "users": len(users),
+               "new_items": len(new), "update_s": round(seconds, 1),
+               "users_reached": int(update["catalogue"].get("users_reached", 0))}
+        for name, pyfunc in (("without", plain), ("with", updated)):
+            recs = pl.from_pandas(pyfunc.predict(
+                pl.DataFrame({"user_id": users, "k": [20] * len(users)}).to_pandas()))
+            row[f"new_in_lists_{name}"] = len(new & set(recs["item_id"]))
+            row[f"recall20_{name}"] = _recall(recs, targets)
+            row[f"new_recall20_{name}"] = _recall(
+                recs, targets.filter(pl.col("item_id").is_in(list(new))))
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def _recall(recs, targets) -> float | None:
+    """Mean over users with a target of the share of their targets in their list."""
+    import polars as pl
+
+    if targets.is_empty():
+        return None
+    hits = targets.join(recs.select("user_id", "item_id"), on=["user_id", "item_id"], how="semi")
+    per_user = targets.group_by("user_id").len("n").join(
+        hits.group_by("user_id").len("hit"), on="user_id", how="left").fill_null(0)
+    n_items = per_user["n"].clip(upper_bound=20)
+    return float((per_user["hit"] / n_items).mean())
+
+
+def print_catalogue_table(days: list[dict]) -> None:
+    """The Markdown table of the days between retrainings, with and without catalogue update."""
+    print("\n| day | days since training | users | new items | in lists without / with "
+          "update | Recall@20 without / with | Recall@20 on new items without / with | "
+          "update s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in days:
+        def pair(key: str, digits: int = 4) -> str:
+            a, b = r[f"{key}_without"], r[f"{key}_with"]
+            return "- / -" if a is None else (f"{a:.{digits}f} / {b:.{digits}f}"
+                                             if isinstance(a, float) else f"{a} / {b}")
+        print(f"| {r['day']} | {r['since_training']} | {r['users']} | {r['new_items']} | "
+              f"{pair('new_in_lists')} | {pair('recall20')} | {pair('new_recall20')} | "
+              f"{r['update_s']:.1f} |")
 
 
 def compare_policies(args, events, items) -> None:
