@@ -150,6 +150,15 @@ def test_the_content_source_feeds_the_ranker_and_its_recipe_refits(shop, tmp_pat
     recipe = ranker_recipe(result, None, None, settings)
     refit = RankingPipeline.load(fit_recipe(recipe, split, items, tmp_path / "refit"))
     assert score_window(refit, split.test_targets, [10, 20], 100)[0] == result["test"]
+    # every candidate is scored by its text (the selection's lists too, before the source is kept)
+    assert {"ui_text_last", "ui_text_recent", "ui_text_bought"} <= set(refit.ranker_.features_)
+    from tasks.splitting.split import Selection
+
+    selected = tune_and_evaluate_lgbm(split, items, _config("sqlite://", n_trials=1), None,
+                                      tmp_path / "selected", n_items=100, external=source,
+                                      source=source, content=settings,
+                                      selection=Selection(0.3, seed=11))
+    assert selected["valid"]["users"] > 0
 
 
 def altered_selection(split, items, selection):

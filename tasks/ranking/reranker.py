@@ -288,14 +288,19 @@ class RankingPipeline:
         self.covis_ = CoVisitation(**self.config.covisitation).fit(history)
         return self
 
-    def candidate_frame(self, users: Any, external: dict[str, pl.DataFrame] | None = None
-                        ) -> pl.DataFrame:
-        """Candidates and features of ``users`` from the current history (unscored)."""
+    def candidate_frame(self, users: Any, external: dict[str, pl.DataFrame] | None = None,
+                        vectors: pl.DataFrame | None = None) -> pl.DataFrame:
+        """Candidates and features of ``users`` from the current history (unscored).
+
+        ``external``: proposals of sources other than the pipeline's own ``source``, and
+        ``vectors`` the item vectors of their content source (text features).
+        """
         if not hasattr(self, "ranker_"):
             raise ConfigError("this RankingPipeline is not fitted: call fit() or load() first.")
         if external is None and self.source is not None:
             external = self.source(self.history_, users)
-        return self.pairs(self.history_, users, external=external, covis=self.covis_)
+        return self.pairs(self.history_, users, external=external, covis=self.covis_,
+                          vectors=vectors)
 
     def rank(self, frame: pl.DataFrame, users: Any, k: int, exclude_seen: bool) -> pl.DataFrame:
         """Top-``k`` of scored candidate pairs, filled with popular items, like a recommender."""

@@ -30,6 +30,7 @@ from models.metrics import evaluate
 from models.session_blend import VALID_LISTS, save_valid_lists
 from tasks.ranking.candidate_sources import BUILTIN_SOURCES, RANK_PREFIX
 from tasks.ranking.candidates import candidate_recall, rank_columns
+from tasks.ranking.external_sources import content_vectors
 from tasks.ranking.reranker import (
     MODEL_NAME,
     QUERY,
@@ -225,7 +226,8 @@ def score_window(pipe: RankingPipeline, targets: pl.DataFrame, ks: list[int],
     """
     users = targets[USER].unique()
     history = pipe.history_
-    frame = pipe.candidate_frame(users, external(history, users) if external else None)
+    frame = pipe.candidate_frame(users, external(history, users) if external else None,
+                                 content_vectors(external))
     recs = pipe.rank(frame, users, max(ks), pipe.config.candidates.exclude_seen)
     if lists_dir is not None:
         save_valid_lists(recs, lists_dir, max(ks))
