@@ -245,7 +245,6 @@ def catalogue_days(args, events, items, trained, day: int, champion: str, client
 
 def _recall(recs, targets) -> float | None:
     """Mean over users with a target of the share of their targets in their list."""
-    import polars as pl
 
     if targets.is_empty():
         return None
@@ -262,13 +261,14 @@ def print_catalogue_table(days: list[dict]) -> None:
           "update | Recall@20 without / with | Recall@20 on new items without / with | "
           "update s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def pair(r: dict, key: str) -> str:
+        a, b = r[f"{key}_without"], r[f"{key}_with"]
+        return "- / -" if a is None else (f"{a:.4f} / {b:.4f}" if isinstance(a, float)
+                                         else f"{a} / {b}")
+
     for r in days:
-        def pair(key: str, digits: int = 4) -> str:
-            a, b = r[f"{key}_without"], r[f"{key}_with"]
-            return "- / -" if a is None else (f"{a:.{digits}f} / {b:.{digits}f}"
-                                             if isinstance(a, float) else f"{a} / {b}")
         print(f"| {r['day']} | {r['since_training']} | {r['users']} | {r['new_items']} | "
-              f"{pair('new_in_lists')} | {pair('recall20')} | {pair('new_recall20')} | "
+              f"{pair(r, 'new_in_lists')} | {pair(r, 'recall20')} | {pair(r, 'new_recall20')} | "
               f"{r['update_s']:.1f} |")
 
 

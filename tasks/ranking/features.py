@@ -14,10 +14,10 @@ measured back from ``end``, so features built for one window never see that wind
   weighted counts at a few half-lives, steps, hours and sessions since the last one, distinct
   days and sessions with it and hours from the first to the last; events in the item's category
   (count, share of all and of the latest events, steps and hours since the last); attributes
-  shared with the user's recent items; with item vectors (the catalogue's text), the candidate's
-  cosine with the user's last item, recent items and bought items; co-visitation evidence (from the candidates, plus the
-  links from the user's last two items); the rank in every candidate source and the merged
-  position;
+  shared with the user's recent items; with item vectors (the catalogue's text), the
+  candidate's cosine with the user's last item, recent items and bought items; co-visitation
+  evidence (from the candidates, plus the links from the user's last two items); the rank in
+  every candidate source and the merged position;
 * **context**: hour of day and day of week of the user's last event.
 
 Time-based features (windows, days, hours, context) exist only when timestamps are real; for

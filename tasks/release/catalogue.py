@@ -46,8 +46,10 @@ _NOT_COPIED = ("promotion.", "catalogue.", "release.decision_id", "serving.", "m
 
 
 def update_id(base: str, vectors_file: str, unavailable: pl.Series, settings: str) -> str:
-    """The id of one update: the champion version, the catalogue (its vectors file, named by
-    the digest of every item's text) and the settings."""
+    """The id of one update: the model version, the catalogue and the settings.
+
+    The catalogue enters by its vectors file, named by the digest of every item's text.
+    """
     digest = hashlib.sha256(f"{base}|{vectors_file}|{settings}|".encode())
     digest.update("|".join(sorted(unavailable.cast(pl.String).to_list())).encode())
     return digest.hexdigest()[:24]
@@ -119,8 +121,10 @@ def update_champion(items: pl.DataFrame, *, model_name: str, tracking_uri: str, 
 def _register(client: MlflowClient, model_name: str, champion: str, base: str, update: str,
               vectors: pl.DataFrame, unavailable: pl.Series, weight: float, encoder_name: str,
               tracking_uri: str) -> tuple[str, dict[str, Any]]:
-    """Update the champion's bundle (of model version ``base``), register it; ``(version,
-    counts)``."""
+    """Update the champion's bundle, register it; ``(version, counts)``.
+
+    ``base`` is the model version underneath the champion (itself, unless it is an update).
+    """
     source = get_version(client, model_name, champion)
     with tempfile.TemporaryDirectory(prefix="shoprank-catalogue-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(

@@ -12,8 +12,9 @@ before the test window (``t_test``), with alias ``challenger``. The gate (:func:
    otherwise the decision is ``incomparable`` and nothing moves. A champion of another shop (tag
    ``data.name``), or whose recipe this version of shoprank cannot refit, is ``incomparable``;
 3. decides with :func:`tasks.release.registry.decide` (margin on the primary metric, coverage,
-   latency, live-session and cold-target guardrails). Both sides are served through the same MLflow pyfunc path and timed on
-   the same mix of requests (every cut-off, with and without a live session, unknown visitors).
+   latency, live-session and cold-target guardrails). Both sides are served through the same
+   MLflow pyfunc path and timed on the same mix of requests (every cut-off, with and without a
+   live session, unknown visitors).
 
 The release that follows a decision is :mod:`tasks.release.promotion`.
 """
