@@ -17,6 +17,9 @@ its item vectors (:mod:`models.item_text`), leaving the model itself as it is:
 * **unavailable items** (``available`` false in the catalogue) are never returned
   (``catalogue/unavailable.parquet``).
 
+Nearest items come from :func:`models.ann.nearest`: exact products below 100,000 candidate
+items, an approximate HNSW graph from there on.
+
 The model's own lists, items and neighbours are kept under ``catalogue/base/``, so a later update
 starts again from them (an item new in one update and still unknown to the model stays new).
 The manifest's ``catalogue`` entry says what changed.
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from models.ann import nearest, searcher
 from models.columns import ITEM, SCORE
 from models.errors import DataError
 from models.item_text import VECTOR
@@ -45,29 +49,7 @@ UNAVAILABLE = "unavailable.parquet"
 DEFAULT_NEW_ITEM_WEIGHT = 0.4
 """Weight of the new items' list against the model's (0.4: the best new item lands near rank 7
 of a top 10 when it matches the user's items)."""
-_BLOCK_CELLS = 1 << 24  # cosines held at once (queries x new items float32): 64 MiB
-
-
-def top_cosines(queries: np.ndarray, base: np.ndarray, n: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n`` rows of ``base`` nearest each row of ``queries``: ``(indices, cosines)``.
-
-    Exact blocked products of unit vectors, best first; fewer columns when ``base`` is smaller.
-    """
-    n = min(n, base.shape[0])
-    index = np.zeros((queries.shape[0], n), dtype=np.int64)
-    score = np.zeros((queries.shape[0], n), dtype=np.float32)
-    if n == 0:
-        return index, score
-    step = max(1, _BLOCK_CELLS // max(1, base.shape[0]))
-    for start in range(0, queries.shape[0], step):
-        sims = queries[start:start + step] @ base.T
-        top = np.argpartition(-sims, n - 1, axis=1)[:, :n]
-        top_sims = np.take_along_axis(sims, top, axis=1)
-        order = np.argsort(-top_sims, axis=1, kind="stable")
-        index[start:start + step] = np.take_along_axis(top, order, axis=1)
-        score[start:start + step] = np.take_along_axis(top_sims, order, axis=1)
-    return index, score
+_BLOCK_CELLS = 1 << 24  # users x new items per block of profiles (64 MiB of cosines)
 
 
 def update_bundle(bundle: Path, out: Path, vectors: pl.DataFrame,
@@ -158,7 +140,7 @@ def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, mat
     code_of = {item: code for code, item in enumerate(vocabulary.to_list())}
     offsets, codes, scores, reached = [0], [], [], 0
     step = max(1, _BLOCK_CELLS // max(1, new_ids.len()))
-    new_list = new_ids.to_list()
+    new_list, search = new_ids.to_list(), searcher(new_matrix)
     for start in range(0, n_users, step):
         rows = range(start, min(start + step, n_users))
         profile = np.zeros((len(rows), matrix.shape[1]), dtype=np.float32)
@@ -167,7 +149,7 @@ def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, mat
             own = own[own >= 0]
             if own.size:
                 profile[j] = matrix[own].mean(axis=0)
-        index, cosine = top_cosines(profile, new_matrix, per_user)
+        index, cosine = search(profile, per_user)
         for j, row in enumerate(rows):
             proposed = [(new_list[i], float(c)) for i, c in zip(index[j], cosine[j], strict=True)
                         if c > 0]
@@ -186,7 +168,7 @@ def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, mat
 def _links(ids: pl.Series, matrix: np.ndarray, new_ids: pl.Series, new_matrix: np.ndarray,
            n: int) -> pl.DataFrame:
     """``item_id, neighbour, score``: every catalogue item's nearest new items (not itself)."""
-    index, cosine = top_cosines(matrix, new_matrix, n + 1)
+    index, cosine = nearest(matrix, new_matrix, n + 1)
     frame = pl.DataFrame({ITEM: np.repeat(ids.to_numpy(), index.shape[1]),
                           NEIGHBOUR: new_ids.to_numpy()[index.ravel()] if index.size else [],
                           SCORE: cosine.ravel().astype(np.float64)},
@@ -204,7 +186,7 @@ def _with_new_items(neighbours: pl.DataFrame, known: pl.Series, ids: pl.Series,
     if new_ids.len() == 0 or rows.size == 0:
         return neighbours
     scale = neighbours.group_by(ITEM).agg(pl.col(SCORE).max())[SCORE].median() or 1.0
-    index, cosine = top_cosines(new_matrix, matrix[rows], n)
+    index, cosine = nearest(new_matrix, matrix[rows], n)
     added = pl.DataFrame({ITEM: np.repeat(new_ids.to_numpy(), index.shape[1]),
                           NEIGHBOUR: ids.to_numpy()[rows][index.ravel()],
                           SCORE: cosine.ravel().astype(np.float64) * float(scale)},

@@ -2,10 +2,11 @@
 
 The one recommender that can put an item with no events in a list: it reads only the item
 vectors of :mod:`models.item_text` and each user's last items. A user's profile is the
-recency-weighted sum of the vectors of its ``n_recent`` latest distinct items; every catalogue
-item is scored by its cosine with the profile (exact blocked matrix products: a block of users
-against the whole catalogue at a time, at most 2^25 scores, 128 MiB, held at once). Users without
-history get popularity. A large catalogue would want an ANN index here; not needed yet.
+recency-weighted sum of the vectors of its ``n_recent`` latest distinct items; a user's best items
+are those with the largest inner product with the profile (the cosine times the profile's norm),
+found by :func:`models.ann.nearest`: exact products against the whole catalogue below
+``exact_below`` items, an approximate HNSW graph from there on. Users without history get
+popularity.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Self
 import numpy as np
 import polars as pl
 
+from models.ann import EXACT_BELOW, searcher
 from models.base import Recommender, check_events, popularity_table
 from models.columns import ITEM, SCORE, TIMESTAMP, USER
 from models.errors import ConfigError
 from models.item_text import VECTOR
 from models.partials import sorted_history
 
-_BLOCK_CELLS = 1 << 25  # scores held at once (users x catalogue float32): 128 MiB
+_USERS_PER_BLOCK = 1024  # profiles searched at once
 
 
 class ContentNeighbours(Recommender):
@@ -30,6 +32,8 @@ class ContentNeighbours(Recommender):
     Args:
         n_recent: The user's latest distinct items that make its profile.
         recency_decay: Weight of the ``r``-th latest item is ``recency_decay ** r``.
+        exact_below: Catalogues with fewer items are scored exactly; larger ones through an
+            approximate nearest-neighbour (HNSW) graph.
 
     Call :meth:`with_vectors` (``item_id, vector`` of :func:`models.item_text.encode_items`)
     before :meth:`fit`; the vectors are saved with the model.
@@ -37,9 +41,11 @@ class ContentNeighbours(Recommender):
 
     _state_tables = ("vectors_", "recent_", "popularity_", "history_")
 
-    def __init__(self, n_recent: int = 5, recency_decay: float = 0.7) -> None:
+    def __init__(self, n_recent: int = 5, recency_decay: float = 0.7,
+                 exact_below: int = EXACT_BELOW) -> None:
         self.n_recent = n_recent
         self.recency_decay = recency_decay
+        self.exact_below = exact_below
 
     def with_vectors(self, vectors: pl.DataFrame) -> Self:
         """The catalogue's item vectors; returns ``self``."""
@@ -75,25 +81,23 @@ class ContentNeighbours(Recommender):
                   .join(code, on=ITEM).sort(USER))
         if recent.height == 0:
             return None
-        ids, first = np.unique(recent[USER].to_numpy(), return_index=True)
+        _, first = np.unique(recent[USER].to_numpy(), return_index=True)  # recent is sorted
+        users_of, depths = recent[USER].gather(first), recent["depth"].to_numpy()[first]
         bounds = np.append(first, recent.height)
-        depth = recent.group_by(USER, maintain_order=True).agg(pl.col("depth").first())
-        depth_of = dict(zip(depth[USER].to_list(), depth["depth"].to_list(), strict=True))
         codes, weights = recent["code"].to_numpy(), recent["weight"].to_numpy().astype(np.float32)
+        search = searcher(matrix, exact_below=self.exact_below)
         frames = []
-        step = max(1, min(1024, _BLOCK_CELLS // max(1, matrix.shape[0])))
-        for start in range(0, ids.size, step):
-            block = ids[start:start + step]
-            profile = np.zeros((block.size, matrix.shape[1]), dtype=np.float32)
-            for row, index in enumerate(range(start, start + block.size)):
+        for start in range(0, first.size, _USERS_PER_BLOCK):
+            stop = min(start + _USERS_PER_BLOCK, first.size)
+            profile = np.zeros((stop - start, matrix.shape[1]), dtype=np.float32)
+            for row, index in enumerate(range(start, stop)):
                 lo, hi = bounds[index], bounds[index + 1]
                 profile[row] = weights[lo:hi] @ matrix[codes[lo:hi]]
-            scores = profile @ matrix.T
-            for row, user in enumerate(block):
-                n = min(int(depth_of[user]), scores.shape[1])
-                top = np.argpartition(-scores[row], n - 1)[:n]
-                keep = top[scores[row, top] > 0]
-                frames.append(pl.DataFrame({USER: [user] * keep.size,
-                                            ITEM: items.gather(keep),
-                                            SCORE: scores[row, keep].astype(np.float64)}))
+            depth = depths[start:stop]
+            found, scores = search(profile, int(depth.max()))  # (users, depth) best first
+            keep = (np.arange(found.shape[1]) < depth[:, None]) & (scores > 0)
+            rows = np.repeat(np.arange(start, stop), keep.sum(axis=1))
+            frames.append(pl.DataFrame({USER: users_of.gather(rows),
+                                        ITEM: items.gather(found[keep]),
+                                        SCORE: scores[keep].astype(np.float64)}))
         return pl.concat(frames) if frames else None

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import run
+from models.ann import nearest, searcher
 from models.columns import ATTRIBUTES, BRAND, CATEGORY, EVENT_TYPE, ITEM, TIMESTAMP, TITLE, USER
 from models.content import ContentNeighbours
 from models.errors import ConfigError, DataError
@@ -144,3 +145,53 @@ def test_no_content_flag_leaves_the_vectors_and_the_content_model_out(tmp_path, 
     assert not [k for k in train_run.data.metrics if k.startswith("content.")]
     assert "content.encoder_name" not in train_run.data.params
     assert not (tmp_path / "out" / "item-vectors").exists()
+
+
+def _clustered(n: int, seed: int, dims: int = 64, latent: int = 16) -> np.ndarray:
+    """Unit vectors around 200 centres of a random subspace, like text vectors of a catalogue."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(200, latent))
+    basis = np.linalg.qr(rng.normal(size=(dims, latent)))[0]
+    rows = centres[rng.integers(200, size=n)] + 0.5 * rng.normal(size=(n, latent))
+    rows = rows @ basis.T + 0.05 * rng.normal(size=(n, dims))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_exact_search_returns_the_best_rows_best_first() -> None:
+    vectors = _clustered(301, seed=1, dims=16, latent=4)
+    queries, base = vectors[:1], vectors[1:]
+    index, score = nearest(queries, base, 7)
+    products = (queries @ base.T)[0]
+    assert index[0].tolist() == np.argsort(-products)[:7].tolist()
+    assert np.allclose(score[0], products[index[0]])
+    assert nearest(queries, base[:3], 7)[0].shape == (1, 3)  # fewer rows than wanted
+
+
+def test_the_hnsw_graph_finds_the_exact_top_10_for_nearly_every_query() -> None:
+    vectors = _clustered(20_500, seed=2)
+    queries, base = vectors[:500], vectors[500:]
+    exact, _ = nearest(queries, base, 10)
+    search = searcher(base, exact_below=0)
+    found, score = search(queries, 10)
+    same = np.mean([set(f) == set(e) for f, e in zip(found, exact, strict=True)])
+    assert same >= 0.99
+    assert (np.diff(score, axis=1) <= 0).all()
+    assert np.allclose(score, np.take_along_axis(queries @ base.T, found, axis=1), atol=1e-5)
+    assert np.array_equal(searcher(base, exact_below=0)(queries, 10)[0], found)  # same graph
+
+
+def test_content_model_through_the_hnsw_graph_recommends_as_the_exact_one() -> None:
+    rng = np.random.default_rng(3)
+    items = [f"i{j}" for j in range(3000)]
+    vectors = pl.DataFrame({ITEM: items, VECTOR: pl.Series(_clustered(3000, seed=3, dims=32),
+                                                           dtype=pl.Array(pl.Float32, 32))})
+    events = _events([(f"u{rng.integers(300)}", items[rng.integers(3000)], int(hour))
+                      for hour in range(3000)])
+    users = events[USER].unique()
+    exact = ContentNeighbours().with_vectors(vectors).fit(events)
+    graph = ContentNeighbours(exact_below=0).with_vectors(vectors).fit(events)
+    want = exact.recommend(users, k=10, exclude_seen=True)
+    got = graph.recommend(users, k=10, exclude_seen=True)
+    lists = [frame.group_by(USER).agg(pl.col(ITEM).sort()).sort(USER) for frame in (want, got)]
+    assert (lists[0][ITEM] == lists[1][ITEM]).mean() >= 0.99
+    assert graph.get_params()["exact_below"] == 0
