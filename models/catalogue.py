@@ -6,8 +6,9 @@ its item vectors (:mod:`models.item_text`), leaving the model itself as it is:
 
 * **new items**, catalogue items with a vector that the bundle's model does not know, reach
   - the known users' precomputed lists: each user's nearest new items in text space (cosine with
-    the mean vector of the user's history items), fused with the model's list by weighted
-    reciprocal rank (:func:`models.user_lists.blend`, weight ``new_item_weight``);
+    the mean vector of the user's history items) that are at least as near as the model's own
+    top items are (:data:`BAR_DEPTH`), fused with the model's list by weighted reciprocal rank
+    (:func:`models.user_lists.blend`, weight ``new_item_weight``);
   - live sessions: ``catalogue/links.parquet`` holds each catalogue item's nearest new items
     (cosine); the counted items of a request's session propose them, fused the same way, for
     every family (one that reads sessions included);
@@ -46,6 +47,10 @@ FOLDER = "catalogue"
 BASE = "base"
 LINKS = "links.parquet"
 UNAVAILABLE = "unavailable.parquet"
+BAR_DEPTH = 10
+"""A new item joins a known user's list only when its cosine with the user's profile reaches the
+median cosine of the model's top ``BAR_DEPTH`` items for that user: as close to the user's items
+as what the model already recommends."""
 DEFAULT_NEW_ITEM_WEIGHT = 0.4
 """Weight of the new items' list against the model's (0.4: the best new item lands near rank 7
 of a top 10 when it matches the user's items)."""
@@ -55,7 +60,8 @@ _BLOCK_CELLS = 1 << 24  # users x new items per block of profiles (64 MiB of cos
 def update_bundle(bundle: Path, out: Path, vectors: pl.DataFrame,
                   unavailable: pl.Series | None = None, *,
                   new_item_weight: float = DEFAULT_NEW_ITEM_WEIGHT, per_user: int = 20,
-                  links: int = 20, note: dict[str, Any] | None = None) -> dict[str, Any]:
+                  links: int = 20, bar_depth: int = BAR_DEPTH,
+                  note: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write into the new folder ``out`` the bundle ``bundle`` updated for a catalogue.
 
     Args:
@@ -65,6 +71,8 @@ def update_bundle(bundle: Path, out: Path, vectors: pl.DataFrame,
         unavailable: Item ids never to return.
         new_item_weight: Weight of the new items' list in the blends (0: lists unchanged).
         per_user: New items proposed to each known user, at most.
+        bar_depth: A new item must be as near the user's items as the median of the model's
+            top ``bar_depth`` items (0: no bar).
         links: New items linked to each catalogue item, and known items to each new item.
         note: Written into the manifest's ``catalogue`` entry (the catalogue's digest, ...).
 
@@ -97,7 +105,7 @@ def update_bundle(bundle: Path, out: Path, vectors: pl.DataFrame,
     lists = UserLists.open(kept / "lists")
     history = UserItems.open(out / "history") if (out / "history").is_dir() else None
     reached = _user_lists(lists, history, ids, matrix, new_ids, new_matrix, per_user,
-                          new_item_weight, out / "lists")
+                          new_item_weight, bar_depth, out / "lists")
     neighbours = pl.read_parquet(kept / "neighbours.parquet")
     _links(ids, matrix, new_ids, new_matrix, links).write_parquet(out / FOLDER / LINKS)
     _with_new_items(neighbours, known, ids, matrix, new_ids, new_matrix, links).write_parquet(
@@ -126,7 +134,7 @@ def _rows_of(ids: pl.Series, wanted: np.ndarray) -> np.ndarray:
 
 def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, matrix: np.ndarray,
                 new_ids: pl.Series, new_matrix: np.ndarray, per_user: int, weight: float,
-                folder: Path) -> int:
+                bar_depth: int, folder: Path) -> int:
     """The known users' lists with their nearest new items blended in; users reached."""
     n_users, depth = len(lists), lists.depth
     if history is None or new_ids.len() == 0 or weight == 0.0 or per_user < 1:
@@ -135,6 +143,7 @@ def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, mat
                   ).save(folder)
         return 0
     item_rows = _rows_of(ids, history.vocabulary)  # history code -> vector row
+    list_rows = _rows_of(ids, lists.vocabulary)  # list code -> vector row
     old = pl.Series(lists.vocabulary, dtype=pl.String)
     vocabulary = pl.concat([old, new_ids.filter(~new_ids.is_in(old.implode()))])
     code_of = {item: code for code, item in enumerate(vocabulary.to_list())}
@@ -151,8 +160,10 @@ def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, mat
                 profile[j] = matrix[own].mean(axis=0)
         index, cosine = search(profile, per_user)
         for j, row in enumerate(rows):
+            bar = _bar(profile[j], matrix, list_rows[
+                lists.codes[lists.offsets[row]:lists.offsets[row] + bar_depth]])
             proposed = [(new_list[i], float(c)) for i, c in zip(index[j], cosine[j], strict=True)
-                        if c > 0]
+                        if c > 0 and c >= bar]
             model = lists.get(lists.users[row])
             merged = blend(model, proposed, weight)[:depth] if proposed else model
             fresh = {item for item, _ in proposed}
@@ -163,6 +174,12 @@ def _user_lists(lists: UserLists, history: UserItems | None, ids: pl.Series, mat
     UserLists(lists.users, np.asarray(offsets, dtype=np.int64), np.asarray(codes, dtype=np.int32),
               np.asarray(scores, dtype=np.float64), vocabulary).save(folder)
     return reached
+
+
+def _bar(profile: np.ndarray, matrix: np.ndarray, rows: np.ndarray) -> float:
+    """The median cosine of a user's profile with the model's top items (0 without vectors)."""
+    rows = rows[rows >= 0]
+    return float(np.median(matrix[rows] @ profile)) if rows.size else -1.0
 
 
 def _links(ids: pl.Series, matrix: np.ndarray, new_ids: pl.Series, new_matrix: np.ndarray,

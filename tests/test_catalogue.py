@@ -125,12 +125,19 @@ def no_network(monkeypatch):
 
 
 def _catalogue(demo_shop_dir: Path, user: str, events: pl.DataFrame, path: Path) -> str:
-    """The demo catalogue plus one new item whose text copies the user's favourite item's."""
+    """The demo catalogue plus one new item that reads like the user's items (their words).
+
+    The user's favourite item is marked unavailable; its id is returned.
+    """
     items = pl.read_parquet(demo_shop_dir / "items.parquet")
-    favourite = (events.filter(pl.col("user_id") == user).group_by("item_id").len()
-                 .sort("len", "item_id", descending=[True, False])["item_id"][0])
-    new = items.filter(pl.col("item_id") == favourite).with_columns(
-        pl.lit("launched-1").alias("item_id"))
+    mine = events.filter(pl.col("user_id") == user).group_by("item_id").len().sort(
+        "len", "item_id", descending=[True, False])
+    texts = items.join(mine, on="item_id").sort("len", "item_id", descending=[True, False])
+    new = items.head(1).with_columns(
+        pl.lit("launched-1").alias("item_id"),
+        pl.lit(" ".join(texts["title"].to_list())).alias("title"),
+        pl.lit(" ".join(texts["description"].to_list())).alias("description"))
+    favourite = mine["item_id"][0]
     catalogue = pl.concat([items, new]).with_columns(
         pl.when(pl.col("item_id") == favourite).then(pl.lit("no")).otherwise(pl.lit("yes"))
         .alias("available"))
