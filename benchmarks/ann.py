@@ -18,17 +18,12 @@ Results: appended to ``benchmarks/results/ann.json``; a Markdown table on stdout
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from record import append_run  # benchmarks/, the script's folder, is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ann.json"
@@ -112,21 +107,11 @@ def main() -> None:
               f"{row['ann_s_per_1k@200']:.2f} | {row['recall@200']:.4f} | "
               f"{row['ann_s_per_1k@20']:.2f} | {row['recall@20']:.4f} | "
               f"{row['break_even_queries@200'] or '-'} |", flush=True)
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    previous.append({"date": dt.date.today().isoformat(),
-                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                              capture_output=True, text=True).stdout.strip(),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                     "faiss": faiss.__version__,
-                     "settings": {"M": ann.HNSW_M, "efConstruction": ann.EF_CONSTRUCTION,
-                                  "efSearch": f"max({ann.EF_SEARCH}, {ann.EF_PER_RESULT} * n)",
-                                  "build_threads": 1,
-                                  "search_threads": faiss.omp_get_max_threads()},
-                     "args": vars(args), "results": results,
-                     "bench_peak_rss_mb": resource.getrusage(
-                         resource.RUSAGE_SELF).ru_maxrss / 1024})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(previous, indent=2))
+    append_run(RESULTS, faiss=faiss.__version__,
+               settings={"M": ann.HNSW_M, "efConstruction": ann.EF_CONSTRUCTION,
+                         "efSearch": f"max({ann.EF_SEARCH}, {ann.EF_PER_RESULT} * n)",
+                         "build_threads": 1, "search_threads": faiss.omp_get_max_threads()},
+               args=vars(args), results=results)
 
 
 if __name__ == "__main__":

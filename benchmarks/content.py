@@ -18,16 +18,14 @@ Results: ``benchmarks/results/content.json`` and Markdown tables on stdout.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import append_run  # benchmarks/, the script's folder, is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "content.json"
@@ -125,16 +123,7 @@ def main() -> None:
         print(f"\nencoder: {cost['items']:,} items, load {cost['load_s']:.2f} s, "  # noqa: T201
               f"{cost['items_per_s']:,.0f} items/s, peak RSS {cost['peak_rss_mb']:.0f} MB; "
               f"cache miss {cost['miss_s']:.2f} s, hit {cost['hit_s']:.2f} s")
-    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    previous.append({"date": dt.date.today().isoformat(),
-                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                              capture_output=True, text=True).stdout.strip(),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                     "args": vars(args), "results": results,
-                     "bench_peak_rss_mb": resource.getrusage(
-                         resource.RUSAGE_SELF).ru_maxrss / 1024})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(previous, indent=2))
+    append_run(RESULTS, args=vars(args), results=results)
 
 
 if __name__ == "__main__":
