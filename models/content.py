@@ -78,7 +78,7 @@ class ContentNeighbours(Recommender):
         matrix = self.vectors_[VECTOR].to_numpy().astype(np.float32, copy=False)
         code = pl.DataFrame({ITEM: items, "code": np.arange(items.len(), dtype=np.int64)})
         recent = (self.recent_.join(users.select(USER, "depth"), on=USER)
-                  .join(code, on=ITEM).sort(USER))
+                  .join(code, on=ITEM).sort(USER, "code"))  # a fixed order: same sums every run
         if recent.height == 0:
             return None
         _, first = np.unique(recent[USER].to_numpy(), return_index=True)  # recent is sorted

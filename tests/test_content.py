@@ -23,6 +23,7 @@ from models.item_text import (
     encode_items,
     encoder_from_spec,
     item_texts,
+    normalised,
 )
 from tasks.data.item_vectors import cached_vectors
 
@@ -195,3 +196,18 @@ def test_content_model_through_the_hnsw_graph_recommends_as_the_exact_one() -> N
     lists = [frame.group_by(USER).agg(pl.col(ITEM).sort()).sort(USER) for frame in (want, got)]
     assert (lists[0][ITEM] == lists[1][ITEM]).mean() >= 0.99
     assert graph.get_params()["exact_below"] == 0
+
+
+def test_content_scores_do_not_depend_on_the_order_of_rows() -> None:
+    rng = np.random.default_rng(1)
+    items = [f"i{j}" for j in range(300)]
+    vectors = pl.DataFrame({ITEM: items, "vector": pl.Series(
+        normalised(rng.normal(size=(300, 32)).astype(np.float32)),
+        dtype=pl.Array(pl.Float32, 32))})
+    events = _events([(f"u{j % 40}", items[int(rng.integers(300))], j) for j in range(2_000)])
+    shuffled = events.sample(fraction=1.0, shuffle=True, seed=2)
+    first, second = (ContentNeighbours(n_recent=20).with_vectors(vectors).fit(e)
+                     .recommend([f"u{j}" for j in range(40)], k=20, exclude_seen=True)
+                     for e in (events, shuffled))
+    assert first.height == 40 * 20
+    assert first.equals(second)

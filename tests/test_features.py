@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -145,3 +146,23 @@ def test_feature_columns_and_suite(history, items):
     assert "cand_rank" in message
     assert "i_cart_user_share" in message
     assert "fix:" in message
+
+
+def test_text_features_do_not_depend_on_the_order_of_rows():
+    # float32 sums over a user's items in a fixed order: the same bits however rows arrive,
+    # so a resumed run trains the ranker a clean run trains
+    events, items = generate_shop(3_000, seed=7)
+    rng = np.random.default_rng(0)
+    ids = items["item_id"].unique().sort()
+    vectors = pl.DataFrame({"item_id": ids, "vector": pl.Series(
+        rng.normal(size=(ids.len(), 32)).astype(np.float32), dtype=pl.Array(pl.Float32, 32))})
+    users = events["user_id"].unique().sort().to_list()
+    covis = CoVisitation().fit(events)
+    cands = build_candidates(events, users, covis, CandidateConfig(), items, None, False)
+    shuffled = events.sample(fraction=1.0, shuffle=True, seed=3)
+    first, second = (build_features(cands, e, items, covis, vectors=vectors)
+                     .select("user_id", "item_id", "ui_text_last", "ui_text_recent",
+                             "ui_text_bought").sort("user_id", "item_id")
+                     for e in (events, shuffled))
+    assert first.height > 1_000
+    assert_frame_equal(first, second, check_exact=True)

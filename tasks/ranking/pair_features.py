@@ -260,8 +260,10 @@ def content_features(pairs: pl.DataFrame, hist: pl.DataFrame, vectors: ItemVecto
              .with_columns(pl.col("__user").cast(pl.Int64)))
     latest = (coded.group_by("__user", "__code").agg(pl.col(POS).max())
               .with_columns(pl.col(POS).rank("ordinal", descending=True).over("__user")
-                            .alias("__back")))
-    bought = coded.filter(pl.col(EVENT_TYPE) == "purchase").select("__user", "__code").unique()
+                            .alias("__back"))
+              .sort("__user", "__code"))  # sums in one order: the same floats every run
+    bought = (coded.filter(pl.col(EVENT_TYPE) == "purchase").select("__user", "__code").unique()
+              .sort("__user", "__code"))
     n = users.height
     profiles = np.stack([vectors.profiles(latest.filter(pl.col("__back") == 1), n),
                          vectors.profiles(latest.filter(pl.col("__back") <= recent_items), n),
