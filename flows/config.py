@@ -150,7 +150,9 @@ class ContentConfig(_Strict):
         "downloaded) or 'sentence-transformers:<folder>' (a saved model on disk).")
     ranker_candidates: bool = Field(
         True, description="The content neighbours join the ranker's candidates (source "
-        "'content', quota ranker.candidates.n_external) with their rank and score as features.")
+        "'content', quota ranker.candidates.n_external), and the nearest items without events "
+        "(source 'content_new', ranker.candidates.n_new per user), with their rank and score "
+        "as features.")
     new_item_weight: float = Field(
         0.4, ge=0, le=1, description="`shoprank catalogue update`: weight of the new items "
         "nearest a user's items (in text space) against the model's list, by weighted "

@@ -73,9 +73,24 @@ class ContentNeighbours(Recommender):
         self.history_ = sorted_history(events)
         return self
 
+    def among(self, items: pl.Series | None) -> Self:
+        """Recommend only ``items`` (None: every item with a vector); profiles use them all.
+
+        What lets a caller ask for the best items nobody has touched yet, say, without a
+        second model: a user's profile still comes from its recent items.
+        """
+        self.among_ = None if items is None else items.cast(pl.String)
+        return self
+
     def _score(self, users: pl.DataFrame) -> pl.DataFrame | None:
         items = self.vectors_[ITEM]
         matrix = self.vectors_[VECTOR].to_numpy().astype(np.float32, copy=False)
+        allowed = np.arange(items.len())  # the rows that may be recommended
+        if getattr(self, "among_", None) is not None:
+            allowed = np.flatnonzero(
+                items.cast(pl.String).is_in(self.among_.implode()).to_numpy())
+            if allowed.size == 0:
+                return None
         code = pl.DataFrame({ITEM: items, "code": np.arange(items.len(), dtype=np.int64)})
         recent = (self.recent_.join(users.select(USER, "depth"), on=USER)
                   .join(code, on=ITEM).sort(USER, "code"))  # a fixed order: same sums every run
@@ -85,7 +100,7 @@ class ContentNeighbours(Recommender):
         users_of, depths = recent[USER].gather(first), recent["depth"].to_numpy()[first]
         bounds = np.append(first, recent.height)
         codes, weights = recent["code"].to_numpy(), recent["weight"].to_numpy().astype(np.float32)
-        search = searcher(matrix, exact_below=self.exact_below)
+        search = searcher(matrix[allowed], exact_below=self.exact_below)
         frames = []
         for start in range(0, first.size, _USERS_PER_BLOCK):
             stop = min(start + _USERS_PER_BLOCK, first.size)
@@ -98,6 +113,6 @@ class ContentNeighbours(Recommender):
             keep = (np.arange(found.shape[1]) < depth[:, None]) & (scores > 0)
             rows = np.repeat(np.arange(start, stop), keep.sum(axis=1))
             frames.append(pl.DataFrame({USER: users_of.gather(rows),
-                                        ITEM: items.gather(found[keep]),
+                                        ITEM: items.gather(allowed[found[keep]]),
                                         SCORE: scores[keep].astype(np.float64)}))
         return pl.concat(frames) if frames else None

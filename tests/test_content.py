@@ -211,3 +211,18 @@ def test_content_scores_do_not_depend_on_the_order_of_rows() -> None:
                      for e in (events, shuffled))
     assert first.height == 40 * 20
     assert first.equals(second)
+
+
+def test_content_source_proposes_the_nearest_items_nobody_has_touched() -> None:
+    from tasks.ranking.external_sources import ContentSource
+
+    # 2-D unit vectors: "a" and the untouched "n1" point one way, "b" and "n2" the other
+    vectors = pl.DataFrame({ITEM: ["a", "b", "n1", "n2"], "vector": pl.Series(
+        [[1.0, 0.0], [0.0, 1.0], [0.9, 0.436], [0.1, 0.995]], dtype=pl.Array(pl.Float32, 2))})
+    history = _events([("u1", "a", 0), ("u2", "b", 0), ("u3", "b", 1)])
+    proposed = ContentSource(vectors, n=4, exclude_seen=True, encoder="hand", n_new=1)(
+        history, ["u1", "u2"])
+    new = proposed["content_new"].sort(USER)
+    assert new[ITEM].to_list() == ["n1", "n2"]  # each user's nearest untouched item
+    assert set(proposed["content"][ITEM]) <= {"a", "b", "n1", "n2"}
+    assert "content_new" not in ContentSource(vectors, 4, True, "hand")(history, ["u1"])

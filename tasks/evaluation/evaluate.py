@@ -156,8 +156,10 @@ def evaluate_lgbm_ranker(
                                           earliest)
         recipe = read_recipe(Path(transformer["model_dir"]))  # part of the study's name
     if vectors is not None and encoder is not None:
-        settings = {"encoder": encoder, "n": config.candidates.n_external}
-        content = ContentSource(pl.read_parquet(vectors), settings["n"], exclude_seen, encoder)
+        settings = {"encoder": encoder, "n": config.candidates.n_external,
+                    "n_new": config.candidates.n_new}
+        content = ContentSource(pl.read_parquet(vectors), settings["n"], exclude_seen, encoder,
+                                settings["n_new"])
     external, source = combined(external, content), combined(source, content)
     result = tune_and_evaluate_lgbm(split, items, config, run_id, workdir, ks=ks,
                                     exclude_seen=exclude_seen, ordered_only=ordered_only,

@@ -44,6 +44,9 @@ class CandidateConfig(BaseModel):
     n_recent: int = Field(100, ge=0, description="Quota of the user's most recent own items.")
     n_repeat: int = Field(30, ge=0, description="Quota of the user's most interacted own items.")
     n_external: int = Field(50, ge=0, description="Quota of each external source.")
+    n_new: int = Field(20, ge=0, description="With the content source: items proposed per "
+                       "user among those with no event in the history (source 'content_new', "
+                       "the nearest in text space to the user's recent items); 0: none.")
     user_categories: int = Field(3, gt=0, description="A user's favourite categories used.")
     popular_days: float | None = Field(
         7.0, gt=0, description="Window of the popularity source (real timestamps); None: all."

@@ -5,7 +5,8 @@ under its name; the pipeline turns each into the features ``rank_<name>`` and ``
 (:mod:`tasks.ranking.candidate_sources`). Two exist: the transformer's nearest items (``seq``,
 :class:`tasks.transformer.sequence.SequenceSource`) and the catalogue items nearest in text
 space to the user's recent items (``content``, :class:`ContentSource`: the one source that can
-propose an item with no events). :class:`SourceSet` holds several and saves each in a folder of
+propose an item with no events), with its nearest items among those nobody has touched yet
+(``content_new``). :class:`SourceSet` holds several and saves each in a folder of
 its own; :func:`load_source` reads either a set or a single transformer source saved before sets
 existed.
 """
@@ -22,6 +23,7 @@ from models.columns import ITEM, SCORE, USER
 from models.content import ContentNeighbours
 
 CONTENT_SOURCE = "content"
+NEW_SOURCE = "content_new"
 SET_FILE = "sources.json"
 
 
@@ -36,23 +38,39 @@ class ContentSource:
         n: Items proposed per user.
         exclude_seen: Leave out the items of each user's history.
         encoder: The encoder spec that made ``vectors`` (kept in the saved source).
+        n_new: Items proposed per user among those without any event in the history it is
+            called with (source ``content_new``; 0: none). In the whole catalogue the nearest
+            items are mostly ones with events, so new items rarely reach the candidates
+            through ``content`` alone.
     """
 
     name = CONTENT_SOURCE
 
-    def __init__(self, vectors: pl.DataFrame, n: int, exclude_seen: bool, encoder: str) -> None:
+    def __init__(self, vectors: pl.DataFrame, n: int, exclude_seen: bool, encoder: str,
+                 n_new: int = 0) -> None:
         self.vectors, self.n, self.exclude_seen, self.encoder = vectors, n, exclude_seen, encoder
+        self.n_new = n_new
 
     def __call__(self, history: pl.DataFrame, users: Any) -> dict[str, pl.DataFrame]:
-        """The content neighbours of each user's latest items in ``history`` (none for others)."""
+        """The content neighbours of each user's latest items in ``history`` (none for others).
+
+        With ``n_new``, also ``content_new``: the nearest items nobody has an event on.
+        """
         users = pl.Series(USER, users, dtype=pl.String).unique(maintain_order=True)
         events = history.join(users.to_frame(), on=USER, how="semi")
+        names = [self.name, NEW_SOURCE] if self.n_new else [self.name]
         if events.is_empty():
-            return {self.name: pl.DataFrame(schema={USER: pl.String, ITEM: pl.String,
-                                                    SCORE: pl.Float64})}
+            return dict.fromkeys(names, pl.DataFrame(
+                schema={USER: pl.String, ITEM: pl.String, SCORE: pl.Float64}))
         model = ContentNeighbours().with_vectors(self.vectors).fit(events)
         recs = model.recommend(users, k=self.n, exclude_seen=self.exclude_seen)
-        return {self.name: recs.filter(pl.col(SCORE) > 0).select(USER, ITEM, SCORE)}
+        out = {self.name: recs.filter(pl.col(SCORE) > 0).select(USER, ITEM, SCORE)}
+        if self.n_new:
+            untouched = self.vectors[ITEM].filter(
+                ~self.vectors[ITEM].is_in(history[ITEM].unique().implode()))
+            new = model.among(untouched).recommend(users, k=self.n_new, exclude_seen=False)
+            out[NEW_SOURCE] = new.filter(pl.col(SCORE) > 0).select(USER, ITEM, SCORE)
+        return out
 
     def save(self, path: Path) -> None:
         """The vectors and the settings into the folder ``path``."""
@@ -60,14 +78,15 @@ class ContentSource:
         path.mkdir(parents=True, exist_ok=True)
         self.vectors.write_parquet(path / "vectors.parquet")
         (path / "source.json").write_text(json.dumps(
-            {"n": self.n, "exclude_seen": self.exclude_seen, "encoder": self.encoder}))
+            {"n": self.n, "exclude_seen": self.exclude_seen, "encoder": self.encoder,
+             "n_new": self.n_new}))
 
     @classmethod
     def load(cls, path: Path) -> ContentSource:
         """Read a source written by :meth:`save`."""
         meta = json.loads((Path(path) / "source.json").read_text())
         return cls(pl.read_parquet(Path(path) / "vectors.parquet"), meta["n"],
-                   meta["exclude_seen"], meta["encoder"])
+                   meta["exclude_seen"], meta["encoder"], meta.get("n_new", 0))
 
 
 class SourceSet:

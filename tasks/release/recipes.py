@@ -149,7 +149,8 @@ def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None
     if recipe.get("content"):  # the catalogue's text feeds the candidates: encoded again
         settings = recipe["content"]
         content = ContentSource(_vectors(settings["encoder"], items), int(settings["n"]),
-                                bool(recipe["exclude_seen"]), settings["encoder"])
+                                bool(recipe["exclude_seen"]), settings["encoder"],
+                                int(settings.get("n_new", 0)))
     training, serving = combined(training, content), combined(serving, content)
     data = pipe.training_frames(Selection(*recipe.get("selection", [0.0, 0])).tuning(split),
                                 training)
