@@ -47,6 +47,11 @@ class CandidateConfig(BaseModel):
     n_new: int = Field(20, ge=0, description="With the content source: items proposed per "
                        "user among those with no event in the history (source 'content_new', "
                        "the nearest in text space to the user's recent items); 0: none.")
+    new_item_grade: int = Field(
+        2, ge=1, le=8, description="Relevance grade of a training target whose item had no "
+        "event before the window (1: the grade of every other target). LightGBM's gain "
+        "2^grade - 1 makes such a target count 3 times at 2: the ranker learns to put the new "
+        "items a user will take into lists, where text is all there is to go on.")
     user_categories: int = Field(3, gt=0, description="A user's favourite categories used.")
     popular_days: float | None = Field(
         7.0, gt=0, description="Window of the popularity source (real timestamps); None: all."

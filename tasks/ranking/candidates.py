@@ -56,6 +56,8 @@ from tasks.ranking.candidate_sources import (
 
 logger = logging.getLogger(__name__)
 
+NEW_EVIDENCE = "i_n_events"  # an item's events in the history: 0 for a new item
+
 
 def prepare_history(history: pl.DataFrame, event_weights: Mapping[str, float]) -> pl.DataFrame:
     """Events sorted by user then time (ties keep input order) with ``pos`` and ``weight``.
@@ -242,13 +244,21 @@ def rank_columns(cands: pl.DataFrame) -> list[str]:
     return [c for c in cands.columns if c.startswith(RANK_PREFIX)]
 
 
-def label_candidates(cands: pl.DataFrame, targets: pl.DataFrame) -> pl.DataFrame:
-    """Add ``label`` (1 when the pair is among the user's targets, else 0)."""
+def label_candidates(cands: pl.DataFrame, targets: pl.DataFrame, new_grade: int = 1
+                     ) -> pl.DataFrame:
+    """Add ``label``: 1 when the pair is among the user's targets, else 0.
+
+    ``new_grade``: the label of a target whose item had no event in the history (its feature
+    ``i_n_events`` is 0), when the frame has that feature.
+    """
     require_columns(targets.columns, (USER, ITEM), "targets")
     positives = targets.select(USER, ITEM).unique().with_columns(pl.lit(1, pl.Int32).alias(LABEL))
-    return cands.join(positives, on=[USER, ITEM], how="left", maintain_order="left").with_columns(
-        pl.col(LABEL).fill_null(0)
-    )
+    labelled = cands.join(positives, on=[USER, ITEM], how="left", maintain_order="left")
+    label = pl.col(LABEL).fill_null(0)
+    if new_grade != 1 and NEW_EVIDENCE in cands.columns:
+        label = (pl.when((label == 1) & (pl.col(NEW_EVIDENCE).fill_null(0) == 0))
+                 .then(pl.lit(new_grade, pl.Int32)).otherwise(label))
+    return labelled.with_columns(label.alias(LABEL))
 
 
 def recall_counts(cands: pl.DataFrame, targets: pl.DataFrame) -> dict[str, float]:

@@ -238,7 +238,8 @@ def candidate_features(
         start = time.perf_counter()
         chunk = users_df.slice(i * user_chunk, user_chunk)
         frame = features.build(candidates.build(chunk, external))
-        frame = frame if targets is None else label_candidates(frame, targets)
+        frame = frame if targets is None else label_candidates(
+            frame, targets, candidate_config.new_item_grade)
         # one chunk per column and part: misaligned chunks would copy the whole frame later
         parts.append(frame.rechunk())
         logger.info("candidates+features: chunk %d/%d, %d users, %d pairs, %.1f s", i + 1,
