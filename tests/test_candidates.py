@@ -112,3 +112,13 @@ def test_recall_and_labels(history, covis):
     labelled = label_candidates(cands, targets)
     assert labelled.height == cands.height
     assert labelled.filter(pl.col("label") == 1).height == found
+
+
+def test_targets_on_items_without_events_get_the_new_item_grade():
+    cands = pl.DataFrame({"user_id": ["u1", "u1", "u1", "u2"], "item_id": ["a", "n", "b", "n"],
+                          "i_n_events": [4.0, 0.0, 2.0, 0.0]})
+    targets = pl.DataFrame({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "n", "x"]})
+    graded = label_candidates(cands, targets, new_grade=2)
+    assert graded["label"].to_list() == [1, 2, 0, 0]  # u2's n is no target: still 0
+    assert label_candidates(cands, targets)["label"].to_list() == [1, 1, 0, 0]
+    assert label_candidates(cands.drop("i_n_events"), targets, 2)["label"].to_list() == [1, 1, 0, 0]
