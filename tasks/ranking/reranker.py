@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.base import event_weight_expr, popularity_table, top_k_with_fallback
 from models.baselines import CoVisitation
@@ -84,6 +84,10 @@ class RankerConfig(BaseModel):
         None, description="Study name; empty: derived from the data and settings (re-runs resume)."
     )
     seed: int = Field(42, description="Seed of the sampler, the holdout and LightGBM.")
+    learning_rate_range: tuple[float, float] = Field(
+        (0.03, 0.2), description="The learning rates trials draw from (log scale). Below 0.03 "
+        "a trial needs several hundred rounds for the same holdout NDCG: each trial, the "
+        "refit and every release's refit take twice as long (BENCHMARKS.md).")
     num_boost_round: int = Field(1000, ge=1, description="Most boosting rounds per trial.")
     early_stopping_rounds: int = Field(50, ge=1, description="Patience of early stopping.")
     eval_at: int = Field(10, ge=1, description="K of the NDCG that stops, prunes and selects.")
@@ -95,6 +99,15 @@ class RankerConfig(BaseModel):
     user_chunk: int = Field(
         USER_CHUNK, gt=0, description="Users whose candidates and features are built at once "
         "(working memory follows it; results do not depend on it).")
+
+    @field_validator("learning_rate_range")
+    @classmethod
+    def _rates(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"learning_rate_range must be [low, high] with 0 < low <= high <= 1;"
+                             f" got [{low}, {high}].")
+        return value
 
     def seen_excluded(self, exclude_seen: bool) -> RankerConfig:
         """These settings with the candidates' ``exclude_seen`` set (the evaluation decides it)."""

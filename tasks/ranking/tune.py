@@ -98,10 +98,12 @@ def _without_budget(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**recipe, "config": settings}
 
 
-def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
-    """The LightGBM search space of one trial."""
+def suggest_params(trial: optuna.Trial, learning_rates: tuple[float, float] = (0.03, 0.2)
+                   ) -> dict[str, Any]:
+    """The LightGBM search space of one trial (learning rates from ``learning_rates``)."""
+    low, high = learning_rates
     return {
-        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", low, high, log=True),
         "num_leaves": trial.suggest_int("num_leaves", 7, 255, log=True),
         "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 5, 500, log=True),
         "feature_fraction": trial.suggest_float("feature_fraction", 0.4, 1.0),
@@ -142,7 +144,7 @@ def make_objective(pipe: RankingPipeline, data: TrainingData, ks: list[int],
     metric = f"ndcg@{pipe.config.eval_at}"
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest_params(trial)
+        params = suggest_params(trial, pipe.config.learning_rate_range)
         run_id = runs.start(trial, params)
         ranker = pipe.new_ranker(params)
         try:
