@@ -55,6 +55,8 @@ def test_tune_logs_trials_as_nested_runs_and_repeats_with_the_seed(shop, tmp_pat
     trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
     assert len(trials) == 3
     assert all("learning_rate" in run.data.params for run in trials)
+    low, high = config.learning_rate_range
+    assert all(low <= float(run.data.params["learning_rate"]) <= high for run in trials)
     logged = {a.path for a in client.list_artifacts(parent, "lgbm_ranker")}
     assert {"lgbm_ranker/optimization_history.png", "lgbm_ranker/param_importances.png",
             "lgbm_ranker/feature_importance.png", "lgbm_ranker/feature_importance.csv"} <= logged
@@ -320,3 +322,8 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="extra"):
         RankerConfig(surprise=1)
     assert isinstance(RankerConfig().candidates.n_candidates, int)
+
+
+def test_a_learning_rate_range_upside_down_is_refused():
+    with pytest.raises(ValueError, match="learning_rate_range"):
+        RankerConfig(learning_rate_range=(0.2, 0.03))
