@@ -73,7 +73,7 @@ def ranker_recipe(result: dict[str, Any], source: dict[str, Any] | None,
     """The recipe of the tuned re-ranker; ``source``: the transformer's, when it feeds it.
 
     ``selection``: the selection holdout whose users' validation targets it did not learn.
-    ``content``: the content source's settings (``encoder``, ``n``), when it feeds it.
+    ``content``: the content source's settings (``encoder``, ``n``, ``n_new``), when it feeds it.
     """
     selection = selection or Selection()
     recipe = {"family": "lgbm_ranker", "config": result["config"],
