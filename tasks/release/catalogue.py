@@ -36,7 +36,7 @@ from models.item_text import has_text
 from tasks.data.item_vectors import cached_vectors
 from tasks.release.packaging import CHAMPION, package_and_register
 from tasks.release.promotion import move_alias
-from tasks.release.registry import alias_version, get_version, registry_lock
+from tasks.release.registry import alias_version, get_version, registry_lock, version_tagged
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,6 @@ def update_id(base: str, vectors_file: str, unavailable: pl.Series, settings: st
     digest = hashlib.sha256(f"{base}|{vectors_file}|{settings}|".encode())
     digest.update("|".join(sorted(unavailable.cast(pl.String).to_list())).encode())
     return digest.hexdigest()[:24]
-
-
-def find_update(client: MlflowClient, model_name: str, update: str) -> str | None:
-    """The version an update already registered (before a crash), or None."""
-    found = [v for v in client.search_model_versions(f"name='{model_name}'")
-             if v.tags.get(UPDATE_TAG) == update]
-    return str(min(int(v.version) for v in found)) if found else None
 
 
 def unavailable_items(items: pl.DataFrame) -> pl.Series:
@@ -102,7 +95,7 @@ def update_champion(items: pl.DataFrame, *, model_name: str, tracking_uri: str, 
         # the model version underneath: a champion that is itself an update names its own
         base = get_version(client, model_name, champion).tags.get(BASE_TAG, champion)
         update = update_id(base, path.name, unavailable, f"{encoder_name}|{new_item_weight}")
-        version, reused, counts = find_update(client, model_name, update), True, {}
+        version, reused, counts = version_tagged(client, model_name, UPDATE_TAG, update), True, {}
         if version is None:
             version, counts = _register(client, model_name, champion, base, update, vectors,
                                         unavailable, new_item_weight, encoder_name, tracking_uri)

@@ -71,6 +71,7 @@ from tasks.release.registry import (
     get_version,
     record,
     registry_lock,
+    version_tagged,
 )
 
 logger = logging.getLogger(__name__)
@@ -168,13 +169,6 @@ def write_pending(client: MlflowClient, decision: Decision, kind: str, recipe: s
     client.set_model_version_tag(name, version, STATE_TAG, "pending")
 
 
-def find_release(client: MlflowClient, model_name: str, decision_id: str) -> str | None:
-    """The version a decision already released (registered before a crash), or None."""
-    found = [v for v in client.search_model_versions(f"name='{model_name}'")
-             if v.tags.get(RELEASE_DECISION_TAG) == decision_id]
-    return str(min(int(v.version) for v in found)) if found else None
-
-
 def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str,
             split_dir: Path | None, work: Path, tracking_uri: str) -> str:
     """Register the planned recipe refitted on every event of the decided version's run.
@@ -267,7 +261,8 @@ def complete(client: MlflowClient, model_name: str, version: str, tracking_uri: 
     kind = tags.get(PLAN_TAG, "none")
     if kind in ("challenger", "refresh") and decision.released_version is None:
         try:
-            released = find_release(client, model_name, decision.decision_id) or release(
+            released = version_tagged(client, model_name, RELEASE_DECISION_TAG,
+                                      decision.decision_id) or release(
                 client, decision, kind, tags[PLAN_RECIPE_TAG], split_dir, work, tracking_uri)
         except ShoprankError as err:  # not transient (another error is retried by a rerun)
             logger.warning("%s v%s: the release failed", model_name, version, exc_info=True)

@@ -300,6 +300,17 @@ def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | No
         return None
 
 
+def version_tagged(client: MlflowClient, model_name: str, tag: str, value: str) -> str | None:
+    """The lowest version of ``model_name`` whose ``tag`` is ``value``, or None.
+
+    How a step that registers finds what it registered before a crash: it tags the version
+    with its own id and looks for it before registering again.
+    """
+    found = [v for v in client.search_model_versions(f"name='{model_name}'")
+             if v.tags.get(tag) == value]
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 def resolve_model(model_uri: str, client: MlflowClient) -> tuple[str, str]:
     """``(name, version)`` of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
     match = _URI.match(model_uri)
