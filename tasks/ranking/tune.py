@@ -98,9 +98,8 @@ def _without_budget(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**recipe, "config": settings}
 
 
-def suggest_params(trial: optuna.Trial, learning_rates: tuple[float, float] = (0.03, 0.2)
-                   ) -> dict[str, Any]:
-    """The LightGBM search space of one trial (learning rates from ``learning_rates``)."""
+def suggest_params(trial: optuna.Trial, learning_rates: tuple[float, float]) -> dict[str, Any]:
+    """The LightGBM search space of one trial (``RankerConfig.learning_rate_range``)."""
     low, high = learning_rates
     return {
         "learning_rate": trial.suggest_float("learning_rate", low, high, log=True),
