@@ -6,7 +6,7 @@
 The built-in shop is cut with the default time split and the ranker's training groups are built
 once, as the local engine builds them (every window of the default ``extra_windows``; every
 group). Then, for each size, the groups with a positive are drawn as ``engine: dask`` draws them
-(seeded CRC-32 of the group, no more than the size) and the ranker is fitted with fixed
+(seeded hash of the group, no more than the size) and the ranker is fitted with fixed
 parameters (early stopping on the same held-out groups), and its lists for the test users are
 scored on the full catalogue. "all" is every group, the local engine's model. Each fit runs in a
 fresh process so that its peak memory (resident set, from ``wait4``) is its own. Results are
@@ -75,7 +75,7 @@ def fit_one(work: Path, size: int | None) -> dict:
     lazy = pl.scan_parquet(work / "train.parquet")
     queries = lazy.select(QUERY).unique().collect()
     if size is not None and size < queries.height:  # drawn as engine dask draws groups
-        keys = shard_of("42:group:" + queries[QUERY], HOLDOUT_SCALE)
+        keys = shard_of(queries[QUERY], HOLDOUT_SCALE, purpose="group", seed=42)
         queries = queries.filter(keys < size / queries.height * HOLDOUT_SCALE)
     train = lazy.join(queries.lazy(), on=QUERY, how="semi").collect()
     holdout = pl.read_parquet(work / "holdout.parquet")

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "items.parquet) with a fixed seed, over 60 days. With --shards N the "
                           "events are generated a batch of users at a time (memory bounded by "
                           "the batch) and written to events/shard-00000.parquet ... partitioned "
-                          "by user (CRC-32 of user_id modulo N); the same events, seed and N "
+                          "by user (a keyed hash of user_id modulo N); the same events, seed and N "
                           "give identical files. With --shift-day D the shop changes regime at "
                           "the start of day D (day 0 is the shop's first day): a new top-level "
                           "category (c8, wearables) launches and most shoppers adopt it within "

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import itertools
+import math
+import zlib
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -14,6 +19,10 @@ from models.errors import ConfigError, DataError
 from tasks.data.adapters import load_raw
 from tasks.data.demo_data import DEFAULT_END, generate_shop, generate_shop_batches, write_demo_shop
 from tasks.data.shards import shard_file, shard_of
+from tasks.ranking.rank_sample import _keys
+from tasks.ranking.rank_tables import GROUP_KEY, USER_KEY
+from tasks.ranking.reranker import HOLDOUT_SCALE, holdout_key
+from tasks.splitting.split import Selection
 
 N_EVENTS, SEED, SHARDS = 20_000, 4, 4
 BATCH_USERS = 120  # 500 users: five batches, the last of 20 users
@@ -36,12 +45,80 @@ def _shards(folder: Path) -> list[pl.DataFrame]:
     return [pl.read_parquet(shard_file(folder / "events", s)) for s in range(SHARDS)]
 
 
-def test_shard_of_is_crc32_of_the_id_text() -> None:
+def _blake2b(text: str, key: bytes, n: int) -> int:
+    """The keyed hash of ``text`` modulo ``n``, computed here with hashlib alone."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "big") % n
+
+
+def test_shard_of_is_a_keyed_blake2b_of_the_id_text() -> None:
     ids = pl.Series(USER, ["u000001", "u000002", None, "abc", "u000001"])
-    assert shard_of(ids, 64).to_list() == [33, 27, None, 2, 33]  # zlib.crc32(id) % 64
+    assert shard_of(ids, 64).to_list() == [25, 51, None, 57, 25]
+    assert [_blake2b(i, b"shard:0", 64) for i in ("u000001", "u000002", "abc")] == [25, 51, 57]
+    held = shard_of(ids, 10**6, purpose="holdout", seed=42)
+    assert held.to_list() == [563656, 720550, None, 505581, 563656]
+    assert [_blake2b(i, b"holdout:42", 10**6) for i in ("u000001", "u000002", "abc")] == [
+        563656, 720550, 505581]
     assert shard_of(pl.Series([7, 7]), 5).to_list() == [shard_of(pl.Series(["7"]), 5)[0]] * 2
     with pytest.raises(ConfigError, match="1 or more"):
         shard_of(ids, 0)
+    with pytest.raises(ConfigError, match="longer than 64 bytes"):
+        shard_of(ids, 64, purpose="x" * 64)
+
+
+INDEPENDENT_USERS, SHARE, DRAW_SEED, N_DRAW_SHARDS = 200_000, 0.1, 42, 8
+
+
+def _draws(users: pl.Series) -> dict[str, np.ndarray]:
+    """Each seeded draw of ``users`` at ``SHARE``, made as the pipeline makes it."""
+    keys = _keys(pl.DataFrame({USER: users}), pl.DataFrame({USER: users}), 0, DRAW_SEED)
+    later = _keys(pl.DataFrame({USER: users}), pl.DataFrame({USER: users}), 1, DRAW_SEED)
+    sequence = shard_of(users, HOLDOUT_SCALE, purpose="sequence", seed=DRAW_SEED)  # sample_shard
+    below = SHARE * HOLDOUT_SCALE
+    draws = {"selection": Selection(SHARE, DRAW_SEED).drawn(users),
+             "holdout": holdout_key(users, DRAW_SEED) < below,
+             "group w0": keys[GROUP_KEY] < below, "group w1": later[GROUP_KEY] < below,
+             "sequence": sequence < below}
+    assert (keys[USER_KEY] < below).equals(draws["holdout"], check_names=False)
+    return {name: drawn.to_numpy() for name, drawn in draws.items()}
+
+
+def _crc_draws(users: pl.Series) -> dict[str, np.ndarray]:
+    """The same draws as the pipeline made them before: CRC-32 of a prefix and the id."""
+    prefixes = {"selection": f"selection:{DRAW_SEED}:", "holdout": f"{DRAW_SEED}:",
+                "group w0": f"{DRAW_SEED}:group:0:", "group w1": f"{DRAW_SEED}:group:1:",
+                "sequence": f"{DRAW_SEED}:sequence:"}
+    return {name: np.array([zlib.crc32((prefix + u).encode()) % HOLDOUT_SCALE
+                            < SHARE * HOLDOUT_SCALE for u in users])
+            for name, prefix in prefixes.items()}
+
+
+def _pair_errors(draws: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
+    """Per pair of draws: how many standard errors their joint rate lies from ``SHARE``^2."""
+    joint = SHARE**2
+    error = math.sqrt(joint * (1 - joint) / INDEPENDENT_USERS)
+    return {(a, b): ((draws[a] & draws[b]).mean() - joint) / error
+            for a, b in itertools.combinations(draws, 2)}
+
+
+def test_draws_are_independent_of_each_other_and_of_the_shard() -> None:
+    users = pl.Series(USER, [f"u{i:07d}" for i in range(INDEPENDENT_USERS)])
+    draws = _draws(users)
+    for name, drawn in draws.items():
+        assert abs(drawn.mean() - SHARE) < 4 * math.sqrt(SHARE * (1 - SHARE) / drawn.size), name
+    errors = _pair_errors(draws)
+    assert max(map(abs, errors.values())) < 4, errors
+    shards = shard_of(users, N_DRAW_SHARDS).to_numpy()
+    for shard, (name, drawn) in itertools.product(range(N_DRAW_SHARDS), draws.items()):
+        inside = drawn[shards == shard]
+        error = math.sqrt(SHARE * (1 - SHARE) / inside.size)
+        assert abs(inside.mean() - SHARE) < 4 * error, (shard, name)
+    # The CRC-32 of prefix + id is the CRC-32 of the id XOR a constant of the prefix: the same
+    # users drawn that way fall into pairs of draws far more or far less often than SHARE^2
+    # (selection and group w1: 0.33% of users instead of 1%, 30 standard errors off).
+    crc_errors = _pair_errors(_crc_draws(users))
+    assert crc_errors["selection", "group w1"] < -20
+    assert sum(abs(e) > 4 for e in crc_errors.values()) >= 5, crc_errors
 
 
 def test_shards_partition_the_users(shard_dir: Path, batches) -> None:

@@ -1,18 +1,21 @@
 """Events partitioned into Parquet shards by user: every event of a user lies in one shard.
 
-A user's shard is the CRC-32 of the id's UTF-8 text modulo the number of shards
-(:func:`shard_of`). CRC-32 is fixed by its standard, so the same id goes to the same shard on
+A user's shard is a keyed BLAKE2b hash of the id's UTF-8 text modulo the number of shards
+(:func:`shard_of`). BLAKE2b is fixed by its standard, so the same id goes to the same shard on
 every machine, in every process and with every library version, unlike Python's salted
-``hash()`` or polars' ``Series.hash()``. :class:`ShardWriter` appends frames to the shard files
+``hash()`` or polars' ``Series.hash()``. The same function draws the seeded samples of users
+(the selection and ranker holdouts, the ranker's groups, the transformer's users): each draw
+names its purpose and seed, which key the hash, so that draws are independent of one another
+and of the shard. :class:`ShardWriter` appends frames to the shard files
 ``shard-00000.parquet`` ... one row group per shard and frame, so a dataset larger than memory can
 be written a batch at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import zlib
 from pathlib import Path
 from types import TracebackType
 
@@ -47,18 +50,42 @@ def check_shards(n_shards: int) -> None:
                           "positive number of shards.")
 
 
-def shard_of(user_ids: pl.Series, n_shards: int) -> pl.Series:
-    """Return the shard of each id: CRC-32 of its text modulo ``n_shards`` (null for null).
+def shard_of(user_ids: pl.Series, n_shards: int, purpose: str = "shard", seed: int = 0
+             ) -> pl.Series:
+    """Return the shard of each id: a keyed hash of its text modulo ``n_shards`` (null for null).
 
-    Each distinct id is hashed once, so the cost follows the number of users, not of events.
+    The hash is BLAKE2b of the id's UTF-8 text with an 8-byte digest, read as an unsigned
+    big-endian 64-bit integer, keyed by ``<purpose>:<seed>`` (for example ``shard:0``,
+    ``holdout:42``, ``group:3:42``). Two purposes or seeds give independent values for the same
+    id, unlike a fixed hash of the id with a prefix (a CRC of ``prefix + id`` is the CRC of the id
+    XOR a constant of the prefix and the id's length). Each distinct id is hashed once, so the
+    cost follows the number of users, not of events.
+
+    Args:
+        user_ids: The ids (any type; hashed as text).
+        n_shards: The number of values, ``[0, n_shards)``: shards, buckets, or the scale of a
+            draw (a user is drawn at rate ``r`` when its value is below ``r * n_shards``).
+        purpose: What the value is for; each purpose draws independently of the others.
+        seed: The draw's seed.
 
     Raises:
-        ConfigError: If ``n_shards`` is less than 1.
+        ConfigError: If ``n_shards`` is less than 1, or the key is longer than 64 bytes.
     """
     check_shards(n_shards)
+    key = f"{purpose}:{seed}".encode()
+    if len(key) > hashlib.blake2b.MAX_KEY_SIZE:
+        raise ConfigError(f"the hash key {key.decode()!r} is longer than "
+                          f"{hashlib.blake2b.MAX_KEY_SIZE} bytes: use a shorter purpose.")
+    keyed = hashlib.blake2b(digest_size=8, key=key)
     ids = user_ids.cast(pl.String)
     distinct = ids.drop_nulls().unique()
-    shards = pl.Series([zlib.crc32(i.encode()) % n_shards for i in distinct], dtype=pl.UInt32)
+    digests = []
+    for text in distinct:
+        digest = keyed.copy()  # the keyed state is set up once, not once per id
+        digest.update(text.encode())
+        digests.append(digest.digest())
+    values = np.frombuffer(b"".join(digests), dtype=">u8") % np.uint64(n_shards)
+    shards = pl.Series(values, dtype=pl.UInt64).cast(pl.UInt32)
     return ids.replace_strict(distinct, shards, default=None, return_dtype=pl.UInt32).alias("shard")
 
 

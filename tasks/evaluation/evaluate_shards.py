@@ -4,8 +4,9 @@ Per stage (``valid``: fitted on ``train``; ``test``: fitted on ``test_history``)
 
 1. **map**, a task per shard: the shard's additive tables (:func:`models.baselines.weighted_counts`
    per item, with the plain event count for novelty; raw co-visitation pair sums), each written to
-   one Parquet file per shard with a ``bucket`` column (item id, CRC-32 mod the number of buckets)
-   and one row group per bucket, so that a reducer reads only its bucket;
+   one Parquet file per shard with a ``bucket`` column (the item id's hash keyed by purpose
+   ``bucket``, mod the number of buckets) and one row group per bucket, so that a reducer reads
+   only its bucket;
 2. **reduce**, a task per bucket: the counts summed; then, with every bucket's counts at hand (one
    row per item), the pairs summed, normalised and pruned per source item
    (:meth:`models.baselines.CoVisitation.neighbours_from`); the catalogue's popularity orderings
@@ -63,7 +64,8 @@ def history_end(split_dir: Path, table: str) -> dt.datetime:
 def write_buckets(frame: pl.DataFrame, key: str, n_buckets: int, path: Path) -> None:
     """``frame`` with a bucket column, one row group per bucket (read back by filter)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    bucketed = frame.with_columns(shard_of(frame[key], n_buckets).alias(BUCKET)).sort(BUCKET)
+    buckets = shard_of(frame[key], n_buckets, purpose="bucket").alias(BUCKET)
+    bucketed = frame.with_columns(buckets).sort(BUCKET)
     with pq.ParquetWriter(path, bucketed.head(0).to_arrow().schema) as writer:
         for part in bucketed.partition_by(BUCKET, maintain_order=True):
             writer.write_table(part.to_arrow())

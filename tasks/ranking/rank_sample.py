@@ -1,7 +1,7 @@
 """The bounded, seeded sample of training groups that the sharded ranker learns from.
 
 Each shard's training windows are counted (:func:`window_stats`, :func:`kept_windows`); a
-window's groups are its target users, drawn by a seeded CRC-32 of the group at the rate
+window's groups are its target users, drawn by a seeded hash of the group at the rate
 ``ranker.sample_groups`` / (such groups in every window), the held-out users' groups likewise
 (:func:`draw`). Only drawn groups get labelled candidates and features, per shard
 (:func:`shard_frames`), exactly as :meth:`tasks.ranking.reranker.RankingPipeline.training_frames`
@@ -165,7 +165,7 @@ def _keys(users: pl.DataFrame, valid: pl.DataFrame, window: int, seed: int) -> p
         pl.lit(window, pl.Int32).alias(WINDOW),
         pl.col(USER).is_in(valid[USER].implode()).alias(VALID),
         holdout_key(ids, seed).alias(USER_KEY),
-        shard_of(f"{seed}:group:{window}:" + ids, HOLDOUT_SCALE).alias(GROUP_KEY))
+        shard_of(ids, HOLDOUT_SCALE, purpose=f"group:{window}", seed=seed).alias(GROUP_KEY))
 
 
 def _held(config: RankerConfig, fallback: str | None = None) -> pl.Expr:

@@ -12,7 +12,7 @@ the windows, draw and frames :mod:`tasks.ranking.rank_sample`; this module runs 
    bucket; the neighbours pruned per bucket. A shard's task then reads the summed item table and
    only the neighbours of its users' items.
 3. **draw**: a window's groups are its target users; the groups of users outside the holdout
-   are drawn (seeded CRC-32 of the group) at the rate ``ranker.sample_groups`` / (such groups in
+   are drawn (seeded hash of the group) at the rate ``ranker.sample_groups`` / (such groups in
    every window), the held-out users' groups likewise, bounded by the holdout share of that size.
    Only drawn groups are built, so the frames' cost follows the sample, not the log; on a shop
    with fewer groups every group is drawn and the model is the one the local engine learns.

@@ -177,12 +177,13 @@ HOLDOUT_SCALE = 1_000_000
 
 
 def holdout_key(users: pl.Series, seed: int) -> pl.Series:
-    """A user's place in the holdout draw: CRC-32 of ``<seed>:<user_id>`` in [0, 10^6).
+    """A user's place in the holdout draw: its id's hash keyed by ``holdout`` and ``seed``.
 
-    The same in every process and shard (:func:`tasks.data.shards.shard_of`), so a user sharded
-    anywhere is held out or not alike.
+    In [0, 10^6); the same in every process and shard (:func:`tasks.data.shards.shard_of`), so a
+    user sharded anywhere is held out or not alike, and independent of the shard and of the
+    other draws.
     """
-    return shard_of(f"{seed}:" + users.cast(pl.String), HOLDOUT_SCALE)
+    return shard_of(users, HOLDOUT_SCALE, purpose="holdout", seed=seed)
 
 
 def holdout_users(users: pl.Series, share: float, seed: int) -> pl.Series:

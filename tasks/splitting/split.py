@@ -217,11 +217,12 @@ SELECTION_SCALE = 1_000_000
 class Selection:
     """The selection holdout: the validation users every family is selected on.
 
-    A user is drawn when the CRC-32 of ``selection:<seed>:<user_id>`` modulo 10^6 is below
-    ``share`` x 10^6: the same draw in every process and shard. Their validation targets are used
-    by no family's early stopping, trials or boosting (:meth:`tuning`); every family, baselines
-    included, reports its ``valid`` metrics on them (:meth:`targets`). ``share`` 0 turns it off:
-    every validation user is tuned and selected on.
+    A user is drawn when the hash of its id keyed by purpose ``selection`` and ``seed``
+    (:func:`tasks.data.shards.shard_of`) modulo 10^6 is below ``share`` x 10^6: the same draw
+    in every process and shard, independent of the shard and of the other draws. Their
+    validation targets are used by no family's early stopping, trials or boosting
+    (:meth:`tuning`); every family, baselines included, reports its ``valid`` metrics on them
+    (:meth:`targets`). ``share`` 0 turns it off: every validation user is tuned and selected on.
     """
 
     share: float = 0.0
@@ -233,7 +234,7 @@ class Selection:
 
         if self.share <= 0:
             return pl.Series(USER, [True] * users.len(), dtype=pl.Boolean)
-        key = shard_of(f"selection:{self.seed}:" + users.cast(pl.String), SELECTION_SCALE)
+        key = shard_of(users, SELECTION_SCALE, purpose="selection", seed=self.seed)
         return key < self.share * SELECTION_SCALE
 
     def targets(self, split: Split) -> pl.DataFrame:

@@ -1,6 +1,6 @@
 """The sequential transformer on a sharded split: learnt from a bounded sample, scored per shard.
 
-1. **sample**: the users drawn by a seeded CRC-32 of their id (the same in every process) at
+1. **sample**: the users drawn by a seeded hash of their id (the same in every process) at
    the rate ``transformer.sample_users`` / (users of the split), each shard writing its drawn
    users' four split tables to ``sample/<table>/shard-XXXXX.parquet``. Every epoch of every
    trial sees those sequences: the study's memory and time are bounded by the sample, not by
@@ -63,7 +63,7 @@ def sample_shard(split_dir: Path, shard: int, rate: float, seed: int, out: Path)
     """Write the drawn users' four split tables of one shard; returns how many were drawn."""
     split = read_split_shard(split_dir, shard)
     users = split.test_history[USER].unique()
-    drawn = users.filter(shard_of(f"{seed}:sequence:" + users, HOLDOUT_SCALE)
+    drawn = users.filter(shard_of(users, HOLDOUT_SCALE, purpose="sequence", seed=seed)
                          < rate * HOLDOUT_SCALE).implode()
     for table in TABLES:
         path = shard_file(out / table, shard)
