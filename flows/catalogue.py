@@ -28,7 +28,7 @@ def catalogue_update(config: TrainConfig, items_file: str,
     """Register the champion of ``config.registry.model_name`` updated for ``items_file``."""
     logger = get_run_logger()
     path = Path(items_file)
-    items = read_items(path, column_map or {})
+    items, _ = read_items(path, column_map or {})  # exact copies of a row dropped and logged
     logger.info("catalogue %s: %s items", path, f"{items.height:,}")
     weight = config.content.new_item_weight if new_item_weight is None else new_item_weight
     result = update_champion(

@@ -49,7 +49,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                    event_map=parse_pairs(args.event_map, "--event-map"))
     for note in raw.notes:
         logger.warning(note)
-    report, _ = validate_tables(raw.events, raw.items)
+    report, _ = validate_tables(raw.events, raw.items,
+                                dropped_item_duplicates=raw.dropped_item_duplicates)
     print(report.to_markdown())  # noqa: T201
     return 0 if report.success else 1
 

@@ -412,6 +412,7 @@ def test_catalogue_drops_exact_copies_and_keeps_conflicting_rows(
         raw = load_raw(tmp_path, "parquet")
     assert raw.items is not None
     assert raw.items.equals(pl.concat([items, items.tail(1).with_columns(price=pl.lit(9.0))]))
+    assert raw.dropped_item_duplicates == 1
     assert "dropped 1 rows of" in caplog.text
     assert "repeat another row exactly" in caplog.text
 

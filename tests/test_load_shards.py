@@ -11,9 +11,10 @@ from prefect import flow
 
 from flows.config import data_name, load_config
 from models.errors import DataError
+from tasks.checks.validate import ValidationSettings
 from tasks.data.adapters import load_raw
 from tasks.data.load_shards import load_sharded
-from tasks.data.prepare import DataPaths, load_data
+from tasks.data.prepare import DataPaths, load_data, validate_data, validate_sharded
 from tasks.data.shards import ShardWriter, shard_of
 
 DEMO_EVENTS = 20_000
@@ -188,3 +189,28 @@ def test_a_user_has_one_id_across_files_whatever_their_number_types(
     events = assert_partitioned(data)
     assert sorted(events["user_id"].unique()) == ["7", "8", "9"]
     assert events.filter(pl.col("user_id") == "7").height == 4
+
+
+@flow
+def load_and_validate(path: Path, workdir: Path) -> tuple[DataPaths, DataPaths]:
+    settings = ValidationSettings()
+    local = load_data(str(path), "parquet", {}, {}, None, workdir / "local", DEMO_EVENTS, 1)
+    sharded = load_sharded(str(path), "parquet", {}, {}, None, workdir / "dask", DEMO_EVENTS, 1,
+                           2)
+    return validate_data(local, settings, None), validate_sharded(sharded, settings, None)
+
+
+def test_the_report_states_the_catalogue_rows_dropped_as_exact_copies(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path
+) -> None:
+    source = sharded_copy(demo_shop_dir, tmp_path / "shop", 2)
+    items = pl.read_parquet(demo_shop_dir / "items.parquet")
+    pl.concat([items, items.head(2)]).write_parquet(source / "items.parquet")
+
+    local, sharded = load_and_validate(source, tmp_path / "runs")
+
+    for data in (local, sharded):
+        assert data.dropped_item_duplicates == 2
+        assert pl.read_parquet(data.items).equals(items)
+        report = (data.events.parent / "validation_report.md").read_text()
+        assert "dropped 2 catalogue rows that repeat another row exactly" in report

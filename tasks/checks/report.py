@@ -67,6 +67,8 @@ class ValidationReport:
         failures: The failed expectations, per suite in the suite's order (type checks first).
         evaluated: Expectations and type checks evaluated.
         dropped_duplicates: Exact duplicate events removed from the returned events.
+        dropped_item_duplicates: Catalogue rows dropped when the items were read, each an exact
+            copy of another row (the first copy kept).
         warnings: Things a person should know that did not fail the run.
     """
 
@@ -75,6 +77,7 @@ class ValidationReport:
     failures: list[ExpectationFailure] = field(default_factory=list)
     evaluated: int = 0
     dropped_duplicates: int = 0
+    dropped_item_duplicates: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:

@@ -75,6 +75,7 @@ def validate_tables(
     items: pl.DataFrame | None,
     settings: ValidationSettings | None = None,
     now: dt.datetime | None = None,
+    dropped_item_duplicates: int = 0,
 ) -> tuple[ValidationReport, pl.DataFrame]:
     """Run the events suite and, when ``items`` is given, the items suite.
 
@@ -83,6 +84,9 @@ def validate_tables(
         items: The canonical items table, or None when the shop has no catalogue.
         settings: Thresholds; defaults to ``ValidationSettings()``.
         now: The reference time for "no event in the future"; defaults to the current UTC time.
+        dropped_item_duplicates: Catalogue rows dropped when ``items`` was read as exact copies
+            of another row (:attr:`tasks.data.formats.RawData.dropped_item_duplicates`); the
+            report states them.
 
     Returns:
         The report and the events with exact duplicates dropped (when allowed and their share is
@@ -100,6 +104,7 @@ def validate_tables(
     if items is not None:
         report.rows["items"] = items.height
         _run_suite("items", items, ITEM_DTYPES, params, settings, report)
+    note_item_duplicates(dropped_item_duplicates, report)
     if IS_DUPLICATE in derived:
         events = _drop_duplicates(events, derived[IS_DUPLICATE], settings, report)
     report.success = not report.failures
@@ -304,6 +309,16 @@ def decide_duplicates(
     report.dropped_duplicates = count
     report.warnings.append(f"dropped {what}; the first copy of each row is kept.")
     return True
+
+
+def note_item_duplicates(count: int, report: ValidationReport) -> None:
+    """Record in ``report`` the ``count`` catalogue rows dropped as exact copies, with a warning."""
+    if not count:
+        return
+    report.dropped_item_duplicates = count
+    report.warnings.append(f"dropped {count:,} catalogue rows that repeat another row exactly "
+                           "(same item_id and values) when the items were read; the first copy "
+                           "of each row is kept.")
 
 
 def _utc(value: dt.datetime) -> dt.datetime:

@@ -57,6 +57,7 @@ from tasks.checks.validate import (
     _utc,
     decide_duplicates,
     load_suite_spec,
+    note_item_duplicates,
     suite_parameters,
 )
 from tasks.data.readers import reading
@@ -133,6 +134,7 @@ def validate_event_shards(
     items: Path | None,
     settings: ValidationSettings | None = None,
     now: dt.datetime | None = None,
+    dropped_item_duplicates: int = 0,
 ) -> tuple[ValidationReport, list[Path]]:
     """Validate events stored as shards by user, and the items table; call it inside a flow.
 
@@ -145,6 +147,8 @@ def validate_event_shards(
         items: The items table as one Parquet file, or None when the shop has no catalogue.
         settings: Thresholds; defaults to ``ValidationSettings()``.
         now: The reference time for "no event in the future"; defaults to the current UTC time.
+        dropped_item_duplicates: Catalogue rows dropped as exact copies when the items were
+            read; the report states them.
 
     Returns:
         The report, saying what :func:`~tasks.checks.validate.validate_tables` says for the
@@ -171,6 +175,7 @@ def validate_event_shards(
     if catalogue is not None:
         report.rows["items"] = catalogue.height
         _run_suite("items", catalogue, ITEM_DTYPES, params, settings, report)
+    note_item_duplicates(dropped_item_duplicates, report)
     duplicates = [r for r in results if r.duplicates]
     count = sum(r.duplicates or 0 for r in duplicates)
     if decide_duplicates(count, report.rows["events"], settings, report):

@@ -35,6 +35,7 @@ from models.columns import (
 from models.errors import ConfigError, DataError, MissingColumnsError
 from tasks.data.conversions import (
     convert,
+    drop_repeated_rows,
     finish_events,
     finish_items,
     map_event_types,
@@ -97,7 +98,8 @@ def load_raw(
             ``purchase``); added to the built-in names of ``taobao`` and ``rees46``.
 
     Returns:
-        The events sorted by timestamp (then file order), the items or ``None``, and notes.
+        The events sorted by timestamp (then file order), the items or ``None`` (exact copies of
+        a catalogue row dropped, and counted), and notes.
 
     Raises:
         DataError: the path, a file or its values cannot be turned into the canonical tables.
@@ -121,6 +123,9 @@ def load_raw(
                         "parquet formats: load a file with other columns as csv.",)
         raise
     raw.notes[:0] = notes
+    if raw.items is not None:
+        raw.items, raw.dropped_item_duplicates = drop_repeated_rows(
+            raw.items, f"the items table of {path}")
     if raw.events.is_empty():
         raise DataError(f"{path} gives no events after loading ({'; '.join(raw.notes)}).")
     for note in raw.notes:
@@ -174,14 +179,23 @@ def _generic_files(path: Path, fmt: str) -> tuple[Path, Path | None]:
     return events[0], (items[0] if items else None)
 
 
-def read_items(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
-    """A canonical items table from a CSV or Parquet catalogue (``column_map`` renames)."""
+def read_items(file: Path, column_map: Mapping[str, str]) -> tuple[pl.DataFrame, int]:
+    """A canonical items table from a CSV or Parquet catalogue (``column_map`` renames).
+
+    Returns:
+        The items, exact copies of a row dropped, and the number of rows dropped.
+    """
+    return drop_repeated_rows(_catalogue(file, column_map), str(file))
+
+
+def _catalogue(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
+    """:func:`read_items` with every row, exact copies included."""
     raw = apply_column_map(read_table(file), column_map, list(ITEM_DTYPES), file)
     require(raw.columns, ITEM_REQUIRED, str(file), _MAP_HINT)
     frame = convert(raw, str(file), {c: c for c in ITEM_DTYPES if c != ATTRIBUTES})
     if ATTRIBUTES in raw.columns:
         frame = frame.with_columns(to_attributes(raw[ATTRIBUTES]).alias(ATTRIBUTES))
-    return finish_items(frame, str(file))
+    return finish_items(frame)
 
 
 def _load_generic(path: Path, opts: Options) -> RawData:
@@ -193,7 +207,8 @@ def _load_generic(path: Path, opts: Options) -> RawData:
     frame, notes = map_event_types(frame, opts.event_map, str(events_file))
     if unused := [c for c in raw.columns if c not in EVENT_DTYPES]:
         notes.append(f"columns of {events_file.name} not used: {', '.join(unused)}")
-    items = read_items(items_file, opts.column_map) if items_file else None
+    # load_raw drops the exact copies of a catalogue row, as for every format
+    items = _catalogue(items_file, opts.column_map) if items_file else None
     return RawData(finish_events(frame), items, file_stem(path), notes=notes)
 
 

@@ -2,7 +2,8 @@
 
 Each conversion names the source column, the bad values and the fix when a value cannot be read
 (:class:`models.errors.DataError`); :func:`finish_events` and :func:`finish_items` give the
-canonical tables their final types and order. Reading files is :mod:`tasks.data.readers`.
+canonical tables their final types and order, :func:`drop_repeated_rows` drops the exact copies
+of a catalogue row. Reading files is :mod:`tasks.data.readers`.
 """
 
 from __future__ import annotations
@@ -283,16 +284,25 @@ def finish_events(frame: pl.DataFrame) -> pl.DataFrame:
     return events.sort(TIMESTAMP, maintain_order=True, nulls_last=True)
 
 
-def finish_items(frame: pl.DataFrame, source: str = "the items table") -> pl.DataFrame:
-    """Keep the canonical columns and dtypes; drop exact copies of a row, with a logged note.
+def finish_items(frame: pl.DataFrame) -> pl.DataFrame:
+    """Keep the canonical columns and dtypes (exact copies of a row: :func:`drop_repeated_rows`)."""
+    return _select_cast(frame, (*ITEM_REQUIRED, *ITEM_OPTIONAL), ITEM_DTYPES)
+
+
+def drop_repeated_rows(items: pl.DataFrame, source: str = "the items table"
+                       ) -> tuple[pl.DataFrame, int]:
+    """Drop the catalogue rows that repeat another row exactly; the first copy is kept.
 
     Rows that share an ``item_id`` but differ elsewhere are all kept: the catalogue cannot tell
     which one is right, and the items suite's unique-ids expectation reports them.
+
+    Returns:
+        The items, in their order, and the number of rows dropped (the validation report
+        states it).
     """
-    items = _select_cast(frame, (*ITEM_REQUIRED, *ITEM_OPTIONAL), ITEM_DTYPES)
     unique = items.unique(maintain_order=True)
-    if unique.height < items.height:
+    dropped = items.height - unique.height
+    if dropped:
         logger.info("dropped %s rows of %s that repeat another row exactly (same item_id and "
-                    "values); the first copy is kept", f"{items.height - unique.height:,}",
-                    source)
-    return unique
+                    "values); the first copy is kept", f"{dropped:,}", source)
+    return unique, dropped

@@ -106,6 +106,8 @@ class RawData:
         name: The dataset name (the format, or the file or folder stem for csv/parquet).
         ordered_only: True when the source has order but no real timestamps (s3rec).
         notes: What the adapter dropped or mapped, for the run log.
+        dropped_item_duplicates: Catalogue rows dropped as exact copies of another row (the
+            first copy kept), for the validation report.
     """
 
     events: pl.DataFrame
@@ -113,6 +115,7 @@ class RawData:
     name: str
     ordered_only: bool = False
     notes: list[str] = field(default_factory=list)
+    dropped_item_duplicates: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ def load_diginetica(path: Path, opts: Options) -> RawData:
     if (categories := files["categories"]) is not None:
         raw = read_csv(categories, ("itemId", "categoryId"), separator=";")
         spec = {ITEM: "itemId", CATEGORY: "categoryId"}
-        items = finish_items(convert(raw, str(categories), spec), str(categories))
+        items = finish_items(convert(raw, str(categories), spec))
     notes.append("timestamp = eventdate (day) + timeframe (ms since the session start)")
     return RawData(finish_events(pl.concat(frames)), items, "diginetica", notes=notes)
 
@@ -229,7 +232,7 @@ def _hm_items(file: Path, events: pl.DataFrame) -> tuple[pl.DataFrame, str]:
             if c in raw.columns]
     extra = [pl.coalesce(types).alias(CATEGORY)] if types else []
     extra += [pl.concat_list(tags).list.drop_nulls().alias(ATTRIBUTES)] if tags else []
-    items = finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"), str(file))
+    items = finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"))
     covered = events[ITEM].is_in(items[ITEM]).mean() or 0.0
     return items, f"{file.name} describes the items of {covered:.1%} of the transactions"
 
@@ -264,8 +267,7 @@ def _s3rec_items(file: Path) -> pl.DataFrame:
         raise DataError(f"{file} must hold a JSON object {{item_id: [attribute, ...]}}.")
     attributes = [[str(a) for a in v] if isinstance(v, list) else [str(v)] for v in data.values()]
     schema = {ITEM: pl.String, ATTRIBUTES: pl.List(pl.String)}
-    return finish_items(pl.DataFrame({ITEM: list(data), ATTRIBUTES: attributes}, schema=schema),
-                        str(file))
+    return finish_items(pl.DataFrame({ITEM: list(data), ATTRIBUTES: attributes}, schema=schema))
 
 
 def load_s3rec(path: Path, opts: Options) -> RawData:
@@ -327,7 +329,7 @@ def load_rechorus(path: Path, opts: Options) -> RawData:
     if (meta := find_beside(path, ("item_meta.csv.gz", "item_meta.csv"))) is not None:
         raw_items = read_csv(meta, ("item_id",), ("i_category",), separator="\t")
         spec = {ITEM: "item_id", CATEGORY: "i_category"}
-        items = finish_items(convert(raw_items, str(meta), spec), str(meta))
+        items = finish_items(convert(raw_items, str(meta), spec))
     folder = path if path.is_dir() else path.parent
     notes = [f"interactions from {', '.join(f.name for f in files)}"]
     return RawData(finish_events(frame), items, f"rechorus-{folder.name}".lower(), notes=notes)

@@ -100,6 +100,7 @@ class _Loaded:
     source: Path
     ordered_only: bool = False
     notes: list[str] = field(default_factory=list)
+    dropped_item_duplicates: int = 0
 
 
 def _from_demo(workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None) -> _Loaded:
@@ -116,9 +117,11 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
     files = find_files(events_source, _PARQUET)
     notes = _reshard_parquet(files, workdir / "events", n_shards or default_shards(_rows(files)),
                              column_map, event_map)
+    dropped = 0
     if items_source is not None:
-        read_items(items_source, column_map).write_parquet(workdir / "items.parquet")
-    return _Loaded(source, notes=notes)
+        items, dropped = read_items(items_source, column_map)
+        items.write_parquet(workdir / "items.parquet")
+    return _Loaded(source, notes=notes, dropped_item_duplicates=dropped)
 
 
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
@@ -129,7 +132,7 @@ def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
             writer.write(part)
     if raw.items is not None:
         raw.items.write_parquet(workdir / "items.parquet")
-    return _Loaded(source, raw.ordered_only, raw.notes)
+    return _Loaded(source, raw.ordered_only, raw.notes, raw.dropped_item_duplicates)
 
 
 @task(name="load-sharded", persist_result=True, cache_policy=LOAD_CACHE)
@@ -184,4 +187,4 @@ def load_sharded(
                 len(shards), rows["items"])
     return DataPaths(events_dir, items_path if items_path.is_file() else None, shop,
                      loaded.source, tracking.fingerprint([loaded.source]), loaded.ordered_only,
-                     rows, len(shards))
+                     rows, len(shards), loaded.dropped_item_duplicates)

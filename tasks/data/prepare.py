@@ -43,6 +43,7 @@ class DataPaths:
     ordered_only: bool = False
     rows: dict[str, int] = field(default_factory=dict)
     shards: int = 0  # the number of shard files when ``events`` is a folder of shards
+    dropped_item_duplicates: int = 0  # catalogue rows that repeated another, for the report
 
 
 def shop_name(path: str | Path | None, fmt: str, name: str | None = None) -> str:
@@ -97,7 +98,8 @@ def load_data(
     shop = shop_name(path, fmt, name)
     logger.info("loaded %s: %d events, %d items", shop, rows["events"], rows["items"])
     return DataPaths(events_path, items_path, shop, source, tracking.fingerprint([source]),
-                     raw.ordered_only, rows)
+                     raw.ordered_only, rows,
+                     dropped_item_duplicates=raw.dropped_item_duplicates)
 
 
 @task(name="validate", persist_result=True, cache_policy=STAGE_CACHE)
@@ -105,7 +107,8 @@ def validate_data(data: DataPaths, settings: ValidationSettings, run_id: str | N
     """Run the expectation suites; stop the run with a readable report when one fails."""
     events = pl.read_parquet(data.events)
     items = pl.read_parquet(data.items) if data.items else None
-    report, clean = validate_tables(events, items, settings)
+    report, clean = validate_tables(events, items, settings,
+                                    dropped_item_duplicates=data.dropped_item_duplicates)
     publish_report(report, data.events.parent, run_id)
     if clean.height != events.height:
         clean.write_parquet(data.events)
@@ -120,7 +123,8 @@ def validate_sharded(data: DataPaths, settings: ValidationSettings, run_id: str 
     Call inside a flow: the per-shard tasks run on the flow's task runner (Dask workers).
     """
     shards = sorted(data.events.glob("*.parquet"))
-    report, _ = validate_event_shards(shards, data.items, settings)
+    report, _ = validate_event_shards(shards, data.items, settings,
+                                      dropped_item_duplicates=data.dropped_item_duplicates)
     publish_report(report, data.events.parent, run_id)
     data.rows["events"] = report.rows.get("events", 0) - report.dropped_duplicates
     return data
