@@ -10,7 +10,8 @@ a position is the sum of the item representation, a learned position embedding, 
 event-type and time-gap embeddings. An item is represented by its id embedding plus, optionally,
 the mean of its attribute embeddings and a learned projection of its catalogue text vector; an
 item known only from the catalogue (no events) has no id embedding and is represented by its
-text and attributes alone, which item-id dropout teaches the network to read.
+text and attributes alone, which item-id dropout teaches the network to read; a fixed offset
+(``new_item_offset``) moves such items up or down the lists.
 Pre-LN causal self-attention blocks turn it into one hidden state per position; the score of item
 ``j`` after position ``t`` is the dot product of the hidden state with the same item table that
 embeds the inputs. Training predicts the next item at every position (full or sampled softmax).
@@ -18,6 +19,7 @@ embeds the inputs. Training predicts the next item at every position (full or sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -64,6 +66,10 @@ class TransformerConfig:
         item_id_dropout: With item text, the probability that training replaces an item's id
             embedding by zero (per occurrence, in inputs, targets and negatives), so that the
             text stands in for the id of an item without events.
+        new_item_offset: Added to the score of every item without events in the fitted history
+            (ranked by its text and attributes only): how far such items are moved up (above
+            0) or down the lists. Chosen on validation by the transformer's study (see
+            ``tasks.transformer.sequence.choose_new_item_offset``); 0 leaves scores as trained.
         seed: Seed of weights, dropout, data order and negative sampling.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         compile: Compile the network with ``torch.compile``.
@@ -101,6 +107,7 @@ class TransformerConfig:
     use_item_features: bool = True
     use_item_text: bool = True
     item_id_dropout: float = 0.25
+    new_item_offset: float = 0.0
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -123,6 +130,7 @@ class TransformerConfig:
             ),
             "dropout": (0 <= self.dropout < 1 and 0 <= self.emb_dropout < 1, "in [0, 1)"),
             "item_id_dropout": (0 <= self.item_id_dropout < 1, "in [0, 1)"),
+            "new_item_offset": (math.isfinite(self.new_item_offset), "a finite number"),
             "n_time_buckets": (self.n_time_buckets >= 3, "at least 3"),
         }
         for name in (

@@ -181,6 +181,8 @@ class SequentialTransformer:
         """Scores of the whole catalogue ``(B, V)``; padding (and seen items) at ``-inf``."""
         table = self.model_.item_table().float()  # (V, d)
         scores = self._states(seqs, rows) @ table.T  # (B, V)
+        if self.config.new_item_offset:  # the items without events follow those with events
+            scores[:, self.n_event_items_ + 1 :] += self.config.new_item_offset
         scores[:, 0] = -math.inf
         if exclude_seen:
             which, seen = seqdata.seen_pairs(seqs, rows)
@@ -351,6 +353,7 @@ class SequentialTransformer:
         values = np.einsum(
             "nd,nd->n", states[distinct.get_indexer(user_ids)], vectors[np.maximum(item_index, 0)]
         ).astype(np.float64)
+        values[item_index >= self.n_event_items_] += self.config.new_item_offset
         values[item_index < 0] = np.nan
         return frame.assign(**{SCORE: values}).reset_index(drop=True)
 

@@ -30,7 +30,13 @@ from models.columns import (
 from models.errors import ConfigError, DataError, MissingColumnsError
 from models.item_text import VECTOR, WordLlamaEncoder, encode_items
 from models.transformer import SASRec, SequentialTransformer, TransformerConfig
-from tasks.transformer.sequence import SequenceConfig, catalogue_vectors, fit_final
+from tasks.transformer.sequence import (
+    NEW_ITEM_OFFSETS,
+    SequenceConfig,
+    catalogue_vectors,
+    choose_new_item_offset,
+    fit_final,
+)
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 N_TOY_ITEMS = 30
@@ -535,6 +541,73 @@ def test_items_without_events_are_ranked_by_their_text(
     ids, table = model.item_vectors()
     assert set(new_items) <= set(ids)
     assert np.isfinite(table).all()
+
+
+def _with_offset(model: SequentialTransformer, offset: float) -> SequentialTransformer:
+    moved = copy.copy(model)
+    moved.config = dataclasses.replace(model.config, new_item_offset=offset)
+    return moved
+
+
+def test_the_new_item_offset_moves_only_the_items_without_events(
+    text_fitted: SequentialTransformer, tmp_path: object
+) -> None:
+    users = [f"u{u}" for u in range(N_TEXT_USERS)]
+    new_items = {f"g{g}-new" for g in range(len(TEXT_GROUPS))}
+    pairs = pd.DataFrame([(u, i) for u in users[:8] for i in text_fitted.item_ids_],
+                         columns=[USER, ITEM])
+    plain = text_fitted.score(None, pairs)[SCORE]
+    raised = _with_offset(text_fitted, 2.5)
+    moved = raised.score(None, pairs)[SCORE] - plain
+    is_new = pairs[ITEM].isin(new_items)
+    np.testing.assert_allclose(moved[is_new], 2.5, atol=1e-5)
+    np.testing.assert_allclose(moved[~is_new], 0.0, atol=1e-6)
+    # far up: a new item heads every list; far down: none is offered
+    top = _with_offset(text_fitted, 50.0).recommend(users, k=1, exclude_seen=False)
+    assert top[ITEM].isin(new_items).all()
+    low = _with_offset(text_fitted, -50.0).recommend(users, k=5, exclude_seen=False)
+    assert not low[ITEM].isin(new_items).any()
+    # the offset is part of the saved model
+    raised.save(tmp_path / "raised")
+    loaded = SequentialTransformer.load(tmp_path / "raised")
+    assert loaded.config.new_item_offset == 2.5
+    pd.testing.assert_frame_equal(loaded.recommend(users[:10], k=6),
+                                  raised.recommend(users[:10], k=6))
+    with pytest.raises(ConfigError, match="new_item_offset"):
+        TransformerConfig(new_item_offset=math.inf)
+
+
+def test_the_new_item_offset_is_the_largest_within_the_allowed_loss(
+    text_fitted: SequentialTransformer, text_shop: tuple[pd.DataFrame, pl.DataFrame, pl.DataFrame]
+) -> None:
+    """Targets: each user's group's new item and one item the user had; scored at K = 1, 2."""
+    events, _, _ = text_shop
+    history = pl.from_pandas(events)
+    users = [f"u{u}" for u in range(N_TEXT_USERS)]
+    own = events.groupby(USER)[ITEM].first()
+    targets = pl.DataFrame({
+        USER: users * 2,
+        ITEM: [f"g{u % len(TEXT_GROUPS)}-new" for u in range(N_TEXT_USERS)]
+        + [own[u] for u in users]})
+    model = copy.deepcopy(text_fitted)
+    offset, metrics, grid = choose_new_item_offset(
+        model, history, targets, [1, 2], False, None, "ndcg@2", 0.0)
+    assert [row["offset"] for row in grid] == list(NEW_ITEM_OFFSETS)
+    best = max(row["ndcg@2"] for row in grid)
+    assert [row["ndcg@2"] for row in grid if row["offset"] == offset] == [best]
+    assert max(row["offset"] for row in grid if row["ndcg@2"] == best) == offset
+    assert model.config.new_item_offset == offset
+    assert metrics["ndcg@2"] == best
+    colds = [row["cold0.recall@2"] for row in grid]
+    assert colds == sorted(colds)  # higher offsets, more new items
+    assert colds[-1] > colds[0]
+    anything, _, _ = choose_new_item_offset(
+        model, history, targets, [1, 2], False, None, "ndcg@2", 0.99)
+    assert anything == NEW_ITEM_OFFSETS[-1]
+    # every target on an item with events: nothing to choose
+    warm = targets.filter(~pl.col(ITEM).str.ends_with("-new"))
+    assert choose_new_item_offset(model, history, warm, [1, 2], False, None, "ndcg@2",
+                                  0.99)[0] == 0.0
 
 
 def test_negatives_are_drawn_from_items_with_events(text_fitted: SequentialTransformer) -> None:

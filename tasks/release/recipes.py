@@ -4,7 +4,7 @@ A recipe is a small JSON document written beside each saved model (``<model>/rec
 
 - a baseline: ``{"family": "covisitation", "recent_days": 7.0, "exclude_seen": false}``;
 - the transformer: its :class:`~tasks.transformer.sequence.SequenceConfig`, the best trial's
-  parameters and its number of epochs;
+  parameters, its number of epochs and its offset for the items without events;
 - the LightGBM re-ranker: its :class:`~tasks.ranking.reranker.RankerConfig`, the best trial's
   parameters, the number of boosting rounds of its refit, and the transformer's recipe when the
   transformer feeds its candidates (``source``).
@@ -64,6 +64,7 @@ def transformer_recipe(config: Any, result: dict[str, Any]) -> dict[str, Any]:
     """The recipe of the tuned transformer (its config and best trial)."""
     return {"family": "transformer", "config": config.model_dump(mode="json"),
             "params": result["best_params"], "epochs": result["best_epoch"],
+            "new_item_offset": float(result.get("new_item_offset", 0.0)),
             "exclude_seen": bool(result["exclude_seen"])}
 
 
@@ -126,7 +127,8 @@ def _fit_transformer(recipe: dict[str, Any], history: pl.DataFrame,
     from tasks.transformer.sequence import SequenceConfig, fit_final
 
     config = SequenceConfig.model_validate(recipe["config"])
-    return fit_final(history, items, config, dict(recipe["params"]), int(recipe["epochs"]))
+    return fit_final(history, items, config, dict(recipe["params"]), int(recipe["epochs"]),
+                     new_item_offset=float(recipe.get("new_item_offset", 0.0)))
 
 
 def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None) -> Any:

@@ -48,6 +48,8 @@ if TYPE_CHECKING:  # torch is imported only when a transformer is built
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "transformer"
+# Score offsets tried for the items without events (logits: +1 multiplies their odds by e)
+NEW_ITEM_OFFSETS = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 SOURCE_NAME = "seq"
 
 
@@ -118,6 +120,11 @@ class SequenceConfig(BaseModel):
         None, description="Item text encoder ('wordllama' or 'sentence-transformers:<folder>'): "
         "every fit reads the catalogue's text vectors, so items without events are ranked too "
         "(model.use_item_text). Empty, or a catalogue without words: no text.")
+    new_item_max_loss: float = Field(
+        0.03, ge=0, lt=1, description="With item text: the offset of the items without events "
+        "(model.new_item_offset) is the largest whose primary validation metric is within this "
+        "share of the best offset's (choose_new_item_offset): new items get the room that costs "
+        "at most this much. 0: the offset that best serves the primary metric.")
     sample_users: int = Field(
         100_000, ge=1, description="engine dask: users whose sequences the transformer learns "
         "from (a seeded sample, the same every epoch); the local engine learns from every user.")
@@ -209,6 +216,43 @@ def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: p
     return evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
 
 
+def choose_new_item_offset(model: SequentialTransformer, history: pl.DataFrame,
+                           targets: pl.DataFrame, ks: list[int], exclude_seen: bool,
+                           n_items: int | None, primary: str, max_loss: float
+                           ) -> tuple[float, dict[str, float], list[dict[str, float]]]:
+    """Set ``model``'s offset for the items without events; returns it, its metrics and the grid.
+
+    Each offset of :data:`NEW_ITEM_OFFSETS` is scored on ``targets``: the ``primary`` metric,
+    and Recall@K (the largest K) on the targets whose item has no event in ``history``
+    (``cold0``) and on the others (``warm``). The largest offset whose ``primary`` is within
+    ``max_loss`` (relative) of the best offset's is chosen: the items nobody has touched yet
+    get as much room in the lists as that loss buys. Without items outside the fitted events,
+    or without cold targets, the offset stays 0.
+    """
+    k = max(ks)
+    counts = history.group_by(ITEM).len("count")
+    warm = targets.join(counts.select(ITEM), on=ITEM, how="semi")
+    if model.n_event_items_ >= len(model.item_ids_) or warm.height == targets.height:
+        model.config.new_item_offset = 0.0
+        return 0.0, full_metrics(model, history, targets, ks, exclude_seen, n_items), []
+    rows, metrics = [], {}
+    for offset in NEW_ITEM_OFFSETS:
+        model.config.new_item_offset = offset
+        recs = validation_lists(model, targets, k, exclude_seen)
+        metrics[offset] = evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
+        rows.append({"offset": offset, primary: metrics[offset][primary],
+                     f"cold0.recall@{k}": metrics[offset].get(f"cold0.recall@{k}", 0.0),
+                     f"warm.recall@{k}": evaluate(recs, warm, ks=[k])[f"recall@{k}"]})
+    best = max(row[primary] for row in rows)
+    chosen = [row for row in rows if row[primary] >= (1 - max_loss) * best][-1]
+    model.config.new_item_offset = chosen["offset"]
+    logger.info("transformer: items without events offset %+g (validation %s %.4f against "
+                "%.4f at best; cold0 recall@%d %.4f, other targets %.4f)", chosen["offset"],
+                primary, chosen[primary], best, k, chosen[f"cold0.recall@{k}"],
+                chosen[f"warm.recall@{k}"])
+    return chosen["offset"], metrics[chosen["offset"]], rows
+
+
 def epoch_curves(metrics: dict[str, float], primary: str) -> dict[str, float]:
     """An epoch's points of the trial's curves: loss, speed, NDCG@10, Recall@10 and ``primary``."""
     return {f"epoch.{k}": v for k, v in metrics.items() if k in ("ndcg@10", "recall@10", primary)
@@ -260,10 +304,15 @@ class _Objective:
         if pruned:
             self.runs.end(run_id, "KILLED", {})
             raise optuna.TrialPruned(f"pruned after epoch {len(model.history_)}")
-        metrics = self.validation(model)  # the kept weights
+        offset, metrics, grid = choose_new_item_offset(  # the kept weights
+            model, self.split.train, self.split.valid_targets, self.ks, self.exclude_seen,
+            self.n_items, self.primary, self.config.new_item_max_loss)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("best_epoch", model.best_epoch_)
-        self.runs.end(run_id, "FINISHED", {**metrics, "best_epoch": model.best_epoch_})
+        trial.set_user_attr("new_item_offset", offset)
+        trial.set_user_attr("new_item_offsets", grid)
+        self.runs.end(run_id, "FINISHED", {**metrics, "best_epoch": model.best_epoch_,
+                                           "new_item_offset": offset})
         value = metrics[self.primary]
         if value > self.best_value:
             self.best_value, self.best_model = value, model
@@ -314,19 +363,21 @@ class SequenceSource:
 
 
 def fit_final(history: pl.DataFrame, items: pl.DataFrame | None, config: SequenceConfig,
-              params: dict[str, Any], epochs: int, vectors: pl.DataFrame | None = None
-              ) -> SequentialTransformer:
+              params: dict[str, Any], epochs: int, vectors: pl.DataFrame | None = None,
+              new_item_offset: float = 0.0) -> SequentialTransformer:
     """The tuned transformer fitted on ``history`` for exactly ``epochs`` epochs (no validation).
 
     ``vectors``: the catalogue's item vectors when already encoded (None: encoded here when
-    the config asks for them, see :func:`catalogue_vectors`).
+    the config asks for them, see :func:`catalogue_vectors`); ``new_item_offset``: the best
+    trial's offset of the items without events (:func:`choose_new_item_offset`).
     """
     from models.transformer import SequentialTransformer
 
     if vectors is None:
         vectors = catalogue_vectors(items, config)
-    return SequentialTransformer(config.transformer(params, epochs=max(int(epochs), 1))).fit(
-        history, None, items, item_vectors=vectors)
+    settings = config.transformer(params, epochs=max(int(epochs), 1),
+                                  new_item_offset=float(new_item_offset))
+    return SequentialTransformer(settings).fit(history, None, items, item_vectors=vectors)
 
 
 def run_transformer_study(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
@@ -352,6 +403,11 @@ def run_transformer_study(split: Split, items: pl.DataFrame | None, config: Sequ
 def best_epochs(trial: optuna.trial.FrozenTrial) -> int:
     """The epochs the best trial needed (its best epoch), to refit for."""
     return int(trial.user_attrs.get("best_epoch", trial.params.get("epochs", 1)))
+
+
+def best_offset(trial: optuna.trial.FrozenTrial) -> float:
+    """The best trial's offset of the items without events (0 for a trial of older versions)."""
+    return float(trial.user_attrs.get("new_item_offset", 0.0))
 
 
 def tune_and_evaluate_transformer(
@@ -404,12 +460,15 @@ def tune_and_evaluate_transformer(
                                  n_items, lists_dir=model_dir)
     else:
         save_best_trial_lists(split, study, objective, max(ks), seen, model_dir)
-    final = fit_final(split.test_history, items, config, dict(best.params), epochs, vectors)
+    offset = best_offset(best)
+    final = fit_final(split.test_history, items, config, dict(best.params), epochs, vectors,
+                      offset)
     test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
     final.save(model_dir)
     result = {
         "valid": valid, "test": test,
         "best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
+        "new_item_offset": offset, "new_item_offsets": best.user_attrs.get("new_item_offsets", []),
         "study_name": study.study_name, "n_trials": len(study.trials),
         "model_dir": str(model_dir), "exclude_seen": seen,
         "curve": [{k: v for k, v in h.items() if k in ("epoch", "loss", "epoch_s")}
@@ -433,7 +492,7 @@ def best_trial_model(split: Split, items: pl.DataFrame | None, config: SequenceC
     if objective.best_model is not None and objective.best_value == best.value:
         return objective.best_model
     return fit_final(split.train, items, config, dict(best.params), best_epochs(best),
-                     objective.vectors)
+                     objective.vectors, best_offset(best))
 
 
 def selected_metrics(split: Split, items: pl.DataFrame | None, config: SequenceConfig,
@@ -484,7 +543,7 @@ def ranker_sources(split: Split, items: pl.DataFrame | None, result: dict[str, A
     from models.transformer import SequentialTransformer
 
     training = fit_final(earliest_history, items, config, result["best_params"],
-                         result["best_epoch"])
+                         result["best_epoch"], new_item_offset=result.get("new_item_offset", 0.0))
     serving = SequentialTransformer.load(result["model_dir"])
     return (SequenceSource(training, config.n_candidates, seen),
             SequenceSource(serving, config.n_candidates, seen))
