@@ -304,7 +304,10 @@ class SASRec(nn.Module):
             attrs = self.item_attrs[ids.reshape(-1)]  # (prod S, A)
             x = x + self.attr_emb(attrs).view(x.shape)  # mean over non-padding attributes
         if self.text_proj is not None:
-            x = x + self.text_proj(self.item_text[ids])  # (*S, d)
+            if ids.numel() >= self.item_text.shape[0]:  # the whole table is cheaper to project
+                x = x + self.text_proj(self.item_text)[ids]  # (*S, d)
+            else:
+                x = x + self.text_proj(self.item_text[ids])  # (*S, d)
         return x
 
     def item_table(self, n_items: int | None = None) -> torch.Tensor:
