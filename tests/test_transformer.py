@@ -36,6 +36,7 @@ from tasks.transformer.sequence import (
     catalogue_vectors,
     choose_new_item_offset,
     fit_final,
+    offset_figure,
 )
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
@@ -601,6 +602,8 @@ def test_the_new_item_offset_is_the_largest_within_the_allowed_loss(
     colds = [row["cold0.recall@2"] for row in grid]
     assert colds == sorted(colds)  # higher offsets, more new items
     assert colds[-1] > colds[0]
+    figure = offset_figure(grid, offset)  # the trade-off as logged to the run
+    assert len(figure.axes[0].lines) == 4  # NDCG, cold and warm Recall, the chosen offset
     anything, _, _ = choose_new_item_offset(
         model, history, targets, [1, 2], False, None, "ndcg@2", 0.99)
     assert anything == NEW_ITEM_OFFSETS[-1]

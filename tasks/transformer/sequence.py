@@ -570,6 +570,25 @@ def log_results(run_id: str, result: dict[str, Any], config: SequenceConfig,
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         figures = {"optimization_history": optuna_plots.plot_optimization_history(study).figure,
                    "intermediate_values": optuna_plots.plot_intermediate_values(study).figure}
+    if result.get("new_item_offsets"):
+        figures["new_item_offset"] = offset_figure(result["new_item_offsets"],
+                                                   result["new_item_offset"])
     for name, figure in figures.items():
         tracking.log_figure(run_id, figure, f"{MODEL_NAME}/{name}.png")
         plt.close(figure)
+
+
+def offset_figure(grid: list[dict[str, float]], chosen: float) -> Any:
+    """The trade-off of :func:`choose_new_item_offset`: each validation metric by offset."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    offsets = [row["offset"] for row in grid]
+    for name in (key for key in grid[0] if key != "offset"):
+        axis.plot(offsets, [row[name] for row in grid], marker="o", label=name)
+    axis.axvline(chosen, color="grey", linestyle="--", label=f"chosen {chosen:+g}")
+    axis.set_xlabel("score offset of the items without events")
+    axis.set_ylabel("validation")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
