@@ -17,8 +17,9 @@ per stage is timed apart.
 With ``--ranker`` it times the ranker's test score task instead (:func:`score_shard`, the task
 itself, on the run's refitted model), split into its parts: the shard's tables, candidates and
 features, scoring and ranking (LightGBM's predict), the rest; with the candidate rows and the
-model's trees, so that the predict's cost per row and tree compares across runs. The settings are
-those of the run (``config.json`` of its ``scale.py`` work folder, three levels up).
+model's trees, so that the predict's cost per row and tree compares across runs (the
+transformer's candidates, when the run kept its source with the model, count in the rest). The
+settings are those of the run (``config.json`` of its ``scale.py`` work folder, three levels up).
 
     .venv/bin/python benchmarks/shard_task.py --runs /work/scale/30m/out-30000000-2/shop-*/* \
         /work/scale/100m/out-100000000-2/shop-*/* --shards 0 1 2 [--ranker]
@@ -59,6 +60,7 @@ from tasks.evaluation.evaluate_shards import (  # noqa: E402
 )
 from tasks.ranking.features import table_settings  # noqa: E402
 from tasks.ranking.rank_tables import TEST  # noqa: E402
+from tasks.ranking.reranker import SOURCE_DIR  # noqa: E402
 from tasks.splitting.split import Selection  # noqa: E402
 from tasks.splitting.split_shards import read_split_shard  # noqa: E402
 
@@ -147,12 +149,14 @@ def ranker_inputs(run: Path) -> dict[str, Any]:
     info = json.loads((run / "split" / "info.json").read_text())
     ranker = config.ranker.settings(config.seed).seen_excluded(
         resolved_exclude_seen(config, info["protocol"]))
+    source = run / "ranker" / "model" / SOURCE_DIR  # the transformer's candidates, when kept
     return {"split_dir": run / "split", "stage": TEST,
             "end": history_end(run / "split", "test_history"), "config": ranker,
             "settings": table_settings(ranker.candidates, ranker.features, False),
             "items_path": run / "items.parquet", "ordered_only": False,
             "ks": config.evaluation.ks, "model": run / "ranker" / "model",
-            "selection": config.evaluation.selection(config.seed)}
+            "selection": config.evaluation.selection(config.seed),
+            "source": source if source.is_dir() else None}
 
 
 def ranker_score(run: Path, shard: int, inputs: dict[str, Any]) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 With ``engine: dask`` the events are user shards and the subflow ``train-shards`` runs the
 per-shard tasks (validation, split, the baselines by map-reduce, the transformer from a sample,
-the ranker) on a Dask cluster; nothing is released yet.
+the ranker, with the transformer's candidates) on a Dask cluster; nothing is released yet.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
                                         work / "baselines", selection)
     clock.done("baselines")
     uri = tracking.tracking_uri(config.tracking_uri)
+    sequence = None
     if config.transformer.enabled:
         sequence = evaluate_transformer_sharded(
             work / "split", data.items, config.transformer.settings(config.seed),
@@ -103,7 +104,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
             work / "split", data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
             config.dask.workers or default_workers(), run_id, uri, work / "baselines",
-            selection)
+            selection, sequence, config.transformer.settings(config.seed))
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
@@ -139,9 +140,6 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
     if config.registry.enabled:
         logger.warning("engine dask evaluates every model on shards but does not release one "
                        "yet: run the release with engine local")
-    if config.transformer.enabled and config.transformer.candidates and config.ranker.enabled:
-        logger.warning("engine dask: the transformer does not feed the ranker's candidates "
-                       "(transformer.candidates is ignored)")
     if config.content.enabled:
         logger.warning("engine dask: no item vectors yet: the content model and its candidates "
                        "run with engine local only (content.enabled is ignored)")

@@ -23,7 +23,8 @@ from flows.cli import run
 from flows.config import load_config
 from flows.train import train
 from tasks.data.prepare import read_split
-from tasks.ranking.reranker import RankingPipeline
+from tasks.ranking.external_sources import load_source
+from tasks.ranking.reranker import SOURCE_DIR, RankingPipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 SKIP = ("fit_seconds",)
@@ -44,14 +45,15 @@ def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
     storage = f"sqlite:///{tmp_path / f'optuna-{engine}.db'}"
     overrides = {"ranker__n_trials": 1, "ranker__extra": RANKER, "ranker__storage": storage,
                  "transformer__n_trials": 1, "transformer__extra": TRANSFORMER,
-                 "transformer__candidates": False, "transformer__storage": storage,
-                 "content__enabled": False, **overrides}  # neither feeds the dask engine yet
+                 "transformer__storage": storage,
+                 "content__enabled": False, **overrides}  # not with the dask engine yet
     return load_config(None, output_dir=str(tmp_path / engine), engine=engine,
                        data__path=str(shop), data__format="parquet", registry__enabled=False,
                        **overrides)
 
 
 def _assert_same_scores(local: dict, dask: dict) -> None:
+    """Every family's metrics equal between engines (the ranker fed by the transformer too)."""
     assert set(local) == set(dask)
     for model, stages in local.items():
         for stage, metrics in stages.items():
@@ -87,13 +89,17 @@ def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, d
         shards = pl.read_parquet(dask_split / table / "*.parquet")
         assert shards.sort(whole.columns).equals(whole.sort(whole.columns)), table
     assert len(list((Path(result["workdir"]) / "events").glob("shard-*.parquet"))) == 4
-    # the ranker learnt from the same candidate groups and features (every group sampled)
+    # the ranker learnt from the same candidate groups and features (every group sampled), the
+    # transformer's among them: its training source asked shard by shard as in one call
     local = _config(tmp_path, demo_shop_dir, "local")
     config = local.ranker.settings(local.seed)
     pipe = RankingPipeline(config, pl.read_parquet(demo_shop_dir / "items.parquet"))
     selection = local.evaluation.selection(local.seed)  # its validation targets train nothing
-    expected = pipe.training_frames(selection.tuning(read_split(local_split)))
     ranker = Path(result["workdir"]) / "ranker"
+    source = load_source(ranker / "sources" / "train")
+    expected = pipe.training_frames(selection.tuning(read_split(local_split)), source)
+    assert "rank_seq" in expected.train.columns
+    assert load_source(ranker / "model" / SOURCE_DIR).name == "seq"  # kept with the model
     for name in ("train", "holdout"):
         got = pl.read_parquet(ranker / f"{name}.parquet")
         assert_frame_equal(got, getattr(expected, name), check_exact=False, rel_tol=1e-9,

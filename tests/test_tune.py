@@ -222,7 +222,7 @@ def test_the_study_name_follows_the_selection_and_the_transformer_recipe(shop):
     assert name(selection, _transformer_recipe(n_trials=9, timeout_s=None)) == names[0]
 
 
-def test_the_sharded_study_name_follows_the_selection(tmp_path):
+def test_the_sharded_study_name_follows_the_selection_and_the_transformer_recipe(tmp_path):
     import json
 
     from tasks.ranking.rank_shards import sharded_study_name
@@ -234,6 +234,14 @@ def test_the_sharded_study_name_follows_the_selection(tmp_path):
              for selection in (Selection(0.2, 11), Selection(0.3, 11), Selection(0.2, 12))]
     assert len(set(names)) == 3
     assert sharded_study_name(tmp_path, config, Selection(0.2, 11)) == names[0]
+    fed = [sharded_study_name(tmp_path, config, Selection(0.2, 11), recipe)
+           for recipe in (_transformer_recipe(), _transformer_recipe(lr=0.02),
+                          _transformer_recipe(n_candidates=20))]
+    assert len({*names, *fed}) == 6
+    assert fed[0].startswith("lgbm_ranker-seq-sharded-")
+    # the transformer's budget alone changes no candidate: the ranker's study resumes
+    assert sharded_study_name(tmp_path, config, Selection(0.2, 11),
+                              _transformer_recipe(n_trials=9)) == fed[0]
 
 
 def test_another_selection_starts_another_study(shop, tmp_path):

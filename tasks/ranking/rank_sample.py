@@ -34,6 +34,7 @@ from tasks.ranking.rank_tables import (
     USER_KEY,
     VALID,
     WINDOW,
+    external_candidates,
     shard_state,
     stage_events,
 )
@@ -117,10 +118,13 @@ def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) 
       persist_result=True, cache_policy=STAGE_CACHE)
 def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
                  config: RankerConfig, settings: TableSettings, items_path: Path | None,
-                 ordered_only: bool, work: Path, selection: Selection) -> dict[str, Any]:
+                 ordered_only: bool, work: Path, selection: Selection,
+                 source: Path | None = None) -> dict[str, Any]:
     """Write one shard's drawn, labelled candidate groups of one window; return their counts.
 
-    The selection holdout's validation targets are left out.
+    The selection holdout's validation targets are left out. ``source``: the saved external
+    candidate source of the training windows (the transformer fitted before the earliest one),
+    called on the drawn users of this shard.
     """
     split = selection.tuning(read_split_shard(split_dir, shard))
     history, targets = stage_events(split, stage, config)
@@ -138,9 +142,10 @@ def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw
         return out
     items = pl.read_parquet(items_path) if items_path else None
     tables, covis = shard_state(work, stage, history, end, config, settings, items)
+    external, vectors = external_candidates(source, history, keys[USER])
     frame = candidate_features(history, keys[USER], covis, config.candidates,
-                               config.features, items, None, ordered_only, targets,
-                               config.user_chunk, tables)
+                               config.features, items, external, ordered_only, targets,
+                               config.user_chunk, tables, vectors)
     if stage == "w0":
         out["recall"] = recall_counts(frame, targets)
         if config.check_features:

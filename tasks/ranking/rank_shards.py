@@ -17,16 +17,25 @@ the windows, draw and frames :mod:`tasks.ranking.rank_sample`; this module runs 
    Only drawn groups are built, so the frames' cost follows the sample, not the log; on a shop
    with fewer groups every group is drawn and the model is the one the local engine learns.
 4. **frames**: per shard and window, the drawn groups' labelled candidates and features, exactly
-   as :meth:`tasks.ranking.reranker.RankingPipeline.training_frames` builds them; then one task
-   gathers them into the sample (training groups with a positive, held-out groups, held-out targets)
-   in the local engine's row order. The candidate recall of the validation window is that of its
-   drawn users.
+   as :meth:`tasks.ranking.reranker.RankingPipeline.training_frames` builds them (with the
+   transformer's candidates, source ``seq``, when it feeds the ranker: see **sources**); then one
+   task gathers them into the sample (training groups with a positive, held-out groups, held-out
+   targets) in the local engine's row order. The candidate recall of the validation window is
+   that of its drawn users.
 5. **study**: the trials in parallel, one task per worker, each running its share of the missing
    trials of the study in its RDB storage (any SQLAlchemy URL; a server database when the
    workers are on several machines).
 6. **refit and test**: the best parameters refitted on the sample; per shard, the test users'
    candidates, features, scores and top-K lists (``lists/shard-XXXXX.parquet``) and partial
    metrics, merged exactly (:func:`models.metrics.merge_partials`).
+
+**sources**: when the transformer feeds the ranker's candidates, its two sources are saved once,
+before the frames (:func:`tasks.transformer.sequence_shards.save_ranker_sources`): the training
+source (``sources/train``: refitted on the history of the earliest training window), called for
+every training window and for the selection holdout's users from train, and the serving source
+(the transformer of the test, fitted on train + validation), saved with the model in
+``model/source`` as :meth:`tasks.ranking.reranker.RankingPipeline.save` keeps it, and called for
+the test users. A per-shard task loads the folder it is given and asks it about its own users.
 """
 
 from __future__ import annotations
@@ -58,9 +67,10 @@ from tasks.ranking.rank_sample import (
     shard_frames,
     window_stats,
 )
-from tasks.ranking.rank_tables import TEST, build_tables, shard_state
+from tasks.ranking.rank_tables import TEST, build_tables, external_candidates, shard_state
 from tasks.ranking.reranker import (
     MODEL_NAME,
+    SOURCE_DIR,
     RankerConfig,
     RankingPipeline,
     rank_scored,
@@ -72,10 +82,13 @@ from tasks.ranking.study import (
     finished_trials,
     open_study,
 )
-from tasks.ranking.tune import log_plots, log_results, make_objective
+from tasks.ranking.tune import log_plots, log_results, make_objective, without_budget
+from tasks.release.recipes import transformer_recipe
 from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard, split_shard_files
+from tasks.transformer.sequence import SOURCE_NAME, SequenceConfig
+from tasks.transformer.sequence_shards import save_ranker_sources
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +140,14 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig)
       persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
-                work: Path, ks: list[int], model: Path, selection: Selection) -> dict[str, Any]:
+                work: Path, ks: list[int], model: Path, selection: Selection,
+                source: Path | None = None) -> dict[str, Any]:
     """One shard's partial metrics and candidate recall counts of a stage.
 
     ``test``: the test users from the test history (their lists are written); ``w0``: the
-    selection holdout's validation users from train.
+    selection holdout's validation users from train. ``source``: the saved external candidate
+    source of the stage (the model's own, ``model/source``, for the test), asked about this
+    shard's users.
     """
     split = read_split_shard(split_dir, shard)
     history, targets = split.test_history, split.test_targets
@@ -142,8 +158,10 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
         return {"metrics": None, "recall": None}
     items = pl.read_parquet(items_path) if items_path else None
     tables, covis = shard_state(work, stage, history, end, config, settings, items)
+    external, vectors = external_candidates(source, history, users)
     frame = candidate_features(history, users, covis, config.candidates, config.features,
-                               items, None, ordered_only, None, config.user_chunk, tables)
+                               items, external, ordered_only, None, config.user_chunk, tables,
+                               vectors)
     exclude = history.select(USER, ITEM).unique() if config.candidates.exclude_seen else None
     recs = rank_scored(LightGBMRanker.load(model), frame, users, max(ks), tables.popularity,
                        exclude)
@@ -157,26 +175,58 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
             "recall": recall_counts(frame, targets)}
 
 
-def sharded_study_name(split_dir: Path, config: RankerConfig, selection: Selection) -> str:
+def sharded_study_name(split_dir: Path, config: RankerConfig, selection: Selection,
+                       source_recipe: dict[str, Any] | None = None) -> str:
     """The configured name, else one derived from the split's summary and the settings.
 
-    The selection holdout (share and seed: the users no trial learns or stops on) counts too.
+    The selection holdout (share and seed: the users no trial learns or stops on) counts too,
+    and so does ``source_recipe``, the recipe of the transformer that proposes candidates (but
+    its study's budget): ``lgbm_ranker-seq-sharded-...`` then, as the local engine names it.
     """
     info = json.loads((split_dir / "info.json").read_text())
     data = [json.dumps(info, sort_keys=True), f"selection={[selection.share, selection.seed]}"]
+    family = [MODEL_NAME, "sharded"]
+    if source_recipe is not None:
+        data.append(f"source={json.dumps(without_budget(source_recipe), sort_keys=True)}")
+        family = [MODEL_NAME, SOURCE_NAME, "sharded"]
     return config.study_name or digest_study_name(
-        f"{MODEL_NAME}-sharded", info["protocol"], data, config)
+        "-".join(family), info["protocol"], data, config)
+
+
+def sequence_sources(split_dir: Path, items_path: Path | None, config: RankerConfig,
+                     windows: dict[str, dt.datetime], work: Path,
+                     transformer: dict[str, Any] | None,
+                     transformer_config: SequenceConfig | None) -> dict[str, Path | None]:
+    """The saved candidate sources of the stages: ``train`` (every training window) and ``test``.
+
+    None each unless the ``transformer`` result (:func:`evaluate_transformer_sharded`) is given
+    and its config feeds the ranker's candidates; then both are saved here (see **sources** in
+    the module docstring).
+    """
+    if not (transformer and transformer_config and transformer_config.candidates):
+        return {"train": None, TEST: None}
+    paths = {"train": work / "sources" / "train", TEST: work / "model" / SOURCE_DIR}
+    needed = ("best_params", "best_epoch", "model_dir", "exclude_seen")
+    gather([save_ranker_sources.submit(
+        split_dir, Path(transformer["sample_dir"]), items_path, transformer_config,
+        {key: transformer[key] for key in needed}, len(windows) - 1, config.window_stride,
+        paths["train"], paths[TEST])])
+    return paths
 
 
 def evaluate_ranker_sharded(
     split_dir: Path, items_path: Path | None, config: RankerConfig, ks: list[int], n_items: int,
     exclude_seen: bool, ordered_only: bool, work: Path, workers: int, run_id: str | None,
     tracking_uri: str, baselines: Path | None = None, selection: Selection | None = None,
+    transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
 ) -> dict[str, Any]:
     """Tune, refit and test the re-ranker on a sharded split (call inside a flow).
 
     ``baselines``: the baselines' work folder, whose co-visitation neighbours of train and of
     the test history are the ranker's too when ``ranker.covisitation`` is left at its defaults.
+    With a ``transformer`` result (:func:`evaluate_transformer_sharded`) and its config asking
+    for candidates, the transformer's nearest items join the candidates under the source name
+    ``seq``, as with the local engine.
 
     Returns ``valid`` and ``test`` metrics like the local engine, plus ``candidate_recall``,
     ``sample`` (its size), ``best_params``, ``study_name``, ``n_trials`` and ``model_dir``.
@@ -195,6 +245,8 @@ def evaluate_ranker_sharded(
         raise DataError("the ranker has no training window: the validation window has no "
                         "targets with a history. Check the split.")
     drawn = draw(stats, len(windows), config)
+    sources = sequence_sources(split_dir, items_path, config, windows, work, transformer,
+                               transformer_config)
     reused = {}  # the baselines' neighbours of the same histories, when counted alike
     if baselines is not None and not config.covisitation:
         reused = {"w0": baselines / "valid" / "neighbours.parquet",
@@ -209,14 +261,18 @@ def evaluate_ranker_sharded(
         counts.append(gather(shard_frames.map(
             unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
             draw=unmapped(drawn), items_path=unmapped(items_path),
-            ordered_only=unmapped(ordered_only), selection=unmapped(tuned_on), **common)))
+            ordered_only=unmapped(ordered_only), selection=unmapped(tuned_on),
+            source=unmapped(sources["train"]), **common)))
         log.info("ranker window %s: %d drawn groups with a positive", stage,
                  sum(c["positive_groups"] for c in counts[-1]))
     sample = gather([sample_groups.submit(work, list(windows), drawn.fallback, config)])[0]
     log.info("ranker sample: %s", sample)
 
     storage = config.storage or default_storage()
-    name = sharded_study_name(split_dir, config, tuned_on)
+    recipe = None
+    if sources[TEST] is not None:  # another transformer proposes other candidates
+        recipe = transformer_recipe(transformer_config, transformer)
+    name = sharded_study_name(split_dir, config, tuned_on, recipe)
     study = open_study(name, storage, config.seed, config.sampler_startup_trials,
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     done = finished_trials(study)
@@ -241,6 +297,7 @@ def evaluate_ranker_sharded(
                                        end=unmapped(end), items_path=unmapped(items_path),
                                        ordered_only=unmapped(ordered_only), ks=unmapped(ks),
                                        model=unmapped(model), selection=unmapped(tuned_on),
+                                       source=unmapped(sources.get(stage, sources["train"])),
                                        **common))
         merged[stage] = merge_partials([p["metrics"] for p in parts if p["metrics"]], n_items)
         if stage == TEST:

@@ -3,7 +3,8 @@
 Per window and for the test history: each shard's item partials and co-visitation pair sums
 (:mod:`tasks.ranking.history_tables`), written by item bucket; summed per bucket; the neighbours
 pruned per bucket. A shard's task then reads the summed item table and only the neighbours of its
-users' items (:func:`shard_state`). Step 2 of :mod:`tasks.ranking.rank_shards`.
+users' items (:func:`shard_state`), and asks the saved external candidate sources about its own
+users only (:func:`external_candidates`). Step 2 of :mod:`tasks.ranking.rank_shards`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tasks.evaluation.evaluate_shards import (
     write_buckets,
 )
 from tasks.ranking.candidates import prepare_history
+from tasks.ranking.external_sources import content_vectors, load_source
 from tasks.ranking.history_tables import (
     HistoryTables,
     TableSettings,
@@ -152,3 +154,16 @@ def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
     covis = CoVisitation(**config.covisitation).fit(
         history, SharedState(end, {"counts": counts, "neighbours": neighbours}))
     return finish_tables(partials, end, settings, items), covis
+
+
+def external_candidates(source: Path | None, history: pl.DataFrame, users: pl.Series
+                        ) -> tuple[dict[str, pl.DataFrame] | None, pl.DataFrame | None]:
+    """The proposals of the source saved in ``source`` for ``users``, and its item vectors.
+
+    As the local engine's ``external(history, users)``: ``history`` is the shard's history of
+    the stage, so the source reads only these users' events. ``(None, None)`` without a source.
+    """
+    if source is None:
+        return None, None
+    loaded = load_source(source)
+    return loaded(history, users), content_vectors(loaded)

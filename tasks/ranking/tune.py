@@ -85,12 +85,12 @@ def study_name(split: Split, config: RankerConfig, sources: list[str] | None = N
     family = "-".join([MODEL_NAME, *sorted(sources or [])])
     chosen = selection or Selection()
     measured = {"ks": ks, "items": items, "selection": [chosen.share, chosen.seed],
-                "source": _without_budget(source_recipe)}
+                "source": without_budget(source_recipe)}
     return config.study_name or derived_study_name(
         family, split, config, {**measured, **({"content": content} if content else {})})
 
 
-def _without_budget(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+def without_budget(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
     """``recipe`` without the settings of :data:`RESUME_EXCLUDED` (its study's budget)."""
     if recipe is None:
         return None

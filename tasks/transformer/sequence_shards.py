@@ -13,11 +13,16 @@
    partial metrics merged exactly (:func:`models.metrics.merge_partials`). Users outside the
    sample are represented by their own events; items the sample never saw are not in the
    model's catalogue.
+4. **ranker sources**, one task when the transformer feeds the ranker's candidates: the two
+   candidate sources of :func:`tasks.transformer.sequence.ranker_sources` saved as folders that
+   the ranker's per-shard tasks load and call on their own users (:func:`save_ranker_sources`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ from models.errors import DataError
 from models.metrics import COUNT, merge_partials, partial_metrics
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import host_cores, shard_file, shard_of
-from tasks.ranking.reranker import HOLDOUT_SCALE
+from tasks.ranking.reranker import HOLDOUT_SCALE, every_window
 from tasks.ranking.study import TrialLogger, default_storage
 from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Selection, Split
@@ -42,6 +47,7 @@ from tasks.transformer.sequence import (
     best_trial_model,
     fit_final,
     log_results,
+    ranker_sources,
     run_transformer_study,
 )
 
@@ -79,6 +85,23 @@ def read_sample(split_dir: Path, sample: Path) -> Split:
     return Split(protocol=info["protocol"], info=info["summary"], **tables)
 
 
+@contextmanager
+def every_core(config: SequenceConfig) -> Iterator[None]:
+    """Torch on every core of the host (or ``model.num_threads``) while inside.
+
+    For a stage's one task; the threads are restored after it, since the score tasks run side
+    by side, one thread each.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.model.get("num_threads") or host_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @task(name="transformer-study", persist_result=True, cache_policy=STAGE_CACHE)
 def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config: SequenceConfig,
                    ks: list[int], exclude_seen: bool, n_items: int, run_id: str | None,
@@ -89,17 +112,13 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
     The study is tuned on the sample's validation users outside the selection holdout, on
     ``primary_metric`` (early stopping, pruning and the trials' values).
     """
-    import torch
-
     split = read_sample(split_dir, work / "sample")
     tuning = selection.tuning(split)
     if tuning.valid_targets.is_empty():
         raise DataError("the transformer's sample has no validation targets: raise "
                         "transformer.sample_users.")
     items = pl.read_parquet(items_path) if items_path else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.model.get("num_threads") or host_cores())  # the stage's one task
-    try:
+    with every_core(config):
         study, objective = run_transformer_study(
             tuning, items, config, TrialLogger(run_id, MODEL_NAME, tracking_uri), ks,
             exclude_seen, n_items, primary_metric)
@@ -108,8 +127,6 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
         best_trial_model(split, items, config, study, objective).save(work / "best")
         fit_final(split.test_history, items, config, dict(best.params), epochs).save(
             work / "model")
-    finally:
-        torch.set_num_threads(threads)  # the score tasks run side by side, one thread each
     return {"best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
             "study_name": study.study_name, "n_trials": len(study.trials),
             "sample_valid": best.user_attrs.get("metrics", {})}
@@ -141,6 +158,28 @@ def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Pat
     return partial_metrics(recs, targets, ks, popularity)
 
 
+@task(name="transformer-ranker-sources", retries=1, persist_result=True,
+      cache_policy=STAGE_CACHE)
+def save_ranker_sources(split_dir: Path, sample: Path, items_path: Path | None,
+                        config: SequenceConfig, result: dict[str, Any], window: int,
+                        stride: float, training: Path, serving: Path) -> None:
+    """Save the ranker's candidate sources, as the local engine makes them, in two folders.
+
+    ``training``: the tuned transformer refitted (best parameters, best epoch) on the sample's
+    history of the ranker's earliest training window ``w<window>`` (``stride``: the ranker's
+    ``window_stride``), so that no window's targets were learned; ``serving``: the transformer
+    of ``result["model_dir"]`` (the sample's train + validation). Both propose
+    ``config.n_candidates`` items per user (:func:`tasks.transformer.sequence.ranker_sources`).
+    """
+    split = read_sample(split_dir, sample)
+    items = pl.read_parquet(items_path) if items_path else None
+    earliest = every_window(split, window, stride)[window][0]
+    with every_core(config):
+        sources = ranker_sources(split, items, result, config, earliest)
+    for source, folder in zip(sources, (training, serving), strict=True):
+        source.save(folder)
+
+
 def evaluate_transformer_sharded(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, work: Path, baselines: Path, run_id: str | None,
@@ -150,7 +189,8 @@ def evaluate_transformer_sharded(
 
     ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty);
     ``primary_metric`` (the run's ``evaluation.primary_metric``) early-stops and ranks the trials.
-    Returns ``valid`` and ``test`` metrics like the local engine, with the study's summary.
+    Returns ``valid`` and ``test`` metrics like the local engine, with the study's summary,
+    ``model_dir`` (the refit) and ``sample_dir`` (the sample's tables).
     """
     log = get_run_logger()
     shards = split_shard_files(split_dir)
@@ -173,7 +213,7 @@ def evaluate_transformer_sharded(
         result[stage] = merge_partials([p for p in parts if p is not None], n_items)
     selection.check(int(result["valid"].get("users", 0)))
     result.update({"model_dir": str(work / "model"), "exclude_seen": exclude_seen,
-                   "sample": {"users": drawn, "of": users}})
+                   "sample": {"users": drawn, "of": users}, "sample_dir": str(work / "sample")})
     if run_id:
         study = optuna.load_study(study_name=result["study_name"], storage=config.storage)
         log_results(run_id, result, config, study)
