@@ -44,6 +44,7 @@ from tasks.transformer.sequence import (
     MODEL_NAME,
     SequenceConfig,
     best_epochs,
+    best_offset,
     best_trial_model,
     fit_final,
     log_results,
@@ -125,10 +126,11 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
         best = study.best_trial
         epochs = best_epochs(best)
         best_trial_model(split, items, config, study, objective).save(work / "best")
-        fit_final(split.test_history, items, config, dict(best.params), epochs).save(
-            work / "model")
+        fit_final(split.test_history, items, config, dict(best.params), epochs,
+                  new_item_offset=best_offset(best)).save(work / "model")
     return {"best_params": dict(best.params), "best_trial": best.number, "best_epoch": epochs,
-            "study_name": study.study_name, "n_trials": len(study.trials),
+            "new_item_offset": best_offset(best), "study_name": study.study_name,
+            "n_trials": len(study.trials),
             "sample_valid": best.user_attrs.get("metrics", {})}
 
 
