@@ -46,7 +46,11 @@ def train_scores(shop: str, events: int, folder: Path, content: bool, models: bo
     data, fmt = SHOPS[shop]
     overrides = {"output_dir": str(folder / "outputs"), "ranker__enabled": models,
                  "transformer__enabled": models, "registry__enabled": False,
-                 "data__demo_events": events, "content__enabled": content}
+                 "data__demo_events": events, "content__enabled": content,
+                 # studies of their own, and as many trials on a loaded machine as on an idle one
+                 "transformer__storage": f"sqlite:///{folder / 'optuna.db'}",
+                 "ranker__storage": f"sqlite:///{folder / 'optuna.db'}",
+                 "transformer__timeout_s": None, "ranker__timeout_s": None}
     if data:
         overrides.update(data__path=str(ROOT.parent / "shared" / "data" / data),
                          data__format=fmt, **LENIENT.get(shop, {}))
