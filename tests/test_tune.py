@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import optuna
@@ -263,16 +262,20 @@ def test_another_selection_starts_another_study(shop, tmp_path):
 
 
 _STUDY_SCRIPT = """
-import sys, time
+import os, signal, sys
 import tasks.ranking.tune as tune
 from tasks.data.demo_data import generate_shop
 from tasks.splitting.split import cut_times, time_split
 
-slow = tune.holdout_metrics
-def holdout_metrics(*args, **kwargs):  # slow trials down so the study is killed mid-way
-    time.sleep(0.7)
-    return slow(*args, **kwargs)
-tune.holdout_metrics = holdout_metrics
+new_ranker = tune.RankingPipeline.new_ranker
+calls = 0
+def starting(self, *args, **kwargs):  # every trial, pruned or not, starts here: killed in the 5th
+    global calls
+    calls += 1
+    if calls == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return new_ranker(self, *args, **kwargs)
+tune.RankingPipeline.new_ranker = starting
 
 events, items = generate_shop(4_000, seed=3)
 split = time_split(events, *cut_times(events))
@@ -288,16 +291,14 @@ def test_killed_study_resumes_from_its_storage(shop, tmp_path):
     script = tmp_path / "study.py"
     script.write_text(textwrap.dedent(_STUDY_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(script), config.model_dump_json(),
-                             str(tmp_path / "killed")], cwd=tmp_path, env=env)
-    try:
-        before = _wait_for_trials(storage, "resume-me", 3, proc)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # the study kills itself (SIGKILL) as its fifth trial starts: no race with a watcher that
+    # polls the storage
+    proc = subprocess.run([sys.executable, str(script), config.model_dump_json(),
+                           str(tmp_path / "killed")], cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     study = optuna.load_study(study_name="resume-me", storage=storage)
-    assert 3 <= finished_trials(study) < 8
+    assert finished_trials(study) == 4
+    before = {t.number: t.params for t in study.trials if t.state.is_finished()}
 
     result = tune_and_evaluate_lgbm(split, items, config, None, tmp_path / "resumed")
     study = optuna.load_study(study_name="resume-me", storage=storage)
@@ -305,23 +306,6 @@ def test_killed_study_resumes_from_its_storage(shop, tmp_path):
     assert result["n_trials"] >= 8
     after = {t.number: t.params for t in study.trials}
     assert all(after[number] == params for number, params in before.items())
-
-
-def _wait_for_trials(storage: str, name: str, n: int, proc: subprocess.Popen) -> dict:
-    """Params of the finished trials once ``n`` of them exist (fails if the process ends)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the study process ended before it could be killed"
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:  # not created yet
-            time.sleep(0.2)
-            continue
-        done = study.get_trials(deepcopy=False, states=DONE)
-        if len(done) >= n:
-            return {t.number: t.params for t in done}
-        time.sleep(0.1)
-    pytest.fail("the study did not finish 3 trials within 2 minutes")
 
 
 def test_config_is_checked():
