@@ -11,6 +11,7 @@ peak memory of a process that only loads and encodes, and the cache hit of a sec
     .venv/bin/python benchmarks/content.py                      # the built-in shop and H&M
     .venv/bin/python benchmarks/content.py --shops demo --events 200000
     .venv/bin/python benchmarks/content.py --baselines-only     # no ranker, no transformer
+    .venv/bin/python benchmarks/content.py --shops hm --no-ranker --seeds 1 2 3   # seeds
 
 Results: ``benchmarks/results/content.json`` and Markdown tables on stdout.
 """
@@ -37,14 +38,15 @@ METRICS = ("ndcg@10", "recall@20", "cold0.ndcg@10", "cold0.recall@20", "cold0.us
            "cold5.recall@20", "cold5.users")
 
 
-def train_scores(shop: str, events: int, folder: Path, content: bool, models: bool
-                 ) -> tuple[dict, Path]:
+def train_scores(shop: str, events: int, folder: Path, content: bool, models: bool,
+                 seed: int = 42, ranker: bool = True) -> tuple[dict, Path]:
     """Test metrics of every family from one ``train`` of ``shop``; and the items file."""
     from flows.config import load_config
     from flows.train import train
 
     data, fmt = SHOPS[shop]
-    overrides = {"output_dir": str(folder / "outputs"), "ranker__enabled": models,
+    overrides = {"output_dir": str(folder / "outputs"), "ranker__enabled": models and ranker,
+                 "seed": seed,
                  "transformer__enabled": models, "registry__enabled": False,
                  "data__demo_events": events, "content__enabled": content,
                  # studies of their own, and as many trials on a loaded machine as on an idle one
@@ -99,20 +101,24 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000, help="events of the demo shop")
     parser.add_argument("--baselines-only", action="store_true",
                         help="no ranker and no transformer (faster)")
+    parser.add_argument("--no-ranker", action="store_true", help="no LightGBM ranker")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42],
+                        help="run seeds (every stochastic step: the selection holdout, trials)")
     args = parser.parse_args()
     results = []
     for shop in args.shops:
-        runs = {}
-        for content in (True, False):
+        runs, cost = {}, None
+        for seed, content in ((seed, content) for seed in args.seeds for content in (True, False)):
             with tempfile.TemporaryDirectory(prefix="shoprank-content-") as tmp:
                 folder = Path(tmp)
                 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
                 start = time.perf_counter()
                 scores, items = train_scores(shop, args.events, folder, content,
-                                             not args.baselines_only)
-                runs["with encoder" if content else "without"] = {
-                    "scores": scores, "train_s": time.perf_counter() - start}
-                if content:
+                                             not args.baselines_only, seed, not args.no_ranker)
+                name = ("with encoder" if content else "without") + (
+                    f", seed {seed}" if len(args.seeds) > 1 else "")
+                runs[name] = {"scores": scores, "train_s": time.perf_counter() - start}
+                if content and cost is None:
                     cost = encoder_cost(items, folder)
         results.append({"shop": shop, "runs": runs, "encoder": cost})
         print(f"\n### {shop}\n\n| run | family | NDCG@10 | Recall@20 | cold0 NDCG@10 | "  # noqa: T201
