@@ -24,16 +24,15 @@ from pathlib import Path
 import polars as pl
 from record import append_run  # benchmarks/, the script's folder, is on sys.path
 
-from models.columns import ITEM
 from models.transformer import SequentialTransformer
 from tasks.splitting.split import Split
 from tasks.transformer.sequence import (
-    NEW_ITEM_OFFSETS,
     SequenceConfig,
     catalogue_vectors,
     choose_new_item_offset,
     fit_final,
     full_metrics,
+    offset_grid,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,17 +49,6 @@ def read_run(run: Path) -> tuple[Split, pl.DataFrame]:
     tables = {name: pl.read_parquet(folder / f"{name}.parquet")
               for name in ("train", "valid_targets", "test_history", "test_targets")}
     return Split(protocol=info["protocol"], **tables), pl.read_parquet(run / "items.parquet")
-
-
-def window_figures(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
-                   n_items: int, exclude_seen: bool) -> dict[str, float]:
-    """NDCG@10, Recall@20, and Recall@20 on cold0 and on warm targets, of one window."""
-    warm = targets.join(history.select(ITEM).unique(), on=ITEM, how="semi")
-    every = full_metrics(model, history, targets, KS, exclude_seen, n_items)
-    return {"ndcg@10": every["ndcg@10"], "recall@20": every["recall@20"],
-            "cold0.recall@20": every.get("cold0.recall@20", 0.0),
-            "warm.recall@20": full_metrics(model, history, warm, KS, exclude_seen,
-                                           n_items)["recall@20"]}
 
 
 def main() -> None:
@@ -83,14 +71,14 @@ def main() -> None:
     chosen, _, _ = choose_new_item_offset(model, split.train, split.valid_targets, KS, seen,
                                           items.height, "ndcg@10", args.max_loss)
     final = fit_final(split.test_history, items, config, args.params, model.best_epoch_, vectors)
-    rows = []
-    for offset in NEW_ITEM_OFFSETS:
-        model.config.new_item_offset = final.config.new_item_offset = offset
-        rows.append({"offset": offset, "chosen": offset == chosen,
-                     "valid": window_figures(model, split.train, split.valid_targets,
-                                             items.height, seen),
-                     "test": window_figures(final, split.test_history, split.test_targets,
-                                            items.height, seen)})
+    figures = {window: offset_grid(m, history, targets, KS, seen, items.height, "ndcg@10")
+               for window, m, history, targets in (
+                   ("valid", model, split.train, split.valid_targets),
+                   ("test", final, split.test_history, split.test_targets))}
+    rows = [{"offset": valid["offset"], "chosen": valid["offset"] == chosen,
+             "valid": {**valid, "recall@20": valid_all["recall@20"]},
+             "test": {**test, "recall@20": test_all["recall@20"]}}
+            for (valid, valid_all), (test, test_all) in zip(*figures.values(), strict=True)]
     names = ("ndcg@10", "recall@20", "cold0.recall@20", "warm.recall@20")
     print("| offset | " + " | ".join(f"{w} {n}" for w in ("valid", "test") for n in names) + " |")
     print("|---:|" + "---:|" * 2 * len(names))

@@ -216,41 +216,55 @@ def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: p
     return evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
 
 
+def offset_grid(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
+                ks: list[int], exclude_seen: bool, n_items: int | None, primary: str
+                ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """``model`` scored on ``targets`` at each offset of :data:`NEW_ITEM_OFFSETS`.
+
+    Per offset: a row of the ``primary`` metric and Recall@K (the largest K) on the targets whose
+    item has no event in ``history`` (``cold0``) and on the others (``warm``), and every metric
+    of :func:`full_metrics`. Leaves ``model`` at the last offset.
+    """
+    k = max(ks)
+    counts = history.group_by(ITEM).len("count")
+    warm = targets.join(counts.select(ITEM), on=ITEM, how="semi")
+    grid = []
+    for offset in NEW_ITEM_OFFSETS:
+        model.config.new_item_offset = offset
+        recs = validation_lists(model, targets, k, exclude_seen)
+        metrics = evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
+        grid.append(({"offset": offset, primary: metrics[primary],
+                      f"cold0.recall@{k}": metrics.get(f"cold0.recall@{k}", 0.0),
+                      f"warm.recall@{k}": evaluate(recs, warm, ks=[k])[f"recall@{k}"]},
+                     metrics))
+    return grid
+
+
 def choose_new_item_offset(model: SequentialTransformer, history: pl.DataFrame,
                            targets: pl.DataFrame, ks: list[int], exclude_seen: bool,
                            n_items: int | None, primary: str, max_loss: float
                            ) -> tuple[float, dict[str, float], list[dict[str, float]]]:
     """Set ``model``'s offset for the items without events; returns it, its metrics and the grid.
 
-    Each offset of :data:`NEW_ITEM_OFFSETS` is scored on ``targets``: the ``primary`` metric,
-    and Recall@K (the largest K) on the targets whose item has no event in ``history``
-    (``cold0``) and on the others (``warm``). The largest offset whose ``primary`` is within
+    Of the offsets scored by :func:`offset_grid`, the largest whose ``primary`` is within
     ``max_loss`` (relative) of the best offset's is chosen: the items nobody has touched yet
     get as much room in the lists as that loss buys. Without items outside the fitted events,
     or without cold targets, the offset stays 0.
     """
-    k = max(ks)
-    counts = history.group_by(ITEM).len("count")
-    warm = targets.join(counts.select(ITEM), on=ITEM, how="semi")
-    if model.n_event_items_ >= len(model.item_ids_) or warm.height == targets.height:
+    has_event = targets.join(history.select(ITEM).unique(), on=ITEM, how="semi")
+    if model.n_event_items_ >= len(model.item_ids_) or has_event.height == targets.height:
         model.config.new_item_offset = 0.0
         return 0.0, full_metrics(model, history, targets, ks, exclude_seen, n_items), []
-    rows, metrics = [], {}
-    for offset in NEW_ITEM_OFFSETS:
-        model.config.new_item_offset = offset
-        recs = validation_lists(model, targets, k, exclude_seen)
-        metrics[offset] = evaluate(recs, targets, ks=ks, n_items=n_items, item_popularity=counts)
-        rows.append({"offset": offset, primary: metrics[offset][primary],
-                     f"cold0.recall@{k}": metrics[offset].get(f"cold0.recall@{k}", 0.0),
-                     f"warm.recall@{k}": evaluate(recs, warm, ks=[k])[f"recall@{k}"]})
-    best = max(row[primary] for row in rows)
-    chosen = [row for row in rows if row[primary] >= (1 - max_loss) * best][-1]
+    grid = offset_grid(model, history, targets, ks, exclude_seen, n_items, primary)
+    best = max(row[primary] for row, _ in grid)
+    chosen, metrics = [(row, m) for row, m in grid if row[primary] >= (1 - max_loss) * best][-1]
     model.config.new_item_offset = chosen["offset"]
+    k = max(ks)
     logger.info("transformer: items without events offset %+g (validation %s %.4f against "
                 "%.4f at best; cold0 recall@%d %.4f, other targets %.4f)", chosen["offset"],
                 primary, chosen[primary], best, k, chosen[f"cold0.recall@{k}"],
                 chosen[f"warm.recall@{k}"])
-    return chosen["offset"], metrics[chosen["offset"]], rows
+    return chosen["offset"], metrics, [row for row, _ in grid]
 
 
 def epoch_curves(metrics: dict[str, float], primary: str) -> dict[str, float]:
