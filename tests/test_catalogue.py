@@ -220,7 +220,9 @@ main()
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["package_and_register", "move_alias"])
 def test_an_update_killed_at_a_step_ends_consistent(tmp_path, demo_shop_dir, step):
+    import contextlib
     import os
+    import signal
     import subprocess
     import sys
 
@@ -239,8 +241,15 @@ def test_an_update_killed_at_a_step_ends_consistent(tmp_path, demo_shop_dir, ste
     argv = ["catalogue", "update", "--items", str(file)]
     log = tmp_path / "update.log"
     with log.open("ab") as out:
-        killed = subprocess.run([sys.executable, "-c", KILLER, *argv], cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, timeout=600, check=False)
+        # its own process group: the temporary Prefect server the killed process started is
+        # orphaned by the SIGKILL, and stopped with the group
+        killed = subprocess.Popen([sys.executable, "-c", KILLER, *argv], cwd=tmp_path, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(killed.pid, signal.SIGKILL)
         assert killed.returncode == -9, log.read_text()[-3000:]
         after_kill = len(client.search_model_versions("name='shoprank'"))
         assert after_kill == 2, log.read_text()[-3000:]  # the kill came after registering
