@@ -10,8 +10,14 @@ Groups without any positive carry no ranking signal (every order is equally good
 drops them from both the training and the validation groups; LightGBM would otherwise count them
 as perfect and flatten the early-stopping curve.
 
+An optional ``new_item_offset`` is added to the score of every row whose ``new_item_feature``
+(an item's events in the history, ``i_n_events``) is 0 or missing: the candidates nobody has
+touched yet, which the trees can only judge by their text, get that much room. It is chosen
+outside the booster (on held-out groups, :func:`tasks.ranking.tune.choose_new_item_offset`) and
+applies in :meth:`LightGBMRanker.predict`, so in every list the ranker makes.
+
 Saved as two files: the booster as LightGBM's text model (``booster.txt``) and ``ranker.json``
-with the feature names, parameters and training summary.
+with the feature names, parameters, the offset and training summary.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from models.errors import ConfigError, DataError, ShoprankError, require_columns
 logger = logging.getLogger(__name__)
 
 LABEL = "label"
+NEW_ITEM_FEATURE = "i_n_events"
 BOOSTER_FILE = "booster.txt"
 META_FILE = "ranker.json"
 VALID = "valid"
@@ -88,6 +95,9 @@ class LightGBMRanker:
             with other jobs 1 is often much faster).
         group: Column whose runs of equal values form the query groups (default ``user_id``;
             frames holding several training windows per user give each window its own key).
+        new_item_offset: Added to the score of the rows whose ``new_item_feature`` is 0 or
+            missing (items without events); 0: scores as the booster gives them.
+        new_item_feature: The column that counts an item's events in the history.
     """
 
     def __init__(
@@ -100,6 +110,8 @@ class LightGBMRanker:
         seed: int = 0,
         num_threads: int = 0,
         group: str = USER,
+        new_item_offset: float = 0.0,
+        new_item_feature: str = NEW_ITEM_FEATURE,
     ) -> None:
         self.params = params
         self.num_boost_round = num_boost_round
@@ -109,6 +121,8 @@ class LightGBMRanker:
         self.seed = seed
         self.num_threads = num_threads
         self.group = group
+        self.new_item_offset = new_item_offset
+        self.new_item_feature = new_item_feature
 
     def _lgb_params(self) -> dict[str, Any]:
         return {
@@ -206,6 +220,12 @@ class LightGBMRanker:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"LightGBMRanker.{name} must be a positive integer; got {value}.")
+        self._check_offset()
+
+    def _check_offset(self) -> None:
+        if not np.isfinite(self.new_item_offset):
+            raise ConfigError(f"LightGBMRanker.new_item_offset must be a finite number; got "
+                              f"{self.new_item_offset}.")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "booster_"):
@@ -214,22 +234,31 @@ class LightGBMRanker:
             )
 
     def predict(self, frame: pl.DataFrame) -> np.ndarray:
-        """Scores of the rows of ``frame`` (higher ranks first), in row order."""
+        """Scores of the rows of ``frame`` (higher ranks first), in row order.
+
+        The booster's scores, plus ``new_item_offset`` on the rows of items without events.
+        """
         self._check_fitted()
         require_columns(frame.columns, self.features_, "feature frame")
         x = frame.select(pl.col(self.features_).cast(pl.Float32)).to_numpy()
-        return self.booster_.predict(x, num_iteration=self.best_iteration_)
+        scores = self.booster_.predict(x, num_iteration=self.best_iteration_)
+        if self.new_item_offset:
+            self._check_offset()
+            scores = scores + self.new_item_offset * self.new_items(frame)
+        return scores
+
+    def new_items(self, frame: pl.DataFrame) -> np.ndarray:
+        """1.0 on the rows of ``frame`` whose item has no event (``new_item_feature``), else 0."""
+        require_columns(frame.columns, (self.new_item_feature,),
+                        "feature frame (a ranker with a new-item offset)")
+        return (frame[self.new_item_feature].fill_null(0) == 0).cast(pl.Float64).to_numpy()
 
     def recommend(self, frame: pl.DataFrame, k: int = 10) -> pl.DataFrame:
         """Each user's ``k`` best candidates of ``frame`` as ``user_id, item_id, score, rank``."""
         if k < 1:
             raise ConfigError(f"k must be a positive integer; got {k}.")
-        scored = frame.select(USER, ITEM).with_columns(pl.Series(SCORE, self.predict(frame)))
-        return (
-            scored.filter(pl.col(SCORE).rank("ordinal", descending=True).over(USER) <= k)
-            .sort([USER, SCORE, ITEM], descending=[False, True, False])
-            .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(USER).alias(RANK))
-        )
+        return top_scored(frame.select(USER, ITEM).with_columns(
+            pl.Series(SCORE, self.predict(frame))), k)
 
     def feature_importance(self) -> pl.DataFrame:
         """``feature, gain, split`` per feature, highest total gain first."""
@@ -255,6 +284,8 @@ class LightGBMRanker:
                 "seed",
                 "num_threads",
                 "group",
+                "new_item_offset",
+                "new_item_feature",
             )
         }
 
@@ -290,6 +321,15 @@ class LightGBMRanker:
         ranker.best_score_ = meta["best_score"]
         ranker.evals_result_ = {}
         return ranker
+
+
+def top_scored(scored: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Each user's ``k`` highest ``score`` rows of ``user_id, item_id, score``, with ``rank``."""
+    return (
+        scored.filter(pl.col(SCORE).rank("ordinal", descending=True).over(USER) <= k)
+        .sort([USER, SCORE, ITEM], descending=[False, True, False])
+        .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(USER).alias(RANK))
+    )
 
 
 def _numeric_features(frame: pl.DataFrame, group: str) -> list[str]:

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.errors import DataError
+from models.errors import ConfigError, DataError
 from models.lgbm_ranker import LightGBMRanker, NotFittedError, group_sizes, positive_groups
 
 
@@ -82,3 +82,36 @@ def test_errors(tmp_path):
         LightGBMRanker(num_threads=1).fit(negatives)
     with pytest.raises(DataError, match="not a saved LightGBMRanker"):
         LightGBMRanker.load(tmp_path)
+
+
+def _with_new_items(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with ``i_n_events``: every third row an item without events (0 or missing)."""
+    row = pl.int_range(pl.len())
+    return frame.with_columns(
+        pl.when(row % 6 == 0).then(None).when(row % 3 == 0).then(0.0)
+        .otherwise((row % 7 + 1).cast(pl.Float64)).alias("i_n_events"))
+
+
+def test_the_new_item_offset_moves_exactly_the_items_without_events(tmp_path):
+    train, valid = _with_new_items(_groups(80, 6)), _with_new_items(_groups(30, 7))
+    ranker = LightGBMRanker(num_boost_round=20, num_threads=1).fit(train)
+    plain = ranker.predict(valid)
+    ranker.new_item_offset = 2.5
+    moved = ranker.predict(valid) - plain
+    new = (valid["i_n_events"].fill_null(0) == 0).to_numpy()
+    np.testing.assert_allclose(moved[new], 2.5)
+    np.testing.assert_array_equal(moved[~new], 0.0)
+    ranker.save(tmp_path / "ranker")  # kept with the model
+    loaded = LightGBMRanker.load(tmp_path / "ranker")
+    assert loaded.new_item_offset == 2.5
+    np.testing.assert_allclose(loaded.predict(valid), ranker.predict(valid), rtol=1e-6)
+    ranker.new_item_offset = 50.0  # every list starts with its items without events
+    first = ranker.recommend(valid, k=1).join(valid, on=["user_id", "item_id"])
+    assert (first["i_n_events"].fill_null(0) == 0).all()
+    ranker.new_item_offset = float("nan")
+    with pytest.raises(ConfigError, match="finite"):
+        ranker.predict(valid)
+    blind = LightGBMRanker(num_boost_round=5, features=["signal", "noise"], num_threads=1,
+                           new_item_offset=1.0).fit(train)
+    with pytest.raises(DataError, match="i_n_events"):  # nothing says which items are new
+        blind.predict(valid.drop("i_n_events"))

@@ -13,7 +13,7 @@ import pytest
 
 from tasks.data.demo_data import generate_shop
 from tasks.ranking.reranker import RankerConfig, RankingPipeline
-from tasks.ranking.study import finished_trials
+from tasks.ranking.study import NEW_ITEM_OFFSETS, finished_trials
 from tasks.ranking.tune import tune_and_evaluate_lgbm
 from tasks.splitting.split import cut_times, time_split
 
@@ -112,6 +112,7 @@ def test_recipe_refits_the_tuned_ranker_without_a_study(shop, tmp_path):
                                     tmp_path / "run", n_items=100)
     recipe = ranker_recipe(result, None)
     refit = RankingPipeline.load(fit_recipe(recipe, split, items, tmp_path / "refit"))
+    assert refit.ranker_.new_item_offset == result["new_item_offset"] == recipe["new_item_offset"]
     assert score_window(refit, split.test_targets, [10, 20], 100)[0] == result["test"]
     # the released copy: the test window is its last training window, every event its history
     events = pl.concat([split.test_history, split.test_history.head(0)])
@@ -150,6 +151,9 @@ def test_the_content_source_feeds_the_ranker_and_its_recipe_refits(shop, tmp_pat
 
     recipe = ranker_recipe(result, None, None, settings)
     refit = RankingPipeline.load(fit_recipe(recipe, split, items, tmp_path / "refit"))
+    assert refit.ranker_.new_item_offset == loaded.ranker_.new_item_offset
+    assert loaded.ranker_.new_item_offset == result["new_item_offset"]
+    assert len(result["new_item_offsets"]) == len(NEW_ITEM_OFFSETS)  # its trade-off, kept
     assert score_window(refit, split.test_targets, [10, 20], 100)[0] == result["test"]
     # every candidate is scored by its text (the selection's lists too, before the source is kept)
     assert {"ui_text_last", "ui_text_recent", "ui_text_bought"} <= set(refit.ranker_.features_)
@@ -319,3 +323,50 @@ def test_config_is_checked():
 def test_a_learning_rate_range_upside_down_is_refused():
     with pytest.raises(ValueError, match="learning_rate_range"):
         RankerConfig(learning_rate_range=(0.2, 0.03))
+
+
+def _held_out(new_targets: bool):
+    """Held-out groups of two windows: 6 candidates each, two of them without events.
+
+    The targets are a new candidate of each group (``new_targets``) or an old one; the ranker
+    learns only that the first candidate is the best, so the others tie and their item ids
+    order them.
+    """
+    import numpy as np
+
+    from tasks.ranking.reranker import TrainingData
+
+    rows = []
+    for window in (0, 1):
+        for u in range(20):
+            for c in range(6):
+                rows.append({"query": f"{window}:u{u}", "user_id": f"u{u}", "item_id": f"i{c}",
+                             "signal": 6.0 - c + 0.1 * np.sin(u + c), "i_n_events": 0.0
+                             if c >= 4 else 10.0, "label": 1 if c == 0 else 0})
+    holdout = pl.DataFrame(rows)
+    item = "i4" if new_targets else "i1"
+    targets = holdout.filter(pl.col("item_id") == item).select("query", "item_id")
+    return TrainingData(holdout, holdout, targets, {})
+
+
+def test_the_ranker_offset_is_the_largest_within_the_loss():
+    from models.lgbm_ranker import LightGBMRanker
+    from tasks.ranking.tune import choose_new_item_offset
+
+    data = _held_out(new_targets=True)
+    ranker = LightGBMRanker({"min_data_in_leaf": 2}, num_boost_round=10, features=[
+        "signal", "i_n_events"], num_threads=1, group="query").fit(data.train)
+    offset, grid = choose_new_item_offset(ranker, data, [1, 5], "ndcg@1", 0.02)
+    assert [row["offset"] for row in grid] == list(NEW_ITEM_OFFSETS)
+    # the new items are every target: an offset that lifts them over the old ones is the best,
+    # and the largest of those is kept
+    assert grid[0]["ndcg@1"] == 0.0
+    assert grid[-1]["ndcg@1"] == 1.0
+    assert offset == NEW_ITEM_OFFSETS[-1] == ranker.new_item_offset
+    assert grid[-1]["new.recall@5"] == 1.0
+
+    data = _held_out(new_targets=False)  # nobody wants the new items: they stay where they are
+    offset, grid = choose_new_item_offset(ranker, data, [1, 5], "ndcg@1", 0.02)
+    assert offset == 0.0 == ranker.new_item_offset
+    assert grid
+    assert all(row["new.recall@5"] == 0.0 for row in grid)

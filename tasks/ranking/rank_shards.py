@@ -77,6 +77,7 @@ from tasks.ranking.reranker import (
 )
 from tasks.ranking.study import (
     TrialLogger,
+    best_offset,
     default_storage,
     digest_study_name,
     finished_trials,
@@ -120,8 +121,11 @@ def trial_shares(missing: int, workers: int) -> list[int]:
 # ---- 6. refit and test ------------------------------------------------------------------------
 
 @task(name="ranker-refit", retries=1, persist_result=True, cache_policy=STAGE_CACHE)
-def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig) -> Path:
+def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig,
+          new_item_offset: float = 0.0) -> Path:
     """Fit the best parameters on the whole sample (training and held-out groups); save it.
+
+    ``new_item_offset``: the best trial's offset of the candidates without events.
 
     The refit is the stage's only task: it uses every core of its host unless
     ``ranker.num_threads`` is set; the saved model keeps the configured threads for scoring.
@@ -132,6 +136,7 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig)
     ranker.num_threads = config.num_threads or host_cores()
     ranker.fit(everyone)
     ranker.num_threads = config.num_threads
+    ranker.new_item_offset = new_item_offset
     ranker.save(work / "model")
     return work / "model"
 
@@ -284,7 +289,7 @@ def evaluate_ranker_sharded(
                        config.pruner_startup_trials, config.pruner_warmup_rounds)
     best = study.best_trial
     rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
-    model = gather([refit.submit(work, dict(best.params), rounds, config)])[0]
+    model = gather([refit.submit(work, dict(best.params), rounds, config, best_offset(best))])[0]
 
     valid = best.user_attrs.get("valid_metrics", {})
     stages = {TEST: history_end(split_dir, "test_history")}
@@ -311,6 +316,8 @@ def evaluate_ranker_sharded(
     result = {"valid": valid, "test": test,
               "candidate_recall": recall, "sample": sample, "best_params": dict(best.params),
               "best_trial": best.number, "best_iteration": rounds, "study_name": name,
+              "new_item_offset": best_offset(best),
+              "new_item_offsets": best.user_attrs.get("new_item_offsets", []),
               "n_trials": len(study.trials), "model_dir": str(model)}
     if run_id:
         log_results(run_id, result, config)

@@ -95,6 +95,12 @@ class RankerConfig(BaseModel):
     sampler_startup_trials: int = Field(5, ge=1, description="Random trials before TPE guides.")
     pruner_startup_trials: int = Field(5, ge=0, description="Trials before pruning starts.")
     pruner_warmup_rounds: int = Field(20, ge=0, description="Rounds before a trial can be pruned.")
+    new_item_max_loss: float = Field(
+        0.02, ge=0, lt=1, description="The score offset of candidates without events "
+        "(the ranker's new_item_offset) is the largest whose holdout NDCG is within this share "
+        "of the best offset's (tasks.ranking.tune.choose_new_item_offset): items nobody has "
+        "touched yet get the room that costs at most this much. 0: the offset that best "
+        "serves the holdout NDCG.")
     check_features: bool = Field(True, description="Run the features expectation suite.")
     user_chunk: int = Field(
         USER_CHUNK, gt=0, description="Users whose candidates and features are built at once "

@@ -31,6 +31,41 @@ RESUME_EXCLUDED = {"n_trials", "timeout_s", "storage", "user_chunk"}
 """Settings that may change between runs of one study (the budget, where it is kept, and how
 work is chunked)."""
 
+NEW_ITEM_OFFSETS = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+"""Score offsets tried for the items without events (on logits, +1 multiplies their odds by e),
+in increasing order."""
+
+
+def largest_within(rows: list[dict[str, float]], primary: str, max_loss: float) -> int:
+    """The index of the last row whose ``primary`` is within ``max_loss`` (relative) of the best.
+
+    Rows come in increasing offset: the items nobody has touched yet get as much room as that
+    loss buys.
+    """
+    best = max(row[primary] for row in rows)
+    return [i for i, row in enumerate(rows) if row[primary] >= (1 - max_loss) * best][-1]
+
+
+def best_offset(trial: optuna.trial.FrozenTrial) -> float:
+    """The best trial's offset of the items without events (0 for a trial of older versions)."""
+    return float(trial.user_attrs.get("new_item_offset", 0.0))
+
+
+def offset_figure(grid: list[dict[str, float]], chosen: float) -> Any:
+    """The trade-off of :func:`largest_within`: each validation metric by offset."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    offsets = [row["offset"] for row in grid]
+    for name in (key for key in grid[0] if key != "offset"):
+        axis.plot(offsets, [row[name] for row in grid], marker="o", label=name)
+    axis.axvline(chosen, color="grey", linestyle="--", label=f"chosen {chosen:+g}")
+    axis.set_xlabel("score offset of the items without events")
+    axis.set_ylabel("validation")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
 
 def derived_study_name(family: str, split: Split, settings: BaseModel,
                        measured: Mapping[str, Any] | None = None) -> str:

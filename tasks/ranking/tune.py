@@ -24,8 +24,8 @@ from typing import Any
 import optuna
 import polars as pl
 
-from models.columns import ITEM, USER
-from models.lgbm_ranker import LightGBMRanker
+from models.columns import ITEM, SCORE, USER
+from models.lgbm_ranker import LightGBMRanker, top_scored
 from models.metrics import evaluate
 from models.session_blend import VALID_LISTS, save_valid_lists
 from tasks.ranking.candidate_sources import BUILTIN_SOURCES, RANK_PREFIX
@@ -41,9 +41,13 @@ from tasks.ranking.reranker import (
     TrainingData,
 )
 from tasks.ranking.study import (
+    NEW_ITEM_OFFSETS,
     RESUME_EXCLUDED,
     TrialLogger,
+    best_offset,
     derived_study_name,
+    largest_within,
+    offset_figure,
     open_study,
     run_study,
 )
@@ -65,6 +69,58 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
                            for frame in (groups, targets))
     recs = ranker.recommend(groups.with_columns(pl.col(QUERY).alias(USER)), max(ks))
     return evaluate(recs, targets.rename({QUERY: USER}), ks=ks)
+
+
+def offset_grid(ranker: LightGBMRanker, data: TrainingData, ks: list[int], primary: str
+                ) -> list[dict[str, float]]:
+    """The held-out groups' ``primary`` metric at each offset of :data:`NEW_ITEM_OFFSETS`.
+
+    Beside it, Recall@K (the largest K) of the held-out targets proposed as a candidate without
+    events (``new``: what the offset can move) and of the other targets. The booster predicts
+    once; the ranker's own offset is left as it was.
+    """
+    groups = data.holdout.with_columns(pl.col(QUERY).alias(USER))
+    targets = data.holdout_targets.rename({QUERY: USER})
+    offset, ranker.new_item_offset = ranker.new_item_offset, 0.0
+    base, new = ranker.predict(groups), ranker.new_items(groups)
+    ranker.new_item_offset = offset
+    pairs = groups.select(USER, ITEM)
+    proposed = pairs.filter(pl.Series(new > 0))
+    parts = {"new": targets.join(proposed, on=[USER, ITEM], how="semi"),
+             "other": targets.join(proposed, on=[USER, ITEM], how="anti")}
+    k, grid = max(ks), []
+    for value in NEW_ITEM_OFFSETS:
+        recs = top_scored(pairs.with_columns(pl.Series(SCORE, base + value * new)), k)
+        row = {"offset": value, primary: evaluate(recs, targets, ks=ks)[primary]}
+        for name, part in parts.items():
+            row[f"{name}.recall@{k}"] = (evaluate(recs, part, ks=[k])[f"recall@{k}"]
+                                         if part.height else 0.0)
+        grid.append(row)
+    return grid
+
+
+def choose_new_item_offset(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
+                           primary: str, max_loss: float) -> tuple[float, list[dict[str, float]]]:
+    """Set ``ranker``'s offset for the items without events; returns it and the grid.
+
+    Of :func:`offset_grid`'s offsets, the largest whose ``primary`` on the held-out groups is
+    within ``max_loss`` (relative) of the best offset's. Without a held-out target among the
+    candidates without events (or without the events feature), the offset stays 0.
+    """
+    ranker.new_item_offset = 0.0
+    if ranker.new_item_feature not in data.holdout.columns:
+        return 0.0, []
+    grid = offset_grid(ranker, data, ks, primary)
+    k = max(ks)
+    if not any(row[f"new.recall@{k}"] for row in grid):
+        return 0.0, grid
+    chosen = grid[largest_within(grid, primary, max_loss)]
+    ranker.new_item_offset = chosen["offset"]
+    logger.info("lgbm ranker: items without events offset %+g (holdout %s %.4f against %.4f at "
+                "best; recall@%d of new targets %.4f, of the others %.4f)", chosen["offset"],
+                primary, chosen[primary], max(row[primary] for row in grid), k,
+                chosen[f"new.recall@{k}"], chosen[f"other.recall@{k}"])
+    return chosen["offset"], grid
 
 
 def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None,
@@ -155,14 +211,20 @@ def make_objective(pipe: RankingPipeline, data: TrainingData, ks: list[int],
             runs.end(run_id, "FAILED", {})
             raise
         # the trial's value is NDCG@eval_at whether or not the reported cut-offs include it
-        metrics = holdout_metrics(ranker, data, sorted({*ks, pipe.config.eval_at}))
+        cuts = sorted({*ks, pipe.config.eval_at})
+        offset, grid = choose_new_item_offset(ranker, data, cuts, metric,
+                                              pipe.config.new_item_max_loss)
+        trial.set_user_attr("new_item_offset", offset)
+        trial.set_user_attr("new_item_offsets", grid)
+        metrics = holdout_metrics(ranker, data, cuts)
         value = metrics[metric]
         metrics = _at(metrics, ks)
         trial.set_user_attr("best_iteration", ranker.best_iteration_)
         trial.set_user_attr("metrics", metrics)
         # the validation window alone: the users every other family is validated on
         trial.set_user_attr("valid_metrics", holdout_metrics(ranker, data, ks, window=0))
-        runs.end(run_id, "FINISHED", {**metrics, "best_iteration": ranker.best_iteration_})
+        runs.end(run_id, "FINISHED", {**metrics, "best_iteration": ranker.best_iteration_,
+                                       "new_item_offset": offset})
         return value
 
     return objective
@@ -174,7 +236,10 @@ def _at(metrics: dict[str, float], ks: list[int]) -> dict[str, float]:
 
 
 def log_plots(run_id: str, study: optuna.Study, ranker: LightGBMRanker) -> None:
-    """Optimisation history, parameter importances and feature importance as PNG artifacts."""
+    """Optimisation history, parameter importances and feature importance as PNG artifacts.
+
+    With the best trial's offset grid, its trade-off (:func:`choose_new_item_offset`) too.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,6 +263,9 @@ def log_plots(run_id: str, study: optuna.Study, ranker: LightGBMRanker) -> None:
             plots["param_importances"] = optuna_plots.plot_param_importances(study).figure
         except (ValueError, RuntimeError) as err:  # fewer than two completed trials
             logger.warning("no parameter importance plot: %s", err)
+    grid = study.best_trial.user_attrs.get("new_item_offsets")
+    if grid:
+        plots["new_item_offset"] = offset_figure(grid, best_offset(study.best_trial))
     for name, fig in plots.items():
         tracking.log_figure(run_id, fig, f"{MODEL_NAME}/{name}.png")
         plt.close(fig)
@@ -306,6 +374,7 @@ def tune_and_evaluate_lgbm(
     rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
     pipe.ranker_ = pipe.new_ranker(dict(best.params), num_boost_round=rounds).fit(everyone)
+    pipe.ranker_.new_item_offset = best_offset(best)
     valid = best.user_attrs.get("valid_metrics", best.user_attrs.get(
         "metrics", {"ndcg@10": best.value}))
     model_dir = Path(workdir) / "models" / MODEL_NAME
@@ -324,6 +393,8 @@ def tune_and_evaluate_lgbm(
         "valid": valid, "test": test,
         "candidate_recall": {"valid": data.recall, "test": test_recall},
         "best_params": dict(best.params), "best_trial": best.number, "best_iteration": rounds,
+        "new_item_offset": best_offset(best),
+        "new_item_offsets": best.user_attrs.get("new_item_offsets", []),
         "study_name": study.study_name, "n_trials": len(study.trials), "model_dir": str(model_dir),
         "config": config.model_dump(mode="json"), "ordered_only": pipe.ordered_only,
         "exclude_seen": seen,

@@ -80,7 +80,8 @@ def ranker_recipe(result: dict[str, Any], source: dict[str, Any] | None,
     recipe = {"family": "lgbm_ranker", "config": result["config"],
               "ordered_only": result["ordered_only"], "params": result["best_params"],
               "rounds": result["best_iteration"], "exclude_seen": result["exclude_seen"],
-              "source": source, "selection": [selection.share, selection.seed]}
+              "new_item_offset": float(result.get("new_item_offset", 0.0)), "source": source,
+              "selection": [selection.share, selection.seed]}
     return {**recipe, "content": content} if content else recipe
 
 
@@ -158,6 +159,7 @@ def _fit_ranker(recipe: dict[str, Any], split: Split, items: pl.DataFrame | None
                                 training)
     everyone = pl.concat([data.train, data.holdout], how="diagonal_relaxed")
     pipe.ranker_ = pipe.new_ranker(dict(recipe["params"]), int(recipe["rounds"])).fit(everyone)
+    pipe.ranker_.new_item_offset = float(recipe.get("new_item_offset", 0.0))
     pipe.source = serving
     return pipe.set_history(split.test_history)
 

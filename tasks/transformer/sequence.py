@@ -39,7 +39,16 @@ from models.errors import ConfigError, DataError
 from models.item_text import encode_items, encoder_from_spec, has_text
 from models.metrics import ACCURACY_METRICS, evaluate
 from models.session_blend import VALID_LISTS, save_valid_lists
-from tasks.ranking.study import TrialLogger, derived_study_name, open_study, run_study
+from tasks.ranking.study import (
+    NEW_ITEM_OFFSETS,
+    TrialLogger,
+    best_offset,
+    derived_study_name,
+    largest_within,
+    offset_figure,
+    open_study,
+    run_study,
+)
 from tasks.splitting.split import Selection, Split
 
 if TYPE_CHECKING:  # torch is imported only when a transformer is built
@@ -48,8 +57,6 @@ if TYPE_CHECKING:  # torch is imported only when a transformer is built
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "transformer"
-# Score offsets tried for the items without events (logits: +1 multiplies their odds by e)
-NEW_ITEM_OFFSETS = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 SOURCE_NAME = "seq"
 
 
@@ -257,7 +264,7 @@ def choose_new_item_offset(model: SequentialTransformer, history: pl.DataFrame,
         return 0.0, full_metrics(model, history, targets, ks, exclude_seen, n_items), []
     grid = offset_grid(model, history, targets, ks, exclude_seen, n_items, primary)
     best = max(row[primary] for row, _ in grid)
-    chosen, metrics = [(row, m) for row, m in grid if row[primary] >= (1 - max_loss) * best][-1]
+    chosen, metrics = grid[largest_within([row for row, _ in grid], primary, max_loss)]
     model.config.new_item_offset = chosen["offset"]
     k = max(ks)
     logger.info("transformer: items without events offset %+g (validation %s %.4f against "
@@ -417,11 +424,6 @@ def run_transformer_study(split: Split, items: pl.DataFrame | None, config: Sequ
 def best_epochs(trial: optuna.trial.FrozenTrial) -> int:
     """The epochs the best trial needed (its best epoch), to refit for."""
     return int(trial.user_attrs.get("best_epoch", trial.params.get("epochs", 1)))
-
-
-def best_offset(trial: optuna.trial.FrozenTrial) -> float:
-    """The best trial's offset of the items without events (0 for a trial of older versions)."""
-    return float(trial.user_attrs.get("new_item_offset", 0.0))
 
 
 def tune_and_evaluate_transformer(
@@ -591,18 +593,3 @@ def log_results(run_id: str, result: dict[str, Any], config: SequenceConfig,
         tracking.log_figure(run_id, figure, f"{MODEL_NAME}/{name}.png")
         plt.close(figure)
 
-
-def offset_figure(grid: list[dict[str, float]], chosen: float) -> Any:
-    """The trade-off of :func:`choose_new_item_offset`: each validation metric by offset."""
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    offsets = [row["offset"] for row in grid]
-    for name in (key for key in grid[0] if key != "offset"):
-        axis.plot(offsets, [row[name] for row in grid], marker="o", label=name)
-    axis.axvline(chosen, color="grey", linestyle="--", label=f"chosen {chosen:+g}")
-    axis.set_xlabel("score offset of the items without events")
-    axis.set_ylabel("validation")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    return figure
