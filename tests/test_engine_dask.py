@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 from distributed import Client, LocalCluster
 from polars.testing import assert_frame_equal
+from prefect import flow, task
 
 from flows.cli import run
 from flows.config import load_config
@@ -178,3 +179,42 @@ def test_a_corrupt_shard_is_one_clear_error(tmp_path, mlflow_store, demo_shop_di
     assert code == 2
     assert "shard-00001.parquet" in err
     assert "Traceback" not in err
+
+
+@task
+def _worker_api(_: int) -> tuple[str | None, int]:
+    """The Prefect API a worker process was given, and its process id."""
+    return os.environ.get("PREFECT_API_URL"), os.getpid()
+
+
+@flow
+def _on_workers() -> list[tuple[str | None, int]]:
+    return [future.result() for future in _worker_api.map([0, 1, 2])]
+
+
+def test_a_local_clusters_workers_report_to_the_flows_api():
+    """The LocalCluster the engine starts: its workers use this process's Prefect API.
+
+    Without it each worker process would start a temporary Prefect server of its own, and on
+    separate databases the flow's task runs would be scattered.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.config import DaskConfig
+    from flows.train import dask_runner, prefect_api_url
+
+    @flow
+    def parent() -> tuple[str | None, list, str]:
+        state = _on_workers.with_options(task_runner=dask_runner(DaskConfig(workers=1)))(
+            return_state=True)
+        return prefect_api_url(), state.result(), str(state.state_details.flow_run_id)
+
+    api, found, child = parent()
+    assert api
+    assert {url for url, _ in found} == {api}  # every task ran in a worker given the flow's API
+    assert all(pid != os.getpid() for _, pid in found)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[child])))
+    assert sorted(r.state.type.value for r in runs) == ["COMPLETED"] * 3
