@@ -30,6 +30,12 @@ On cold targets (given ``item_popularity``), for each ``N`` in :data:`COLD_THRES
   NaN, which MLflow and the tables would carry badly, nor 0, which reads as a model that fails).
 
 With one target per user (leave-one-out) recall, plain recall and hit rate coincide.
+
+Beside the means of :data:`SE_METRICS`, their standard errors over the evaluated users:
+``se.ndcg@K`` is ``s / sqrt(n)``, ``s`` the users' sample standard deviation and ``n`` the users
+(left out below 2 users). Two models on the same users differ by more than noise only when the
+difference is several times the larger of their standard errors (a paired test needs the
+per-user figures: :func:`per_user_metrics`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ ACCURACY_METRICS: tuple[str, ...] = ("ndcg", "recall", "recall_plain", "hitrate"
 COLD_THRESHOLDS: tuple[int, ...] = (0, 5)  # a cold target's item has at most N events
 COLD_METRICS: tuple[str, ...] = ("ndcg", "recall")
 _COLD_KEY = re.compile(r"cold(\d+)\.(.+)")  # cold5.ndcg@10 -> 5, ndcg@10
+SE_METRICS: tuple[str, ...] = ("ndcg", "recall")  # reported with their standard error
+SE_PREFIX = "se."
 
 
 def _check_inputs(recs: pl.DataFrame, targets: pl.DataFrame, ks: Sequence[int]) -> None:
@@ -183,6 +191,8 @@ def partial_metrics(
     for k in sorted(set(ks)):
         for metric in ACCURACY_METRICS:
             part["sums"][f"{metric}@{k}"] = float(per_user[f"{metric}@{k}"].sum())
+    part["squares"] = {f"{metric}@{k}": float((per_user[f"{metric}@{k}"] ** 2).sum())
+                       for k in sorted(set(ks)) for metric in SE_METRICS}
     top = recs.select(pl.col(USER).cast(pl.String), pl.col(ITEM).cast(pl.String), RANK).join(
         per_user.select(USER), on=USER, how="semi"
     )
@@ -238,6 +248,11 @@ def merge_partials(parts: Sequence[Mapping[str, object]], n_items: int | None = 
             count = sum(p["novelty"][k][1] for p in parts)
             result[f"novelty@{k}"] = total / count if count else 0.0
     result["users"] = float(users)
+    if users > 1 and all("squares" in p for p in parts):  # older partials carry no squares
+        for key in parts[0]["squares"]:
+            squares = sum(p["squares"][key] for p in parts)
+            variance = max(squares - users * result[key] ** 2, 0.0) / (users - 1)
+            result[f"{SE_PREFIX}{key}"] = float(np.sqrt(variance / users))
     if parts and all(p.get("cold") for p in parts):
         result.update(_merge_cold(parts))
     return result
@@ -282,23 +297,26 @@ def metrics_table(
         results: ``{model name: evaluate(...) output}``.
         digits: Decimals shown.
         metrics: Columns to show, in order; default every key seen except the ``cold<N>.*``
-            ones (:func:`cold_metrics_table` shows those), in first-seen order with ``users``
-            last.
+            ones (:func:`cold_metrics_table` shows those) and the standard errors, in
+            first-seen order with ``users`` last.
 
     Returns:
-        The table as a markdown string (empty cells for metrics a model lacks).
+        The table as a markdown string (empty cells for metrics a model lacks); a metric with
+        a standard error reads ``mean ± se``.
     """
     if not metrics:
         seen: dict[str, None] = {}
         for values in results.values():
-            seen.update(dict.fromkeys(m for m in values if not _COLD_KEY.fullmatch(m)))
+            seen.update(dict.fromkeys(m for m in values if not _COLD_KEY.fullmatch(m)
+                                      and not m.startswith(SE_PREFIX)))
         metrics = [m for m in seen if m != "users"] + (["users"] if "users" in seen else [])
     lines = [
         "| model | " + " | ".join(metrics) + " |",
         "|---|" + "---:|" * len(metrics),
     ]
     for name, values in results.items():
-        cells = [_format(values.get(m), digits, m == "users") for m in metrics]
+        cells = [_format(values.get(m), digits, m == "users", values.get(SE_PREFIX + m))
+                 for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -322,7 +340,9 @@ def cold_metrics_table(results: Mapping[str, Mapping[str, float]], digits: int =
     return metrics_table(rows, digits) if rows else ""
 
 
-def _format(value: float | None, digits: int, integer: bool) -> str:
+def _format(value: float | None, digits: int, integer: bool, se: float | None = None) -> str:
     if value is None:
         return ""
-    return f"{int(value)}" if integer else f"{value:.{digits}f}"
+    if integer:
+        return f"{int(value)}"
+    return f"{value:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")

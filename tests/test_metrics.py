@@ -235,6 +235,22 @@ def test_merged_partials_equal_the_whole() -> None:
         assert merged[key] == pytest.approx(value, abs=1e-12), key
 
 
+def test_standard_errors_of_the_mean_over_users() -> None:
+    recs, targets = _random_case(4)
+    got = evaluate(recs, targets, ks=(5, 10))
+    per_user = per_user_metrics(recs, targets, ks=(5, 10))
+    for key in ("ndcg@5", "recall@10"):
+        values = per_user[key].to_numpy()
+        expected = values.std(ddof=1) / math.sqrt(len(values))
+        assert got[f"se.{key}"] == pytest.approx(expected, rel=1e-9)
+    assert {key for key in got if key.startswith("se.")} == {
+        f"se.{metric}@{k}" for metric in ("ndcg", "recall") for k in (5, 10)}
+    assert not any(key.startswith("se.") for key in evaluate(RECS, TARGETS.head(1), ks=KS))
+    table = metrics_table({"model": got}, metrics=["ndcg@5", "hitrate@5"])
+    assert f"| {got['ndcg@5']:.4f} ± {got['se.ndcg@5']:.4f} | {got['hitrate@5']:.4f} |" in table
+    assert "se." not in metrics_table({"model": got})  # not columns of their own
+
+
 def test_merge_counts_a_part_without_cold_users() -> None:
     popularity = pl.DataFrame({"item_id": ["w", "c5", "n", "n2"], "count": [10, 3, 10, 10]})
     whole = evaluate(COLD_RECS, COLD_TARGETS, ks=KS, item_popularity=popularity)
