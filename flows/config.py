@@ -27,7 +27,7 @@ from tasks.checks.validate import ValidationSettings
 from tasks.data.adapters import FORMATS
 from tasks.monitoring.settings import MonitorSettings
 from tasks.ranking.reranker import RankerConfig
-from tasks.splitting.split import Selection
+from tasks.splitting.split import EvalSample, Selection
 from tasks.transformer.sequence import SequenceConfig
 
 
@@ -103,10 +103,20 @@ class EvalConfig(_Strict):
         0.2, ge=0, lt=1, description="Share of the validation users (drawn by hash) every "
         "family is selected on and none is tuned on: no early stopping, trial or boosting uses "
         "their targets. 0: select and tune on every validation user.")
+    test_user_share: float = Field(
+        1.0, gt=0, le=1, description="Share of the test users scored, drawn by hash with the "
+        "run's seed: the same users for every family, both engines and both sides of the "
+        "promotion gate; the metrics are the sample's, each with its standard error (se.*). "
+        "Below 1 for a shop whose test window holds millions of users: the test scoring's cost "
+        "follows the share.")
 
     def selection(self, seed: int) -> Selection:
         """The selection holdout of a run."""
         return Selection(self.selection_share, seed)
+
+    def test_sample(self, seed: int) -> EvalSample:
+        """The test users a run scores."""
+        return EvalSample(self.test_user_share, seed)
 
     @field_validator("ks")
     @classmethod

@@ -101,7 +101,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
     clock.done("validate")
     protocol, _ = split_event_shards(sorted(data.events.glob("*.parquet")),
                                      config.split.model_dump(), data.ordered_only,
-                                     work / "split")
+                                     work / "split", config.evaluation.test_sample(config.seed))
     clock.done("split")
     exclude_seen = resolved_exclude_seen(config, protocol)
     n_items = catalogue_size(data)
@@ -188,7 +188,8 @@ def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
     seed_everything(config.seed)
     data = validate_data(data, config.validation, run_id)
     seed_everything(config.seed)
-    split = split_data(data, config.split.model_dump())
+    split = split_data(data, config.split.model_dump(),
+                       config.evaluation.test_sample(config.seed))
     protocol = split.protocol
     client.set_tag(run_id, "protocol", protocol)
     client.log_artifact(run_id, str(split.folder / "info.json"), "split")

@@ -13,9 +13,9 @@ from prefect import flow
 from models.errors import ShoprankError
 from tasks.data.adapters import load_raw
 from tasks.data.demo_data import generate_shop
-from tasks.data.prepare import _choose_split
+from tasks.data.prepare import _choose_split, read_split, write_split
 from tasks.data.shards import ShardWriter, shard_file, shard_of
-from tasks.splitting.split import Split, cut_times
+from tasks.splitting.split import EvalSample, Split, cut_times
 from tasks.splitting.split_shards import (
     TABLES,
     read_split_shard,
@@ -53,9 +53,9 @@ def cuts_flow(shards: list[Path], settings: list[dict[str, Any]]) -> list[Any]:
 
 
 @flow
-def split_flow(shards: list[Path], cfg: dict, ordered_only: bool, split_dir: Path
-               ) -> tuple[str, dict]:
-    return split_event_shards(shards, cfg, ordered_only, split_dir)
+def split_flow(shards: list[Path], cfg: dict, ordered_only: bool, split_dir: Path,
+               sample: EvalSample | None = None) -> tuple[str, dict]:
+    return split_event_shards(shards, cfg, ordered_only, split_dir, sample)
 
 
 def outcome(function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -147,6 +147,36 @@ def test_sharded_split_equals_the_whole_split(
         part = read_split_shard(tmp_path / "split", n)
         assert (shard_of(part.train["user_id"], N_SHARDS) == n).all()
         assert (shard_of(part.test_targets["user_id"], N_SHARDS) == n).all()
+
+
+def test_the_test_sample_is_the_same_users_in_both_engines(
+    prefect_server: None, events: pl.DataFrame, tmp_path: Path
+) -> None:
+    """A seeded sample of the test users: the same from shards as from the whole split.
+
+    The split keeps every target on disk; readers see the sample's; the release reads them all.
+    """
+    shards = write_shards(tmp_path / "events", events)
+    whole = _choose_split(events, "time", False, BASE)
+    sample = EvalSample(0.3, seed=7)
+    write_split(whole, tmp_path / "local", sample)
+    split_flow(shards, BASE, False, tmp_path / "split", sample)
+
+    local = read_split(tmp_path / "local")
+    sharded = read_tables(tmp_path / "split")
+    assert in_order(sharded["test_targets"]).equals(in_order(local.test_targets))
+    users, kept = (whole.test_targets["user_id"].n_unique(),
+                   local.test_targets["user_id"].n_unique())
+    assert abs(kept / users - 0.3) < 4 * (0.3 * 0.7 / users) ** 0.5  # a fair draw
+    # every target of a drawn user is kept, and nothing but the test targets is sampled
+    drawn = whole.test_targets.join(local.test_targets.select("user_id").unique(), on="user_id",
+                                    how="semi")
+    assert in_order(drawn).equals(in_order(local.test_targets))
+    for name in ("train", "valid_targets", "test_history"):
+        assert in_order(sharded[name]).equals(in_order(getattr(whole, name))), name
+    assert read_split(tmp_path / "local", sampled=False).test_targets.equals(whole.test_targets)
+    other = EvalSample(0.3, seed=8).apply(whole).test_targets["user_id"].unique().sort()
+    assert not other.equals(local.test_targets["user_id"].unique().sort())  # the seed draws
 
 
 def test_ordered_data_is_split_leave_one_out(

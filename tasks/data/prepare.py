@@ -28,7 +28,7 @@ from tasks.data.adapters import load_raw
 from tasks.data.demo_data import write_demo_shop
 from tasks.data.formats import file_stem
 from tasks.resume import LOAD_CACHE, STAGE_CACHE
-from tasks.splitting.split import Split, cut_times, leave_one_out, time_split
+from tasks.splitting.split import EvalSample, Split, cut_times, leave_one_out, time_split
 
 
 @dataclass
@@ -169,31 +169,41 @@ class SplitPaths:
 
 
 @task(name="split", persist_result=True, cache_policy=STAGE_CACHE)
-def split_data(data: DataPaths, split_cfg: dict) -> SplitPaths:
-    """Cut the events into train/validation/test and write them beside the tables."""
+def split_data(data: DataPaths, split_cfg: dict, sample: EvalSample | None = None) -> SplitPaths:
+    """Cut the events into train/validation/test and write them beside the tables.
+
+    ``sample``: the test users scored (recorded in ``info.json``; default every one).
+    """
     events = pl.read_parquet(data.events)
     split = _choose_split(events, split_cfg["protocol"], data.ordered_only, split_cfg)
     folder = data.events.parent / "split"
-    write_split(split, folder)
+    write_split(split, folder, sample)
     get_run_logger().info("split: %s", split.summary())
     return SplitPaths(folder, split.protocol)
 
 
-def write_split(split: Split, folder: Path) -> None:
-    """Write a split as four Parquet files and ``info.json``."""
+def write_split(split: Split, folder: Path, sample: EvalSample | None = None) -> None:
+    """Write a split as four Parquet files and ``info.json`` (with ``sample``, when given)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("train", "valid_targets", "test_history", "test_targets"):
         getattr(split, name).write_parquet(folder / f"{name}.parquet")
-    (folder / "info.json").write_text(json.dumps(
-        {"protocol": split.protocol, "summary": split.summary()}, indent=2, default=str))
+    info = {"protocol": split.protocol, "summary": split.summary()}
+    if sample is not None:
+        info["test_sample"] = sample.as_info()
+    (folder / "info.json").write_text(json.dumps(info, indent=2, default=str))
 
 
-def read_split(folder: Path) -> Split:
-    """Read a split written by :func:`write_split`."""
+def read_split(folder: Path, sampled: bool = True) -> Split:
+    """Read a split written by :func:`write_split`.
+
+    ``sampled``: the test targets of the split's test sample only (:class:`EvalSample`);
+    False reads every one (the release, whose last training window is the test window).
+    """
     info = json.loads((folder / "info.json").read_text())
     tables = {n: pl.read_parquet(folder / f"{n}.parquet")
               for n in ("train", "valid_targets", "test_history", "test_targets")}
-    return Split(protocol=info["protocol"], info=info["summary"], **tables)
+    split = Split(protocol=info["protocol"], info=info["summary"], **tables)
+    return EvalSample.from_info(info).apply(split) if sampled else split
 
 
 def catalogue_size(data: DataPaths) -> int:

@@ -183,7 +183,7 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
     events = pl.read_parquet(folder.parent / "events.parquet")
     work = work / "release"
     shifted = work / "split"
-    write_split(release_split(read_split(folder), events), shifted)
+    write_split(release_split(read_split(folder, sampled=False), events), shifted)
     if (folder.parent / "items.parquet").is_file():
         shutil.copy(folder.parent / "items.parquet", work / "items.parquet")
     weights_of = source if kind == "challenger" else get_version(

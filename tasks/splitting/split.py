@@ -257,3 +257,41 @@ class Selection:
                 f"(evaluation.selection_share {self.share}): the validation window has too few "
                 "users. Raise evaluation.selection_share, or set it to 0 to select on every "
                 "validation user.")
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """The test users scored: all of them, or a seeded sample of a large shop's.
+
+    A user is kept when the hash of its id keyed by purpose ``test`` and ``seed``
+    (:func:`tasks.data.shards.shard_of`) modulo 10^6 is below ``share`` x 10^6: the same users
+    in every process and shard, for every family, both engines and both sides of the gate, and
+    independent of the other draws. The split keeps every test target on disk and records the
+    sample in its ``info.json``; readers apply it (:func:`tasks.data.prepare.read_split`). The
+    metrics are then those of the sample, with their standard errors
+    (:mod:`models.metrics`). ``share`` 1 scores every test user.
+    """
+
+    share: float = 1.0
+    seed: int = 0
+
+    def apply(self, split: Split) -> Split:
+        """``split`` with the test targets of the sampled users only (itself at ``share`` 1)."""
+        from tasks.data.shards import shard_of
+
+        if self.share >= 1:
+            return split
+        key = shard_of(split.test_targets[USER], SELECTION_SCALE, purpose="test", seed=self.seed)
+        kept = split.test_targets.filter(key < self.share * SELECTION_SCALE)
+        return Split(split.protocol, split.train, split.valid_targets, split.test_history, kept,
+                     split.info)
+
+    def as_info(self) -> dict[str, Any]:
+        """The sample as the split's ``info.json`` records it."""
+        return {"share": self.share, "seed": self.seed}
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> EvalSample:
+        """The sample an ``info.json`` records (every test user for a split written without)."""
+        found = info.get("test_sample") or {}
+        return cls(float(found.get("share", 1.0)), int(found.get("seed", 0)))

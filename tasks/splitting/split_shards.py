@@ -49,6 +49,7 @@ from tasks.data.readers import reading
 from tasks.data.shards import shard_file
 from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import (
+    EvalSample,
     Split,
     check_cut_settings,
     check_cuts,
@@ -199,7 +200,8 @@ def split_shard(path: Path, cuts: Cuts | None, target_event_types: tuple[str, ..
 
 
 def split_event_shards(
-    shards: list[Path], split_cfg: dict, ordered_only: bool, split_dir: Path
+    shards: list[Path], split_cfg: dict, ordered_only: bool, split_dir: Path,
+    sample: EvalSample | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Split events stored as shards by user as ``split_data`` splits them; call in a flow.
 
@@ -208,6 +210,7 @@ def split_event_shards(
         split_cfg: The ``split`` settings (``protocol``, shares, days, ``target_event_types``).
         ordered_only: The events have order but no real timestamps (``auto`` is leave-one-out).
         split_dir: Where the tables and ``info.json`` go (see the module docstring).
+        sample: The test users scored (recorded in ``info.json``; default every one).
 
     Returns:
         The protocol and the summary of the whole split, equal to ``Split.summary()``.
@@ -234,9 +237,10 @@ def split_event_shards(
     require_events(sum(p.rows for p in parts))
     summary = {**parts[0].summary, **{k: sum(p.summary[k] for p in parts) for k in COUNTS}}
     require_targets(summary["valid_targets"], summary["test_targets"])
-    (split_dir / "info.json").write_text(json.dumps(
-        {"protocol": summary["protocol"], "summary": summary, "shards": sorted(numbers)},
-        indent=2, default=str))
+    info = {"protocol": summary["protocol"], "summary": summary, "shards": sorted(numbers)}
+    if sample is not None:
+        info["test_sample"] = sample.as_info()
+    (split_dir / "info.json").write_text(json.dumps(info, indent=2, default=str))
     return summary["protocol"], summary
 
 
@@ -246,10 +250,14 @@ def split_shard_files(split_dir: Path) -> list[int]:
 
 
 def read_split_shard(split_dir: Path, shard: int) -> Split:
-    """Read one shard's four tables of a split written by :func:`split_event_shards`."""
+    """Read one shard's four tables of a split written by :func:`split_event_shards`.
+
+    The test targets are those of the split's test sample (:class:`EvalSample`).
+    """
     info = json.loads((split_dir / "info.json").read_text())
     tables = {name: pl.read_parquet(shard_file(split_dir / name, shard)) for name in TABLES}
-    return Split(protocol=info["protocol"], info=info["summary"], **tables)
+    return EvalSample.from_info(info).apply(
+        Split(protocol=info["protocol"], info=info["summary"], **tables))
 
 
 def _results(futures: Any) -> list[Any]:
