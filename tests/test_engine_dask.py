@@ -47,6 +47,7 @@ def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
     overrides = {"ranker__n_trials": 1, "ranker__extra": RANKER, "ranker__storage": storage,
                  "transformer__n_trials": 1, "transformer__extra": TRANSFORMER,
                  "transformer__storage": storage,
+                 "evaluation__test_user_share": 0.5,  # both engines score the same half
                  "content__enabled": False, **overrides}  # not with the dask engine yet
     return load_config(None, output_dir=str(tmp_path / engine), engine=engine,
                        data__path=str(shop), data__format="parquet", registry__enabled=False,
@@ -83,8 +84,12 @@ def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, d
     _assert_resumed_from_cache(config, result, mlflow_store)
     local_split = Path(local_result["workdir"]) / "split"
     dask_split = Path(result["workdir"]) / "split"
-    assert json.loads((dask_split / "info.json").read_text())["summary"] == json.loads(
-        (local_split / "info.json").read_text())["summary"]
+    info = json.loads((local_split / "info.json").read_text())
+    assert json.loads((dask_split / "info.json").read_text())["summary"] == info["summary"]
+    assert info["test_sample"] == {"share": 0.5, "seed": 42}
+    test = result["scores"]["lgbm_ranker"]["test"]  # the sample's users, with standard errors
+    assert 0 < test["users"] < int(info["summary"]["test_users"])
+    assert test["se.ndcg@10"] > 0
     for table in ("train", "valid_targets", "test_history", "test_targets"):
         whole = pl.read_parquet(local_split / f"{table}.parquet")
         shards = pl.read_parquet(dask_split / table / "*.parquet")
