@@ -46,7 +46,7 @@ BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 STAGES = ["load", "validate", "split", "baselines", "transformer", "ranker"]
 STAGE = re.compile(r"stage (\w+) done in ([\d.]+) s")
-NDCG = re.compile(r"^\| (\w+) \| ([\d.]+) \|", re.MULTILINE)
+NDCG = re.compile(r"^\| (\w+) \| ([\d.]+)(?: ± [\d.]+)? \|", re.MULTILINE)  # mean ± se
 SAMPLE_EVERY_S = 15.0
 
 
@@ -112,7 +112,8 @@ def write_config(path: Path, args: argparse.Namespace, run: str) -> Path:
     transformer = {"enabled": args.transformer, "candidates": False,
                    "storage": ranker["storage"]}
     path.write_text(json.dumps({"registry": {"enabled": False}, "ranker": ranker,
-                                "transformer": transformer}))
+                                "transformer": transformer,
+                                "evaluation": {"test_user_share": args.test_user_share}}))
     return path
 
 
@@ -244,6 +245,8 @@ def main() -> None:
                         help="the ranker's training groups (engine dask)")
     parser.add_argument("--transformer", action="store_true",
                         help="also tune and test the transformer (default settings)")
+    parser.add_argument("--test-user-share", type=float, default=1.0,
+                        help="evaluation.test_user_share: the share of the test users scored")
     args = parser.parse_args()
     args.keep = args.keep or args.resume
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir / 'mlflow.db'}"
@@ -261,6 +264,7 @@ def main() -> None:
                                    config, args.resume)
             row.update({"events": n, "shards": shards, "n_workers": workers, "writer": writer,
                         "ranker": json.loads(config.read_text())["ranker"],
+                        "test_user_share": args.test_user_share,
                         "date": dt.date.today().isoformat(),
                         "machine": f"{platform.machine()}, {os.cpu_count()} cores"})
             print(json.dumps(row), flush=True)
