@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LocalCluster worker processes (one per CPU core)")
     tr.add_argument("--shards", type=int, metavar="N",
                     help="user shards of the events (one per million events, at least 2)")
+    tr.add_argument("--test-user-share", type=float, metavar="SHARE",
+                    help="score a seeded sample of this share of the test users (1: all of "
+                    "them); for a shop of millions, e.g. 0.1: the figures are the sample's, each "
+                    "with its standard error")
     tr.add_argument("--model-name", metavar="NAME",
                     help="registered model of this shop (shoprank; one per shop)")
     tr.add_argument("--resume", action="store_true",

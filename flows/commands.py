@@ -73,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         content__enabled=False if args.no_content else None,
         engine=args.engine, dask__address=args.dask_address, dask__workers=args.dask_workers,
         dask__shards=args.shards, registry__model_name=args.model_name,
+        evaluation__test_user_share=args.test_user_share,
     )
     result = train(config, resume=args.resume)
     print(  # noqa: T201

@@ -168,6 +168,17 @@ def test_config_file_and_flags(tmp_path):
 
 
 
+def test_a_test_user_share_out_of_range_is_one_clear_error(tmp_path, mlflow_store, capsys):
+    assert load_config(None, evaluation__test_user_share=0.1).evaluation.test_user_share == 0.1
+    outputs = tmp_path / "outputs"
+    code = run(["train", "--test-user-share", "0", "--output-dir", str(outputs)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "evaluation.test_user_share" in err
+    assert "Traceback" not in err
+    assert not outputs.exists()
+
+
 def test_an_unknown_primary_metric_is_refused_with_the_known_ones():
     with pytest.raises(ConfigError, match="'foo@10' is not a metric shoprank computes") as err:
         load_config(None, evaluation__primary_metric="foo@10")
