@@ -190,3 +190,19 @@ def test_a_folder_with_both_events_forms_is_refused(tmp_path: Path) -> None:
     write_demo_shop(both, 2_000, SEED)
     with pytest.raises(DataError, match="both events.parquet and a folder events/"):
         load_raw(both, "parquet")
+
+
+def test_joined_bucket_files_are_their_rows_in_order(tmp_path):
+    """The flow joins the buckets' neighbour files by streaming them: the same table, in order."""
+    from tasks.evaluation.evaluate_shards import join_files
+
+    rng = np.random.default_rng(5)
+    parts = [pl.DataFrame({"item_id": [f"i{b}-{j}" for j in range(n)],
+                           "neighbour": [f"i{j}" for j in rng.integers(0, 50, n)],
+                           "score": rng.random(n)}) for b, n in enumerate((40, 0, 7, 300))]
+    files = []
+    for b, part in enumerate(parts):
+        files.append(tmp_path / f"bucket-{b:05d}.parquet")
+        part.write_parquet(files[-1])
+    out = join_files(files, tmp_path / "neighbours.parquet")
+    assert pl.read_parquet(out).equals(pl.concat(parts))

@@ -140,6 +140,16 @@ def _shared(name: str, t_max: dt.datetime, popularity: dict[str, pl.DataFrame],
     return SharedState(t_max, tables)
 
 
+def join_files(files: list[Path], out: Path) -> Path:
+    """The rows of the Parquet ``files``, in order, streamed into ``out``; returns ``out``.
+
+    Row groups pass through: the flow process never holds the whole table (the buckets'
+    neighbours are catalogue x neighbours rows, 51M at 100M events: 2 GiB read whole).
+    """
+    pl.scan_parquet(files).sink_parquet(out)
+    return out
+
+
 def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
     """The neighbours of the items in ``history`` only (a shard needs no other source items)."""
     items = history.select(ITEM).unique().lazy()
@@ -201,8 +211,7 @@ def evaluate_baselines_sharded(
         counts.write_parquet(counts_file)
         ordered = write_popularity(counts, work / stage)
         files = gather(reduce_pairs.map(unmapped(work), unmapped(stage), list(range(n_buckets))))
-        neighbours_file = work / stage / "neighbours.parquet"
-        pl.concat([pl.read_parquet(f) for f in files]).write_parquet(neighbours_file)
+        neighbours_file = join_files(files, work / stage / "neighbours.parquet")
         parts = gather(score_shard.map(
             unmapped(split_dir), shards, stage=unmapped(stage), t_max=unmapped(t_max),
             ks=unmapped(ks), exclude_seen=unmapped(exclude_seen),

@@ -28,6 +28,7 @@ from models.columns import ITEM, SCORE
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import shard_file
 from tasks.evaluation.evaluate_shards import (
+    join_files,
     read_bucket,
     read_neighbours,
     write_buckets,
@@ -139,8 +140,7 @@ def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetim
         return
     files = gather(reduce_neighbours.map(unmapped(work), unmapped(stage), list(range(n_buckets)),
                                          config=unmapped(config)))
-    pl.concat([pl.read_parquet(f) for f in files]).write_parquet(
-        work / stage / "neighbours.parquet")
+    join_files(files, work / stage / "neighbours.parquet")
 
 
 def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
