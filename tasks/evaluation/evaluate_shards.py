@@ -16,7 +16,8 @@ Per stage (``valid``: fitted on ``train``; ``test``: fitted on ``test_history``)
    :func:`models.metrics.partial_metrics`; the parts merge exactly into the metrics of one process.
 
 Memory: a map or score task holds one shard plus the catalogue-sized counts and the neighbours of
-the shard's items; a reduce task one bucket of every shard's pairs.
+the shard's items; a reduce task one bucket of every shard's pairs; the flow process the counts
+(one row per item) and a row group of the neighbours at a time (:func:`join_files`).
 """
 
 from __future__ import annotations
