@@ -356,7 +356,7 @@ def test_the_ranker_offset_is_the_largest_within_the_loss():
     data = _held_out(new_targets=True)
     ranker = LightGBMRanker({"min_data_in_leaf": 2}, num_boost_round=10, features=[
         "signal", "i_n_events"], num_threads=1, group="query").fit(data.train)
-    offset, grid = choose_new_item_offset(ranker, data, [1, 5], "ndcg@1", 0.02)
+    offset, _, grid = choose_new_item_offset(ranker, data, [1, 5], "ndcg@1", 0.02)
     assert [row["offset"] for row in grid] == list(NEW_ITEM_OFFSETS)
     # the new items are every target: an offset that lifts them over the old ones is the best,
     # and the largest of those is kept
@@ -366,7 +366,7 @@ def test_the_ranker_offset_is_the_largest_within_the_loss():
     assert grid[-1]["new.recall@5"] == 1.0
 
     data = _held_out(new_targets=False)  # nobody wants the new items: they stay where they are
-    offset, grid = choose_new_item_offset(ranker, data, [1, 5], "ndcg@1", 0.02)
+    offset, _, grid = choose_new_item_offset(ranker, data, [1, 5], "ndcg@1", 0.02)
     assert offset == 0.0 == ranker.new_item_offset
     assert grid
     assert all(row["new.recall@5"] == 0.0 for row in grid)

@@ -72,12 +72,13 @@ def holdout_metrics(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
 
 
 def offset_grid(ranker: LightGBMRanker, data: TrainingData, ks: list[int], primary: str
-                ) -> list[dict[str, float]]:
-    """The held-out groups' ``primary`` metric at each offset of :data:`NEW_ITEM_OFFSETS`.
+                ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """The held-out groups ranked at each offset of :data:`NEW_ITEM_OFFSETS`.
 
-    Beside it, Recall@K (the largest K) of the held-out targets proposed as a candidate without
-    events (``new``: what the offset can move) and of the other targets. The booster predicts
-    once; the ranker's own offset is left as it was.
+    Per offset: a row of the ``primary`` metric and Recall@K (the largest K) of the held-out
+    targets proposed as a candidate without events (``new``: what the offset can move) and of
+    the other targets, and every metric of :func:`holdout_metrics`. The booster predicts once;
+    the ranker's own offset is left as it was.
     """
     groups = data.holdout.with_columns(pl.col(QUERY).alias(USER))
     targets = data.holdout_targets.rename({QUERY: USER})
@@ -91,36 +92,39 @@ def offset_grid(ranker: LightGBMRanker, data: TrainingData, ks: list[int], prima
     k, grid = max(ks), []
     for value in NEW_ITEM_OFFSETS:
         recs = top_scored(pairs.with_columns(pl.Series(SCORE, base + value * new)), k)
-        row = {"offset": value, primary: evaluate(recs, targets, ks=ks)[primary]}
+        metrics = evaluate(recs, targets, ks=ks)
+        row = {"offset": value, primary: metrics[primary]}
         for name, part in parts.items():
             row[f"{name}.recall@{k}"] = (evaluate(recs, part, ks=[k])[f"recall@{k}"]
                                          if part.height else 0.0)
-        grid.append(row)
+        grid.append((row, metrics))
     return grid
 
 
 def choose_new_item_offset(ranker: LightGBMRanker, data: TrainingData, ks: list[int],
-                           primary: str, max_loss: float) -> tuple[float, list[dict[str, float]]]:
-    """Set ``ranker``'s offset for the items without events; returns it and the grid.
+                           primary: str, max_loss: float
+                           ) -> tuple[float, dict[str, float], list[dict[str, float]]]:
+    """Set ``ranker``'s offset for the items without events; returns it, its metrics, the grid.
 
     Of :func:`offset_grid`'s offsets, the largest whose ``primary`` on the held-out groups is
     within ``max_loss`` (relative) of the best offset's. Without a held-out target among the
-    candidates without events (or without the events feature), the offset stays 0.
+    candidates without events (or without the events feature), the offset stays 0. The metrics
+    are :func:`holdout_metrics`' at the chosen offset.
     """
     ranker.new_item_offset = 0.0
     if ranker.new_item_feature not in data.holdout.columns:
-        return 0.0, []
+        return 0.0, holdout_metrics(ranker, data, ks), []
     grid = offset_grid(ranker, data, ks, primary)
-    k = max(ks)
-    if not any(row[f"new.recall@{k}"] for row in grid):
-        return 0.0, grid
-    chosen = grid[largest_within(grid, primary, max_loss)]
+    rows, k = [row for row, _ in grid], max(ks)
+    if not any(row[f"new.recall@{k}"] for row in rows):
+        return 0.0, grid[NEW_ITEM_OFFSETS.index(0.0)][1], rows
+    chosen, metrics = grid[largest_within(rows, primary, max_loss)]
     ranker.new_item_offset = chosen["offset"]
     logger.info("lgbm ranker: items without events offset %+g (holdout %s %.4f against %.4f at "
                 "best; recall@%d of new targets %.4f, of the others %.4f)", chosen["offset"],
-                primary, chosen[primary], max(row[primary] for row in grid), k,
+                primary, chosen[primary], max(row[primary] for row in rows), k,
                 chosen[f"new.recall@{k}"], chosen[f"other.recall@{k}"])
-    return chosen["offset"], grid
+    return chosen["offset"], metrics, rows
 
 
 def study_name(split: Split, config: RankerConfig, sources: list[str] | None = None,
@@ -212,11 +216,11 @@ def make_objective(pipe: RankingPipeline, data: TrainingData, ks: list[int],
             raise
         # the trial's value is NDCG@eval_at whether or not the reported cut-offs include it
         cuts = sorted({*ks, pipe.config.eval_at})
-        offset, grid = choose_new_item_offset(ranker, data, cuts, metric,
-                                              pipe.config.new_item_max_loss)
+        # the metrics at the chosen offset come from its grid: the booster predicts once
+        offset, metrics, grid = choose_new_item_offset(ranker, data, cuts, metric,
+                                                       pipe.config.new_item_max_loss)
         trial.set_user_attr("new_item_offset", offset)
         trial.set_user_attr("new_item_offsets", grid)
-        metrics = holdout_metrics(ranker, data, cuts)
         value = metrics[metric]
         metrics = _at(metrics, ks)
         trial.set_user_attr("best_iteration", ranker.best_iteration_)
