@@ -12,6 +12,7 @@ from prefect import flow
 from flows.config import data_name, load_config
 from models.errors import DataError
 from tasks.checks.validate import ValidationSettings
+from tasks.data import load_shards
 from tasks.data.adapters import load_raw
 from tasks.data.load_shards import load_sharded
 from tasks.data.prepare import DataPaths, load_data, validate_data, validate_sharded
@@ -214,3 +215,49 @@ def test_the_report_states_the_catalogue_rows_dropped_as_exact_copies(
         assert pl.read_parquet(data.items).equals(items)
         report = (data.events.parent / "validation_report.md").read_text()
         assert "dropped 2 catalogue rows that repeat another row exactly" in report
+
+
+STREAMED_SAMPLES = {"taobao": "taobao_userbehavior_sample", "rees46": "rees46_sample",
+                    "hm": "hm_sample"}
+
+
+def per_user(events: pl.DataFrame) -> pl.DataFrame:
+    """Every user's events in time order, ties in the order they arrived."""
+    return events.sort(["user_id", "timestamp"], maintain_order=True)
+
+
+@pytest.mark.parametrize("fmt", sorted(STREAMED_SAMPLES))
+def test_a_format_read_row_by_row_is_sharded_a_batch_at_a_time(
+    prefect_server: None, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    fmt: str
+) -> None:
+    """Batches of 700 raw rows give the unsharded loader's events, in its order, and items."""
+    source = shared_data / STREAMED_SAMPLES[fmt]
+    expected = load_raw(source, fmt)
+    monkeypatch.setattr(load_shards, "SLICE_ROWS", 700)
+    written: list[int] = []
+    write = ShardWriter.write
+    monkeypatch.setattr(ShardWriter, "write",
+                        lambda self, frame: (written.append(frame.height), write(self, frame)))
+
+    data = load_flow(source, fmt, tmp_path / "runs" / "one", 3)
+
+    assert len(written) > 1
+    assert max(written) <= 700
+    assert per_user(assert_partitioned(data)).equals(per_user(expected.events))
+    assert pl.read_parquet(data.items).equals(expected.items)
+
+
+def test_a_bad_value_in_a_later_batch_names_the_file_and_column(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    csv = tmp_path / "shop.csv"
+    events = pl.read_parquet(demo_shop_dir / "events.parquet").with_columns(
+        pl.col("timestamp").dt.to_string())
+    events.with_columns(pl.when(pl.int_range(pl.len()) == events.height - 1)
+                        .then(pl.lit("yesterday")).otherwise("timestamp").alias("timestamp")
+                        ).write_csv(csv)
+    monkeypatch.setattr(load_shards, "SLICE_ROWS", 1000)
+
+    with pytest.raises(DataError, match="Column 'timestamp' of .*shop.csv .*'yesterday'"):
+        load_flow(csv, "csv", tmp_path / "runs" / "one", None)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -46,6 +47,8 @@ from tasks.data.formats import (
     SINGLE_EVENT_TYPE,
     Options,
     RawData,
+    Stream,
+    collect,
     expects,
     file_stem,
     load_diginetica,
@@ -55,12 +58,17 @@ from tasks.data.formats import (
     load_s3rec,
     load_taobao,
     load_uci,
+    stream_hm,
+    stream_rees46,
+    stream_taobao,
 )
 from tasks.data.readers import (
     apply_column_map,
     find_files,
     read_table,
     require,
+    scan_batches,
+    scan_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,23 +113,9 @@ def load_raw(
         DataError: the path, a file or its values cannot be turned into the canonical tables.
         ConfigError: ``column_map`` or ``event_map`` names something that does not exist.
     """
-    if fmt not in FORMATS:
-        close = difflib.get_close_matches(fmt, FORMATS, n=1)
-        guess = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DataError(f"Unknown data format '{fmt}'{guess}. Use one of: {', '.join(FORMATS)}.")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{path} does not exist. {expects(fmt)} Check the path and the format "
-                        f"(one of: {', '.join(FORMATS)}).")
-    opts = Options(fmt, dict(column_map or {}), dict(event_map or {}))
-    notes = _check_maps(opts)
-    try:
+    path, opts, notes = _checked(path, fmt, column_map, event_map)
+    with _explained(fmt):
         raw = _LOADERS[fmt](path, opts)
-    except MissingColumnsError as err:
-        if fmt not in _GENERIC_SUFFIXES:  # fixed columns: say which, and how to map others
-            err.args = (f"{err.args[0]} {expects(fmt)} A column_map applies to the csv and "
-                        "parquet formats: load a file with other columns as csv.",)
-        raise
     raw.notes[:0] = notes
     if raw.items is not None:
         raw.items, raw.dropped_item_duplicates = drop_repeated_rows(
@@ -133,6 +127,60 @@ def load_raw(
     n_items = "no" if raw.items is None else f"{raw.items.height:,}"
     logger.info("loaded %s: %s events, %s items", raw.name, f"{raw.events.height:,}", n_items)
     return raw
+
+
+def stream_raw(
+    path: str | Path,
+    fmt: str,
+    column_map: dict[str, str] | None,
+    event_map: dict[str, str] | None,
+    rows: int,
+) -> Stream | None:
+    """:func:`load_raw`'s events about ``rows`` raw rows at a time, or None.
+
+    None for the formats not in :data:`STREAMED` (:func:`load_raw` reads them whole). The
+    stream's items are as :func:`load_raw` reads them, before exact copies are dropped.
+    """
+    path, opts, notes = _checked(path, fmt, column_map, event_map)
+    if fmt not in STREAMED:
+        return None
+    with _explained(fmt):
+        stream = STREAMED[fmt](path, opts, rows)
+    finish = stream.finish
+
+    def finish_with_notes() -> tuple[pl.DataFrame | None, list[str]]:
+        items, more = finish()
+        return items, [*notes, *more]
+
+    stream.finish = finish_with_notes
+    return stream
+
+
+def _checked(path: str | Path, fmt: str, column_map: dict[str, str] | None,
+             event_map: dict[str, str] | None) -> tuple[Path, Options, list[str]]:
+    """The path and options of a load, checked, and the notes on the maps."""
+    if fmt not in FORMATS:
+        close = difflib.get_close_matches(fmt, FORMATS, n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        raise DataError(f"Unknown data format '{fmt}'{guess}. Use one of: {', '.join(FORMATS)}.")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist. {expects(fmt)} Check the path and the format "
+                        f"(one of: {', '.join(FORMATS)}).")
+    opts = Options(fmt, dict(column_map or {}), dict(event_map or {}))
+    return path, opts, _check_maps(opts)
+
+
+@contextmanager
+def _explained(fmt: str) -> Iterator[None]:
+    """Add to a missing-columns error of a fixed-column format what it expects."""
+    try:
+        yield
+    except MissingColumnsError as err:
+        if fmt not in _GENERIC_SUFFIXES:  # fixed columns: say which, and how to map others
+            err.args = (f"{err.args[0]} {expects(fmt)} A column_map applies to the csv and "
+                        "parquet formats: load a file with other columns as csv.",)
+        raise
 
 
 def _check_maps(opts: Options) -> list[str]:
@@ -199,18 +247,43 @@ def _catalogue(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
 
 
 def _load_generic(path: Path, opts: Options) -> RawData:
-    events_file, items_file = _generic_files(path, opts.fmt)
-    table = read_table(events_file)
-    raw = apply_column_map(table, opts.column_map, list(EVENT_DTYPES), events_file)
-    require(raw.columns, EVENT_REQUIRED, str(events_file), _MAP_HINT)
-    frame = convert(raw, str(events_file), {c: c for c in EVENT_DTYPES})
-    frame, notes = map_event_types(frame, opts.event_map, str(events_file))
-    if unused := [c for c in raw.columns if c not in EVENT_DTYPES]:
-        notes.append(f"columns of {events_file.name} not used: {', '.join(unused)}")
-    # load_raw drops the exact copies of a catalogue row, as for every format
-    items = _catalogue(items_file, opts.column_map) if items_file else None
-    return RawData(finish_events(frame), items, file_stem(path), notes=notes)
+    return collect(_stream_generic(path, opts, None))
 
+
+def _stream_generic(path: Path, opts: Options, rows: int | None) -> Stream:
+    """The ``csv``/``parquet`` events about ``rows`` rows at a time (a folder of shards whole)."""
+    events_file, items_file = _generic_files(path, opts.fmt)
+    scans = []
+    if events_file.is_dir() or rows is None:
+        tables: Iterator[pl.DataFrame] = (table for table in [read_table(events_file)])
+    else:
+        lazy, kind = scan_table(events_file)
+        scans.append((lazy, events_file, kind))
+        tables = scan_batches(lazy, events_file, kind, rows)
+    unused: list[str] = []
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for table in tables:
+            raw = apply_column_map(table, opts.column_map, list(EVENT_DTYPES), events_file)
+            require(raw.columns, EVENT_REQUIRED, str(events_file), _MAP_HINT)
+            frame = convert(raw, str(events_file), {c: c for c in EVENT_DTYPES})
+            frame, _ = map_event_types(frame, opts.event_map, str(events_file))
+            unused[:] = [c for c in raw.columns if c not in EVENT_DTYPES]
+            yield finish_events(frame)
+
+    def finish() -> tuple[pl.DataFrame | None, list[str]]:
+        notes = [f"columns of {events_file.name} not used: {', '.join(unused)}"] * bool(unused)
+        # load_raw drops the exact copies of a catalogue row, as for every format
+        return (_catalogue(items_file, opts.column_map) if items_file else None), notes
+
+    return Stream(file_stem(path), scans, batches(), finish)
+
+
+STREAMED: dict[str, Callable[[Path, Options, int | None], Stream]] = {
+    "taobao": stream_taobao, "rees46": stream_rees46, "hm": stream_hm,
+    "csv": _stream_generic, "parquet": _stream_generic,
+}
+"""The formats read row by row, so :func:`stream_raw` reads them a batch at a time."""
 
 _LOADERS: dict[str, Callable[[Path, Options], RawData]] = {
     "taobao": load_taobao, "rees46": load_rees46, "diginetica": load_diginetica,

@@ -9,6 +9,7 @@ of a catalogue row. Reading files is :mod:`tasks.data.readers`.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 
 import polars as pl
@@ -225,8 +226,11 @@ def map_event_types(
     mapping: Mapping[str, str],
     source: str,
     drop: Collection[str] = (),
+    tally: Counter[str] | None = None,
 ) -> tuple[pl.DataFrame, list[str]]:
     """Map the source event names of ``event_type`` to canonical ones; drop the ``drop`` names.
+
+    ``tally`` adds up the rows dropped per name, over the batches of a source read in parts.
 
     Canonical names map to themselves unless ``mapping`` says otherwise. Missing values stay
     missing (validation reports them).
@@ -250,12 +254,18 @@ def map_event_types(
             f"Map each to one of {', '.join(EVENT_TYPES)} with event_map, e.g. "
             f"event_map={{{example}}}.")
     dropped = counts.filter(pl.col(EVENT_TYPE).is_in(list(drop)))
-    notes = [f"dropped {count:,} '{name}' events of {source} (no canonical event type)"
-             for name, count in dropped.iter_rows()]
+    notes = [dropped_note(name, count, source) for name, count in dropped.iter_rows()]
+    if tally is not None:
+        tally.update(dict(dropped.iter_rows()))
     if dropped.height:
         frame = frame.filter(pl.col(EVENT_TYPE).is_in(list(drop)).not_().fill_null(True))
     mapped = pl.col(EVENT_TYPE).replace_strict(full, default=None, return_dtype=pl.String)
     return frame.with_columns(mapped), notes
+
+
+def dropped_note(name: str, count: int, source: str) -> str:
+    """The note of ``count`` events named ``name`` dropped from ``source``."""
+    return f"dropped {count:,} '{name}' events of {source} (no canonical event type)"
 
 
 def first_per_item(frame: pl.DataFrame) -> pl.DataFrame:

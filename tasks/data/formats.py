@@ -12,7 +12,8 @@ import datetime as dt
 import gzip
 import json
 import logging
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from models.columns import (
 from models.errors import DataError
 from tasks.data.conversions import (
     convert,
+    dropped_note,
     finish_events,
     finish_items,
     first_per_item,
@@ -46,6 +48,8 @@ from tasks.data.conversions import (
     to_int,
 )
 from tasks.data.readers import (
+    count_rows,
+    csv_scan,
     empty_error,
     find_beside,
     find_files,
@@ -54,6 +58,7 @@ from tasks.data.readers import (
     locate,
     read_csv,
     reading,
+    scan_batches,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,6 +123,92 @@ class RawData:
     dropped_item_duplicates: int = 0
 
 
+Scan = tuple[pl.LazyFrame, Path, str]
+"""A lazy scan of a source file's raw rows, the file, and its kind for error messages."""
+
+
+@dataclass
+class Stream:
+    """A source's canonical events a batch at a time, and what comes once every batch is read.
+
+    A format whose conversion is row by row (``taobao``, ``rees46``, ``hm``, ``csv``,
+    ``parquet``) reads its files as a stream, so the events of a log larger than memory can be
+    written to shards a batch at a time; read whole (:func:`collect`) it is the eager loader.
+
+    Attributes:
+        name: The dataset name.
+        scans: The raw files in reading order (counted by :meth:`rows`).
+        batches: The canonical events, a frame per batch of raw rows in file order, each in time
+            order (:func:`finish_events`).
+        finish: Called after the last batch: the items (or None) and the notes.
+        ordered_only: As :attr:`RawData.ordered_only`.
+    """
+
+    name: str
+    scans: list[Scan]
+    batches: Iterator[pl.DataFrame]
+    finish: Callable[[], tuple[pl.DataFrame | None, list[str]]]
+    ordered_only: bool = False
+
+    def rows(self) -> int:
+        """The raw rows of the source, counted by streaming scans (without reading a batch)."""
+        return count_rows(self.scans)
+
+
+def collect(stream: Stream) -> RawData:
+    """A stream read whole: its events as one table in time order, as an eager loader's."""
+    frames = list(stream.batches)
+    events = frames[0] if len(frames) == 1 else finish_events(pl.concat(frames))
+    items, notes = stream.finish()
+    return RawData(events, items, stream.name, stream.ordered_only, notes)
+
+
+class FirstValues:
+    """The first non-missing value of every column per item, over batches of rows.
+
+    Rows are ordered by ``time`` when given, then by arrival, so each value is the one known when
+    the item first appeared (:func:`~tasks.data.conversions.first_per_item` of the whole table);
+    the items come in the order of their first row. Memory follows the catalogue, not the log:
+    each batch is reduced to a row per item as it arrives.
+    """
+
+    _ROW = "__row"
+    _KEEP = 8
+
+    def __init__(self, time: str | None = None) -> None:
+        self.time = time
+        self.order = [time, self._ROW] if time else [self._ROW]
+        self.seen = 0
+        self.parts: dict[str, list[pl.DataFrame]] = {}
+
+    def add(self, frame: pl.DataFrame) -> None:
+        """Take the rows of ``frame`` (an ``item_id`` column, ``time`` when set, values)."""
+        frame = frame.with_row_index(self._ROW, offset=self.seen)
+        self.seen += frame.height
+        for column in [ITEM, *(c for c in frame.columns if c not in (ITEM, *self.order))]:
+            if column == ITEM:
+                part = frame.select(ITEM, *self.order)
+            else:
+                part = frame.select(ITEM, *self.order, column).drop_nulls(column)
+            parts = self.parts.setdefault(column, [])
+            parts.append(self._first(part))
+            if len(parts) > self._KEEP:
+                self.parts[column] = [self._first(pl.concat(parts))]
+
+    def _first(self, frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.sort(self.order, maintain_order=True).unique(ITEM, keep="first",
+                                                                  maintain_order=True)
+
+    def table(self) -> pl.DataFrame:
+        """A row per item seen, in the order of their first rows."""
+        items = self._first(pl.concat(self.parts[ITEM]))
+        for column, parts in self.parts.items():
+            if column != ITEM:
+                first = self._first(pl.concat(parts)).select(ITEM, column)
+                items = items.join(first, on=ITEM, how="left", maintain_order="left")
+        return items.drop(self.order)
+
+
 @dataclass(frozen=True)
 class Options:
     """How ``load_raw`` was asked to read: the format and the column and event maps."""
@@ -134,41 +225,80 @@ def purchases(frame: pl.DataFrame) -> pl.DataFrame:
 
 def load_taobao(path: Path, opts: Options) -> RawData:
     """Taobao UserBehavior: pv/cart/fav/buy events with epoch-second timestamps."""
+    return collect(stream_taobao(path, opts, None))
+
+
+def stream_taobao(path: Path, opts: Options, rows: int | None) -> Stream:
+    """:func:`load_taobao` about ``rows`` raw rows at a time (None: the file at once)."""
     patterns = ("UserBehavior*.csv.gz", "UserBehavior*.csv", "*.csv.gz", "*.csv")
     file = locate(path, patterns, expects("taobao"))
     headless = first_line(file).split(",")[0].strip().isdigit()  # the original file has none
-    raw = read_csv(file, _TAOBAO_COLUMNS, new_columns=_TAOBAO_COLUMNS if headless else None)
+    scan = csv_scan(file, _TAOBAO_COLUMNS, new_columns=_TAOBAO_COLUMNS if headless else None)
     spec = {USER: "user_id", ITEM: "item_id", EVENT_TYPE: "behavior_type",
             TIMESTAMP: "timestamp", CATEGORY: "category_id"}
-    frame = convert(raw, str(file), spec)
-    frame, notes = map_event_types(frame, {**_TAOBAO_EVENTS, **opts.event_map}, str(file))
-    items = finish_items(frame.select(ITEM, CATEGORY).unique(ITEM, keep="first",
-                                                             maintain_order=True))
-    notes.append(f"items: {items.height:,} distinct items of the event log, with the category "
-                 "of each item's first event")
-    return RawData(finish_events(frame), items, "taobao", notes=notes)
+    firsts = FirstValues()
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for raw in scan_batches(scan, file, "CSV", rows):
+            frame = convert(raw, str(file), spec)
+            frame, _ = map_event_types(frame, {**_TAOBAO_EVENTS, **opts.event_map}, str(file))
+            firsts.add(frame.select(ITEM, CATEGORY))
+            yield finish_events(frame)
+
+    def finish() -> tuple[pl.DataFrame, list[str]]:
+        items = finish_items(firsts.table())
+        return items, [f"items: {items.height:,} distinct items of the event log, with the "
+                       "category of each item's first event"]
+
+    return Stream("taobao", [(scan, file, "CSV")], batches(), finish)
 
 
 def load_rees46(path: Path, opts: Options) -> RawData:
     """REES46 monthly files: events with sessions, prices, categories and brands."""
+    return collect(stream_rees46(path, opts, None))
+
+
+def stream_rees46(path: Path, opts: Options, rows: int | None) -> Stream:
+    """:func:`load_rees46` about ``rows`` raw rows at a time (None: each file at once).
+
+    The files are read in name order; a column some files lack is missing in their rows.
+    """
     found = [path] if path.is_file() else [*path.glob("*.csv"), *path.glob("*.csv.gz")]
     files = sorted(f for f in found if f.is_file())
     if not files:
         raise DataError(f"{path} holds no CSV file. {expects('rees46')}")
     required = ("event_time", "event_type", "product_id", "user_id")
     optional = ("category_id", "category_code", "brand", "price", "user_session")
-    raw = pl.concat([read_csv(f, required, optional) for f in files], how="diagonal")
-    frame = convert(raw, str(path), _REES46_SPEC).sort(TIMESTAMP, maintain_order=True)
-    items = frame.select(c for c in (ITEM, CATEGORY, BRAND, PRICE) if c in frame.columns)
-    if "category_code" in frame.columns:
-        codes = pl.concat_list(pl.col("category_code")).list.drop_nulls().alias(ATTRIBUTES)
-        items = pl.concat([items, frame.select(codes)], how="horizontal")
+    scans = [(csv_scan(f, required, optional), f, "CSV") for f in files]
+    present = {c for scan, _, _ in scans for c in scan.collect_schema().names()}
+    columns = [c for c in (*required, *optional) if c in present]  # every file's, alike
     drop = () if "remove_from_cart" in opts.event_map else ("remove_from_cart",)
-    frame, notes = map_event_types(frame, opts.event_map, str(path), drop)
-    notes.append("items: the first category, brand and price seen per product (known "
-                 "before any window that holds it); category_code as the attribute")
-    return RawData(finish_events(frame), finish_items(first_per_item(items)), "rees46",
-                   notes=notes)
+    firsts, dropped = FirstValues(TIMESTAMP), Counter[str]()
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for scan, file, kind in scans:
+            for raw in scan_batches(scan, file, kind, rows):
+                raw = raw.select(pl.col(c) if c in raw.columns else pl.lit(None, pl.String)
+                                 .alias(c) for c in columns)
+                frame = convert(raw, str(path), _REES46_SPEC).sort(TIMESTAMP,
+                                                                   maintain_order=True)
+                items = frame.select(c for c in (ITEM, TIMESTAMP, CATEGORY, BRAND, PRICE)
+                                     if c in frame.columns)
+                if "category_code" in frame.columns:
+                    codes = pl.concat_list(pl.col("category_code")).list.drop_nulls()
+                    items = pl.concat([items, frame.select(codes.alias(ATTRIBUTES))],
+                                      how="horizontal")
+                firsts.add(items)
+                frame, _ = map_event_types(frame, opts.event_map, str(path), drop, dropped)
+                yield finish_events(frame)
+
+    def finish() -> tuple[pl.DataFrame, list[str]]:
+        notes = [dropped_note(name, count, str(path)) for name, count in dropped.items()]
+        notes.append("items: the first category, brand and price seen per product (known "
+                     "before any window that holds it); category_code as the attribute")
+        return finish_items(firsts.table()), notes
+
+    return Stream("rees46", scans, batches(), finish)
 
 
 def _diginetica_files(path: Path) -> dict[str, Path | None]:
@@ -222,7 +352,7 @@ def load_diginetica(path: Path, opts: Options) -> RawData:
     return RawData(finish_events(pl.concat(frames)), items, "diginetica", notes=notes)
 
 
-def _hm_items(file: Path, events: pl.DataFrame) -> tuple[pl.DataFrame, str]:
+def _hm_items(file: Path) -> pl.DataFrame:
     raw = read_csv(file, ("article_id",), ("prod_name", "detail_desc", "product_type_name",
                                            *_HM_ATTRIBUTES))
     frame = convert(raw, str(file), {ITEM: "article_id", TITLE: "prod_name",
@@ -232,26 +362,44 @@ def _hm_items(file: Path, events: pl.DataFrame) -> tuple[pl.DataFrame, str]:
             if c in raw.columns]
     extra = [pl.coalesce(types).alias(CATEGORY)] if types else []
     extra += [pl.concat_list(tags).list.drop_nulls().alias(ATTRIBUTES)] if tags else []
-    items = finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"))
-    covered = events[ITEM].is_in(items[ITEM]).mean() or 0.0
-    return items, f"{file.name} describes the items of {covered:.1%} of the transactions"
+    return finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"))
 
 
 def load_hm(path: Path, opts: Options) -> RawData:
     """H&M transactions (purchases by day) with the articles' attributes."""
+    return collect(stream_hm(path, opts, None))
+
+
+def stream_hm(path: Path, opts: Options, rows: int | None) -> Stream:
+    """:func:`load_hm` about ``rows`` transactions at a time (None: the file at once)."""
     patterns = ("transactions_train*.csv.gz", "transactions_train*.csv", "transactions*.csv*")
     file = locate(path, patterns, expects("hm"))
-    raw = read_csv(file, ("t_dat", "customer_id", "article_id"), ("price",))
+    scan = csv_scan(file, ("t_dat", "customer_id", "article_id"), ("price",))
     spec = {USER: "customer_id", ITEM: "article_id", TIMESTAMP: "t_dat", PRICE: "price"}
-    frame = purchases(convert(raw, str(file), spec, ("%Y-%m-%d",)))
-    notes = ["timestamps are days (t_dat): the order within a day is the file order"]
-    items = None
-    if (articles := find_beside(path, ("articles*.csv.gz", "articles*.csv"))) is None:
-        notes.append("no articles*.csv[.gz] found: no items table")
-    else:
-        items, note = _hm_items(articles, frame)
-        notes.append(note)
-    return RawData(finish_events(frame), items, "hm", notes=notes)
+    articles = find_beside(path, ("articles*.csv.gz", "articles*.csv"))
+    items = None if articles is None else _hm_items(articles)
+    described = [0, 0]  # transactions with an article described, and with an article id
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for raw in scan_batches(scan, file, "CSV", rows):
+            frame = purchases(convert(raw, str(file), spec, ("%Y-%m-%d",)))
+            if items is not None:
+                known = frame[ITEM].is_in(items[ITEM])
+                described[0] += known.sum()
+                described[1] += known.count()
+            yield finish_events(frame)
+
+    def finish() -> tuple[pl.DataFrame | None, list[str]]:
+        notes = ["timestamps are days (t_dat): the order within a day is the file order"]
+        if articles is None:
+            notes.append("no articles*.csv[.gz] found: no items table")
+        else:
+            covered = described[0] / described[1] if described[1] else 0.0
+            notes.append(f"{articles.name} describes the items of {covered:.1%} of the "
+                         "transactions")
+        return items, notes
+
+    return Stream("hm", [(scan, file, "CSV")], batches(), finish)
 
 
 def _s3rec_items(file: Path) -> pl.DataFrame:

@@ -7,9 +7,14 @@ shards (:mod:`tasks.data.shards`) instead of one file: ``workdir/events/shard-XX
 * the demo shop is generated a batch of users at a time into a cache folder, then its shards are
   linked (or copied) into the run's folder;
 * a canonical Parquet folder whose events are shards (``events/*.parquet``) is read and re-sharded
-  one input file at a time, into the number of shards asked for;
-* any other format is read whole by :func:`~tasks.data.adapters.load_raw` (eager: memory follows the
-  log), then written through :class:`~tasks.data.shards.ShardWriter` a slice at a time.
+  a batch of one input file at a time, into the number of shards asked for;
+* the formats read row by row (:data:`~tasks.data.adapters.STREAMED`: ``taobao``, ``rees46``,
+  ``hm``, a ``csv`` or ``parquet`` file) are read as a stream of batches of ``SLICE_ROWS`` raw
+  rows, each converted and written through :class:`~tasks.data.shards.ShardWriter`: memory
+  follows a batch and the catalogue, not the log;
+* the other formats (``diginetica``, ``s3rec``, ``uci-retail``, ``rechorus``) are read whole
+  by :func:`~tasks.data.adapters.load_raw` (memory follows the log), then written a slice at a
+  time.
 
 The run's shards may be replaced by later steps (validation rewrites a shard holding duplicates
 into a new file moved over it); they are never written in place, so a linked demo shard in the
@@ -29,7 +34,8 @@ from prefect import get_run_logger, task
 
 from models.errors import DataError
 from tasks import tracking
-from tasks.data.adapters import _generic_files, load_raw, read_items
+from tasks.data.adapters import _generic_files, load_raw, read_items, stream_raw
+from tasks.data.conversions import drop_repeated_rows
 from tasks.data.demo_data import write_demo_shop
 from tasks.data.prepare import DataPaths, shop_name
 from tasks.data.readers import find_files, reading
@@ -73,23 +79,25 @@ def _link_shards(source: Path, folder: Path) -> None:
 
 def _reshard_parquet(files: list[Path], events_dir: Path, n_shards: int,
                      column_map: dict[str, str], event_map: dict[str, str]) -> list[str]:
-    """Convert and re-shard canonical Parquet event files one at a time; return the notes."""
+    """Convert and re-shard canonical Parquet event files a batch at a time; return the notes."""
     notes: list[str] = []
     schema = None
     with ShardWriter(events_dir, n_shards) as writer:
         for file in files:
             if not _rows([file]):
                 continue
-            raw = load_raw(file, "parquet", column_map=column_map or None,
-                           event_map=event_map or None)
-            if schema is not None and raw.events.schema != schema:
-                raise DataError(f"{file} has other columns or types than the event files before "
-                                f"it ({', '.join(raw.events.columns)} against "
-                                f"{', '.join(schema)}): write every events file with the same "
-                                "columns.")
-            schema = raw.events.schema
-            notes += [n for n in raw.notes if n not in notes]
-            writer.write(raw.events)
+            stream = stream_raw(file, "parquet", column_map or None, event_map or None,
+                                SLICE_ROWS)
+            assert stream is not None  # parquet is read as a stream
+            for events in stream.batches:
+                if schema is not None and events.schema != schema:
+                    raise DataError(f"{file} has other columns or types than the event files "
+                                    f"before it ({', '.join(events.columns)} against "
+                                    f"{', '.join(schema)}): write every events file with the "
+                                    "same columns.")
+                schema = events.schema
+                writer.write(events)
+            notes += [n for n in stream.finish()[1] if n not in notes]
     return notes
 
 
@@ -126,13 +134,25 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
 
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
               column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
-    raw = load_raw(source, fmt, column_map=column_map or None, event_map=event_map or None)
-    with ShardWriter(workdir / "events", n_shards or default_shards(raw.events.height)) as writer:
-        for part in raw.events.iter_slices(SLICE_ROWS):
-            writer.write(part)
-    if raw.items is not None:
-        raw.items.write_parquet(workdir / "items.parquet")
-    return _Loaded(source, raw.ordered_only, raw.notes, raw.dropped_item_duplicates)
+    stream = stream_raw(source, fmt, column_map or None, event_map or None, SLICE_ROWS)
+    if stream is None:  # a format read whole
+        raw = load_raw(source, fmt, column_map=column_map or None, event_map=event_map or None)
+        with ShardWriter(workdir / "events",
+                         n_shards or default_shards(raw.events.height)) as writer:
+            for part in raw.events.iter_slices(SLICE_ROWS):
+                writer.write(part)
+        if raw.items is not None:
+            raw.items.write_parquet(workdir / "items.parquet")
+        return _Loaded(source, raw.ordered_only, raw.notes, raw.dropped_item_duplicates)
+    with ShardWriter(workdir / "events", n_shards or default_shards(stream.rows())) as writer:
+        for events in stream.batches:
+            writer.write(events)
+    items, notes = stream.finish()
+    dropped = 0
+    if items is not None:
+        items, dropped = drop_repeated_rows(items, f"the items table of {source}")
+        items.write_parquet(workdir / "items.parquet")
+    return _Loaded(source, stream.ordered_only, notes, dropped)
 
 
 @task(name="load-sharded", persist_result=True, cache_policy=LOAD_CACHE)
@@ -142,8 +162,8 @@ def load_sharded(
 ) -> DataPaths:
     """Read raw data (or the demo shop) into event shards and an items table under ``workdir``.
 
-    Formats other than the demo shop and a Parquet folder of event shards are read whole into
-    memory first (see the module docstring).
+    The demo shop, a Parquet folder of event shards and the formats read row by row are written
+    a batch at a time; the others are read whole into memory first (see the module docstring).
 
     Args:
         path: A file or folder of the format ``fmt``; None for the demo shop.

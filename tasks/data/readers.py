@@ -143,6 +143,29 @@ def require(present: Sequence[str], required: Iterable[str], table: str, hint: s
         raise err
 
 
+def csv_scan(
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+    separator: str = ",",
+    new_columns: Sequence[str] | None = None,
+    null_values: Sequence[str] | None = None,
+) -> pl.LazyFrame:
+    """The ``required`` and present ``optional`` columns of a CSV file, all as text, lazily.
+
+    The header is read (and the required columns checked) at the call.
+    """
+    with reading(path):
+        lazy = pl.scan_csv(
+            path, separator=separator, has_header=new_columns is None, infer_schema=False,
+            new_columns=list(new_columns) if new_columns else None,
+            null_values=list(null_values) if null_values else None,
+        )
+        present = lazy.collect_schema().names()
+    require(present, required, str(path))
+    return lazy.select(list(dict.fromkeys([*required, *(c for c in optional if c in present)])))
+
+
 def read_csv(
     path: Path,
     required: Sequence[str],
@@ -154,18 +177,39 @@ def read_csv(
 ) -> pl.DataFrame:
     """Read the ``required`` and present ``optional`` columns of a CSV file, all as text."""
     with reading(path):
-        lazy = pl.scan_csv(
-            path, separator=separator, has_header=new_columns is None, infer_schema=False,
-            new_columns=list(new_columns) if new_columns else None,
-            null_values=list(null_values) if null_values else None,
-        )
-        present = lazy.collect_schema().names()
-        require(present, required, str(path))
-        keep = list(dict.fromkeys([*required, *(c for c in optional if c in present)]))
-        frame = lazy.select(keep).collect()
+        frame = csv_scan(path, required, optional, separator, new_columns,
+                          null_values).collect()
     if frame.is_empty():
         raise empty_error(path)
     return frame
+
+
+def scan_batches(lazy: pl.LazyFrame, path: Path, kind: str, rows: int | None
+                 ) -> Iterator[pl.DataFrame]:
+    """The rows of ``lazy``, a scan of ``path``, about ``rows`` at a time, in file order.
+
+    Polars' streaming engine reads the file once, so memory follows the batch, not the file;
+    ``rows=None`` reads it whole, as one batch. Read errors are :class:`DataError` messages; a
+    source without rows is :func:`empty_error`.
+    """
+    empty = True
+    with reading(path, kind):
+        batches = [lazy.collect()] if rows is None else lazy.collect_batches(chunk_size=rows)
+        for batch in batches:
+            if batch.height:
+                empty = False
+                yield batch
+    if empty:
+        raise empty_error(path)
+
+
+def count_rows(scans: Sequence[tuple[pl.LazyFrame, Path, str]]) -> int:
+    """The rows of every ``(scan, path, kind)``, counted by streaming scans."""
+    total = 0
+    for lazy, path, kind in scans:
+        with reading(path, kind):
+            total += lazy.select(pl.len()).collect().item()
+    return total
 
 
 def read_table(path: Path) -> pl.DataFrame:
@@ -181,17 +225,27 @@ def read_table(path: Path) -> pl.DataFrame:
                             "shards of one table.")
         with reading(path, "Parquet"):
             frame = pl.read_parquet(shards)
-    elif path.suffix.lower() in (".parquet", ".pq"):
-        with reading(path, "Parquet"):
-            frame = pl.read_parquet(path)
     else:
-        header = first_line(path)
-        separator = max((",", ";", "\t", "|"), key=header.count)
-        with reading(path):
-            frame = pl.scan_csv(path, separator=separator, infer_schema=False).collect()
+        lazy, kind = scan_table(path)
+        with reading(path, kind):
+            frame = lazy.collect()
     if frame.is_empty():
         raise empty_error(path)
     return frame
+
+
+def scan_table(path: Path) -> tuple[pl.LazyFrame, str]:
+    """A lazy scan of one Parquet file (told by its suffix) or CSV file (all text), and its kind.
+
+    A CSV file's separator is sniffed from its header.
+    """
+    if path.suffix.lower() in (".parquet", ".pq"):
+        with reading(path, "Parquet"):
+            return pl.scan_parquet(path), "Parquet"
+    header = first_line(path)
+    separator = max((",", ";", "\t", "|"), key=header.count)
+    with reading(path):
+        return pl.scan_csv(path, separator=separator, infer_schema=False), "CSV"
 
 
 def apply_column_map(
