@@ -2,10 +2,10 @@
 
 Writes the built-in demo shop of ``--events`` events (generated a batch of users at a time) as
 one Taobao UserBehavior CSV (``user_id,item_id,category_id,behavior_type,timestamp``, epoch
-seconds, with a header since the demo's ids are not numbers, ``pv``/``cart``/``fav``/``buy``; users one after another, as the original file
-is), then runs the ``load-sharded`` task on it in a fresh process and prints that process's wall
-time and peak resident memory (``VmHWM``), the shards and the rows. ``--code`` runs another
-checkout's loader on the same file (a before/after comparison).
+seconds, ``pv``/``cart``/``fav``/``buy``, with a header since the demo's ids are not numbers;
+users one after another, as in the original file), then runs the ``load-sharded`` task on it in
+a fresh process and prints that process's wall time and peak resident memory (``VmHWM``), the
+shards and the rows. ``--code`` runs another checkout's loader on the same file (before/after).
 
     .venv/bin/python benchmarks/stream_load.py --events 30000000 --workdir /tmp/taobao30m
     .venv/bin/python benchmarks/stream_load.py --events 30000000 --workdir /tmp/taobao30m \\

@@ -261,3 +261,28 @@ def test_a_bad_value_in_a_later_batch_names_the_file_and_column(
 
     with pytest.raises(DataError, match="Column 'timestamp' of .*shop.csv .*'yesterday'"):
         load_flow(csv, "csv", tmp_path / "runs" / "one", None)
+
+
+def test_shards_already_by_user_are_copied_not_resharded(
+    prefect_server: None, demo_shop_dir: Path, tmp_path: Path
+) -> None:
+    source = sharded_copy(demo_shop_dir, tmp_path / "shop", 3)
+    inputs = sorted((source / "events").glob("*.parquet"))
+
+    data = load_flow(source, "parquet", tmp_path / "runs" / "one", None)
+
+    outputs = sorted(data.events.glob("shard-*.parquet"))
+    assert data.shards == 3
+    assert [f.read_bytes() for f in outputs] == [f.read_bytes() for f in inputs]
+    assert_partitioned(data)
+    other = load_flow(source, "parquet", tmp_path / "runs" / "two", 2)  # another number: resharded
+    assert other.shards == 2
+    assert in_order(assert_partitioned(other)).equals(in_order(assert_partitioned(data)))
+    first, second = (pl.read_parquet(f) for f in inputs[:2])  # a user in the wrong file
+    pl.concat([first, second.head(1)]).write_parquet(inputs[0])
+    second.slice(1).write_parquet(inputs[1])
+
+    moved = load_flow(source, "parquet", tmp_path / "runs" / "three", None)
+
+    assert moved.events.joinpath("shard-00000.parquet").read_bytes() != inputs[0].read_bytes()
+    assert in_order(assert_partitioned(moved)).equals(in_order(assert_partitioned(data)))

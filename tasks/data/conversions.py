@@ -294,6 +294,13 @@ def finish_events(frame: pl.DataFrame) -> pl.DataFrame:
     return events.sort(TIMESTAMP, maintain_order=True, nulls_last=True)
 
 
+def has_event_schema(schema: Mapping[str, pl.DataType]) -> bool:
+    """Tell whether a table of ``schema`` has canonical event columns only, of their types."""
+    return set(EVENT_REQUIRED) <= set(schema) and all(
+        column in EVENT_DTYPES and dtype == _POLARS_DTYPES[EVENT_DTYPES[column]]
+        for column, dtype in schema.items())
+
+
 def finish_items(frame: pl.DataFrame) -> pl.DataFrame:
     """Keep the canonical columns and dtypes (exact copies of a row: :func:`drop_repeated_rows`)."""
     return _select_cast(frame, (*ITEM_REQUIRED, *ITEM_OPTIONAL), ITEM_DTYPES)

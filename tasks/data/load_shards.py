@@ -7,7 +7,9 @@ shards (:mod:`tasks.data.shards`) instead of one file: ``workdir/events/shard-XX
 * the demo shop is generated a batch of users at a time into a cache folder, then its shards are
   linked (or copied) into the run's folder;
 * a canonical Parquet folder whose events are shards (``events/*.parquet``) is read and re-sharded
-  a batch of one input file at a time, into the number of shards asked for;
+  a batch of one input file at a time, into the number of shards asked for, unless it already is
+  this module's shards by user (canonical columns, ``shard-00000.parquet`` ..., every user in
+  its shard): those files are copied as they are (neither decoded nor re-sharded);
 * the formats read row by row (:data:`~tasks.data.adapters.STREAMED`: ``taobao``, ``rees46``,
   ``hm``, a ``csv`` or ``parquet`` file) are read as a stream of batches of ``SLICE_ROWS`` raw
   rows, each converted and written through :class:`~tasks.data.shards.ShardWriter`: memory
@@ -32,14 +34,15 @@ from pathlib import Path
 import polars as pl
 from prefect import get_run_logger, task
 
+from models.columns import EVENT_TYPE, EVENT_TYPES, USER
 from models.errors import DataError
 from tasks import tracking
 from tasks.data.adapters import _generic_files, load_raw, read_items, stream_raw
-from tasks.data.conversions import drop_repeated_rows
+from tasks.data.conversions import drop_repeated_rows, has_event_schema
 from tasks.data.demo_data import write_demo_shop
 from tasks.data.prepare import DataPaths, shop_name
 from tasks.data.readers import find_files, reading
-from tasks.data.shards import ShardWriter
+from tasks.data.shards import ShardWriter, shard_file, shard_of
 from tasks.resume import LOAD_CACHE
 
 EVENTS_PER_SHARD = 1_000_000
@@ -123,13 +126,46 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
                          column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
     events_source, items_source = _generic_files(source, "parquet")  # refuses two event tables
     files = find_files(events_source, _PARQUET)
-    notes = _reshard_parquet(files, workdir / "events", n_shards or default_shards(_rows(files)),
-                             column_map, event_map)
+    if not column_map and not event_map and _sharded_as_ours(files, n_shards):
+        for file in files:  # copied, not linked: a source rewritten in place changes no run
+            shutil.copyfile(file, workdir / "events" / file.name)
+        get_run_logger().info("%s holds canonical event shards by user: copied, not re-sharded",
+                              events_source)
+        notes = []
+    else:
+        notes = _reshard_parquet(files, workdir / "events",
+                                 n_shards or default_shards(_rows(files)), column_map, event_map)
     dropped = 0
     if items_source is not None:
         items, dropped = read_items(items_source, column_map)
         items.write_parquet(workdir / "items.parquet")
     return _Loaded(source, notes=notes, dropped_item_duplicates=dropped)
+
+
+def _sharded_as_ours(files: list[Path], n_shards: int | None) -> bool:
+    """Tell whether ``files`` are canonical event shards by user, as this module writes them.
+
+    They are when they are ``shard-00000.parquet`` ... of ``n_shards`` files (any number when
+    None), with canonical columns and types and event types, and every user of file ``k`` has
+    shard ``k`` (:func:`~tasks.data.shards.shard_of`). Only the schema, the user ids and the
+    distinct event types are read.
+    """
+    n = len(files)
+    if not n or n_shards not in (None, n) or [f.name for f in files] != [
+            shard_file(f.parent, k).name for k, f in enumerate(files)]:
+        return False
+    for number, file in enumerate(files):
+        with reading(file, "Parquet"):
+            scan = pl.scan_parquet(file)
+            if not has_event_schema(scan.collect_schema()):
+                return False
+            types = scan.select(pl.col(EVENT_TYPE).unique()).collect()[EVENT_TYPE]
+            users = scan.select(pl.col(USER).unique()).collect()[USER]
+        if not types.drop_nulls().is_in(EVENT_TYPES).all() or users.null_count():
+            return False
+        if not (shard_of(users, n) == number).all():
+            return False
+    return True
 
 
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
