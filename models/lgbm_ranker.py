@@ -16,6 +16,13 @@ touched yet, which the trees can only judge by their text, get that much room. I
 outside the booster (on held-out groups, :func:`tasks.ranking.tune.choose_new_item_offset`) and
 applies in :meth:`LightGBMRanker.predict`, so in every list the ranker makes.
 
+An optional cascade (``cascade_trees``, ``cascade_keep``) makes :meth:`LightGBMRanker.recommend`
+cheaper on large candidate groups: every candidate is scored by the booster's first
+``cascade_trees`` trees, each user keeps the ``cascade_keep`` best (never fewer than ``k``), and
+only those are scored by the whole booster. LightGBM's cost is a tree walk per tree and row, so
+with 150 candidates, 50 kept and 10% of the trees in the first stage the rows x trees fall to
+about 43%.
+
 Saved as two files: the booster as LightGBM's text model (``booster.txt``) and ``ranker.json``
 with the feature names, parameters, the offset and training summary.
 """
@@ -98,6 +105,10 @@ class LightGBMRanker:
         new_item_offset: Added to the score of the rows whose ``new_item_feature`` is 0 or
             missing (items without events); 0: scores as the booster gives them.
         new_item_feature: The column that counts an item's events in the history.
+        cascade_trees: Trees of the cascade's first stage in :meth:`recommend`; 0 (or as many
+            as the booster has): no cascade, every candidate scored by every tree.
+        cascade_keep: Candidates per user the first stage keeps for the whole booster (``k``
+            at least).
     """
 
     def __init__(
@@ -112,6 +123,8 @@ class LightGBMRanker:
         group: str = USER,
         new_item_offset: float = 0.0,
         new_item_feature: str = NEW_ITEM_FEATURE,
+        cascade_trees: int = 0,
+        cascade_keep: int = 50,
     ) -> None:
         self.params = params
         self.num_boost_round = num_boost_round
@@ -123,6 +136,8 @@ class LightGBMRanker:
         self.group = group
         self.new_item_offset = new_item_offset
         self.new_item_feature = new_item_feature
+        self.cascade_trees = cascade_trees
+        self.cascade_keep = cascade_keep
 
     def _lgb_params(self) -> dict[str, Any]:
         return {
@@ -216,6 +231,9 @@ class LightGBMRanker:
         return self
 
     def _check_params(self) -> None:
+        if self.cascade_trees < 0 or self.cascade_keep < 1:
+            raise ConfigError(f"LightGBMRanker needs cascade_trees >= 0 and cascade_keep >= 1; "
+                              f"got {self.cascade_trees} and {self.cascade_keep}.")
         for name in ("num_boost_round", "early_stopping_rounds", "eval_at"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -233,15 +251,16 @@ class LightGBMRanker:
                 "this LightGBMRanker is not fitted: call fit() or LightGBMRanker.load(path) first."
             )
 
-    def predict(self, frame: pl.DataFrame) -> np.ndarray:
+    def predict(self, frame: pl.DataFrame, trees: int | None = None) -> np.ndarray:
         """Scores of the rows of ``frame`` (higher ranks first), in row order.
 
-        The booster's scores, plus ``new_item_offset`` on the rows of items without events.
+        The booster's scores (of its first ``trees`` trees when given), plus
+        ``new_item_offset`` on the rows of items without events.
         """
         self._check_fitted()
         require_columns(frame.columns, self.features_, "feature frame")
         x = frame.select(pl.col(self.features_).cast(pl.Float32)).to_numpy()
-        scores = self.booster_.predict(x, num_iteration=self.best_iteration_)
+        scores = self.booster_.predict(x, num_iteration=trees or self.best_iteration_)
         if self.new_item_offset:
             self._check_offset()
             scores = scores + self.new_item_offset * self.new_items(frame)
@@ -254,11 +273,30 @@ class LightGBMRanker:
         return (frame[self.new_item_feature].fill_null(0) == 0).cast(pl.Float64).to_numpy()
 
     def recommend(self, frame: pl.DataFrame, k: int = 10) -> pl.DataFrame:
-        """Each user's ``k`` best candidates of ``frame`` as ``user_id, item_id, score, rank``."""
+        """Each user's ``k`` best candidates of ``frame`` as ``user_id, item_id, score, rank``.
+
+        With a cascade, only the candidates its first stage keeps are scored by every tree.
+        """
         if k < 1:
             raise ConfigError(f"k must be a positive integer; got {k}.")
+        frame = self.cascade(frame, k)
         return top_scored(frame.select(USER, ITEM).with_columns(
             pl.Series(SCORE, self.predict(frame))), k)
+
+    def cascade(self, frame: pl.DataFrame, k: int) -> pl.DataFrame:
+        """The rows of ``frame`` that the cascade's first stage keeps for lists of ``k``.
+
+        Each user's ``max(cascade_keep, k)`` best rows by the first ``cascade_trees`` trees, in
+        their order in ``frame``; every row without a cascade.
+        """
+        self._check_fitted()
+        keep = max(self.cascade_keep, k)
+        if not 0 < self.cascade_trees < self.best_iteration_ or frame.height <= keep:
+            return frame
+        first = "__first"
+        return (frame.with_columns(pl.Series(first, self.predict(frame, self.cascade_trees)))
+                .filter(pl.col(first).rank("ordinal", descending=True).over(USER) <= keep)
+                .drop(first))
 
     def feature_importance(self) -> pl.DataFrame:
         """``feature, gain, split`` per feature, highest total gain first."""
@@ -286,6 +324,8 @@ class LightGBMRanker:
                 "group",
                 "new_item_offset",
                 "new_item_feature",
+                "cascade_trees",
+                "cascade_keep",
             )
         }
 

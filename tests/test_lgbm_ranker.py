@@ -115,3 +115,36 @@ def test_the_new_item_offset_moves_exactly_the_items_without_events(tmp_path):
                            new_item_offset=1.0).fit(train)
     with pytest.raises(DataError, match="i_n_events"):  # nothing says which items are new
         blind.predict(valid.drop("i_n_events"))
+
+
+def test_the_cascade_scores_only_the_first_stages_best_with_every_tree(tmp_path):
+    train, valid = _groups(120, 1, per_user=30), _groups(40, 2, per_user=30)
+    ranker = LightGBMRanker({"min_data_in_leaf": 5}, num_boost_round=60,
+                            num_threads=1).fit(train)  # no early stopping: 60 trees
+    assert ranker.best_iteration_ == 60
+    whole = ranker.recommend(valid, k=5)
+    assert ranker.cascade(valid, 5).equals(valid)  # no cascade by default
+
+    ranker.cascade_trees, ranker.cascade_keep = 5, 8
+    kept = ranker.cascade(valid, 5)
+    first = valid.with_columns(pl.Series("s", ranker.predict(valid, trees=5)))
+    best = first.filter(pl.col("s").rank("ordinal", descending=True).over("user_id") <= 8)
+    assert kept.equals(best.drop("s"))  # each user's 8 best by the first 5 trees, in order
+    assert kept.group_by("user_id").len()["len"].max() == 8
+    cascaded = ranker.recommend(valid, k=5)
+    ranker.cascade_trees = 0
+    assert cascaded.equals(ranker.recommend(kept, k=5))  # the kept rows, scored by every tree
+    hits = cascaded.join(valid.filter(pl.col("label") == 1), on=["user_id", "item_id"])
+    assert (hits["rank"] == 1).mean() > 0.8
+    ranker.cascade_trees, ranker.cascade_keep = 5, 30  # keeps everything: the same lists
+    assert ranker.recommend(valid, k=5).equals(whole)
+    ranker.cascade_keep = 2  # never fewer than k
+    assert ranker.cascade(valid, 5).group_by("user_id").len()["len"].min() == 5
+
+    ranker.cascade_keep = 8
+    ranker.save(tmp_path / "r")
+    loaded = LightGBMRanker.load(tmp_path / "r")
+    assert (loaded.cascade_trees, loaded.cascade_keep) == (5, 8)
+    assert loaded.recommend(valid, k=5).equals(cascaded)
+    with pytest.raises(ConfigError, match="cascade_trees >= 0"):
+        LightGBMRanker(cascade_trees=-1).fit(train)

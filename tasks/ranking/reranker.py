@@ -101,6 +101,11 @@ class RankerConfig(BaseModel):
         "of the best offset's (tasks.ranking.tune.choose_new_item_offset): items nobody has "
         "touched yet get the room that costs at most this much. 0: the offset that best "
         "serves the holdout NDCG.")
+    cascade_trees: int = Field(
+        0, ge=0, description="Trees of the cascade's first stage: every candidate is scored by "
+        "the ranker's first cascade_trees trees and each user's cascade_keep best go on to the "
+        "whole ranker (models.lgbm_ranker); 0: no cascade.")
+    cascade_keep: int = Field(50, ge=1, description="Candidates per user the cascade keeps.")
     check_features: bool = Field(True, description="Run the features expectation suite.")
     user_chunk: int = Field(
         USER_CHUNK, gt=0, description="Users whose candidates and features are built at once "
@@ -293,7 +298,8 @@ class RankingPipeline:
         cfg = self.config
         return LightGBMRanker(params, num_boost_round or cfg.num_boost_round,
                               cfg.early_stopping_rounds, cfg.eval_at, seed=cfg.seed,
-                              num_threads=cfg.num_threads, group=QUERY)
+                              num_threads=cfg.num_threads, group=QUERY,
+                              cascade_trees=cfg.cascade_trees, cascade_keep=cfg.cascade_keep)
 
     def fit(self, split: Split, params: dict[str, Any] | None = None) -> Self:
         """Learn the ranker on the split's training windows (early stopping on the holdout)."""
