@@ -50,6 +50,7 @@ from models.columns import ITEM, RANK, USER
 from models.errors import ConfigError, DataError, require_columns
 
 COUNT = "count"
+_CODE = "__code"
 _INFO = "__information"  # a recommended item's self-information, for novelty
 ACCURACY_METRICS: tuple[str, ...] = ("ndcg", "recall", "recall_plain", "hitrate", "map", "mrr")
 COLD_THRESHOLDS: tuple[int, ...] = (0, 5)  # a cold target's item has at most N events
@@ -183,7 +184,9 @@ def partial_metrics(
     """The sums behind :func:`evaluate` for one part of the users (for example one shard).
 
     Parts over disjoint users merge exactly with :func:`merge_partials`; ``item_popularity``
-    must be the same (whole-history) table for every part.
+    must be the same (whole-history) table, in the same row order, for every part: a part's
+    recommended items are codes over its rows (a bitset of catalogue / 8 bytes, or 4 bytes per
+    distinct item when that is smaller; not an id string per item), plus the ids it lacks.
     """
     per_user = per_user_metrics(recs, targets, ks)
     part: dict[str, object] = {"users": per_user.height, "sums": {}, "items": {}, "novelty": {},
@@ -200,7 +203,8 @@ def partial_metrics(
         top = _with_information(top, item_popularity)
     for k in sorted(set(ks)):
         top_k = top.filter(pl.col(RANK) <= k)
-        part["items"][k] = top_k[ITEM].unique()
+        part["items"][k] = (top_k[ITEM].unique() if item_popularity is None
+                            else _item_set(top_k, item_popularity.height))
         if item_popularity is not None:
             part["novelty"][k] = (float(top_k[_INFO].sum()), top_k.height)
     if item_popularity is not None:
@@ -241,8 +245,7 @@ def merge_partials(parts: Sequence[Mapping[str, object]], n_items: int | None = 
         if n_items is not None:
             if n_items < 1:
                 raise ConfigError(f"n_items must be a positive integer; got {n_items}.")
-            items = pl.concat([p["items"][k] for p in parts]).n_unique()
-            result[f"coverage@{k}"] = items / n_items
+            result[f"coverage@{k}"] = _count_items([p["items"][k] for p in parts]) / n_items
         if parts[0]["novelty"]:
             total = sum(p["novelty"][k][0] for p in parts)
             count = sum(p["novelty"][k][1] for p in parts)
@@ -272,20 +275,56 @@ def _merge_cold(parts: Sequence[Mapping[str, object]]) -> dict[str, float]:
 def _with_information(top: pl.DataFrame, item_popularity: pl.DataFrame) -> pl.DataFrame:
     """``top`` with the self-information ``-log2(count / total)`` of each recommended item.
 
-    An item missing from ``item_popularity`` counts once. Only the recommended items are joined:
-    the table is the whole catalogue, the part a few of its items.
+    And with each item's row number in ``item_popularity`` (its code for :func:`_item_set`;
+    null when it is not there). An item missing from ``item_popularity`` counts once. Only the
+    recommended items are joined: the table is the whole catalogue, the part a few of its items.
     """
     require_columns(item_popularity.columns, (ITEM, COUNT), "item_popularity")
     if top.is_empty():
-        return top.with_columns(pl.lit(0.0).alias(_INFO))
+        return top.with_columns(pl.lit(0.0).alias(_INFO), pl.lit(None, pl.UInt32).alias(_CODE))
     total = float(item_popularity[COUNT].cast(pl.Float64).sum())
     if total <= 0:
         raise DataError("item_popularity counts sum to zero; give positive interaction counts.")
     counts = item_popularity.select(pl.col(ITEM).cast(pl.String), pl.col(COUNT).cast(pl.Float64))
-    counts = counts.join(top.select(ITEM).unique(), on=ITEM, how="semi")
+    counts = counts.with_row_index(_CODE).join(top.select(ITEM).unique(), on=ITEM, how="semi")
     return top.join(counts, on=ITEM, how="left").with_columns(
         -(pl.col(COUNT).fill_null(1.0).clip(lower_bound=1.0) / total).log(2).alias(_INFO)
     ).drop(COUNT)
+
+
+def _item_set(top_k: pl.DataFrame, n_codes: int) -> dict[str, object]:
+    """The distinct items of ``top_k`` by their codes, the rows of ``item_popularity``.
+
+    The codes are a bitset over the table (catalogue / 8 bytes) or, when fewer than one in 32
+    rows is recommended, the sorted codes (4 bytes each), whichever is smaller, whatever the
+    number of users; ids not in the table are kept as they are (:func:`_count_items` merges).
+    """
+    codes = np.unique(top_k[_CODE].drop_nulls().to_numpy()).astype(np.uint32)
+    if 32 * len(codes) >= n_codes:
+        mask = np.zeros(n_codes, dtype=bool)
+        mask[codes] = True
+        codes = np.packbits(mask)
+    return {"n_codes": n_codes, "codes": codes,
+            "others": top_k.filter(pl.col(_CODE).is_null())[ITEM].unique()}
+
+
+def _count_items(sets: Sequence[object]) -> int:
+    """The distinct items of the parts' sets: id series, or :func:`_item_set`'s codes."""
+    if all(isinstance(found, pl.Series) for found in sets):  # parts without item_popularity
+        return pl.concat(sets).n_unique()
+    n_codes = sets[0]["n_codes"]
+    mask = np.zeros(n_codes, dtype=bool)
+    for found in sets:
+        codes = found["codes"]
+        if found["n_codes"] != n_codes:
+            raise DataError("the parts' item_popularity tables differ: give every part the same "
+                            "whole-history table.")
+        if codes.dtype == np.uint8:  # a bitset
+            mask |= np.unpackbits(codes, count=n_codes).astype(bool)
+        else:
+            mask[codes] = True
+    others = pl.concat([found["others"] for found in sets]).n_unique()
+    return int(mask.sum()) + others
 
 
 def metrics_table(

@@ -235,6 +235,26 @@ def test_merged_partials_equal_the_whole() -> None:
         assert merged[key] == pytest.approx(value, abs=1e-12), key
 
 
+def test_a_parts_recommended_items_are_codes_over_the_popularity_table() -> None:
+    recs, targets = _random_case(5)
+    popularity = pl.DataFrame({"item_id": [f"i{i}" for i in range(50)], "count": [3] * 50})
+    part = partial_metrics(recs, targets, (5,), popularity)
+    found = part["items"][5]
+    assert found["codes"].nbytes == 7  # a bitset of 50 items, whatever the users
+    top = recs.filter(pl.col("rank") <= 5)["item_id"].unique()
+    assert sorted(found["others"]) == sorted(i for i in top if int(i[1:]) >= 50)
+    assert evaluate(recs, targets, ks=(5,), n_items=60, item_popularity=popularity)[
+        "coverage@5"] == top.len() / 60
+    large = pl.DataFrame({"item_id": [f"i{i}" for i in range(10_000)], "count": [1] * 10_000})
+    sparse = partial_metrics(recs, targets, (5,), large)["items"][5]  # fewer than 1 in 32
+    assert sparse["codes"].dtype == np.uint32
+    assert len(sparse["codes"]) == top.len()
+    halves = [recs.filter(pl.col("user_id") < "u1"), recs.filter(pl.col("user_id") >= "u1")]
+    parts = [partial_metrics(half, targets, (5,), table) for half in halves
+             for table in [large]]
+    assert merge_partials(parts, n_items=10_000)["coverage@5"] == top.len() / 10_000
+
+
 def test_standard_errors_of_the_mean_over_users() -> None:
     recs, targets = _random_case(4)
     got = evaluate(recs, targets, ks=(5, 10))
