@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,8 +72,45 @@ def searcher(base: np.ndarray, *, exact_below: int = EXACT_BELOW) -> Search:
     base = np.ascontiguousarray(base, dtype=np.float32)
     if base.shape[0] < exact_below:
         return partial(_checked, search=partial(_exact, base=base), dims=base.shape[1])
-    return partial(_checked, search=partial(_approximate, index=_hnsw(base), base=base),
-                   dims=base.shape[1])
+    return Graph(base).search
+
+
+class Graph:
+    """An HNSW graph over ``base``'s rows, kept to answer many searches.
+
+    Built on one thread, or given as ``index`` (as :meth:`load` reads it); :meth:`save` writes it
+    so that another process reads it instead of building it again.
+    """
+
+    def __init__(self, base: np.ndarray, index: Any = None) -> None:
+        self.base = np.ascontiguousarray(base, dtype=np.float32)
+        self.index = _hnsw(self.base) if index is None else index
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`nearest`'s answer from the graph: ``(indices, scores)``, best first."""
+        return _checked(queries, n, search=partial(_approximate, index=self.index,
+                                                   base=self.base), dims=self.base.shape[1])
+
+    def save(self, path: Path) -> None:
+        """Write the graph (faiss's index format) to ``path``."""
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path, base: np.ndarray) -> Graph:
+        """The graph written to ``path`` over ``base``'s rows.
+
+        Raises:
+            DataError: The file holds a graph over another number or width of rows.
+        """
+        import faiss
+
+        index = faiss.read_index(str(path))
+        if (index.ntotal, index.d) != base.shape:
+            raise DataError(f"{path} is a graph over {index.ntotal} rows of {index.d} dims, not "
+                            f"{base.shape[0]} of {base.shape[1]}: build it again.")
+        return cls(base, index)
 
 
 def _checked(queries: np.ndarray, n: int, *, search: Search, dims: int

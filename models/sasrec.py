@@ -82,6 +82,9 @@ class TransformerConfig:
         eval_batch_size: Users scored at once when evaluating or recommending (fewer when
             the catalogue is large: one block of scores stays within 256 MiB).
         sort_chunk: Batches per length-sorted chunk when batching (1: plain shuffling).
+        ann_min_items: From this many items on, ``recommend`` takes each user's top-K from an
+            HNSW graph over the item table (:mod:`models.ann`; the graph is saved with the
+            model) instead of scoring the whole catalogue; 0: always the whole catalogue.
         num_threads: CPU threads for torch (None: leave torch's setting).
     """
 
@@ -118,6 +121,7 @@ class TransformerConfig:
     eval_batch_size: int = 1024
     sort_chunk: int = 8
     num_threads: int | None = None
+    ann_min_items: int = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -132,6 +136,7 @@ class TransformerConfig:
             "item_id_dropout": (0 <= self.item_id_dropout < 1, "in [0, 1)"),
             "new_item_offset": (math.isfinite(self.new_item_offset), "a finite number"),
             "n_time_buckets": (self.n_time_buckets >= 3, "at least 3"),
+            "ann_min_items": (self.ann_min_items >= 0, "0 or more"),
         }
         for name in (
             "hidden_size",

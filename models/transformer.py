@@ -8,6 +8,11 @@ hyper-parameters: :class:`~models.sasrec.TransformerConfig`) on canonical events
 Given the catalogue's item text vectors (:func:`models.item_text.encode_items`), it ranks the
 catalogue items without events too: they follow the event items in its vocabulary and are
 represented by the projection of their text (and their attributes).
+
+With ``ann_min_items`` set and a catalogue at least that large, ``recommend`` takes each user's
+top-K from an HNSW graph over the item table (:class:`models.ann.Graph`, built once and saved
+with the model) instead of scoring every item: approximate, and far cheaper per user on a
+catalogue of hundreds of thousands of items.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pandas as pd
 import torch
 
 from models import seqdata, transformer_training
+from models.ann import Graph
 from models.columns import EVENT_TYPES, ITEM, RANK, SCORE, USER
 from models.errors import ConfigError, DataError, ShoprankError, require_columns
 from models.item_text import VECTOR
@@ -37,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 SESSION_GAPS = (86_400.0, 60.0)
 # Floats in one (users x catalogue) block of scores: 256 MiB, whatever the catalogue's size.
+GRAPH_FILE = "item_graph.faiss"  # the HNSW graph of the item table, with ann_min_items
 SCORE_BLOCK = 1 << 26
 """Seconds assumed before a live session's first item and between its items."""
 
@@ -206,7 +213,8 @@ class SequentialTransformer:
         return seqdata.build_sequences(events, self.item_ids_, self.config.n_time_buckets)
 
     def recommend(
-        self, users: Any, k: int = 10, exclude_seen: bool = True, history: Any = None
+        self, users: Any, k: int = 10, exclude_seen: bool = True, history: Any = None,
+        exact: bool = False,
     ) -> pd.DataFrame:
         """Top-``k`` items of the full catalogue per user.
 
@@ -216,6 +224,9 @@ class SequentialTransformer:
             exclude_seen: Never return items of the user's (fitted or given) history.
             history: Events that represent the users instead of the fitted ones (e.g. the
                 training events plus the validation items), without refitting.
+            exact: Score the whole catalogue even where ``config.ann_min_items`` would take
+                the lists from the item graph (validation while training, whose weights change
+                every epoch).
 
         Returns:
             ``user_id, item_id, score, rank`` (rank 1 is best) in the order of ``users``. Users
@@ -230,7 +241,12 @@ class SequentialTransformer:
         rows = seqs.rows(users)
         known = np.flatnonzero(rows >= 0)
         parts = [self._popular(np.flatnonzero(rows < 0), k)]
-        for chunk in self._length_chunks(seqs, rows[known], scored=True):
+        graph = None if exact else self._item_graph()
+        for chunk in self._length_chunks(seqs, rows[known], scored=graph is None):
+            if graph is not None:
+                parts.append(self._graph_top(graph, seqs, rows[known[chunk]], known[chunk], k,
+                                             exclude_seen))
+                continue
             scores = self._masked_scores(seqs, rows[known[chunk]], exclude_seen)
             top = torch.topk(scores, min(int(k), scores.shape[1]), dim=1)
             values, index = top.values.cpu().numpy(), top.indices.cpu().numpy()
@@ -298,6 +314,64 @@ class SequentialTransformer:
             SCORE: values[real].astype(np.float64),
             RANK: (np.cumsum(real, axis=1)[real]).astype(np.int64),
         })
+
+    def _item_graph(self) -> Graph | None:
+        """The HNSW graph of the scored item table, or None below ``config.ann_min_items``.
+
+        The table's rows are the items' vectors, one column added: ``new_item_offset`` for the
+        items without events, 0 for the others; a query is the user's state and 1, so the
+        graph's inner product is the score :meth:`_masked_scores` gives. Built once per offset.
+        """
+        minimum = self.config.ann_min_items
+        if not minimum or len(self.item_ids_) < minimum:
+            return None
+        offset = float(self.config.new_item_offset)
+        if getattr(self, "graph_key_", None) != (offset, self._weights_version()):
+            self.graph_ = Graph(self._graph_base())
+            self.graph_offset_ = offset
+            self.graph_key_ = (offset, self._weights_version())
+        return self.graph_
+
+    def _weights_version(self) -> tuple[int, ...]:
+        """A key that changes whenever a weight changes in place (a training step).
+
+        So a graph of older weights is never used.
+        """
+        return tuple(weight._version for weight in self.model_.parameters())
+
+    @torch.no_grad()
+    def _graph_base(self) -> np.ndarray:
+        """The item table (no padding row) with the offset column, ``(n_items, d + 1)``."""
+        table = self.model_.item_table()[1:].float().cpu().numpy()
+        offsets = np.zeros((len(table), 1), dtype=np.float32)
+        offsets[self.n_event_items_:] = self.config.new_item_offset
+        return np.hstack([table, offsets])
+
+    def _graph_top(self, graph: Graph, seqs: seqdata.Sequences, rows: np.ndarray,
+                   positions: np.ndarray, k: int, exclude_seen: bool) -> tuple[np.ndarray, ...]:
+        """``(positions, item indices, scores)`` of the rows' top ``k`` from the graph.
+
+        The graph is asked for ``k`` plus the most distinct seen items of a row, so that ``k``
+        remain once the seen ones are removed.
+        """
+        states = self._states(seqs, rows).cpu().numpy()
+        queries = np.hstack([states, np.ones((len(rows), 1), dtype=np.float32)])
+        width = np.int64(len(self.item_ids_) + 1)
+        seen = np.empty(0, dtype=np.int64)
+        if exclude_seen:
+            which, items = seqdata.seen_pairs(seqs, rows)
+            seen = np.unique(which.astype(np.int64) * width + items)
+        extra = int(np.bincount(seen // width).max()) if len(seen) else 0
+        found, scores = graph.search(queries, k + extra)
+        items = found + 1  # the graph's rows are the items without the padding row
+        if len(seen):
+            keys = np.arange(len(rows), dtype=np.int64)[:, None] * width + items
+            scores = np.where(np.isin(keys, seen), -np.inf, scores)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        values = np.take_along_axis(scores, order, axis=1)
+        items = np.take_along_axis(items, order, axis=1)
+        real = np.isfinite(values)
+        return np.repeat(positions, real.sum(1)), items[real], values[real]
 
     def _popular(self, positions: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
         """Fallback lists: the ``k`` most popular fitted items for each of ``positions``."""
@@ -389,6 +463,12 @@ class SequentialTransformer:
             gaps=seqs.gaps,
             **text,
         )
+        graph = self._item_graph()  # built here once, not by every process that loads it
+        (path / GRAPH_FILE).unlink(missing_ok=True)
+        if graph is not None:
+            graph.save(path / GRAPH_FILE)
+            meta["graph_offset"] = self.graph_offset_
+            (path / "config.json").write_text(json.dumps(meta, indent=2))
         logger.info("saved SequentialTransformer to %s", path)
 
     @classmethod
@@ -416,6 +496,11 @@ class SequentialTransformer:
         weights = torch.load(path / "model.pt", map_location=model.device_, weights_only=True)
         model.model_.load_state_dict(weights)
         model.model_.eval()
+        if (path / GRAPH_FILE).is_file() and meta.get("graph_offset") == float(
+                model.config.new_item_offset):
+            model.graph_ = Graph.load(path / GRAPH_FILE, model._graph_base())
+            model.graph_offset_ = meta["graph_offset"]
+            model.graph_key_ = (model.graph_offset_, model._weights_version())
         return model
 
 

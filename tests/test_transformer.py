@@ -658,3 +658,32 @@ def test_item_text_off_or_absent_ranks_event_items_only(
     params = {"hidden_size": 16, "n_blocks": 1, "n_heads": 1, "max_len": 8}
     refit = fit_final(pl.from_pandas(events), catalogue, with_encoder, params, epochs=1)
     assert "g0-new" in set(refit.item_ids_)
+
+
+def test_a_graph_of_the_item_table_gives_the_exact_lists_and_is_saved(
+    text_fitted: SequentialTransformer, tmp_path: object
+) -> None:
+    """On a small catalogue the HNSW graph finds every best item: the lists of exact scoring."""
+    users = pd.Series([f"u{u}" for u in range(N_TEXT_USERS)])
+    for offset in (0.0, 1.5):  # the offset is a column of the graph's table
+        exact = _with_offset(text_fitted, offset)
+        graphed = copy.copy(exact)
+        graphed.config = dataclasses.replace(exact.config, ann_min_items=1)
+        assert exact._item_graph() is None
+        assert graphed._item_graph() is not None
+        for seen in (True, False):
+            want = exact.recommend(users, k=5, exclude_seen=seen)
+            got = graphed.recommend(users, k=5, exclude_seen=seen)
+            pd.testing.assert_frame_equal(got[[USER, ITEM, RANK]], want[[USER, ITEM, RANK]])
+            np.testing.assert_allclose(got[SCORE], want[SCORE], rtol=1e-4, atol=1e-5)
+    graphed.save(tmp_path / "graphed")
+    exact.save(tmp_path / "exact")
+    assert (tmp_path / "graphed" / transformer_module.GRAPH_FILE).is_file()
+    assert not (tmp_path / "exact" / transformer_module.GRAPH_FILE).exists()
+    loaded = SequentialTransformer.load(tmp_path / "graphed")
+    assert loaded.graph_offset_ == 1.5  # read with the model, not built again
+    pd.testing.assert_frame_equal(loaded.recommend(users, k=5), graphed.recommend(users, k=5))
+    moved = _with_offset(loaded, 0.0)  # another offset: a graph of its own
+    plain = _with_offset(text_fitted, 0.0)
+    pd.testing.assert_frame_equal(moved.recommend(users, k=5)[[USER, ITEM]],
+                                  plain.recommend(users, k=5)[[USER, ITEM]])

@@ -203,20 +203,26 @@ def study_name(split: Split, config: SequenceConfig, ks: list[int] | None = None
 
 
 def validation_lists(model: SequentialTransformer, targets: pl.DataFrame, k: int,
-                     exclude_seen: bool) -> pl.DataFrame:
-    """``model``'s top ``k`` of every target user (the lists :func:`full_metrics` scores)."""
+                     exclude_seen: bool, exact: bool = True) -> pl.DataFrame:
+    """``model``'s top ``k`` of every target user (the lists :func:`full_metrics` scores).
+
+    ``exact``: the whole catalogue scored, even where ``ann_min_items`` would take the lists
+    from the item graph (the test, like serving, takes them from the graph).
+    """
     users = targets[USER].unique(maintain_order=True)
-    return pl.from_pandas(model.recommend(users.to_list(), k=k, exclude_seen=exclude_seen))
+    return pl.from_pandas(model.recommend(users.to_list(), k=k, exclude_seen=exclude_seen,
+                                          exact=exact))
 
 
 def full_metrics(model: SequentialTransformer, history: pl.DataFrame, targets: pl.DataFrame,
                  ks: list[int], exclude_seen: bool, n_items: int | None,
-                 lists_dir: Path | None = None) -> dict[str, float]:
+                 lists_dir: Path | None = None, exact: bool = True) -> dict[str, float]:
     """Full-catalogue metrics of ``model``'s lists for the target users (as for the baselines).
 
-    ``lists_dir``: where the scored lists go (:func:`models.session_blend.save_valid_lists`).
+    ``lists_dir``: where the scored lists go (:func:`models.session_blend.save_valid_lists`);
+    ``exact``: as :func:`validation_lists`.
     """
-    recs = validation_lists(model, targets, max(ks), exclude_seen)
+    recs = validation_lists(model, targets, max(ks), exclude_seen, exact)
     if lists_dir is not None:
         save_valid_lists(recs, lists_dir, max(ks))
     counts = history.group_by(ITEM).len("count")
@@ -479,7 +485,8 @@ def tune_and_evaluate_transformer(
     offset = best_offset(best)
     final = fit_final(split.test_history, items, config, dict(best.params), epochs, vectors,
                       offset)
-    test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items)
+    test = full_metrics(final, split.test_history, split.test_targets, ks, seen, n_items,
+                        exact=False)  # as the lists are served
     final.save(model_dir)
     result = {
         "valid": valid, "test": test,
