@@ -6,7 +6,8 @@ computes each user's exact top-``K`` (every item scored) and the graph's
 (``transformer.model.ann_min_items``, :class:`models.ann.Graph`), seen items excluded, and
 prints the graph's build time, the time per 1,000 users of each way (median of ``--repeats``)
 and the recall of the graph's lists against the exact ones at each K (the share of the exact
-top-K items the graph's top-K holds).
+top-K items the graph's top-K holds; and with ties, counting a graph item whose score reaches
+the exact K-th score), at each ``--ef-per-result``.
 
     .venv/bin/python benchmarks/transformer_graph.py outputs/demo/<run>/models/transformer
     .venv/bin/python benchmarks/transformer_graph.py /tmp/graph30m --demo-events 30000000
@@ -32,7 +33,8 @@ import numpy as np
 import pandas as pd
 from record import append_run  # benchmarks/, the script's folder, is on sys.path
 
-from models.columns import ITEM, USER
+from models import ann
+from models.columns import ITEM, SCORE, USER
 from models.transformer import SequentialTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +52,17 @@ def timed_lists(model: SequentialTransformer, users: list[str], k: int, exact: b
     return recs, statistics.median(walls) * 1000 / len(users)
 
 
-def recall(graph: pd.DataFrame, exact: pd.DataFrame, k: int) -> float:
-    """Share of the exact top-``k`` pairs that the graph's top-``k`` holds."""
-    want = exact[exact["rank"] <= k][[USER, ITEM]]
-    got = graph[graph["rank"] <= k][[USER, ITEM]]
-    return len(want.merge(got, on=[USER, ITEM])) / max(len(want), 1)
+def recall(graph: pd.DataFrame, exact: pd.DataFrame, k: int) -> tuple[float, float]:
+    """Share of the exact top-``k`` pairs that the graph's top-``k`` holds; and the same with
+    ties: a graph item whose score reaches the exact ``k``-th score counts (items of equal
+    vectors, such as catalogue items with the same text and no events, tie)."""
+    want = exact[exact["rank"] <= k]
+    got = graph[graph["rank"] <= k]
+    same = len(want[[USER, ITEM]].merge(got[[USER, ITEM]], on=[USER, ITEM]))
+    kth = want.groupby(USER)[SCORE].min().rename("kth")
+    reached = got.join(kth, on=USER)
+    tied = int((reached[SCORE] >= reached["kth"] - 1e-4 * reached["kth"].abs().clip(1)).sum())
+    return same / max(len(want), 1), tied / max(len(want), 1)
 
 
 def demo_model(folder: Path, events: int, users: int, epochs: int) -> None:
@@ -81,6 +89,8 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[200, 20], help="K (200 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way (3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ef-per-result", type=int, nargs="+", default=[ann.EF_PER_RESULT],
+                        help="graph candidates per wanted item (efSearch / n), each measured")
     parser.add_argument("--demo-events", type=int, default=None,
                         help="make the model first: the demo shop's catalogue at this size")
     parser.add_argument("--train-users", type=int, default=5000,
@@ -99,18 +109,24 @@ def main() -> None:
     start = time.perf_counter()
     model._item_graph()
     build_s = time.perf_counter() - start
-    graph, graph_s = timed_lists(model, users, k, False, args.repeats)
-    recalls = {f"recall@{n}": recall(graph, exact, n) for n in sorted(args.ks, reverse=True)}
     items, dims = len(model.item_ids_), model.config.hidden_size
-    print(f"\n{items:,} items x {dims} dims, {len(users):,} users, seen items excluded\n")  # noqa: T201
-    print("| way | build s | s per 1,000 users (median) | "  # noqa: T201
-          + " | ".join(recalls) + " |\n|---|---:|---:|" + "---:|" * len(recalls))
-    print(f"| every item scored | | {exact_s:.2f} | " + " | ".join("1" for _ in recalls)  # noqa: T201
+    names = [f"recall@{n}" for n in sorted(args.ks, reverse=True)]
+    print(f"\n{items:,} items x {dims} dims, {len(users):,} users, seen items excluded; graph "  # noqa: T201
+          f"built in {build_s:.1f} s\n")
+    print("| way | s per 1,000 users (median) | " + " | ".join(  # noqa: T201
+        f"{n} | {n} with ties" for n in names) + " |\n|---|---:|" + "---:|" * 2 * len(names))
+    print(f"| every item scored | {exact_s:.2f} | " + " | ".join("1 | 1" for _ in names)  # noqa: T201
           + " |")
-    print(f"| HNSW graph | {build_s:.1f} | {graph_s:.2f} | "  # noqa: T201
-          + " | ".join(f"{v:.4f}" for v in recalls.values()) + " |")
+    rows = []
+    for ef in args.ef_per_result:
+        ann.EF_PER_RESULT = ef
+        graph, graph_s = timed_lists(model, users, k, False, args.repeats)
+        recalls = {name: recall(graph, exact, int(name.split("@")[1])) for name in names}
+        rows.append({"ef_per_result": ef, "graph_s_per_1000": graph_s, **recalls})
+        print(f"| HNSW graph, efSearch {ef} x n | {graph_s:.2f} | " + " | ".join(  # noqa: T201
+            f"{plain:.4f} | {tied:.4f}" for plain, tied in recalls.values()) + " |")
     append_run(RESULTS, model=str(args.model), items=items, dims=dims, users=len(users),
-               exact_s_per_1000=exact_s, graph_s_per_1000=graph_s, build_s=build_s, **recalls)
+               exact_s_per_1000=exact_s, build_s=build_s, rows=rows)
 
 
 if __name__ == "__main__":

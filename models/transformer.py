@@ -341,11 +341,21 @@ class SequentialTransformer:
 
     @torch.no_grad()
     def _graph_base(self) -> np.ndarray:
-        """The item table (no padding row) with the offset column, ``(n_items, d + 1)``."""
+        """The rows of the item graph, ``(n_items, d + 2)``, all of one norm.
+
+        Each item's vector (no padding row), its offset column, and a last column that brings
+        every row to the largest row's norm: a query ``(state, 1, 0)`` then has the item's
+        score as inner product, and on rows of one norm the inner product orders as the cosine,
+        which an HNSW graph searches well (on the raw rows, whose norms differ, it finds half
+        of the best 200 items of a 500,000-item table; ``benchmarks/transformer_graph.py``).
+        """
         table = self.model_.item_table()[1:].float().cpu().numpy()
         offsets = np.zeros((len(table), 1), dtype=np.float32)
         offsets[self.n_event_items_:] = self.config.new_item_offset
-        return np.hstack([table, offsets])
+        rows = np.hstack([table, offsets]).astype(np.float64)
+        squares = (rows**2).sum(axis=1, keepdims=True)
+        lift = np.sqrt(np.maximum(squares.max() - squares, 0.0))
+        return np.hstack([rows, lift]).astype(np.float32)
 
     def _graph_top(self, graph: Graph, seqs: seqdata.Sequences, rows: np.ndarray,
                    positions: np.ndarray, k: int, exclude_seen: bool) -> tuple[np.ndarray, ...]:
@@ -355,7 +365,8 @@ class SequentialTransformer:
         remain once the seen ones are removed.
         """
         states = self._states(seqs, rows).cpu().numpy()
-        queries = np.hstack([states, np.ones((len(rows), 1), dtype=np.float32)])
+        queries = np.hstack([states, np.ones((len(rows), 1), dtype=np.float32),
+                             np.zeros((len(rows), 1), dtype=np.float32)])
         width = np.int64(len(self.item_ids_) + 1)
         seen = np.empty(0, dtype=np.int64)
         if exclude_seen:
