@@ -7,7 +7,7 @@ computes each user's exact top-``K`` (every item scored) and the graph's
 prints the graph's build time, the time per 1,000 users of each way (median of ``--repeats``)
 and the recall of the graph's lists against the exact ones at each K (the share of the exact
 top-K items the graph's top-K holds; and with ties, counting a graph item whose score reaches
-the exact K-th score), at each ``--ef-per-result``.
+the exact K-th score), for each graph (``--ef-construction``) at each ``--ef-per-result``.
 
     .venv/bin/python benchmarks/transformer_graph.py outputs/demo/<run>/models/transformer
     .venv/bin/python benchmarks/transformer_graph.py /tmp/graph30m --demo-events 30000000
@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from record import append_run  # benchmarks/, the script's folder, is on sys.path
 
-from models import ann
+from models import transformer as transformer_module
 from models.columns import ITEM, SCORE, USER
 from models.transformer import SequentialTransformer
 
@@ -89,8 +89,12 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[200, 20], help="K (200 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each way (3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ef-per-result", type=int, nargs="+", default=[ann.EF_PER_RESULT],
+    parser.add_argument("--ef-per-result", type=int, nargs="+",
+                        default=[transformer_module.GRAPH_EF_PER_RESULT],
                         help="graph candidates per wanted item (efSearch / n), each measured")
+    parser.add_argument("--ef-construction", type=int, nargs="+",
+                        default=[transformer_module.GRAPH_EF_CONSTRUCTION],
+                        help="graph candidates while linking an item, each built and measured")
     parser.add_argument("--demo-events", type=int, default=None,
                         help="make the model first: the demo shop's catalogue at this size")
     parser.add_argument("--train-users", type=int, default=5000,
@@ -106,27 +110,32 @@ def main() -> None:
     k = max(args.ks)
     exact, exact_s = timed_lists(model, users, k, True, args.repeats)
     model.config = dataclasses.replace(model.config, ann_min_items=1)
-    start = time.perf_counter()
-    model._item_graph()
-    build_s = time.perf_counter() - start
     items, dims = len(model.item_ids_), model.config.hidden_size
     names = [f"recall@{n}" for n in sorted(args.ks, reverse=True)]
-    print(f"\n{items:,} items x {dims} dims, {len(users):,} users, seen items excluded; graph "  # noqa: T201
-          f"built in {build_s:.1f} s\n")
-    print("| way | s per 1,000 users (median) | " + " | ".join(  # noqa: T201
-        f"{n} | {n} with ties" for n in names) + " |\n|---|---:|" + "---:|" * 2 * len(names))
-    print(f"| every item scored | {exact_s:.2f} | " + " | ".join("1 | 1" for _ in names)  # noqa: T201
+    print(f"\n{items:,} items x {dims} dims, {len(users):,} users, seen items excluded\n")  # noqa: T201
+    print("| way | build s | s per 1,000 users (median) | " + " | ".join(  # noqa: T201
+        f"{n} | {n} with ties" for n in names) + " |\n|---|---:|---:|"
+        + "---:|" * 2 * len(names))
+    print(f"| every item scored | | {exact_s:.2f} | " + " | ".join("1 | 1" for _ in names)  # noqa: T201
           + " |")
     rows = []
-    for ef in args.ef_per_result:
-        ann.EF_PER_RESULT = ef
-        graph, graph_s = timed_lists(model, users, k, False, args.repeats)
-        recalls = {name: recall(graph, exact, int(name.split("@")[1])) for name in names}
-        rows.append({"ef_per_result": ef, "graph_s_per_1000": graph_s, **recalls})
-        print(f"| HNSW graph, efSearch {ef} x n | {graph_s:.2f} | " + " | ".join(  # noqa: T201
-            f"{plain:.4f} | {tied:.4f}" for plain, tied in recalls.values()) + " |")
+    for construction in args.ef_construction:
+        transformer_module.GRAPH_EF_CONSTRUCTION = construction
+        model.__dict__.pop("graph_key_", None)
+        start = time.perf_counter()
+        model._item_graph()
+        build_s = time.perf_counter() - start
+        for ef in args.ef_per_result:
+            model.graph_.ef_per_result = ef
+            graph, graph_s = timed_lists(model, users, k, False, args.repeats)
+            recalls = {name: recall(graph, exact, int(name.split("@")[1])) for name in names}
+            rows.append({"ef_construction": construction, "ef_per_result": ef,
+                         "build_s": build_s, "graph_s_per_1000": graph_s, **recalls})
+            print(f"| HNSW graph, efConstruction {construction}, efSearch {ef} x n | "  # noqa: T201
+                  f"{build_s:.0f} | {graph_s:.2f} | " + " | ".join(
+                      f"{plain:.4f} | {tied:.4f}" for plain, tied in recalls.values()) + " |")
     append_run(RESULTS, model=str(args.model), items=items, dims=dims, users=len(users),
-               exact_s_per_1000=exact_s, build_s=build_s, rows=rows)
+               exact_s_per_1000=exact_s, rows=rows)
 
 
 if __name__ == "__main__":

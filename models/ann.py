@@ -82,14 +82,18 @@ class Graph:
     so that another process reads it instead of building it again.
     """
 
-    def __init__(self, base: np.ndarray, index: Any = None) -> None:
+    def __init__(self, base: np.ndarray, index: Any = None, *,
+                 ef_construction: int = EF_CONSTRUCTION, ef_per_result: int = EF_PER_RESULT
+                 ) -> None:
         self.base = np.ascontiguousarray(base, dtype=np.float32)
-        self.index = _hnsw(self.base) if index is None else index
+        self.index = _hnsw(self.base, ef_construction) if index is None else index
+        self.ef_per_result = ef_per_result
 
     def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """:func:`nearest`'s answer from the graph: ``(indices, scores)``, best first."""
-        return _checked(queries, n, search=partial(_approximate, index=self.index,
-                                                   base=self.base), dims=self.base.shape[1])
+        return _checked(queries, n, search=partial(
+            _approximate, index=self.index, base=self.base, ef_per_result=self.ef_per_result),
+            dims=self.base.shape[1])
 
     def save(self, path: Path) -> None:
         """Write the graph (faiss's index format) to ``path``."""
@@ -98,7 +102,7 @@ class Graph:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path, base: np.ndarray) -> Graph:
+    def load(cls, path: Path, base: np.ndarray, ef_per_result: int = EF_PER_RESULT) -> Graph:
         """The graph written to ``path`` over ``base``'s rows.
 
         Raises:
@@ -110,7 +114,7 @@ class Graph:
         if (index.ntotal, index.d) != base.shape:
             raise DataError(f"{path} is a graph over {index.ntotal} rows of {index.d} dims, not "
                             f"{base.shape[0]} of {base.shape[1]}: build it again.")
-        return cls(base, index)
+        return cls(base, index, ef_per_result=ef_per_result)
 
 
 def _checked(queries: np.ndarray, n: int, *, search: Search, dims: int
@@ -139,13 +143,13 @@ def _exact(queries: np.ndarray, n: int, *, base: np.ndarray) -> tuple[np.ndarray
     return index, score
 
 
-def _hnsw(base: np.ndarray) -> Any:
+def _hnsw(base: np.ndarray, ef_construction: int = EF_CONSTRUCTION) -> Any:
     """An HNSW graph over the inner product of ``base``'s rows, built on one thread."""
     import faiss
 
     started = time.perf_counter()
     index = faiss.IndexHNSWFlat(base.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = EF_CONSTRUCTION
+    index.hnsw.efConstruction = ef_construction
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -157,15 +161,15 @@ def _hnsw(base: np.ndarray) -> Any:
     return index
 
 
-def _approximate(queries: np.ndarray, n: int, *, index: Any, base: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _approximate(queries: np.ndarray, n: int, *, index: Any, base: np.ndarray,
+                 ef_per_result: int = EF_PER_RESULT) -> tuple[np.ndarray, np.ndarray]:
     """The graph's answer; a query it cannot fill with ``n`` rows is answered exactly."""
     import faiss
 
     n = min(n, base.shape[0])
     if n == 0 or queries.shape[0] == 0:
         return _exact(queries, n, base=base)
-    params = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, EF_PER_RESULT * n))
+    params = faiss.SearchParametersHNSW(efSearch=max(EF_SEARCH, ef_per_result * n))
     score, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), n,
                                 params=params)
     short = (found < 0).any(axis=1)

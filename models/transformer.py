@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 SESSION_GAPS = (86_400.0, 60.0)
 # Floats in one (users x catalogue) block of scores: 256 MiB, whatever the catalogue's size.
 GRAPH_FILE = "item_graph.faiss"  # the HNSW graph of the item table, with ann_min_items
+GRAPH_EF_CONSTRUCTION = 80
+"""Candidates kept while an item is linked into the graph (faiss's efConstruction)."""
+GRAPH_EF_PER_RESULT = 3
+"""Candidates a search keeps per wanted item (efSearch / n)."""
 SCORE_BLOCK = 1 << 26
 """Seconds assumed before a live session's first item and between its items."""
 
@@ -327,7 +331,8 @@ class SequentialTransformer:
             return None
         offset = float(self.config.new_item_offset)
         if getattr(self, "graph_key_", None) != (offset, self._weights_version()):
-            self.graph_ = Graph(self._graph_base())
+            self.graph_ = Graph(self._graph_base(), ef_construction=GRAPH_EF_CONSTRUCTION,
+                                ef_per_result=GRAPH_EF_PER_RESULT)
             self.graph_offset_ = offset
             self.graph_key_ = (offset, self._weights_version())
         return self.graph_
@@ -509,7 +514,8 @@ class SequentialTransformer:
         model.model_.eval()
         if (path / GRAPH_FILE).is_file() and meta.get("graph_offset") == float(
                 model.config.new_item_offset):
-            model.graph_ = Graph.load(path / GRAPH_FILE, model._graph_base())
+            model.graph_ = Graph.load(path / GRAPH_FILE, model._graph_base(),
+                                      GRAPH_EF_PER_RESULT)
             model.graph_offset_ = meta["graph_offset"]
             model.graph_key_ = (model.graph_offset_, model._weights_version())
         return model
