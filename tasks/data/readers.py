@@ -176,12 +176,8 @@ def read_csv(
     null_values: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """Read the ``required`` and present ``optional`` columns of a CSV file, all as text."""
-    with reading(path):
-        frame = csv_scan(path, required, optional, separator, new_columns,
-                          null_values).collect()
-    if frame.is_empty():
-        raise empty_error(path)
-    return frame
+    lazy = csv_scan(path, required, optional, separator, new_columns, null_values)
+    return next(scan_batches(lazy, path, "CSV", None))
 
 
 def scan_batches(lazy: pl.LazyFrame, path: Path, kind: str, rows: int | None
