@@ -218,7 +218,9 @@ def test_the_report_states_the_catalogue_rows_dropped_as_exact_copies(
 
 
 STREAMED_SAMPLES = {"taobao": "taobao_userbehavior_sample", "rees46": "rees46_sample",
-                    "hm": "hm_sample"}
+                    "hm": "hm_sample", "diginetica": "diginetica",
+                    "uci-retail": "uci_online_retail_sample", "s3rec": "amazon_s3rec",
+                    "rechorus": "amazon_grocery_rechorus"}
 
 
 def per_user(events: pl.DataFrame) -> pl.DataFrame:
@@ -227,7 +229,7 @@ def per_user(events: pl.DataFrame) -> pl.DataFrame:
 
 
 @pytest.mark.parametrize("fmt", sorted(STREAMED_SAMPLES))
-def test_a_format_read_row_by_row_is_sharded_a_batch_at_a_time(
+def test_every_format_is_sharded_a_batch_at_a_time(
     prefect_server: None, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     fmt: str
 ) -> None:
@@ -243,7 +245,7 @@ def test_a_format_read_row_by_row_is_sharded_a_batch_at_a_time(
     data = load_flow(source, fmt, tmp_path / "runs" / "one", 3)
 
     assert len(written) > 1
-    assert max(written) <= 700
+    assert max(written) <= 700 or fmt == "s3rec"  # an s3rec raw row is a user's line of items
     assert per_user(assert_partitioned(data)).equals(per_user(expected.events))
     assert pl.read_parquet(data.items).equals(expected.items)
 

@@ -51,16 +51,13 @@ from tasks.data.formats import (
     collect,
     expects,
     file_stem,
-    load_diginetica,
-    load_hm,
-    load_rechorus,
-    load_rees46,
-    load_s3rec,
-    load_taobao,
-    load_uci,
+    stream_diginetica,
     stream_hm,
+    stream_rechorus,
     stream_rees46,
+    stream_s3rec,
     stream_taobao,
+    stream_uci,
 )
 from tasks.data.readers import (
     apply_column_map,
@@ -115,7 +112,7 @@ def load_raw(
     """
     path, opts, notes = _checked(path, fmt, column_map, event_map)
     with _explained(fmt):
-        raw = _LOADERS[fmt](path, opts)
+        raw = collect(READERS[fmt](path, opts, None))
     raw.notes[:0] = notes
     if raw.items is not None:
         raw.items, raw.dropped_item_duplicates = drop_repeated_rows(
@@ -135,17 +132,14 @@ def stream_raw(
     column_map: dict[str, str] | None,
     event_map: dict[str, str] | None,
     rows: int,
-) -> Stream | None:
-    """:func:`load_raw`'s events about ``rows`` raw rows at a time, or None.
+) -> Stream:
+    """:func:`load_raw`'s events about ``rows`` raw rows at a time.
 
-    None for the formats not in :data:`STREAMED` (:func:`load_raw` reads them whole). The
-    stream's items are as :func:`load_raw` reads them, before exact copies are dropped.
+    The stream's items are as :func:`load_raw` reads them, before exact copies are dropped.
     """
     path, opts, notes = _checked(path, fmt, column_map, event_map)
-    if fmt not in STREAMED:
-        return None
     with _explained(fmt):
-        stream = STREAMED[fmt](path, opts, rows)
+        stream = READERS[fmt](path, opts, rows)
     finish = stream.finish
 
     def finish_with_notes() -> tuple[pl.DataFrame | None, list[str]]:
@@ -246,10 +240,6 @@ def _catalogue(file: Path, column_map: Mapping[str, str]) -> pl.DataFrame:
     return finish_items(frame)
 
 
-def _load_generic(path: Path, opts: Options) -> RawData:
-    return collect(_stream_generic(path, opts, None))
-
-
 def _stream_generic(path: Path, opts: Options, rows: int | None) -> Stream:
     """The ``csv``/``parquet`` events about ``rows`` rows at a time (a folder of shards whole)."""
     events_file, items_file = _generic_files(path, opts.fmt)
@@ -279,14 +269,10 @@ def _stream_generic(path: Path, opts: Options, rows: int | None) -> Stream:
     return Stream(file_stem(path), scans, batches(), finish)
 
 
-STREAMED: dict[str, Callable[[Path, Options, int | None], Stream]] = {
-    "taobao": stream_taobao, "rees46": stream_rees46, "hm": stream_hm,
-    "csv": _stream_generic, "parquet": _stream_generic,
+READERS: dict[str, Callable[[Path, Options, int | None], Stream]] = {
+    "taobao": stream_taobao, "rees46": stream_rees46, "diginetica": stream_diginetica,
+    "hm": stream_hm, "s3rec": stream_s3rec, "uci-retail": stream_uci,
+    "rechorus": stream_rechorus, "csv": _stream_generic, "parquet": _stream_generic,
 }
-"""The formats read row by row, so :func:`stream_raw` reads them a batch at a time."""
-
-_LOADERS: dict[str, Callable[[Path, Options], RawData]] = {
-    "taobao": load_taobao, "rees46": load_rees46, "diginetica": load_diginetica,
-    "hm": load_hm, "s3rec": load_s3rec, "uci-retail": load_uci, "rechorus": load_rechorus,
-    "csv": _load_generic, "parquet": _load_generic,
-}
+"""The reader of each format: its events a batch of raw rows at a time (None: each file whole,
+as :func:`load_raw` reads them)."""

@@ -268,17 +268,6 @@ def dropped_note(name: str, count: int, source: str) -> str:
     return f"dropped {count:,} '{name}' events of {source} (no canonical event type)"
 
 
-def first_per_item(frame: pl.DataFrame) -> pl.DataFrame:
-    """Keep one row per item: the first non-missing value of every other column.
-
-    ``frame`` is in time order. The first values were known when the item first appeared, so a
-    model fitted on any history that holds the item sees none from after that history (the last
-    values would carry later prices and categories back into every earlier window).
-    """
-    others = [column for column in frame.columns if column != ITEM]
-    return frame.group_by(ITEM, maintain_order=True).agg(pl.col(others).drop_nulls().first())
-
-
 def _select_cast(frame: pl.DataFrame, columns: Sequence[str], dtypes: Mapping[str, str]
                  ) -> pl.DataFrame:
     present = [column for column in columns if column in frame.columns]

@@ -43,7 +43,6 @@ from tasks.data.conversions import (
     dropped_note,
     finish_events,
     finish_items,
-    first_per_item,
     map_event_types,
     to_int,
 )
@@ -167,9 +166,10 @@ class FirstValues:
     """The first non-missing value of every column per item, over batches of rows.
 
     Rows are ordered by ``time`` when given, then by arrival, so each value is the one known when
-    the item first appeared (:func:`~tasks.data.conversions.first_per_item` of the whole table);
-    the items come in the order of their first row. Memory follows the catalogue, not the log:
-    each batch is reduced to a row per item as it arrives.
+    the item first appeared: a model fitted on any history that holds the item sees none from
+    after that history (the last values would carry later prices and categories back into every
+    earlier window). The items come in the order of their first row. Memory follows the
+    catalogue, not the log: each batch is reduced to a row per item as it arrives.
     """
 
     _ROW = "__row"
@@ -223,13 +223,11 @@ def purchases(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(pl.lit(PURCHASE).alias(EVENT_TYPE))
 
 
-def load_taobao(path: Path, opts: Options) -> RawData:
-    """Taobao UserBehavior: pv/cart/fav/buy events with epoch-second timestamps."""
-    return collect(stream_taobao(path, opts, None))
-
-
 def stream_taobao(path: Path, opts: Options, rows: int | None) -> Stream:
-    """:func:`load_taobao` about ``rows`` raw rows at a time (None: the file at once)."""
+    """Taobao UserBehavior: pv/cart/fav/buy events with epoch-second timestamps.
+
+    Read about ``rows`` raw rows at a time (None: the file at once).
+    """
     patterns = ("UserBehavior*.csv.gz", "UserBehavior*.csv", "*.csv.gz", "*.csv")
     file = locate(path, patterns, expects("taobao"))
     headless = first_line(file).split(",")[0].strip().isdigit()  # the original file has none
@@ -253,13 +251,10 @@ def stream_taobao(path: Path, opts: Options, rows: int | None) -> Stream:
     return Stream("taobao", [(scan, file, "CSV")], batches(), finish)
 
 
-def load_rees46(path: Path, opts: Options) -> RawData:
-    """REES46 monthly files: events with sessions, prices, categories and brands."""
-    return collect(stream_rees46(path, opts, None))
-
-
 def stream_rees46(path: Path, opts: Options, rows: int | None) -> Stream:
-    """:func:`load_rees46` about ``rows`` raw rows at a time (None: each file at once).
+    """REES46 monthly files: events with sessions, prices, categories and brands.
+
+    Read about ``rows`` raw rows at a time (None: each file at once).
 
     The files are read in name order; a column some files lack is missing in their rows.
     """
@@ -313,43 +308,62 @@ def _diginetica_files(path: Path) -> dict[str, Path | None]:
     return files
 
 
-def _diginetica_events(file: Path, event_type: str) -> tuple[pl.DataFrame, list[str]]:
+def _diginetica_events(raw: pl.DataFrame, file: Path, event_type: str, counts: Counter[str]
+                       ) -> pl.DataFrame:
+    """A batch of a DIGINETICA events file, canonical.
+
+    Adds the batch's rows, anonymous rows and timeframes of a day or more to ``counts``.
+    """
     session, user, item = _DIGINETICA_COLUMNS[event_type]
-    required = (session, user, item, "timeframe", "eventdate")
-    raw = read_csv(file, required, separator=";", null_values=["NA", ""])
     spec = {SESSION: session, USER: user, ITEM: item, TIMESTAMP: "eventdate"}
     frame = convert(raw, str(file), spec, ("%Y-%m-%d",))
     offset = to_int(raw["timeframe"], str(file))
-    anonymous, long = frame[USER].is_null().sum(), (offset >= _DAY_MS).sum()
-    frame = frame.with_columns(
+    counts.update({"rows": frame.height, "anonymous": frame[USER].is_null().sum(),
+                   "long": (offset >= _DAY_MS).sum()})
+    return frame.with_columns(
         pl.coalesce(USER, pl.lit("s") + pl.col(SESSION)).alias(USER),
         (pl.col(TIMESTAMP) + pl.duration(milliseconds=offset % _DAY_MS)).alias(TIMESTAMP),
         pl.lit(event_type).alias(EVENT_TYPE),
     )
-    notes = [f"{anonymous:,} of {frame.height:,} rows of {file.name} have no user id (NA): "
-             "their session is the user ('s<sessionId>')"]
-    if long:  # eventdate is the event's own day (order numbers agree), so stay on that day
-        notes.append(f"{long:,} rows of {file.name} have a timeframe of a day or more: only "
-                     "its time-of-day part is added to eventdate")
-    return frame, notes
 
 
-def load_diginetica(path: Path, opts: Options) -> RawData:
-    """DIGINETICA: item views and purchases of sessions, with product categories."""
+def stream_diginetica(path: Path, opts: Options, rows: int | None) -> Stream:
+    """DIGINETICA: item views and purchases of sessions, with product categories.
+
+    Read about ``rows`` raw rows at a time (None: each file at once).
+    """
     files = _diginetica_files(path)
-    frames, notes = [], []
+    parts = []
     for kind, event_type in (("purchases", PURCHASE), ("views", VIEW)):
         if (file := files[kind]) is not None:
-            frame, file_notes = _diginetica_events(file, event_type)
-            frames.append(finish_events(frame))
-            notes += file_notes
-    items = None
-    if (categories := files["categories"]) is not None:
-        raw = read_csv(categories, ("itemId", "categoryId"), separator=";")
-        spec = {ITEM: "itemId", CATEGORY: "categoryId"}
-        items = finish_items(convert(raw, str(categories), spec))
-    notes.append("timestamp = eventdate (day) + timeframe (ms since the session start)")
-    return RawData(finish_events(pl.concat(frames)), items, "diginetica", notes=notes)
+            session, user, item = _DIGINETICA_COLUMNS[event_type]
+            scan = csv_scan(file, (session, user, item, "timeframe", "eventdate"),
+                            separator=";", null_values=["NA", ""])
+            parts.append((scan, file, event_type, Counter[str]()))
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for scan, file, event_type, counts in parts:
+            for raw in scan_batches(scan, file, "CSV", rows):
+                yield finish_events(_diginetica_events(raw, file, event_type, counts))
+
+    def finish() -> tuple[pl.DataFrame | None, list[str]]:
+        notes = []
+        for _, file, _, counts in parts:
+            notes.append(f"{counts['anonymous']:,} of {counts['rows']:,} rows of {file.name} "
+                         "have no user id (NA): their session is the user ('s<sessionId>')")
+            if counts["long"]:  # eventdate is the event's own day (order numbers agree)
+                notes.append(f"{counts['long']:,} rows of {file.name} have a timeframe of a day "
+                             "or more: only its time-of-day part is added to eventdate")
+        items = None
+        if (categories := files["categories"]) is not None:
+            raw = read_csv(categories, ("itemId", "categoryId"), separator=";")
+            spec = {ITEM: "itemId", CATEGORY: "categoryId"}
+            items = finish_items(convert(raw, str(categories), spec))
+        notes.append("timestamp = eventdate (day) + timeframe (ms since the session start)")
+        return items, notes
+
+    return Stream("diginetica", [(scan, file, "CSV") for scan, file, _, _ in parts], batches(),
+                  finish)
 
 
 def _hm_items(file: Path) -> pl.DataFrame:
@@ -365,13 +379,11 @@ def _hm_items(file: Path) -> pl.DataFrame:
     return finish_items(pl.concat([frame, raw.select(extra)], how="horizontal"))
 
 
-def load_hm(path: Path, opts: Options) -> RawData:
-    """H&M transactions (purchases by day) with the articles' attributes."""
-    return collect(stream_hm(path, opts, None))
-
-
 def stream_hm(path: Path, opts: Options, rows: int | None) -> Stream:
-    """:func:`load_hm` about ``rows`` transactions at a time (None: the file at once)."""
+    """H&M transactions (purchases by day) with the articles' attributes.
+
+    Read about ``rows`` transactions at a time (None: the file at once).
+    """
     patterns = ("transactions_train*.csv.gz", "transactions_train*.csv", "transactions*.csv*")
     file = locate(path, patterns, expects("hm"))
     scan = csv_scan(file, ("t_dat", "customer_id", "article_id"), ("price",))
@@ -418,69 +430,117 @@ def _s3rec_items(file: Path) -> pl.DataFrame:
     return finish_items(pl.DataFrame({ITEM: list(data), ATTRIBUTES: attributes}, schema=schema))
 
 
-def load_s3rec(path: Path, opts: Options) -> RawData:
-    """S3-Rec (Amazon): ordered item sequences per user with item attributes."""
+def stream_s3rec(path: Path, opts: Options, rows: int | None) -> Stream:
+    """S3-Rec (Amazon): ordered item sequences per user with item attributes.
+
+    Read about ``rows`` lines at a time (None: the file at once).
+
+    A user's n-th item is numbered across batches (a user on several lines continues).
+    """
     file = locate(path, ("*.txt.gz", "*.txt"), expects("s3rec"), exclude="_sample")
     with reading(file):  # one text column per line: \x1f does not occur in these files
         lines = pl.scan_csv(file, has_header=False, separator="\x1f", quote_char=None,
-                            new_columns=["line"], infer_schema=False).collect()
+                            new_columns=["line"], infer_schema=False)
     tokens = pl.col("line").str.extract_all(r"\S+")
-    frame = lines.select(tokens.list.first().alias(USER), tokens.list.slice(1).alias(ITEM))
-    frame = frame.explode(ITEM).drop_nulls(ITEM)  # a line without items gives no events
-    if frame.is_empty():
-        raise empty_error(file)
-    position = pl.int_range(pl.len()).over(USER)
-    frame = purchases(frame).with_columns(
-        (pl.lit(S3REC_BASE_TIME) + pl.duration(seconds=position)).alias(TIMESTAMP))
-    patterns = (f"{file_stem(file)}_item2attributes.json*", "*_item2attributes.json*")
-    attributes = find_beside(file, patterns)
-    notes = [f"no timestamps in {file.name}: each user's n-th item is at "
-             f"{S3REC_BASE_TIME:%Y-%m-%d} 00:00 UTC + n seconds (order only)"]
-    return RawData(finish_events(frame), _s3rec_items(attributes) if attributes else None,
-                   f"s3rec-{file_stem(file)}".lower(), ordered_only=True, notes=notes)
+    numbered = [pl.DataFrame(schema={USER: pl.String, "n": pl.Int64})]  # items so far per user
+
+    def batches() -> Iterator[pl.DataFrame]:
+        produced = False
+        for raw in scan_batches(lines, file, "CSV", rows):
+            frame = raw.select(tokens.list.first().alias(USER),
+                               tokens.list.slice(1).alias(ITEM))
+            frame = frame.explode(ITEM).drop_nulls(ITEM)  # a line without items: no events
+            if frame.is_empty():
+                continue
+            before = frame.join(numbered[0], on=USER, how="left")["n"].fill_null(0)
+            position = pl.int_range(pl.len()).over(USER) + before
+            frame = purchases(frame).with_columns(
+                (pl.lit(S3REC_BASE_TIME) + pl.duration(seconds=position)).alias(TIMESTAMP))
+            counts = frame.group_by(USER).len("n").with_columns(pl.col("n").cast(pl.Int64))
+            numbered[0] = pl.concat([numbered[0], counts]).group_by(USER).agg(pl.col("n").sum())
+            produced = True
+            yield finish_events(frame)
+        if not produced:
+            raise empty_error(file)
+
+    def finish() -> tuple[pl.DataFrame | None, list[str]]:
+        patterns = (f"{file_stem(file)}_item2attributes.json*", "*_item2attributes.json*")
+        attributes = find_beside(file, patterns)
+        notes = [f"no timestamps in {file.name}: each user's n-th item is at "
+                 f"{S3REC_BASE_TIME:%Y-%m-%d} 00:00 UTC + n seconds (order only)"]
+        return (_s3rec_items(attributes) if attributes else None), notes
+
+    return Stream(f"s3rec-{file_stem(file)}".lower(), [(lines, file, "CSV")], batches(), finish,
+                  ordered_only=True)
 
 
-def load_uci(path: Path, opts: Options) -> RawData:
-    """UCI Online Retail: invoice lines as purchases with quantities and prices."""
+def stream_uci(path: Path, opts: Options, rows: int | None) -> Stream:
+    """UCI Online Retail: invoice lines as purchases with quantities and prices.
+
+    Read about ``rows`` invoice lines at a time (None: the file at once).
+    """
     patterns = ("OnlineRetail*.csv*", "Online Retail*.csv*", "*.csv*")
     file = locate(path, patterns, expects("uci-retail"))
     required = ("InvoiceNo", "StockCode", "Quantity", "InvoiceDate", "CustomerID")
-    raw = read_csv(file, required, ("Description", "UnitPrice"))
-    raw = raw.with_columns(pl.col("CustomerID").str.strip_chars().str.replace(r"\.0+$", ""))
+    scan = csv_scan(file, required, ("Description", "UnitPrice"))
     spec = {USER: "CustomerID", ITEM: "StockCode", SESSION: "InvoiceNo", TITLE: "Description",
             TIMESTAMP: "InvoiceDate", PRICE: "UnitPrice", QUANTITY: "Quantity"}
-    frame = purchases(convert(raw, str(file), spec, _UCI_FORMATS))
-    priced = [pl.when(pl.col(PRICE) > 0).then(PRICE).alias(PRICE)] * (PRICE in frame.columns)
-    items = first_per_item(frame.sort(TIMESTAMP, maintain_order=True).select(
-        ITEM, *[TITLE] * (TITLE in frame.columns), *priced))
-    notes = []
-    for keep, what in (
+    drops = (
         (pl.col(USER).is_not_null(), "without CustomerID"),
         (~pl.col(SESSION).str.starts_with("C"), "of cancelled invoices (InvoiceNo 'C...')"),
         ((pl.col(QUANTITY) > 0).fill_null(True), "with a Quantity of zero or less"),
-    ):
-        before = frame.height
-        frame = frame.filter(keep.fill_null(True))
-        notes.append(f"dropped {before - frame.height:,} rows {what}")
-    return RawData(finish_events(frame), finish_items(items), "uci-retail", notes=notes)
+    )
+    firsts, dropped = FirstValues(TIMESTAMP), Counter[str]()
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for raw in scan_batches(scan, file, "CSV", rows):
+            raw = raw.with_columns(pl.col("CustomerID").str.strip_chars()
+                                   .str.replace(r"\.0+$", ""))
+            frame = purchases(convert(raw, str(file), spec, _UCI_FORMATS))
+            priced = [pl.when(pl.col(PRICE) > 0).then(PRICE).alias(PRICE)] * (
+                PRICE in frame.columns)
+            firsts.add(frame.select(ITEM, TIMESTAMP, *[TITLE] * (TITLE in frame.columns),
+                                    *priced))
+            for keep, what in drops:
+                before = frame.height
+                frame = frame.filter(keep.fill_null(True))
+                dropped[what] += before - frame.height
+            yield finish_events(frame)
+
+    def finish() -> tuple[pl.DataFrame, list[str]]:
+        notes = [f"dropped {dropped[what]:,} rows {what}" for _, what in drops]
+        return finish_items(firsts.table()), notes
+
+    return Stream("uci-retail", [(scan, file, "CSV")], batches(), finish)
 
 
-def load_rechorus(path: Path, opts: Options) -> RawData:
-    """ReChorus: tab-separated user, item, time interactions with item metadata."""
+def stream_rechorus(path: Path, opts: Options, rows: int | None) -> Stream:
+    """ReChorus: tab-separated user, item, time interactions with item metadata.
+
+    Read about ``rows`` interactions at a time (None: each file at once).
+    """
     files = [locate(path, ("train.csv.gz", "train.csv"), expects("rechorus"))]
     if path.is_dir():  # the full ReChorus layout adds each user's last two interactions
         files += [f for split in ("dev", "test") for f in find_files(path, (f"{split}.csv*",))[:1]]
-    raw = pl.concat([read_csv(f, ("user_id", "item_id", "time"), separator="\t") for f in files])
+    scans = [(csv_scan(f, ("user_id", "item_id", "time"), separator="\t"), f, "CSV")
+             for f in files]
     spec = {USER: "user_id", ITEM: "item_id", TIMESTAMP: "time"}
-    frame = purchases(convert(raw, str(path), spec))
-    items = None
-    if (meta := find_beside(path, ("item_meta.csv.gz", "item_meta.csv"))) is not None:
-        raw_items = read_csv(meta, ("item_id",), ("i_category",), separator="\t")
-        spec = {ITEM: "item_id", CATEGORY: "i_category"}
-        items = finish_items(convert(raw_items, str(meta), spec))
+
+    def batches() -> Iterator[pl.DataFrame]:
+        for scan, file, kind in scans:
+            for raw in scan_batches(scan, file, kind, rows):
+                yield finish_events(purchases(convert(raw, str(path), spec)))
+
+    def finish() -> tuple[pl.DataFrame | None, list[str]]:
+        items = None
+        if (meta := find_beside(path, ("item_meta.csv.gz", "item_meta.csv"))) is not None:
+            raw_items = read_csv(meta, ("item_id",), ("i_category",), separator="\t")
+            items = finish_items(convert(raw_items, str(meta), {ITEM: "item_id",
+                                                                CATEGORY: "i_category"}))
+        return items, [f"interactions from {', '.join(f.name for f in files)}"]
+
     folder = path if path.is_dir() else path.parent
-    notes = [f"interactions from {', '.join(f.name for f in files)}"]
-    return RawData(finish_events(frame), items, f"rechorus-{folder.name}".lower(), notes=notes)
+    return Stream(f"rechorus-{folder.name}".lower(), scans, batches(), finish)
 
 
 def expects(fmt: str) -> str:

@@ -10,13 +10,11 @@ shards (:mod:`tasks.data.shards`) instead of one file: ``workdir/events/shard-XX
   a batch of one input file at a time, into the number of shards asked for, unless it already is
   this module's shards by user (canonical columns, ``shard-00000.parquet`` ..., every user in
   its shard): those files are copied as they are (neither decoded nor re-sharded);
-* the formats read row by row (:data:`~tasks.data.adapters.STREAMED`: ``taobao``, ``rees46``,
-  ``hm``, a ``csv`` or ``parquet`` file) are read as a stream of batches of ``SLICE_ROWS`` raw
-  rows, each converted and written through :class:`~tasks.data.shards.ShardWriter`: memory
-  follows a batch and the catalogue, not the log;
-* the other formats (``diginetica``, ``s3rec``, ``uci-retail``, ``rechorus``) are read whole
-  by :func:`~tasks.data.adapters.load_raw` (memory follows the log), then written a slice at a
-  time.
+* every other source is read as a stream of batches of ``SLICE_ROWS`` raw rows
+  (:func:`~tasks.data.adapters.stream_raw`, the format's reader of
+  :data:`~tasks.data.adapters.READERS`), each converted and written through
+  :class:`~tasks.data.shards.ShardWriter`: memory follows a batch and the catalogue, not the
+  log.
 
 The run's shards may be replaced by later steps (validation rewrites a shard holding duplicates
 into a new file moved over it); they are never written in place, so a linked demo shard in the
@@ -37,7 +35,7 @@ from prefect import get_run_logger, task
 from models.columns import EVENT_TYPE, EVENT_TYPES, USER
 from models.errors import DataError
 from tasks import tracking
-from tasks.data.adapters import _generic_files, load_raw, read_items, stream_raw
+from tasks.data.adapters import _generic_files, read_items, stream_raw
 from tasks.data.conversions import drop_repeated_rows, has_event_schema
 from tasks.data.demo_data import write_demo_shop
 from tasks.data.prepare import DataPaths, shop_name
@@ -91,7 +89,6 @@ def _reshard_parquet(files: list[Path], events_dir: Path, n_shards: int,
                 continue
             stream = stream_raw(file, "parquet", column_map or None, event_map or None,
                                 SLICE_ROWS)
-            assert stream is not None  # parquet is read as a stream
             for events in stream.batches:
                 if schema is not None and events.schema != schema:
                     raise DataError(f"{file} has other columns or types than the event files "
@@ -171,15 +168,6 @@ def _sharded_as_ours(files: list[Path], n_shards: int | None) -> bool:
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
               column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
     stream = stream_raw(source, fmt, column_map or None, event_map or None, SLICE_ROWS)
-    if stream is None:  # a format read whole
-        raw = load_raw(source, fmt, column_map=column_map or None, event_map=event_map or None)
-        with ShardWriter(workdir / "events",
-                         n_shards or default_shards(raw.events.height)) as writer:
-            for part in raw.events.iter_slices(SLICE_ROWS):
-                writer.write(part)
-        if raw.items is not None:
-            raw.items.write_parquet(workdir / "items.parquet")
-        return _Loaded(source, raw.ordered_only, raw.notes, raw.dropped_item_duplicates)
     with ShardWriter(workdir / "events", n_shards or default_shards(stream.rows())) as writer:
         for events in stream.batches:
             writer.write(events)
@@ -198,8 +186,7 @@ def load_sharded(
 ) -> DataPaths:
     """Read raw data (or the demo shop) into event shards and an items table under ``workdir``.
 
-    The demo shop, a Parquet folder of event shards and the formats read row by row are written
-    a batch at a time; the others are read whole into memory first (see the module docstring).
+    Every source is written a batch at a time (see the module docstring).
 
     Args:
         path: A file or folder of the format ``fmt``; None for the demo shop.
