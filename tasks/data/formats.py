@@ -442,9 +442,10 @@ def stream_s3rec(path: Path, opts: Options, rows: int | None) -> Stream:
         lines = pl.scan_csv(file, has_header=False, separator="\x1f", quote_char=None,
                             new_columns=["line"], infer_schema=False)
     tokens = pl.col("line").str.extract_all(r"\S+")
-    numbered = [pl.DataFrame(schema={USER: pl.String, "n": pl.Int64})]  # items so far per user
+    numbered = pl.DataFrame(schema={USER: pl.String, "n": pl.Int64})  # items so far per user
 
     def batches() -> Iterator[pl.DataFrame]:
+        nonlocal numbered
         produced = False
         for raw in scan_batches(lines, file, "CSV", rows):
             frame = raw.select(tokens.list.first().alias(USER),
@@ -452,12 +453,13 @@ def stream_s3rec(path: Path, opts: Options, rows: int | None) -> Stream:
             frame = frame.explode(ITEM).drop_nulls(ITEM)  # a line without items: no events
             if frame.is_empty():
                 continue
-            before = frame.join(numbered[0], on=USER, how="left")["n"].fill_null(0)
+            before = frame.join(numbered, on=USER, how="left", maintain_order="left")["n"]
+            before = before.fill_null(0)
             position = pl.int_range(pl.len()).over(USER) + before
             frame = purchases(frame).with_columns(
                 (pl.lit(S3REC_BASE_TIME) + pl.duration(seconds=position)).alias(TIMESTAMP))
             counts = frame.group_by(USER).len("n").with_columns(pl.col("n").cast(pl.Int64))
-            numbered[0] = pl.concat([numbered[0], counts]).group_by(USER).agg(pl.col("n").sum())
+            numbered = pl.concat([numbered, counts]).group_by(USER).agg(pl.col("n").sum())
             produced = True
             yield finish_events(frame)
         if not produced:
