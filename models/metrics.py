@@ -312,6 +312,11 @@ def _count_items(sets: Sequence[object]) -> int:
     """The distinct items of the parts' sets: id series, or :func:`_item_set`'s codes."""
     if all(isinstance(found, pl.Series) for found in sets):  # parts without item_popularity
         return pl.concat(sets).n_unique()
+    if any(isinstance(found, pl.Series) for found in sets):
+        raise DataError("some parts hold their items as ids and others as codes (parts scored "
+                        "with and without item_popularity, or by two versions of shoprank, as "
+                        "a run resumed across an upgrade): score every part alike, or start "
+                        "the run afresh.")
     n_codes = sets[0]["n_codes"]
     mask = np.zeros(n_codes, dtype=bool)
     for found in sets:
