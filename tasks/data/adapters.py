@@ -244,8 +244,8 @@ def _stream_generic(path: Path, opts: Options, rows: int | None) -> Stream:
     """The ``csv``/``parquet`` events about ``rows`` rows at a time (a folder of shards whole)."""
     events_file, items_file = _generic_files(path, opts.fmt)
     scans = []
-    if events_file.is_dir() or rows is None:
-        tables: Iterator[pl.DataFrame] = (table for table in [read_table(events_file)])
+    if events_file.is_dir():  # a folder of shards: one table, read whole
+        tables: Iterator[pl.DataFrame] = iter([read_table(events_file)])
     else:
         lazy, kind = scan_table(events_file)
         scans.append((lazy, events_file, kind))

@@ -39,7 +39,7 @@ from tasks.data.adapters import _generic_files, read_items, stream_raw
 from tasks.data.conversions import drop_repeated_rows, has_event_schema
 from tasks.data.demo_data import write_demo_shop
 from tasks.data.prepare import DataPaths, shop_name
-from tasks.data.readers import find_files, reading
+from tasks.data.readers import count_rows, find_files, reading
 from tasks.data.shards import ShardWriter, shard_file, shard_of
 from tasks.resume import LOAD_CACHE
 
@@ -62,11 +62,7 @@ def demo_shard_source(root: Path, n_events: int, seed: int, n_shards: int) -> Pa
 
 
 def _rows(files: list[Path]) -> int:
-    total = 0
-    for file in files:
-        with reading(file, "Parquet"):
-            total += pl.scan_parquet(file).select(pl.len()).collect().item()
-    return total
+    return count_rows([(pl.scan_parquet(file), file, "Parquet") for file in files])
 
 
 def _link_shards(source: Path, folder: Path) -> None:
