@@ -338,9 +338,13 @@ class SequentialTransformer:
         if getattr(self, "graph_key_", None) != (offset, self._weights_version()):
             self.graph_ = Graph(self._graph_base(), ef_construction=GRAPH_EF_CONSTRUCTION,
                                 ef_per_result=GRAPH_EF_PER_RESULT)
-            self.graph_offset_ = offset
             self.graph_key_ = (offset, self._weights_version())
         return self.graph_
+
+    @property
+    def graph_offset_(self) -> float:
+        """The new-item offset the current item graph was built with."""
+        return self.graph_key_[0]
 
     def _weights_version(self) -> tuple[int, ...]:
         """A key that changes whenever a weight changes in place (a training step).
@@ -521,8 +525,7 @@ class SequentialTransformer:
                 model.config.new_item_offset):
             model.graph_ = Graph.load(path / GRAPH_FILE, model._graph_base(),
                                       GRAPH_EF_PER_RESULT)
-            model.graph_offset_ = meta["graph_offset"]
-            model.graph_key_ = (model.graph_offset_, model._weights_version())
+            model.graph_key_ = (meta["graph_offset"], model._weights_version())
         return model
 
 
