@@ -31,8 +31,18 @@ from tasks.release.registry import (
     get_version,
     metrics_payload,
 )
+from tasks.release.release_shards import register_evaluated
 
-register_task = task(name="register", cache_policy=NO_CACHE)(register_best)
+
+def register_release(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRun
+                     ) -> tuple[str, Any]:
+    """Register the run's evaluated copy: from its models (local) or its shards' lists (dask)."""
+    if run.engine == "dask":
+        return register_evaluated(scores, run)
+    return register_best(scores, run)
+
+
+register_task = task(name="register", cache_policy=NO_CACHE)(register_release)
 promote_task = task(name="promote-version", cache_policy=NO_CACHE)(promote_version)
 
 
@@ -76,7 +86,7 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
     result: dict[str, Any] = {"model": name, "version": version, "family": family,
                               "artifact_bytes": packaged.artifact_bytes,
                               "load_seconds": packaged.load_seconds, "decision": None}
-    if config.registry.promote:
+    if config.registry.promote and run.engine == "local":
         policy = policy_of(config.registry, config.evaluation.primary_metric,
                            config.serve.session_items)
         decision = promote_task(name, version, run.tracking_uri, policy, run.split_dir)

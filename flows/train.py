@@ -2,7 +2,8 @@
 
 With ``engine: dask`` the events are user shards and the subflow ``train-shards`` runs the
 per-shard tasks (validation, split, the baselines by map-reduce, the transformer from a sample,
-the ranker, with the transformer's candidates) on a Dask cluster; nothing is released yet.
+the ranker, with the transformer's candidates) on a Dask cluster, and the release works from the
+lists the shards' score tasks wrote (:mod:`tasks.release.release_shards`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tasks.evaluation.evaluate import (
 from tasks.evaluation.evaluate_shards import evaluate_baselines_sharded
 from tasks.ranking.rank_shards import evaluate_ranker_sharded
 from tasks.release.packaging import ReleaseRun, check_shop
+from tasks.release.release_shards import list_depth
 from tasks.resume import (
     DIGEST_TAG,
     FINGERPRINT_TAG,
@@ -106,9 +108,10 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
     exclude_seen = resolved_exclude_seen(config, protocol)
     n_items = catalogue_size(data)
     selection = config.evaluation.selection(config.seed)
+    depth = list_depth(config.serve.max_k) if config.registry.enabled else None  # the release's
     scores = evaluate_baselines_sharded(work / "split", config.evaluation.ks, n_items,
                                         exclude_seen, config.baselines.recent_days,
-                                        work / "baselines", selection)
+                                        work / "baselines", selection, depth)
     clock.done("baselines")
     uri = tracking.tracking_uri(config.tracking_uri)
     sequence = None
@@ -116,7 +119,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
         sequence = evaluate_transformer_sharded(
             work / "split", data.items, config.transformer.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, work / "transformer",
-            work / "baselines", run_id, uri, selection, config.evaluation.primary_metric)
+            work / "baselines", run_id, uri, selection, config.evaluation.primary_metric, depth)
         scores["transformer"] = {"valid": sequence["valid"], "test": sequence["test"]}
         clock.done("transformer")
     if config.ranker.enabled:
@@ -124,7 +127,7 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
             work / "split", data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
             config.dask.workers or default_workers(), run_id, uri, work / "baselines",
-            selection, sequence, config.transformer.settings(config.seed))
+            selection, sequence, config.transformer.settings(config.seed), depth)
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
@@ -154,12 +157,9 @@ class StageClock:
 
 
 def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path
-                  ) -> tuple[str, dict[str, Any]]:
-    """The ``dask`` engine's stages; returns the protocol and every model's metrics."""
+                  ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """The ``dask`` engine's stages: the protocol, every model's metrics and the release."""
     logger = get_run_logger()
-    if config.registry.enabled:
-        logger.warning("engine dask evaluates every model on shards but does not release one "
-                       "yet: run the release with engine local")
     if config.content.enabled:
         logger.warning("engine dask: no item vectors yet: the content model and its candidates "
                        "run with engine local only (content.enabled is ignored)")
@@ -174,7 +174,13 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
         for stage, metrics in stages.items():
             if name not in ("lgbm_ranker", "transformer"):  # logged with their plots
                 tracking.log_metrics(run_id, name, stage, metrics)
-    return result["protocol"], result["scores"]
+    release = None
+    if config.registry.enabled:
+        release = release_best_model(result["scores"], config, ReleaseRun(
+            run_id, tracking.tracking_uri(config.tracking_uri), workdir / "split", workdir,
+            data.name, data.fingerprint, result["protocol"], result["exclude_seen"],
+            config.model_dump(mode="json"), engine="dask", events=data.events, items=data.items))
+    return result["protocol"], result["scores"], release
 
 
 def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path, uri: str
@@ -288,7 +294,7 @@ def train(config: TrainConfig | None = None, resume: bool = False) -> dict[str, 
     uri = tracking.tracking_uri(config.tracking_uri)
     experiment_id = tracking.ensure_experiment(data.name, uri)
     client = MlflowClient(uri)
-    if config.registry.enabled and not sharded:  # before hours of training, not after
+    if config.registry.enabled:  # before hours of training, not after
         check_shop(client, config.registry.model_name, data.name)
     run_id = open_run(client, experiment_id, config, workdir, data.fingerprint, previous)
     logger.info("MLflow run %s in experiment %r at %s", run_id, data.name, uri)
@@ -298,7 +304,7 @@ def train(config: TrainConfig | None = None, resume: bool = False) -> dict[str, 
                                      data.source, data.fingerprint, data.rows)
         release = None
         if sharded:
-            protocol, scores = train_sharded(config, data, run_id, workdir)
+            protocol, scores, release = train_sharded(config, data, run_id, workdir)
             report = report_metrics(scores, protocol, run_id)
         else:
             protocol, scores, report, release = train_local(config, data, run_id, workdir, uri)

@@ -15,6 +15,9 @@ A *bundle* is a folder holding everything needed to answer a request without the
   memory-mapped), to tell a live session's new items from those the model has seen (bundles
   written before it existed have none: their users' whole sessions count);
 * ``manifest.json`` (family, settings) and ``config.json`` (the resolved training config);
+  a bundle of lists computed elsewhere (:meth:`ServingModel.build_from_lists`: the lists of a
+  model scored shard by shard on a cluster) has no ``model/`` and says ``lists_only``: its
+  requests are answered from the lists, deep ones too (fewer personal items, then trending);
 * ``catalogue/``, after a catalogue update (:mod:`models.catalogue`): items that are not
   available (never returned) and each item's nearest new items, which a live session's counted
   items propose (blended by ``catalogue.new_item_weight``).
@@ -155,6 +158,7 @@ class ServingModel:
         self.session_weight = float(manifest.get("session_weight", DEFAULT_SESSION_WEIGHT))
         self.list_depth = int(manifest.get("list_depth", LEGACY_LIST_DEPTH))
         self.session_model = bool(manifest.get("session_model", False))
+        self.lists_only = bool(manifest.get("lists_only", False))
         self.unavailable, links = read_catalogue_part(folder) if folder else (set(), None)
         self._new_links = None if links is None else SessionNeighbours(links)
         self.new_item_weight = float(manifest.get("catalogue", {}).get("new_item_weight", 0.0))
@@ -228,6 +232,52 @@ class ServingModel:
         (folder / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
         return folder
 
+    @staticmethod
+    def build_from_lists(
+        folder: Path,
+        *,
+        family: str,
+        lists: Path,
+        trending: pl.DataFrame,
+        neighbours: pl.DataFrame,
+        items: pl.Series,
+        history: Path | None = None,
+        config: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> Path:
+        """Write a bundle around lists already computed (a folder :class:`UserLists` opens).
+
+        The known users are those of ``lists`` (their order); ``history``: their history items
+        (a folder :class:`UserItems` opens, rows as in the lists), or None. Both folders are
+        moved into the bundle. No model is kept: the manifest says ``lists_only`` and every
+        request is answered from the lists (see the module docstring); ``settings`` as in
+        :meth:`build`, ``max_k`` at most the lists' depth minus :data:`EXCLUDE_SLACK`.
+        """
+        folder = Path(folder)
+        if folder.exists():
+            raise DataError(f"{folder} already exists; give a new folder for the bundle.")
+        known = UserLists.open(lists)
+        depth = max(known.depth, 1)
+        settings.setdefault("max_k", max(depth - EXCLUDE_SLACK, 1))
+        if int(settings["max_k"]) > depth:
+            raise ConfigError(f"max_k {settings['max_k']} is deeper than the lists ({depth}): "
+                              "compute them deeper or lower serve.max_k.")
+        folder.mkdir(parents=True)
+        trending.select(ITEM, SCORE, POP_RANK).write_parquet(folder / "trending.parquet")
+        neighbours.select(ITEM, "neighbour", SCORE).write_parquet(folder / "neighbours.parquet")
+        pl.DataFrame({USER: known.users}).write_parquet(folder / "users.parquet")
+        items = pl.concat([items.cast(pl.String), pl.Series(known.vocabulary, dtype=pl.String)])
+        pl.DataFrame({ITEM: items.unique(maintain_order=True)}).write_parquet(
+            folder / "items.parquet")
+        shutil.move(str(lists), str(folder / LISTS))
+        if history is not None:
+            shutil.move(str(history), str(folder / HISTORY))
+        manifest = {"format_version": FORMAT_VERSION, "family": family, "list_depth": depth,
+                    "session_model": False, "lists_only": True, **settings}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        (folder / "config.json").write_text(json.dumps(config or {}, indent=2, default=str))
+        return folder
+
     @classmethod
     def load(cls, folder: Path) -> ServingModel:
         """Open a bundle written by :meth:`build`.
@@ -242,6 +292,8 @@ class ServingModel:
         manifest = json.loads((folder / MANIFEST).read_text())
 
         def load_model() -> Any:  # the family's module (lightgbm, torch) is imported only here
+            if manifest.get("lists_only"):
+                raise DataError(f"{folder} holds lists only (computed shard by shard), no model.")
             return family_class(manifest["family"]).load(folder / "model")
 
         users = pl.read_parquet(folder / "users.parquet")[USER]
@@ -285,7 +337,7 @@ class ServingModel:
         for r in requests:
             if r.user_id not in self.lists:
                 continue
-            if r.k + len(r.exclude) <= self.list_depth:
+            if r.k + len(r.exclude) <= self.list_depth or self.lists_only:
                 lists[r.user_id] = self.lists.get(r.user_id)
             else:
                 deep.append(r)

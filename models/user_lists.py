@@ -17,12 +17,18 @@ file cache. Memory on disk and in the cache: ``n_entries * 12`` bytes plus the i
 ``codes.npy``: ``int32`` positions in a sorted ``vocabulary.parquet``, 4 bytes a distinct
 (user, item) pair), in the row order of the users of the lists it goes with; the served model
 reads it to tell a live session's new items from those the model has already seen.
+
+Lists computed elsewhere, a part per shard of users (:func:`write_part`), are merged into the same
+files a part at a time (:meth:`UserLists.merge_parts`, :meth:`UserItems.merge_parts`): memory is
+bounded by one part, not by the number of users.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from models.columns import ITEM, RANK, SCORE, USER
-from models.errors import require_columns
+from models.errors import DataError, require_columns
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +155,83 @@ class UserLists:
             pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
         )
 
+    @classmethod
+    def merge_parts(cls, parts: Sequence[Path], items: pl.Series, folder: Path) -> UserLists:
+        """Merge list parts (:func:`write_part`) into ``folder``, a part at a time; open them.
+
+        Rows follow the parts, then the users' order within a part; a user must be in one part
+        only. ``items`` seeds the vocabulary, items beyond it are appended (as :meth:`compute`).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab = pl.DataFrame({ITEM: items.cast(pl.String).unique(maintain_order=True)})
+        vocab = vocab.with_row_index("code")
+        users, counts = [], []
+        with _NpyWriter(folder / "codes.npy", np.int32) as codes, \
+                _NpyWriter(folder / "scores.npy", np.float64) as scores:
+            for part in parts:
+                recs = as_lists_frame(pl.read_parquet(part)).sort(USER, RANK)
+                extra = recs.select(ITEM).unique().join(vocab, on=ITEM, how="anti").sort(ITEM)
+                if extra.height:
+                    vocab = pl.concat([vocab, extra.with_row_index("code", offset=vocab.height)
+                                       .select("code", ITEM)])
+                recs = recs.join(vocab, on=ITEM, maintain_order="left")
+                codes.append(recs["code"].to_numpy())
+                scores.append(recs[SCORE].to_numpy())
+                sizes = recs.group_by(USER, maintain_order=True).len()
+                users.append(sizes[USER])
+                counts.append(sizes["len"].to_numpy())
+        known = pl.concat(users) if users else pl.Series(USER, [], pl.String)
+        if known.n_unique() != known.len():
+            raise DataError(f"list parts {', '.join(str(p) for p in parts)} give a user more than "
+                            "one list: each user's list must be in one part only.")
+        np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(_concat(counts, np.int64))])
+                .astype(np.int64))
+        pl.DataFrame({USER: known}).write_parquet(folder / "users.parquet")
+        vocab.select(ITEM).write_parquet(folder / "vocabulary.parquet")
+        return cls.open(folder)
+
+
+def write_part(frame: Any, path: Path) -> Path:
+    """Write a part of the lists (``user_id, item_id, score, rank``) to ``path``, whole or not.
+
+    Written beside the target and renamed, so that a process killed while writing leaves no
+    part that a merge would read.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    as_lists_frame(frame).write_parquet(partial)
+    os.replace(partial, path)
+    return path
+
+
+class _NpyWriter:
+    """A 1-D ``.npy`` file written chunk by chunk, its length known only at the end."""
+
+    def __init__(self, path: Path, dtype: type) -> None:
+        self.path, self.dtype, self.length = Path(path), np.dtype(dtype), 0
+        self._raw = self.path.with_name(f".{self.path.name}.raw")
+
+    def __enter__(self) -> _NpyWriter:
+        self._file = self._raw.open("wb")
+        return self
+
+    def append(self, values: np.ndarray) -> None:
+        """Add ``values`` (cast to the file's type) at the end."""
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.length += len(values)
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        self._file.close()
+        if kind is None:
+            with self.path.open("wb") as out, self._raw.open("rb") as raw:
+                header = {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                          "fortran_order": False, "shape": (self.length,)}
+                np.lib.format.write_array_header_1_0(out, header)
+                shutil.copyfileobj(raw, out, 1 << 24)
+        self._raw.unlink(missing_ok=True)
+
 
 class UserItems:
     """Each user's distinct known items, by row (see the module docstring).
@@ -222,6 +305,36 @@ class UserItems:
         return cls(np.load(folder / "offsets.npy", mmap_mode="r"),
                    np.load(folder / "codes.npy", mmap_mode="r"),
                    pl.read_parquet(folder / "vocabulary.parquet")[ITEM])
+
+    @classmethod
+    def merge_parts(cls, parts: Iterable[tuple[pl.Series, pl.DataFrame]], items: pl.Series,
+                    folder: Path) -> UserItems:
+        """Each part's users' distinct history items, a part at a time, into ``folder``.
+
+        ``parts``: ``(users, history)`` pairs, users in the row order of the lists they go with
+        (:meth:`UserLists.merge_parts`); ``items`` must hold every history item (the vocabulary,
+        sorted here). Memory: one part and the vocabulary.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab = items.cast(pl.String).unique().sort()
+        coder = pl.DataFrame({ITEM: vocab}).with_row_index("code")
+        counts = []
+        with _NpyWriter(folder / "codes.npy", np.int32) as codes:
+            for users, history in parts:
+                part = cls.build(users, history)
+                known = pl.Series(ITEM, part.vocabulary, pl.String)
+                missing = known.to_frame().join(coder, on=ITEM, how="anti")
+                if missing.height:
+                    raise DataError(f"{missing.height} history items are not in the items given "
+                                    f"(first: {missing[ITEM][0]!r}): give every known item.")
+                recode = pl.DataFrame({ITEM: known}).join(coder, on=ITEM, maintain_order="left")
+                codes.append(recode["code"].to_numpy()[np.asarray(part.codes)])
+                counts.append(np.diff(part.offsets))
+        np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(_concat(counts, np.int64))])
+                .astype(np.int64))
+        pl.DataFrame({ITEM: vocab}).write_parquet(folder / "vocabulary.parquet")
+        return cls.open(folder)
 
 
 def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:

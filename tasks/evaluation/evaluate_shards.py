@@ -39,12 +39,14 @@ from models.baselines import (
     sum_partials,
     weighted_counts,
 )
-from models.columns import ITEM, SCORE, TIMESTAMP, USER
+from models.columns import ITEM, RANK, SCORE, TIMESTAMP, USER
 from models.metrics import COUNT, merge_partials, partial_metrics
 from models.partials import all_time_popularity, window_popularity
+from models.user_lists import write_part
 from tasks.checks.validate_shards import gather
-from tasks.data.shards import shard_of
+from tasks.data.shards import shard_file, shard_of
 from tasks.evaluation.evaluate import baseline_factories
+from tasks.release.recipes import baseline_recipe, write_recipe
 from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard, split_shard_files
@@ -161,13 +163,15 @@ def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
       persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
                 exclude_seen: bool, recent_days: float, counts: Path,
-                popularity: dict[str, Path], neighbours: Path, selection: Selection
+                popularity: dict[str, Path], neighbours: Path, selection: Selection,
+                lists: Path | None = None, depth: int | None = None
                 ) -> dict[str, dict[str, Any]]:
     """Fit every baseline on one shard's users with the shared tables; partial metrics.
 
     Validation is scored on the users of the selection holdout only. ``popularity``: the
     catalogue ordered once for all shards (:func:`write_popularity`); a task sorts no
-    catalogue-sized table.
+    catalogue-sized table. With ``lists``, each baseline's lists ``depth`` deep are written to
+    ``lists/<baseline>/shard-XXXXX.parquet`` (the serving lists).
     """
     split = read_split_shard(split_dir, shard)
     history_name, targets_name = STAGES[stage]
@@ -181,18 +185,22 @@ def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks:
     users = targets[USER].unique(maintain_order=True)
     for name, factory in baseline_factories(recent_days).items():
         model = factory().fit(history, _shared(name, t_max, ordered, neighbour_table))
-        recs = model.recommend(users, k=max(ks), exclude_seen=exclude_seen)
-        parts[name] = partial_metrics(recs, targets, ks, item_counts)
+        recs = model.recommend(users, k=max(max(ks), depth or 0), exclude_seen=exclude_seen)
+        if lists is not None:
+            write_part(recs, shard_file(lists / name, shard))
+        parts[name] = partial_metrics(recs.filter(pl.col(RANK) <= max(ks)), targets, ks,
+                                      item_counts)
     return parts
 
 
 def evaluate_baselines_sharded(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
-    work: Path, selection: Selection | None = None,
+    work: Path, selection: Selection | None = None, list_depth: int | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Every baseline's ``valid`` and ``test`` metrics on a sharded split (call inside a flow).
 
-    ``valid`` is on the users of ``selection`` (default: every validation user).
+    ``valid`` is on the users of ``selection`` (default: every validation user). With
+    ``list_depth``, each baseline's test lists that deep go to ``work/lists/<baseline>/``.
 
     Returns the same ``{name: {stage: metrics}}`` as
     :func:`tasks.evaluation.evaluate.evaluate_baselines`.
@@ -201,6 +209,8 @@ def evaluate_baselines_sharded(
     shards = split_shard_files(split_dir)
     n_buckets = len(shards)
     scores: dict[str, dict[str, dict[str, float]]] = {}
+    for name in baseline_factories(recent_days):  # what the release refits
+        write_recipe(work / "models" / name, baseline_recipe(name, recent_days, exclude_seen))
     for stage, (history_name, _) in STAGES.items():
         t_max = history_end(split_dir, history_name)
         gather(map_shard.map(unmapped(split_dir), shards, stage=unmapped(stage),
@@ -218,7 +228,9 @@ def evaluate_baselines_sharded(
             ks=unmapped(ks), exclude_seen=unmapped(exclude_seen),
             recent_days=unmapped(recent_days), counts=unmapped(counts_file),
             popularity=unmapped(ordered), neighbours=unmapped(neighbours_file),
-            selection=unmapped(selection or Selection())))
+            selection=unmapped(selection or Selection()),
+            lists=unmapped(work / "lists" if list_depth and stage == "test" else None),
+            depth=unmapped(list_depth if stage == "test" else None)))
         for name in parts[0] if parts else ():
             merged = merge_partials([part[name] for part in parts], n_items)
             scores.setdefault(name, {})[stage] = merged

@@ -49,10 +49,11 @@ from typing import Any
 import polars as pl
 from prefect import get_run_logger, task, unmapped
 
-from models.columns import ITEM, USER
+from models.columns import ITEM, RANK, USER
 from models.errors import DataError
 from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
+from models.user_lists import write_part
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import host_cores, shard_file
 from tasks.evaluation.evaluate_shards import history_end
@@ -84,7 +85,7 @@ from tasks.ranking.study import (
     open_study,
 )
 from tasks.ranking.tune import log_plots, log_results, make_objective, without_budget
-from tasks.release.recipes import transformer_recipe
+from tasks.release.recipes import ranker_recipe, transformer_recipe, write_recipe
 from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Selection
 from tasks.splitting.split_shards import read_split_shard, split_shard_files
@@ -146,13 +147,13 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig,
 def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
                 work: Path, ks: list[int], model: Path, selection: Selection,
-                source: Path | None = None) -> dict[str, Any]:
+                source: Path | None = None, depth: int | None = None) -> dict[str, Any]:
     """One shard's partial metrics and candidate recall counts of a stage.
 
-    ``test``: the test users from the test history (their lists are written); ``w0``: the
-    selection holdout's validation users from train. ``source``: the saved external candidate
-    source of the stage (the model's own, ``model/source``, for the test), asked about this
-    shard's users.
+    ``test``: the test users from the test history (their lists, ``depth`` deep when given,
+    are written); ``w0``: the selection holdout's validation users from train. ``source``: the
+    saved external candidate source of the stage (the model's own, ``model/source``, for the
+    test), asked about this shard's users.
     """
     split = read_split_shard(split_dir, shard)
     history, targets = split.test_history, split.test_targets
@@ -168,12 +169,11 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
                                items, external, ordered_only, None, config.user_chunk, tables,
                                vectors)
     exclude = history.select(USER, ITEM).unique() if config.candidates.exclude_seen else None
-    recs = rank_scored(LightGBMRanker.load(model), frame, users, max(ks), tables.popularity,
-                       exclude)
+    recs = rank_scored(LightGBMRanker.load(model), frame, users, max(max(ks), depth or 0),
+                       tables.popularity, exclude)
     if stage == TEST:
-        path = shard_file(work / "lists", shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        recs.write_parquet(path)
+        write_part(recs, shard_file(work / "lists", shard))
+    recs = recs.filter(pl.col(RANK) <= max(ks))
     counts = pl.read_parquet(work / stage / "items.parquet").select(
         ITEM, pl.col("i_n_events").cast(pl.Int64).alias(COUNT))
     return {"metrics": partial_metrics(recs, targets, ks, counts),
@@ -224,6 +224,7 @@ def evaluate_ranker_sharded(
     exclude_seen: bool, ordered_only: bool, work: Path, workers: int, run_id: str | None,
     tracking_uri: str, baselines: Path | None = None, selection: Selection | None = None,
     transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
+    list_depth: int | None = None,
 ) -> dict[str, Any]:
     """Tune, refit and test the re-ranker on a sharded split (call inside a flow).
 
@@ -231,7 +232,8 @@ def evaluate_ranker_sharded(
     the test history are the ranker's too when ``ranker.covisitation`` is left at its defaults.
     With a ``transformer`` result (:func:`evaluate_transformer_sharded`) and its config asking
     for candidates, the transformer's nearest items join the candidates under the source name
-    ``seq``, as with the local engine.
+    ``seq``, as with the local engine. The test users' lists are written to
+    ``work/lists/shard-XXXXX.parquet``, ``list_depth`` deep when given (else the largest cut-off).
 
     Returns ``valid`` and ``test`` metrics like the local engine, plus ``candidate_recall``,
     ``sample`` (its size), ``best_params``, ``study_name``, ``n_trials`` and ``model_dir``.
@@ -303,6 +305,7 @@ def evaluate_ranker_sharded(
                                        ordered_only=unmapped(ordered_only), ks=unmapped(ks),
                                        model=unmapped(model), selection=unmapped(tuned_on),
                                        source=unmapped(sources.get(stage, sources["train"])),
+                                       depth=unmapped(list_depth if stage == TEST else None),
                                        **common))
         merged[stage] = merge_partials([p["metrics"] for p in parts if p["metrics"]], n_items)
         if stage == TEST:
@@ -319,6 +322,9 @@ def evaluate_ranker_sharded(
               "new_item_offset": best_offset(best),
               "new_item_offsets": best.user_attrs.get("new_item_offsets", []),
               "n_trials": len(study.trials), "model_dir": str(model)}
+    write_recipe(model, ranker_recipe({**result, "config": config.model_dump(mode="json"),
+                                       "ordered_only": ordered_only,
+                                       "exclude_seen": exclude_seen}, recipe, tuned_on))
     if run_id:
         log_results(run_id, result, config)
         log_plots(run_id, study, LightGBMRanker.load(model))

@@ -325,6 +325,9 @@ class ReleaseRun:
     protocol: str
     exclude_seen: bool
     config: dict[str, Any]
+    engine: str = "local"  # dask: split_dir is sharded, model_root the stages' work folder
+    events: Path | None = None  # the folder of event shards (engine dask)
+    items: Path | None = None  # the catalogue (engine dask)
 
 
 def select_best(scores: dict[str, dict[str, dict[str, float]]], metric: str,

@@ -30,13 +30,15 @@ import optuna
 import polars as pl
 from prefect import get_run_logger, task, unmapped
 
-from models.columns import ITEM, USER
+from models.columns import ITEM, RANK, USER
 from models.errors import DataError
 from models.metrics import COUNT, merge_partials, partial_metrics
+from models.user_lists import write_part
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import host_cores, shard_file, shard_of
 from tasks.ranking.reranker import HOLDOUT_SCALE, every_window
 from tasks.ranking.study import TrialLogger, default_storage
+from tasks.release.recipes import transformer_recipe, write_recipe
 from tasks.resume import STAGE_CACHE
 from tasks.splitting.split import Selection, Split
 from tasks.splitting.split_shards import TABLES, read_split_shard, split_shard_files
@@ -137,11 +139,12 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
 @task(name="transformer-score", task_run_name="transformer-score-{stage}-{shard:05d}", retries=1,
       persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Path,
-                ks: list[int], exclude_seen: bool, selection: Selection
-                ) -> dict[str, Any] | None:
+                ks: list[int], exclude_seen: bool, selection: Selection,
+                depth: int | None = None) -> dict[str, Any] | None:
     """One shard's partial metrics of a stage (None without targets).
 
-    Validation is scored on the selection holdout's users.
+    Validation is scored on the selection holdout's users. With ``depth``, the users' lists
+    that deep are written to ``work/lists/<stage>/shard-XXXXX.parquet`` (the serving lists).
     """
     from models.transformer import SequentialTransformer
 
@@ -154,10 +157,12 @@ def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Pat
         return None
     model = SequentialTransformer.load(work / model_name)
     users = targets[USER].unique(maintain_order=True)
-    recs = pl.from_pandas(model.recommend(users.to_list(), k=max(ks), exclude_seen=exclude_seen,
-                                          history=history))
+    recs = pl.from_pandas(model.recommend(users.to_list(), k=max(max(ks), depth or 0),
+                                          exclude_seen=exclude_seen, history=history))
+    if depth:
+        write_part(recs, shard_file(work / "lists" / stage, shard))
     popularity = pl.read_parquet(counts).select(ITEM, COUNT)
-    return partial_metrics(recs, targets, ks, popularity)
+    return partial_metrics(recs.filter(pl.col(RANK) <= max(ks)), targets, ks, popularity)
 
 
 @task(name="transformer-ranker-sources", retries=1, persist_result=True,
@@ -186,11 +191,13 @@ def evaluate_transformer_sharded(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, work: Path, baselines: Path, run_id: str | None,
     tracking_uri: str, selection: Selection | None = None, primary_metric: str | None = None,
+    list_depth: int | None = None,
 ) -> dict[str, Any]:
     """Tune on a sample, refit, and score the transformer shard by shard (call inside a flow).
 
     ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty);
     ``primary_metric`` (the run's ``evaluation.primary_metric``) early-stops and ranks the trials.
+    With ``list_depth``, the test users' lists that deep are written to ``work/lists/test/``.
     Returns ``valid`` and ``test`` metrics like the local engine, with the study's summary,
     ``model_dir`` (the refit) and ``sample_dir`` (the sample's tables).
     """
@@ -211,11 +218,13 @@ def evaluate_transformer_sharded(
                                        unmapped(work), unmapped(baselines / stage /
                                                                 "counts.parquet"),
                                        unmapped(ks), unmapped(exclude_seen),
-                                       unmapped(selection)))
+                                       unmapped(selection),
+                                       unmapped(list_depth if stage == "test" else None)))
         result[stage] = merge_partials([p for p in parts if p is not None], n_items)
     selection.check(int(result["valid"].get("users", 0)))
     result.update({"model_dir": str(work / "model"), "exclude_seen": exclude_seen,
                    "sample": {"users": drawn, "of": users}, "sample_dir": str(work / "sample")})
+    write_recipe(work / "model", transformer_recipe(config, result))
     if run_id:
         study = optuna.load_study(study_name=result["study_name"], storage=config.storage)
         log_results(run_id, result, config, study)
