@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import RegistryConfig, TrainConfig
+from flows.cluster import dask_runner
+from flows.config import DaskConfig, RegistryConfig, TrainConfig
 from tasks import tracking
 from tasks.release.gate import run_config
 from tasks.release.packaging import ReleaseRun, register_best
@@ -31,7 +32,7 @@ from tasks.release.registry import (
     get_version,
     metrics_payload,
 )
-from tasks.release.release_shards import register_evaluated
+from tasks.release.release_shards import ENGINE_TAG, register_evaluated
 
 
 def register_release(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRun
@@ -86,7 +87,7 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
     result: dict[str, Any] = {"model": name, "version": version, "family": family,
                               "artifact_bytes": packaged.artifact_bytes,
                               "load_seconds": packaged.load_seconds, "decision": None}
-    if config.registry.promote and run.engine == "local":
+    if config.registry.promote:
         policy = policy_of(config.registry, config.evaluation.primary_metric,
                            config.serve.session_items)
         decision = promote_task(name, version, run.tracking_uri, policy, run.split_dir)
@@ -96,6 +97,22 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
         logger.info("%s v%s (%s): %s, %s", name, version, family, decision.decision,
                     decision.reason)
     return result
+
+
+def engine_cluster(client: MlflowClient, model_name: str, version: str) -> DaskConfig | None:
+    """The Dask settings of the run that made ``version`` when the engine made it, else None."""
+    found = get_version(client, model_name, version)
+    if found.tags.get(ENGINE_TAG) != "dask":
+        return None
+    return DaskConfig.model_validate(run_config(client, found.run_id).get("dask", {}))
+
+
+@flow(name="promote-on-cluster", log_prints=False)
+def promote_on_cluster(model_name: str, version: str | None, tracking_uri: str,
+                       policy: PromotionPolicy, split_dir: Path | None = None,
+                       force: bool = False) -> Any:
+    """:func:`promote_version` with its per-shard tasks on this subflow's Dask task runner."""
+    return promote_task(model_name, version, tracking_uri, policy, split_dir, force)
 
 
 @flow(name="promote", log_prints=False)
@@ -122,10 +139,15 @@ def promote(
     client = MlflowClient(uri)
     version = version or alias_version(client, model_name, "challenger")
     policy = policy_of(registry or RegistryConfig(), "ndcg@10")
+    cluster = None
     if version is not None:
         policy = trained_policy(client, model_name, str(version), registry)
-    decision = promote_task(model_name, version, uri, policy,
-                            Path(split_dir) if split_dir else None, force)
+        cluster = engine_cluster(client, model_name, str(version))
+    args = (model_name, version, uri, policy, Path(split_dir) if split_dir else None, force)
+    if cluster is not None:  # the gate and the refit of an engine's version run on its cluster
+        decision = promote_on_cluster.with_options(task_runner=dask_runner(cluster))(*args)
+    else:
+        decision = promote_task(*args)
     logger.info("%s v%s: %s (%s)", model_name, decision.version, decision.decision,
                 decision.reason)
     return {"model": model_name, "version": decision.version, "decision": decision.decision,

@@ -16,9 +16,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from prefect import flow, get_run_logger
-from prefect_dask import DaskTaskRunner
 
-from flows.config import DaskConfig, TrainConfig, config_digest, data_name
+from flows.cluster import dask_runner, prefect_api_url  # noqa: F401 (tests use it)
+from flows.config import TrainConfig, config_digest, data_name
 from flows.promote import release_best_model
 from flows.serve import default_workers
 from models.seed import seed_everything
@@ -61,42 +61,13 @@ def run_folder(config: TrainConfig) -> Path:
     return Path(config.output_dir).resolve() / data_name(config) / stamp
 
 
-def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
-    """The task runner of ``engine: dask``: a running cluster, or a LocalCluster on 127.0.0.1.
-
-    The LocalCluster's workers report their task runs to this process's Prefect API (the
-    configured server, or the temporary one this process started): without it each worker
-    would start a temporary server of its own (three processes each).
-    """
-    if cfg.address:
-        return DaskTaskRunner(address=cfg.address)
-    api = prefect_api_url()
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": cfg.workers or default_workers(), "threads_per_worker": 1,
-        "processes": True, "memory_limit": cfg.memory_limit, "host": "127.0.0.1",
-        "dashboard_address": None, **({"env": {"PREFECT_API_URL": api}} if api else {})})
-
-
-def prefect_api_url() -> str | None:
-    """The Prefect API this process reports to: the configured one, else its temporary server's.
-
-    None when neither is known (no flow has run in this process yet).
-    """
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return str(PREFECT_API_URL.value())
-    server = SubprocessASGIServer()  # the unique temporary server of this process
-    return server.api_url if server.server_process is not None else None
-
-
 @flow(name="train-shards", log_prints=False)
 def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
                    ) -> dict[str, Any]:
-    """Validate, split, and score the baselines, the transformer and the ranker shard by shard.
+    """Validate, split, score the baselines, the transformer and the ranker shard by shard.
 
-    The per-shard tasks of the ``dask`` engine run on this subflow's Dask task runner.
+    Then, with ``registry.enabled``, the release (:mod:`tasks.release.release_shards`). The
+    per-shard tasks of the ``dask`` engine run on this subflow's Dask task runner.
     """
     clock = StageClock()
     data = validate_sharded(data, config.validation, run_id)
@@ -130,8 +101,15 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
             selection, sequence, config.transformer.settings(config.seed), depth)
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
+    release = None
+    if config.registry.enabled:
+        release = release_best_model(scores, config, ReleaseRun(
+            run_id, uri, work / "split", work, data.name, data.fingerprint, protocol,
+            exclude_seen, config.model_dump(mode="json"), engine="dask", events=data.events,
+            items=data.items, n_items=n_items))
+        clock.done("release")
     return {"protocol": protocol, "exclude_seen": exclude_seen, "scores": scores,
-            "rows": data.rows, "seconds": clock.seconds}
+            "rows": data.rows, "seconds": clock.seconds, "release": release}
 
 
 def resolved_exclude_seen(config: TrainConfig, protocol: str) -> bool:
@@ -174,13 +152,7 @@ def train_sharded(config: TrainConfig, data: DataPaths, run_id: str, workdir: Pa
         for stage, metrics in stages.items():
             if name not in ("lgbm_ranker", "transformer"):  # logged with their plots
                 tracking.log_metrics(run_id, name, stage, metrics)
-    release = None
-    if config.registry.enabled:
-        release = release_best_model(result["scores"], config, ReleaseRun(
-            run_id, tracking.tracking_uri(config.tracking_uri), workdir / "split", workdir,
-            data.name, data.fingerprint, result["protocol"], result["exclude_seen"],
-            config.model_dump(mode="json"), engine="dask", events=data.events, items=data.items))
-    return result["protocol"], result["scores"], release
+    return result["protocol"], result["scores"], result["release"]
 
 
 def train_local(config: TrainConfig, data: DataPaths, run_id: str, workdir: Path, uri: str

@@ -164,14 +164,15 @@ def read_neighbours(path: Path, history: pl.DataFrame) -> pl.DataFrame:
 def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks: list[int],
                 exclude_seen: bool, recent_days: float, counts: Path,
                 popularity: dict[str, Path], neighbours: Path, selection: Selection,
-                lists: Path | None = None, depth: int | None = None
+                lists: Path | None = None, depth: int | None = None, every_user: bool = False
                 ) -> dict[str, dict[str, Any]]:
     """Fit every baseline on one shard's users with the shared tables; partial metrics.
 
     Validation is scored on the users of the selection holdout only. ``popularity``: the
     catalogue ordered once for all shards (:func:`write_popularity`); a task sorts no
     catalogue-sized table. With ``lists``, each baseline's lists ``depth`` deep are written to
-    ``lists/<baseline>/shard-XXXXX.parquet`` (the serving lists).
+    ``lists/<baseline>/shard-XXXXX.parquet`` (the serving lists): the target users', or with
+    ``every_user`` every user of the history's (no metrics without targets).
     """
     split = read_split_shard(split_dir, shard)
     history_name, targets_name = STAGES[stage]
@@ -182,12 +183,14 @@ def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks:
     ordered = {name: pl.read_parquet(path) for name, path in popularity.items()}
     neighbour_table = read_neighbours(neighbours, history)
     parts = {}
-    users = targets[USER].unique(maintain_order=True)
+    users = (history if every_user else targets)[USER].unique(maintain_order=True)
     for name, factory in baseline_factories(recent_days).items():
         model = factory().fit(history, _shared(name, t_max, ordered, neighbour_table))
         recs = model.recommend(users, k=max(max(ks), depth or 0), exclude_seen=exclude_seen)
         if lists is not None:
             write_part(recs, shard_file(lists / name, shard))
+        if targets.is_empty():
+            continue
         parts[name] = partial_metrics(recs.filter(pl.col(RANK) <= max(ks)), targets, ks,
                                       item_counts)
     return parts
@@ -196,11 +199,14 @@ def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks:
 def evaluate_baselines_sharded(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
     work: Path, selection: Selection | None = None, list_depth: int | None = None,
+    stages: tuple[str, ...] = tuple(STAGES), every_user: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Every baseline's ``valid`` and ``test`` metrics on a sharded split (call inside a flow).
 
     ``valid`` is on the users of ``selection`` (default: every validation user). With
-    ``list_depth``, each baseline's test lists that deep go to ``work/lists/<baseline>/``.
+    ``list_depth``, each baseline's test lists that deep go to ``work/lists/<baseline>/``
+    (every user's of the test history with ``every_user``). ``stages``: those to fit and score
+    (the release's refits: ``("test",)``).
 
     Returns the same ``{name: {stage: metrics}}`` as
     :func:`tasks.evaluation.evaluate.evaluate_baselines`.
@@ -211,7 +217,8 @@ def evaluate_baselines_sharded(
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for name in baseline_factories(recent_days):  # what the release refits
         write_recipe(work / "models" / name, baseline_recipe(name, recent_days, exclude_seen))
-    for stage, (history_name, _) in STAGES.items():
+    for stage in stages:
+        history_name = STAGES[stage][0]
         t_max = history_end(split_dir, history_name)
         gather(map_shard.map(unmapped(split_dir), shards, stage=unmapped(stage),
                              t_max=unmapped(t_max), recent_days=unmapped(recent_days),
@@ -230,9 +237,11 @@ def evaluate_baselines_sharded(
             popularity=unmapped(ordered), neighbours=unmapped(neighbours_file),
             selection=unmapped(selection or Selection()),
             lists=unmapped(work / "lists" if list_depth and stage == "test" else None),
-            depth=unmapped(list_depth if stage == "test" else None)))
-        for name in parts[0] if parts else ():
-            merged = merge_partials([part[name] for part in parts], n_items)
+            depth=unmapped(list_depth if stage == "test" else None),
+            every_user=unmapped(every_user and stage == "test")))
+        for name in [name for name in baseline_factories(recent_days)
+                     if any(name in part for part in parts)]:
+            merged = merge_partials([part[name] for part in parts if name in part], n_items)
             scores.setdefault(name, {})[stage] = merged
             if stage == "valid":
                 (selection or Selection()).check(int(merged.get("users", 0)))

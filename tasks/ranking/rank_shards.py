@@ -147,19 +147,20 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig,
 def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
                 settings: TableSettings, items_path: Path | None, ordered_only: bool,
                 work: Path, ks: list[int], model: Path, selection: Selection,
-                source: Path | None = None, depth: int | None = None) -> dict[str, Any]:
+                source: Path | None = None, depth: int | None = None, every_user: bool = False
+                ) -> dict[str, Any]:
     """One shard's partial metrics and candidate recall counts of a stage.
 
     ``test``: the test users from the test history (their lists, ``depth`` deep when given,
-    are written); ``w0``: the selection holdout's validation users from train. ``source``: the
-    saved external candidate source of the stage (the model's own, ``model/source``, for the
-    test), asked about this shard's users.
+    are written; every user of the history with ``every_user``); ``w0``: the selection
+    holdout's validation users from train. ``source``: the saved external candidate source of
+    the stage (the model's own, ``model/source``, for the test), asked about this shard's users.
     """
     split = read_split_shard(split_dir, shard)
     history, targets = split.test_history, split.test_targets
     if stage != TEST:
         history, targets = split.train, selection.targets(split)
-    users = targets[USER].unique()
+    users = (history if every_user else targets)[USER].unique()
     if users.is_empty():
         return {"metrics": None, "recall": None}
     items = pl.read_parquet(items_path) if items_path else None
@@ -173,11 +174,30 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
                        tables.popularity, exclude)
     if stage == TEST:
         write_part(recs, shard_file(work / "lists", shard))
+    if targets.is_empty():
+        return {"metrics": None, "recall": None}
     recs = recs.filter(pl.col(RANK) <= max(ks))
     counts = pl.read_parquet(work / stage / "items.parquet").select(
         ITEM, pl.col("i_n_events").cast(pl.Int64).alias(COUNT))
     return {"metrics": partial_metrics(recs, targets, ks, counts),
             "recall": recall_counts(frame, targets)}
+
+
+def tune(work: Path, split_dir: Path, config: RankerConfig, ks: list[int], tuned_on: Selection,
+         source_recipe: dict[str, Any] | None, workers: int, run_id: str | None,
+         tracking_uri: str) -> Any:
+    """Run the study's missing trials on the workers (a rerun resumes it); the study."""
+    storage = config.storage or default_storage()
+    name = sharded_study_name(split_dir, config, tuned_on, source_recipe)
+    study = open_study(name, storage, config.seed, config.sampler_startup_trials,
+                       config.pruner_startup_trials, config.pruner_warmup_rounds)
+    done = finished_trials(study)
+    shares = trial_shares(config.n_trials - done, workers)
+    seeds = [config.seed + done + i for i in range(len(shares))]  # a fresh study: seed first
+    gather(run_trials.map(unmapped(work), unmapped(name), unmapped(storage), unmapped(config),
+                          unmapped(ks), shares, seeds, unmapped(run_id), unmapped(tracking_uri)))
+    return open_study(name, storage, config.seed, config.sampler_startup_trials,
+                      config.pruner_startup_trials, config.pruner_warmup_rounds)
 
 
 def sharded_study_name(split_dir: Path, config: RankerConfig, selection: Selection,
@@ -224,7 +244,7 @@ def evaluate_ranker_sharded(
     exclude_seen: bool, ordered_only: bool, work: Path, workers: int, run_id: str | None,
     tracking_uri: str, baselines: Path | None = None, selection: Selection | None = None,
     transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
-    list_depth: int | None = None,
+    list_depth: int | None = None, recipe: dict[str, Any] | None = None, every_user: bool = False,
 ) -> dict[str, Any]:
     """Tune, refit and test the re-ranker on a sharded split (call inside a flow).
 
@@ -234,6 +254,11 @@ def evaluate_ranker_sharded(
     for candidates, the transformer's nearest items join the candidates under the source name
     ``seq``, as with the local engine. The test users' lists are written to
     ``work/lists/shard-XXXXX.parquet``, ``list_depth`` deep when given (else the largest cut-off).
+
+    With a ``recipe`` (the release's refit: :mod:`tasks.release.release_shards`), no study: its
+    parameters, rounds and offset are refitted on the sample (its selection holdout kept out of
+    the windows) and only the test stage is scored, every user of the test history with
+    ``every_user``; ``selection`` is then ignored.
 
     Returns ``valid`` and ``test`` metrics like the local engine, plus ``candidate_recall``,
     ``sample`` (its size), ``best_params``, ``study_name``, ``n_trials`` and ``model_dir``.
@@ -245,6 +270,8 @@ def evaluate_ranker_sharded(
     common = {"config": unmapped(config), "settings": unmapped(settings),
               "work": unmapped(work)}
     tuned_on = selection or Selection()
+    if recipe is not None:
+        tuned_on, selection = Selection(*recipe.get("selection", [0.0, 0])), None
     stats = gather(window_stats.map(unmapped(split_dir), shards, config=unmapped(config),
                                     selection=unmapped(tuned_on)))
     windows = kept_windows(stats)
@@ -275,25 +302,29 @@ def evaluate_ranker_sharded(
     sample = gather([sample_groups.submit(work, list(windows), drawn.fallback, config)])[0]
     log.info("ranker sample: %s", sample)
 
-    storage = config.storage or default_storage()
-    recipe = None
+    source_recipe = None
     if sources[TEST] is not None:  # another transformer proposes other candidates
-        recipe = transformer_recipe(transformer_config, transformer)
-    name = sharded_study_name(split_dir, config, tuned_on, recipe)
-    study = open_study(name, storage, config.seed, config.sampler_startup_trials,
-                       config.pruner_startup_trials, config.pruner_warmup_rounds)
-    done = finished_trials(study)
-    shares = trial_shares(config.n_trials - done, workers)
-    seeds = [config.seed + done + i for i in range(len(shares))]  # a fresh study: seed first
-    gather(run_trials.map(unmapped(work), unmapped(name), unmapped(storage), unmapped(config),
-                          unmapped(ks), shares, seeds, unmapped(run_id), unmapped(tracking_uri)))
-    study = open_study(name, storage, config.seed, config.sampler_startup_trials,
-                       config.pruner_startup_trials, config.pruner_warmup_rounds)
-    best = study.best_trial
-    rounds = int(best.user_attrs.get("best_iteration", config.num_boost_round))
-    model = gather([refit.submit(work, dict(best.params), rounds, config, best_offset(best))])[0]
+        source_recipe = transformer_recipe(transformer_config, transformer)
+    if recipe is None:
+        study = tune(work, split_dir, config, ks, tuned_on, source_recipe, workers, run_id,
+                     tracking_uri)
+        best = study.best_trial
+        chosen = {"best_params": dict(best.params), "best_trial": best.number,
+                  "best_iteration": int(best.user_attrs.get("best_iteration",
+                                                            config.num_boost_round)),
+                  "study_name": study.study_name, "new_item_offset": best_offset(best),
+                  "new_item_offsets": best.user_attrs.get("new_item_offsets", []),
+                  "n_trials": len(study.trials)}
+        valid = best.user_attrs.get("valid_metrics", {})
+    else:
+        chosen = {"best_params": dict(recipe["params"]), "best_trial": None,
+                  "best_iteration": int(recipe["rounds"]), "study_name": None,
+                  "new_item_offset": float(recipe.get("new_item_offset", 0.0)),
+                  "new_item_offsets": [], "n_trials": 0}
+        valid = {}
+    model = gather([refit.submit(work, chosen["best_params"], chosen["best_iteration"], config,
+                                 chosen["new_item_offset"])])[0]
 
-    valid = best.user_attrs.get("valid_metrics", {})
     stages = {TEST: history_end(split_dir, "test_history")}
     build_tables(split_dir, shards, TEST, stages[TEST], config, settings, work, reused.get(TEST))
     if selection is not None:  # the refitted ranker on the selection holdout, from train
@@ -306,6 +337,7 @@ def evaluate_ranker_sharded(
                                        model=unmapped(model), selection=unmapped(tuned_on),
                                        source=unmapped(sources.get(stage, sources["train"])),
                                        depth=unmapped(list_depth if stage == TEST else None),
+                                       every_user=unmapped(every_user and stage == TEST),
                                        **common))
         merged[stage] = merge_partials([p["metrics"] for p in parts if p["metrics"]], n_items)
         if stage == TEST:
@@ -315,17 +347,13 @@ def evaluate_ranker_sharded(
         selection.check(int(valid.get("users", 0)))
     test = merged[TEST]
     recall = {"valid": merge_recall([c["recall"] for c in counts[0] if c["recall"]]),
-              "test": merge_recall([p["recall"] for p in scored])}
-    result = {"valid": valid, "test": test,
-              "candidate_recall": recall, "sample": sample, "best_params": dict(best.params),
-              "best_trial": best.number, "best_iteration": rounds, "study_name": name,
-              "new_item_offset": best_offset(best),
-              "new_item_offsets": best.user_attrs.get("new_item_offsets", []),
-              "n_trials": len(study.trials), "model_dir": str(model)}
-    write_recipe(model, ranker_recipe({**result, "config": config.model_dump(mode="json"),
-                                       "ordered_only": ordered_only,
-                                       "exclude_seen": exclude_seen}, recipe, tuned_on))
-    if run_id:
+              "test": merge_recall([p["recall"] for p in scored]) if scored else {}}
+    result = {"valid": valid, "test": test, "candidate_recall": recall, "sample": sample,
+              **chosen, "model_dir": str(model)}
+    write_recipe(model, recipe or ranker_recipe(
+        {**result, "config": config.model_dump(mode="json"), "ordered_only": ordered_only,
+         "exclude_seen": exclude_seen}, source_recipe, tuned_on))
+    if run_id and recipe is None:
         log_results(run_id, result, config)
         log_plots(run_id, study, LightGBMRanker.load(model))
     log.info("lgbm ranker: test %s", {k: round(v, 4) for k, v in test.items() if "@" in k})

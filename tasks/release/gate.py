@@ -311,6 +311,18 @@ def parse_time(value: str | None) -> dt.datetime | None:
     return moment
 
 
+def champion_refusal(client: MlflowClient, model_name: str, version: str, champion: str
+                     ) -> str | None:
+    """Why the champion cannot be compared with ``version`` at all (another shop), or None."""
+    shop = get_version(client, model_name, version).tags.get(DATA_TAG)
+    their_shop = get_version(client, model_name, champion).tags.get(DATA_TAG)
+    if shop and their_shop and shop != their_shop:
+        return (f"the champion v{champion} was trained on the shop {their_shop!r}, this "
+                f"version on {shop!r}: one champion per shop. Register each shop under "
+                "its own registry.model_name")
+    return None
+
+
 def champion_side(client: MlflowClient, model_name: str, version: str, champion: str,
                   split_dir: Path, work: Path) -> tuple[Any, str]:
     """The champion to score on the challenger's split: ``(pyfunc, how)``.
@@ -319,11 +331,9 @@ def champion_side(client: MlflowClient, model_name: str, version: str, champion:
     """
     ours = get_version(client, model_name, version)
     theirs = get_version(client, model_name, champion).tags
-    shop, their_shop = ours.tags.get(DATA_TAG), theirs.get(DATA_TAG)
-    if shop and their_shop and shop != their_shop:
-        return None, (f"the champion v{champion} was trained on the shop {their_shop!r}, this "
-                      f"version on {shop!r}: one champion per shop. Register each shop under "
-                      "its own registry.model_name")
+    refusal = champion_refusal(client, model_name, version, champion)
+    if refusal is not None:
+        return None, refusal
     recipe = version_recipe(client, model_name, champion)
     if recipe is not None:
         try:
@@ -347,6 +357,14 @@ def champion_side(client: MlflowClient, model_name: str, version: str, champion:
                   "Promote with --force to replace it anyway")
 
 
+def gate_keys(policy: PromotionPolicy) -> tuple[str, ...]:
+    """The figures the gate keeps of each side (the decision's numbers)."""
+    return (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms",
+            f"live.{policy.primary_metric}", "live.users", "users",
+            f"daily.{policy.primary_metric}", policy.cold_metric,
+            f"cold{policy.cold_threshold}.users")
+
+
 def compare(client: MlflowClient, model_name: str, version: str, champion: str | None,
             split_dir: Path | None, policy: PromotionPolicy, work: Path) -> Decision:
     """Score the challenger and the champion's recipe on the challenger's test window; decide."""
@@ -363,10 +381,7 @@ def compare(client: MlflowClient, model_name: str, version: str, champion: str |
     split = read_split(folder)
     n_items = n_items_of(folder, split)
     ks = sorted({*ks, policy.guard_k, policy.cold_k})
-    keep = (policy.primary_metric, f"coverage@{policy.guard_k}", LATENCY, "latency_p50_ms",
-            f"live.{policy.primary_metric}", "live.users", "users",
-            f"daily.{policy.primary_metric}", policy.cold_metric,
-            f"cold{policy.cold_threshold}.users")
+    keep = gate_keys(policy)
     every = folder.parent / "events.parquet"
     events = pl.read_parquet(every, columns=[USER, ITEM, TIMESTAMP]) if every.is_file() else None
 

@@ -328,6 +328,7 @@ class ReleaseRun:
     engine: str = "local"  # dask: split_dir is sharded, model_root the stages' work folder
     events: Path | None = None  # the folder of event shards (engine dask)
     items: Path | None = None  # the catalogue (engine dask)
+    n_items: int = 0  # items that can be recommended (engine dask)
 
 
 def select_best(scores: dict[str, dict[str, dict[str, float]]], metric: str,

@@ -57,6 +57,7 @@ from tasks.release.packaging import (
     LAST_EVENT_TAG,
     RECIPE_TAG,
     SESSION_WEIGHT_TAG,
+    input_example,
     package_and_register,
 )
 from tasks.release.recipes import last_event, release_split
@@ -72,6 +73,14 @@ from tasks.release.registry import (
     record,
     registry_lock,
     version_tagged,
+)
+from tasks.release.release_shards import (
+    ENGINE_TAG,
+    EVENTS_TAG,
+    ITEMS_TAG,
+    N_ITEMS_TAG,
+    compare_on_engine,
+    release_on_engine,
 )
 
 logger = logging.getLogger(__name__)
@@ -149,7 +158,11 @@ def judge(client: MlflowClient, model_name: str, version: str, champion: str | N
     if stale is not None:
         return Decision(model_name, version, "stale", stale, policy.primary_metric,
                         policy.margin, champion_version=champion)
-    decision = compare(client, model_name, version, champion, split_dir, policy, work)
+    tags = get_version(client, model_name, version).tags
+    if tags.get(ENGINE_TAG) == "dask" and tags.get(KIND_TAG, "evaluated") == "evaluated":
+        decision = compare_on_engine(client, model_name, version, champion, policy)
+    else:
+        decision = compare(client, model_name, version, champion, split_dir, policy, work)
     if force and not decision.promoted:
         decision.reason = f"forced (the gate said {decision.decision}): {decision.reason}"
         decision.decision = "promoted"
@@ -174,22 +187,29 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
     """Register the planned recipe refitted on every event of the decided version's run.
 
     The version's metric tags are the evaluated copy's (for a refresh: the champion's recipe as
-    the gate scored it on this split). Its artifacts go to a path of their own.
+    the gate scored it on this split). Its artifacts go to a path of their own. A version of
+    the engine (tag ``shoprank.engine``) is refitted on the cluster
+    (:func:`tasks.release.release_shards.release_on_engine`).
     """
     name, evaluated = decision.model_name, decision.version
     source = get_version(client, name, evaluated)
     run_id, recipe = source.run_id, recipe_at(client, recipe_uri)
-    folder = gate_split(client, name, evaluated, split_dir, work)  # downloaded once: the gate's
-    events = pl.read_parquet(folder.parent / "events.parquet")
-    work = work / "release"
-    shifted = work / "split"
-    write_split(release_split(read_split(folder, sampled=False), events), shifted)
-    if (folder.parent / "items.parquet").is_file():
-        shutil.copy(folder.parent / "items.parquet", work / "items.parquet")
     weights_of = source if kind == "challenger" else get_version(
         client, name, decision.champion_version or evaluated)
     weight = chosen_weight_of(weights_of.tags)
-    bundle = fit_bundle(recipe, shifted, work, run_config(client, run_id), run_id, weight)
+    engine = None
+    if source.tags.get(ENGINE_TAG) == "dask":
+        bundle, example, n_events, last, engine = release_on_engine(client, source, recipe)
+    else:
+        folder = gate_split(client, name, evaluated, split_dir, work)  # the gate's download
+        events = pl.read_parquet(folder.parent / "events.parquet")
+        work = work / "release"
+        shifted = work / "split"
+        write_split(release_split(read_split(folder, sampled=False), events), shifted)
+        if (folder.parent / "items.parquet").is_file():
+            shutil.copy(folder.parent / "items.parquet", work / "items.parquet")
+        bundle = fit_bundle(recipe, shifted, work, run_config(client, run_id), run_id, weight)
+        example, n_events, last = input_example(shifted), events.height, last_event(events)
     path = f"released/{decision.decision_id[:12]}-{uuid.uuid4().hex[:8]}"
     client.log_dict(run_id, recipe, f"{path}/recipe.json")
     tags = {key: source.tags[key] for key in COPIED_TAGS if key in source.tags}
@@ -200,15 +220,21 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
         tags.update({f"test.{m.replace('@', '_at_')}": f"{v:.6g}"
                      for m, v in (decision.champion or {}).items() if "@" in m})
     tags.update({"model.family": recipe["family"], RECIPE_TAG: f"runs:/{run_id}/{path}/recipe.json",
-                 LAST_EVENT_TAG: last_event(events), KIND_TAG: kind, EVALUATED_TAG: evaluated,
+                 LAST_EVENT_TAG: last, KIND_TAG: kind, EVALUATED_TAG: evaluated,
                  RELEASE_DECISION_TAG: decision.decision_id,
                  **({SESSION_WEIGHT_TAG: f"{weight:g}"} if weight is not None else {})})
-    description = (f"{recipe['family']} refitted on every event ({events.height:,}, last "
+    if engine is not None:
+        tags.update({key: source.tags[key] for key in (ENGINE_TAG, EVENTS_TAG, ITEMS_TAG,
+                                                       N_ITEMS_TAG) if key in source.tags})
+    description = (f"{recipe['family']} refitted on every event ({n_events:,}, last "
                    f"{tags[LAST_EVENT_TAG]}) after the decision on v{evaluated}: {kind}.")
-    return package_and_register(
-        run_id, bundle, shifted, family=recipe["family"], model_name=name,
+    version = package_and_register(
+        run_id, bundle, None, family=recipe["family"], model_name=name,
         tracking_uri=tracking_uri, tags=tags, description=description, alias=None,
-        artifact_path=f"{path}/model").version
+        artifact_path=f"{path}/model", example=example).version
+    if engine is not None:
+        shutil.rmtree(engine, ignore_errors=True)
+    return version
 
 
 def move_alias(client: MlflowClient, model_name: str, expected: str | None, released: str

@@ -14,28 +14,49 @@ tasks wrote:
   the sharded split's folder (it is not uploaded: the run folder must be on a path every host
   of the release reads).
 
-Memory of the flow process: one shard's lists and history, the item vocabulary and the users'
-offsets (8 bytes a user).
+* **the gate** (:func:`compare_on_engine`): the champion's recipe refitted on the challenger's
+  sharded split on the cluster (:func:`refit_recipe`: each family's sharded stage with the
+  recipe's settings and no study) and its test users' lists scored shard by shard, against the
+  challenger's test metrics of its run, on the same (sampled) test users. A known user whose
+  request brings no new session items is answered with its list, so these are the served
+  answers' figures; the p99 latency of both sides is measured through their pyfuncs on the same
+  mix of requests drawn from the first shard's test users. Live-session figures are not
+  measured on the engine yet (the guardrail applies when both sides have them).
+* **the release** (:func:`release_on_engine`): each shard's split moved on by one window
+  (:func:`tasks.release.recipes.release_split`, a task per shard) and the winning recipe
+  refitted on it on the cluster, every user's list written per shard and merged into the
+  released copy's bundle.
+
+Both write under the run folder (``release/<attempt>/``: a path every worker reads), a fresh
+folder per attempt, removed once the copy is registered. Memory of the flow process: one
+shard's lists and history, the item vocabulary and the users' offsets (8 bytes a user).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import polars as pl
 from mlflow import MlflowClient
+from prefect import task, unmapped
 
+from models.baselines import baseline_factories
 from models.columns import ITEM, TIMESTAMP, USER
-from models.errors import DataError
+from models.errors import ConfigError, DataError
 from models.serving import EXCLUDE_SLACK, ServingModel
 from models.user_lists import UserItems, UserLists
-from tasks.data.shards import shard_file
+from tasks.checks.validate_shards import gather
+from tasks.data.shards import host_cores, shard_file
 from tasks.release.packaging import (
     DATA_END_TAG,
     KIND_TAG,
@@ -49,12 +70,17 @@ from tasks.release.packaging import (
     registered_of_run,
     select_best,
 )
-from tasks.release.recipes import read_recipe
-from tasks.splitting.split_shards import shard_number
+from tasks.release.recipes import read_recipe, release_split
+from tasks.splitting.split import Split
+from tasks.splitting.split_shards import TABLES, shard_number, split_shard_files
 
 logger = logging.getLogger(__name__)
 
 ENGINE_TAG = "shoprank.engine"
+EVENTS_TAG = "shoprank.events_dir"  # the folder of event shards a release refits on
+ITEMS_TAG = "shoprank.items_path"
+N_ITEMS_TAG = "shoprank.n_items"
+METRICS_PATH = "gate/test_metrics.json"  # the evaluated copy's test metrics, as the gate reads
 BASELINES, RANKER, TRANSFORMER = "baselines", "ranker", "transformer"
 """The work folders of the engine's stages (beside the split)."""
 
@@ -179,7 +205,9 @@ def register_evaluated(scores: dict[str, dict[str, dict[str, float]]], run: Rele
             "primary_metric": metric, f"valid.{key}": f"{scores[family]['valid'][metric]:.6g}",
             f"test.{key}": f"{scores[family]['test'][metric]:.6g}",
             "ks": ",".join(str(k) for k in cfg.get("evaluation", {}).get("ks", [10, 20])),
-            "exclude_seen": str(run.exclude_seen).lower()}
+            "exclude_seen": str(run.exclude_seen).lower(), EVENTS_TAG: str(run.events or ""),
+            ITEMS_TAG: str(run.items or ""), N_ITEMS_TAG: str(run.n_items)}
+    client.log_dict(run.run_id, scores[family]["test"], METRICS_PATH)
     recipe = read_recipe(family_folder(work, family))
     if recipe is not None:
         path = f"recipes/{family}.json"
@@ -201,3 +229,218 @@ def register_evaluated(scores: dict[str, dict[str, dict[str, float]]], run: Rele
             tracking_uri=run.tracking_uri, tags=tags, description=description,
             example=request_example(run.split_dir, "test_history"))
     return family, packaged
+
+
+# ---- the gate and the release on the engine -------------------------------------------------
+
+@dataclass
+class EngineRun:
+    """What the engine's gate and release read of an evaluated copy's run (tags and config)."""
+
+    run_id: str
+    split_dir: Path
+    events: Path
+    items: Path | None
+    n_items: int
+    ks: list[int]
+    exclude_seen: bool
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, client: MlflowClient, version: Any) -> EngineRun:
+        """The engine run behind an evaluated copy registered by :func:`register_evaluated`."""
+        from tasks.release.gate import run_config
+
+        tags = version.tags
+        split_dir = Path(tags.get(SPLIT_DIR_TAG, ""))
+        if not (split_dir / "info.json").is_file():
+            raise DataError(
+                f"the sharded split of version {version.version} is not at {split_dir} (tag "
+                f"{SPLIT_DIR_TAG}): the engine's gate and release read the run folder where it "
+                "was trained; put it back on that path, or train again.")
+        return cls(version.run_id, split_dir, Path(tags[EVENTS_TAG]),
+                   Path(tags[ITEMS_TAG]) if tags.get(ITEMS_TAG) else None,
+                   int(tags.get(N_ITEMS_TAG) or 0),
+                   [int(k) for k in tags.get("ks", "10,20").split(",")],
+                   tags.get("exclude_seen", "false") == "true", run_config(client, version.run_id))
+
+    def workers(self) -> int:
+        """The Dask workers the run was configured with (for the ranker's trials' shares)."""
+        return int(self.config.get("dask", {}).get("workers") or host_cores())
+
+
+def refit_recipe(recipe: dict[str, Any], split_dir: Path, work: Path, run: EngineRun,
+                 every_user: bool) -> dict[str, Any]:
+    """Fit ``recipe`` on a sharded split on the cluster, as the engine's training fits it.
+
+    The baselines' test stage always runs (trending items and neighbours of the bundle); then
+    the recipe's family with its settings and no study (:func:`evaluate_transformer_sharded`,
+    :func:`evaluate_ranker_sharded`, the ranker's transformer source first). Lists
+    ``serve.max_k`` + slack deep are written for the test users, or with ``every_user`` for
+    every user of the test history. Returns ``test`` (metrics; empty without targets) and
+    ``parts`` (the lists' files). Call inside a flow (its tasks run on its task runner).
+    """
+    from tasks.evaluation.evaluate_shards import evaluate_baselines_sharded
+    from tasks.ranking.rank_shards import evaluate_ranker_sharded
+    from tasks.ranking.reranker import RankerConfig
+    from tasks.transformer.sequence import SequenceConfig
+    from tasks.transformer.sequence_shards import evaluate_transformer_sharded
+
+    family = recipe["family"]
+    depth = list_depth(int(run.config.get("serve", {}).get("max_k", 200)))
+    recent = float(run.config.get("baselines", {}).get("recent_days", 7.0))
+    baselines = work / BASELINES
+    scores = evaluate_baselines_sharded(
+        split_dir, run.ks, run.n_items, run.exclude_seen,
+        float(recipe.get("recent_days", recent)) if "recent_days" in recipe else recent,
+        baselines, None, depth, stages=("test",), every_user=every_user)
+    common = {"split_dir": split_dir, "items_path": run.items, "ks": run.ks,
+              "n_items": run.n_items, "run_id": None, "tracking_uri": "",
+              "list_depth": depth, "every_user": every_user}
+    if family == "transformer":
+        result = evaluate_transformer_sharded(
+            config=SequenceConfig.model_validate(recipe["config"]),
+            exclude_seen=bool(recipe["exclude_seen"]), work=work / TRANSFORMER,
+            baselines=baselines, recipe=recipe, **common)
+        return {"test": result.get("test", {}), "parts": list_parts(work, family)}
+    if family == "lgbm_ranker":
+        source = recipe.get("source")
+        sequence = sequence_config = None
+        if source:
+            sequence_config = SequenceConfig.model_validate(source["config"])
+            sequence = evaluate_transformer_sharded(
+                config=sequence_config, exclude_seen=bool(source["exclude_seen"]),
+                work=work / TRANSFORMER, baselines=baselines, recipe=source, score=False,
+                **common)
+        result = evaluate_ranker_sharded(
+            config=RankerConfig.model_validate(recipe["config"]),
+            exclude_seen=bool(recipe["exclude_seen"]),
+            ordered_only=bool(recipe.get("ordered_only")), work=work / RANKER,
+            workers=run.workers(), baselines=baselines, transformer=sequence,
+            transformer_config=sequence_config, recipe=recipe, **common)
+        return {"test": result.get("test", {}), "parts": list_parts(work, family)}
+    if family not in baseline_factories(recent):
+        raise ConfigError(f"the engine cannot refit a recipe of family {family!r}: expected "
+                          f"lgbm_ranker, transformer or one of "
+                          f"{', '.join(baseline_factories(recent))}.")
+    return {"test": scores.get(family, {}).get("test", {}), "parts": list_parts(work, family)}
+
+
+def attempt_folder(run: EngineRun, what: str) -> Path:
+    """A fresh folder for one attempt of the gate or the release, under the run folder."""
+    folder = run.split_dir.parent / "release" / f"{what}-{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def pyfunc_of(bundle: Path, family: str, example: pd.DataFrame) -> Any:
+    """A bundle saved and loaded as the MLflow pyfunc it would be served as (for timing)."""
+    import mlflow
+
+    from tasks.release.packaging import save_pyfunc
+
+    path = bundle.parent / "pyfunc"
+    save_pyfunc(bundle, path, family, example)
+    return mlflow.pyfunc.load_model(str(path))
+
+
+def latency_requests(run: EngineRun, policy: Any) -> list[dict]:
+    """The mix of single-user requests both sides are timed on: the first shard's test users."""
+    from tasks.release.gate import request_mix, request_records
+    from tasks.splitting.split_shards import read_split_shard
+
+    split = read_split_shard(run.split_dir, split_shard_files(run.split_dir)[0])
+    records = request_records(split, policy.session_items, run.exclude_seen, max(run.ks))
+    return request_mix(records, run.ks, policy.latency_requests)
+
+
+def compare_on_engine(client: MlflowClient, model_name: str, version: str,
+                      champion: str | None, policy: Any) -> Any:
+    """The gate for an evaluated copy of the engine (see the module docstring): a Decision."""
+    from tasks.release.gate import champion_refusal, gate_keys, latency_ms, recipe_at
+    from tasks.release.registry import Decision, decide, get_version, load_version
+
+    source = get_version(client, model_name, version)
+    run = EngineRun.of(client, source)
+    keep = gate_keys(policy)
+    with tempfile.TemporaryDirectory(prefix="shoprank-metrics-") as tmp:
+        ours = json.loads(Path(client.download_artifacts(run.run_id, METRICS_PATH, tmp))
+                          .read_text())
+    requests = latency_requests(run, policy)
+    ours = {m: ours[m] for m in keep if m in ours}
+    ours.update(latency_ms(load_version(client, model_name, version), requests))
+    theirs, how = None, "no champion yet"
+    if champion is not None:
+        refusal = champion_refusal(client, model_name, version, champion)
+        if refusal is None and not get_version(client, model_name, champion).tags.get(RECIPE_TAG):
+            refusal = (f"the champion v{champion} has no recipe that the engine could refit on "
+                       "this split. Promote with --force to replace it")
+        if refusal is not None:
+            return Decision(model_name, version, "incomparable", refusal,
+                            policy.primary_metric, policy.margin, ours, None, champion)
+        recipe = recipe_at(client, get_version(client, model_name, champion).tags[RECIPE_TAG])
+        work = attempt_folder(run, f"gate-v{version}")
+        try:
+            fitted = refit_recipe(recipe, run.split_dir, work, run, every_user=False)
+            bundle = bundle_from_parts(
+                work / "bundle", family=recipe["family"], parts=fitted["parts"],
+                split_dir=run.split_dir, history_table="test_history",
+                baselines=work / BASELINES, items_path=run.items, config=run.config,
+                exclude_seen=bool(recipe.get("exclude_seen")), model_name=recipe["family"])
+            pyfunc = pyfunc_of(bundle, recipe["family"],
+                               request_example(run.split_dir, "test_history"))
+            theirs = {m: fitted["test"][m] for m in keep if m in fitted["test"]}
+            theirs.update(latency_ms(pyfunc, requests))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        how = f"its recipe ({recipe['family']}) refitted on this split on the engine"
+    promote, reason = decide(ours, theirs, policy)
+    if theirs is not None:
+        reason = f"{reason} (champion v{champion}: {how})"
+    return Decision(model_name, version, "promoted" if promote else "rejected", reason,
+                    policy.primary_metric, policy.margin, ours, theirs, champion)
+
+
+@task(name="release-split", task_run_name="release-split-{shard:05d}", retries=1)
+def release_shard(split_dir: Path, events: Path, shard: int, end: dt.datetime, out: Path
+                  ) -> int:
+    """One shard's split moved on by one window (:func:`release_split`); its events count."""
+    info = json.loads((split_dir / "info.json").read_text())
+    tables = {name: pl.read_parquet(shard_file(split_dir / name, shard)) for name in TABLES}
+    split = Split(protocol=info["protocol"], info=info["summary"], **tables)
+    every = pl.read_parquet(shard_file(events, shard))
+    moved = release_split(split, every)
+    if split.protocol == "time":  # the whole log's end, not this shard's
+        moved.info.update(t_test=(end + dt.timedelta(microseconds=1)).isoformat())
+    for name in TABLES:
+        path = shard_file(out / name, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        getattr(moved, name).write_parquet(path)
+    if shard == min(info["shards"]):
+        (out / "info.json").write_text(json.dumps(
+            {"protocol": info["protocol"], "summary": {**info["summary"], **moved.info},
+             "shards": info["shards"]}, indent=2, default=str))
+    return every.height
+
+
+def release_on_engine(client: MlflowClient, source: Any, recipe: dict[str, Any]
+                      ) -> tuple[Path, pd.DataFrame, int, str, Path]:
+    """The winning recipe refitted on every event on the cluster, as a bundle (call in a flow).
+
+    Returns the bundle, the pyfunc's input example, the number of events, the last event's
+    time and the attempt's folder (removed by the caller once the bundle is registered).
+    """
+    run = EngineRun.of(client, source)
+    work = attempt_folder(run, f"release-v{source.version}")
+    end = dt.datetime.fromisoformat(last_of(run.events))
+    shards = split_shard_files(run.split_dir)
+    moved = work / "split"
+    events = sum(gather(release_shard.map(unmapped(run.split_dir), unmapped(run.events), shards,
+                                          unmapped(end), unmapped(moved))))
+    fitted = refit_recipe(recipe, moved, work, run, every_user=True)
+    bundle = bundle_from_parts(
+        work / "bundle", family=recipe["family"], parts=fitted["parts"], split_dir=moved,
+        history_table="test_history", baselines=work / BASELINES, items_path=run.items,
+        config=run.config, exclude_seen=bool(recipe.get("exclude_seen")),
+        model_name=recipe["family"], run_id=run.run_id)
+    return bundle, request_example(moved, "test_history"), events, end.isoformat(), work

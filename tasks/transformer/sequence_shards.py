@@ -140,11 +140,12 @@ def tune_on_sample(split_dir: Path, work: Path, items_path: Path | None, config:
       persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Path,
                 ks: list[int], exclude_seen: bool, selection: Selection,
-                depth: int | None = None) -> dict[str, Any] | None:
+                depth: int | None = None, every_user: bool = False) -> dict[str, Any] | None:
     """One shard's partial metrics of a stage (None without targets).
 
     Validation is scored on the selection holdout's users. With ``depth``, the users' lists
-    that deep are written to ``work/lists/<stage>/shard-XXXXX.parquet`` (the serving lists).
+    that deep are written to ``work/lists/<stage>/shard-XXXXX.parquet`` (the serving lists):
+    the target users', or with ``every_user`` every user of the history's.
     """
     from models.transformer import SequentialTransformer
 
@@ -153,16 +154,36 @@ def score_shard(split_dir: Path, shard: int, stage: str, work: Path, counts: Pat
     history, targets = getattr(split, history_name), getattr(split, targets_name)
     if stage == "valid":
         targets = selection.targets(split)
-    if targets.is_empty():
+    users = (history if every_user else targets)[USER].unique(maintain_order=True)
+    if users.is_empty():
         return None
     model = SequentialTransformer.load(work / model_name)
-    users = targets[USER].unique(maintain_order=True)
     recs = pl.from_pandas(model.recommend(users.to_list(), k=max(max(ks), depth or 0),
                                           exclude_seen=exclude_seen, history=history))
     if depth:
         write_part(recs, shard_file(work / "lists" / stage, shard))
+    if targets.is_empty():
+        return None
     popularity = pl.read_parquet(counts).select(ITEM, COUNT)
     return partial_metrics(recs.filter(pl.col(RANK) <= max(ks)), targets, ks, popularity)
+
+
+@task(name="transformer-refit", persist_result=True, cache_policy=STAGE_CACHE)
+def fit_on_sample(split_dir: Path, work: Path, items_path: Path | None, config: SequenceConfig,
+                  recipe: dict[str, Any]) -> dict[str, Any]:
+    """Fit a recipe (parameters, epochs, offset; no study) on the sample's test history; save it.
+
+    Returns what :func:`tune_on_sample` returns for the refit (no study: ``n_trials`` 0).
+    """
+    split = read_sample(split_dir, work / "sample")
+    items = pl.read_parquet(items_path) if items_path else None
+    params, epochs = dict(recipe["params"]), int(recipe["epochs"])
+    offset = float(recipe.get("new_item_offset", 0.0))
+    with every_core(config):
+        fit_final(split.test_history, items, config, params, epochs,
+                  new_item_offset=offset).save(work / "model")
+    return {"best_params": params, "best_trial": None, "best_epoch": epochs,
+            "new_item_offset": offset, "study_name": None, "n_trials": 0, "sample_valid": {}}
 
 
 @task(name="transformer-ranker-sources", retries=1, persist_result=True,
@@ -191,9 +212,14 @@ def evaluate_transformer_sharded(
     split_dir: Path, items_path: Path | None, config: SequenceConfig, ks: list[int],
     n_items: int, exclude_seen: bool, work: Path, baselines: Path, run_id: str | None,
     tracking_uri: str, selection: Selection | None = None, primary_metric: str | None = None,
-    list_depth: int | None = None,
+    list_depth: int | None = None, recipe: dict[str, Any] | None = None,
+    every_user: bool = False, score: bool = True,
 ) -> dict[str, Any]:
     """Tune on a sample, refit, and score the transformer shard by shard (call inside a flow).
+
+    With a ``recipe`` (the release's refit: :mod:`tasks.release.release_shards`), no study:
+    the recipe is fitted on the sample and only the test stage is scored (not at all unless
+    ``score``), its lists written for every user of the test history with ``every_user``.
 
     ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty);
     ``primary_metric`` (the run's ``evaluation.primary_metric``) early-stops and ranks the trials.
@@ -210,24 +236,30 @@ def evaluate_transformer_sharded(
     log.info("transformer sample: %d of %d users", drawn, users)
     config = config.model_copy(update={"storage": config.storage or default_storage()})
     selection = selection or Selection()
-    result = gather([tune_on_sample.submit(split_dir, work, items_path, config, ks, exclude_seen,
-                                           n_items, run_id, tracking_uri, selection,
-                                           primary_metric)])[0]
-    for stage in STAGES:
+    if recipe is None:
+        result = gather([tune_on_sample.submit(split_dir, work, items_path, config, ks,
+                                               exclude_seen, n_items, run_id, tracking_uri,
+                                               selection, primary_metric)])[0]
+    else:
+        result = gather([fit_on_sample.submit(split_dir, work, items_path, config, recipe)])[0]
+    stages = list(STAGES) if recipe is None else ["test"] if score else []
+    for stage in stages:
         parts = gather(score_shard.map(unmapped(split_dir), shards, unmapped(stage),
                                        unmapped(work), unmapped(baselines / stage /
                                                                 "counts.parquet"),
                                        unmapped(ks), unmapped(exclude_seen),
                                        unmapped(selection),
-                                       unmapped(list_depth if stage == "test" else None)))
+                                       unmapped(list_depth if stage == "test" else None),
+                                       unmapped(every_user)))
         result[stage] = merge_partials([p for p in parts if p is not None], n_items)
-    selection.check(int(result["valid"].get("users", 0)))
+    if recipe is None:
+        selection.check(int(result["valid"].get("users", 0)))
     result.update({"model_dir": str(work / "model"), "exclude_seen": exclude_seen,
                    "sample": {"users": drawn, "of": users}, "sample_dir": str(work / "sample")})
     write_recipe(work / "model", transformer_recipe(config, result))
     if run_id:
         study = optuna.load_study(study_name=result["study_name"], storage=config.storage)
         log_results(run_id, result, config, study)
-    log.info("transformer: test %s", {k: round(v, 4) for k, v in result["test"].items()
+    log.info("transformer: test %s", {k: round(v, 4) for k, v in result.get("test", {}).items()
                                       if "@" in k})
     return result

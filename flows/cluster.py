@@ -1,0 +1,38 @@
+"""The Dask cluster of ``engine: dask``: the task runner of its subflows (training, release)."""
+
+from __future__ import annotations
+
+from prefect_dask import DaskTaskRunner
+
+from flows.config import DaskConfig
+from flows.serve import default_workers
+
+
+def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
+    """The task runner of ``engine: dask``: a running cluster, or a LocalCluster on 127.0.0.1.
+
+    The LocalCluster's workers report their task runs to this process's Prefect API (the
+    configured server, or the temporary one this process started): without it each worker
+    would start a temporary server of its own (three processes each).
+    """
+    if cfg.address:
+        return DaskTaskRunner(address=cfg.address)
+    api = prefect_api_url()
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": cfg.workers or default_workers(), "threads_per_worker": 1,
+        "processes": True, "memory_limit": cfg.memory_limit, "host": "127.0.0.1",
+        "dashboard_address": None, **({"env": {"PREFECT_API_URL": api}} if api else {})})
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process reports to: the configured one, else its temporary server's.
+
+    None when neither is known (no flow has run in this process yet).
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return str(PREFECT_API_URL.value())
+    server = SubprocessASGIServer()  # the unique temporary server of this process
+    return server.api_url if server.server_process is not None else None
