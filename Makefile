@@ -46,7 +46,7 @@ browser-deps:  ## Debian's Chromium and ChromeDriver for the browser tests, when
 	fi
 
 test-release: install-dev team-deps browser-deps  ## the slow release-loop tests: the team setup (PostgreSQL, servers, workers), a killed train resumed, a release and a catalogue update killed at each step
-	$(BIN)/pytest -q -m slow tests/test_team.py tests/test_resume.py tests/test_release_loop.py tests/test_release_faults.py tests/test_catalogue.py tests/test_monitor_flow.py tests/test_browser.py
+	$(BIN)/pytest -q -m slow tests/test_team.py tests/test_resume.py tests/test_release_loop.py tests/test_release_faults.py tests/test_release_engine.py tests/test_catalogue.py tests/test_monitor_flow.py tests/test_browser.py
 
 team-deps:  ## Debian's PostgreSQL for the team setup, when missing
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \

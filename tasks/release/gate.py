@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -59,6 +58,7 @@ from tasks.release.registry import (
     PromotionPolicy,
     decide,
     get_version,
+    load_pyfunc,
     load_version,
 )
 from tasks.release.sessions import between, window_sessions
@@ -250,7 +250,7 @@ def bundle_pyfunc(bundle: Path, split_dir: Path, family: str) -> Any:
     """
     path = bundle.parent / "pyfunc"
     save_pyfunc(bundle, path, family, input_example(split_dir))
-    return mlflow.pyfunc.load_model(str(path))
+    return load_pyfunc(str(path))
 
 
 def recipe_at(client: MlflowClient, uri: str) -> dict[str, Any] | None:

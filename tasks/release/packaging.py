@@ -48,7 +48,7 @@ from models.serving import (
     register_family,
 )
 from tasks.release.recipes import last_event, read_recipe
-from tasks.release.registry import REGISTRY_ID_TAG
+from tasks.release.registry import REGISTRY_ID_TAG, load_pyfunc
 from tasks.tracking import PROJECT_ROOT, fingerprint, log_dataset
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def package_and_register(
         save_pyfunc(bundle, local, family, example)
         size = folder_bytes(local)
         start = time.perf_counter()
-        mlflow.pyfunc.load_model(str(local))
+        load_pyfunc(str(local))
         load_seconds = time.perf_counter() - start
         client.log_artifacts(run_id, str(local), artifact_path)
     client.log_metric(run_id, "serving.artifact_bytes", size)

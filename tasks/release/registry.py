@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import logging
 import re
+import sys
 import tempfile
 import time
 import uuid
@@ -346,7 +347,22 @@ def get_version(client: MlflowClient, model_name: str, version: str) -> Any:
 
 def load_version(client: MlflowClient, model_name: str, version: str) -> Any:
     """Load a registered version as a pyfunc, without touching the global tracking URI."""
-    return mlflow.pyfunc.load_model(client.get_model_version_download_uri(model_name, version))
+    return load_pyfunc(client.get_model_version_download_uri(model_name, version))
+
+
+def load_pyfunc(uri: str) -> Any:
+    """Load a pyfunc, leaving ``sys.path`` as it was.
+
+    MLflow puts the model's code folder (a copy of ``models/`` and ``tasks/``) first on
+    ``sys.path``; left there, a Dask worker started later by this process (a LocalCluster's
+    worker restarted after a crash) would import that copy, which lacks the project's other
+    files (the expectation suites), instead of the project.
+    """
+    kept = list(sys.path)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    finally:
+        sys.path[:] = kept
 
 
 def record(client: MlflowClient, decision: Decision) -> None:

@@ -335,13 +335,12 @@ def attempt_folder(run: EngineRun, what: str) -> Path:
 
 def pyfunc_of(bundle: Path, family: str, example: pd.DataFrame) -> Any:
     """A bundle saved and loaded as the MLflow pyfunc it would be served as (for timing)."""
-    import mlflow
-
     from tasks.release.packaging import save_pyfunc
+    from tasks.release.registry import load_pyfunc
 
     path = bundle.parent / "pyfunc"
     save_pyfunc(bundle, path, family, example)
-    return mlflow.pyfunc.load_model(str(path))
+    return load_pyfunc(str(path))
 
 
 def latency_requests(run: EngineRun, policy: Any) -> list[dict]:

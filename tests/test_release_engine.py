@@ -1,0 +1,134 @@
+"""The release on ``engine: dask`` against the local engine's, and a worker killed during it.
+
+Every test runs the real ``train`` flow (Prefect test harness, a real MLflow store) twice on the
+built-in shop's sample, with the release on, the dask engine on a real ``distributed.LocalCluster``
+of 2 worker processes on 127.0.0.1 started and stopped here: the first run's model becomes the
+champion (refitted on every event), the second's is judged against the champion's recipe
+refitted on its split.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from distributed import LocalCluster
+from mlflow import MlflowClient
+
+from flows.config import load_config
+from flows.train import train
+from tasks.release.packaging import load_serving
+from tasks.release.promotion import RELEASE_DECISION_TAG, STATE_TAG
+from tasks.release.registry import DECISION_ID_TAG, alias_version
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+RANKER = {"num_boost_round": 40, "extra_windows": 1}
+TRANSFORMER = {"space": {"epochs": [2, 2], "hidden_size": [32], "max_len": [20]}}
+DECISION_KEYS = ("ndcg_at_10", "coverage_at_10", "users", "cold5.recall_at_20", "cold5.users")
+
+
+@pytest.fixture
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as local:
+        yield local
+
+
+def _config(tmp_path: Path, shop: Path, engine: str, **overrides):
+    storage = f"sqlite:///{tmp_path / f'optuna-{engine}.db'}"
+    return load_config(
+        None, output_dir=str(tmp_path / engine), engine=engine, data__path=str(shop),
+        data__format="parquet", data__name="demo", ranker__n_trials=1, ranker__extra=RANKER,
+        ranker__storage=storage, transformer__n_trials=1, transformer__extra=TRANSFORMER,
+        transformer__storage=storage, evaluation__test_user_share=0.5,
+        content__enabled=False, registry__model_name=f"shop-{engine}",
+        registry__latency_slack_ms=1000.0, **overrides)
+
+
+def _lists(uri: str, model: str) -> dict[str, list[tuple[str, float]]]:
+    _, serving = load_serving(model, uri)
+    return {user: serving.lists.get(user) for user in serving.lists.users.to_list()}
+
+
+def _decision(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    tags = client.get_model_version(name, version).tags
+    return {key: tags.get(f"promotion.{side}.{key}") for side in ("challenger", "champion")
+            for key in DECISION_KEYS} | {"decision": tags["promotion.decision"]}
+
+
+def test_the_engine_releases_what_the_local_engine_releases(tmp_path, mlflow_store,
+                                                            demo_shop_dir, cluster):
+    client = MlflowClient(mlflow_store)
+    results = {}
+    for engine in ("local", "dask"):
+        extra = {"dask__address": cluster.scheduler_address, "dask__shards": 3} \
+            if engine == "dask" else {}
+        config = _config(tmp_path, demo_shop_dir, engine, **extra)
+        results[engine] = [train(config)["release"], train(config)["release"]]
+    for first, second in zip(results["local"], results["dask"], strict=True):
+        assert (first["family"], first["decision"], first["version"],
+                first["released_version"]) == (second["family"], second["decision"],
+                                               second["version"], second["released_version"])
+    assert results["dask"][0]["decision"] == "promoted"  # no champion yet
+    assert results["dask"][1]["decision"] == "rejected"  # the same recipe: no gain, a refresh
+    # the second decision's numbers, both sides, are the local gate's
+    assert _decision(client, "shop-dask", "3") == _decision(client, "shop-local", "3")
+    dask_tags = client.get_model_version("shop-dask", "3").tags
+    assert "on the engine" in dask_tags["promotion.reason"]
+    # every served version's lists, user by user, item by item, score by score
+    for version in ("1", "2", "3", "4"):
+        local = _lists(mlflow_store, f"models:/shop-local/{version}")
+        dask = _lists(mlflow_store, f"models:/shop-dask/{version}")
+        if version in ("1", "3"):  # evaluated copies: the engine keeps the test users' lists
+            local = {user: local[user] for user in dask}
+        assert dask == local, version
+    assert alias_version(client, "shop-dask", "champion") == "4"
+    released = client.get_model_version("shop-dask", "4").tags
+    assert (released["release.kind"], released["shoprank.engine"]) == ("refresh", "dask")
+    _, serving = load_serving("models:/shop-dask@champion", mlflow_store)
+    assert serving.lists_only
+    assert not (serving.folder / "model").exists()
+    user = serving.lists.users[0]
+    deep = serving.predict([{"user_id": user, "k": 200, "exclude": ["x"] * 30}])
+    assert deep.height == 200  # deeper than the lists: the list, then trending items
+    # the attempt folders of the gate and the release are gone once registered
+    assert not list((tmp_path / "dask").rglob("release/*/bundle"))
+
+
+def test_a_worker_killed_during_the_release_leaves_the_registry_consistent(
+        tmp_path, mlflow_store, demo_shop_dir, cluster):
+    config = _config(tmp_path, demo_shop_dir, "dask", dask__address=cluster.scheduler_address,
+                     dask__shards=3, transformer__enabled=False)
+    killed = []
+
+    def kill_a_worker_when_the_release_refits() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            if list((tmp_path / "dask").rglob("release/release-v*/split/test_history/*")):
+                nanny = next(iter(cluster.workers.values()))
+                pid = nanny.process.process.pid
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_a_worker_when_the_release_refits, daemon=True)
+    watcher.start()
+    result = train(config)["release"]
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed during the release"
+    client = MlflowClient(mlflow_store)
+    name, version = result["model"], result["version"]
+    tags = client.get_model_version(name, version).tags
+    assert tags[STATE_TAG] == "complete"
+    champion = alias_version(client, name, "champion")
+    assert champion == tags["promotion.released_version"] == result["released_version"]
+    released = [str(v.version) for v in client.search_model_versions(f"name='{name}'")
+                if v.tags.get(RELEASE_DECISION_TAG) == tags[DECISION_ID_TAG]]
+    assert released == [champion]  # one released copy, whatever the worker's tasks redid
+    _, serving = load_serving(f"models:/{name}@champion", mlflow_store)
+    assert len(serving.lists) > 0
