@@ -71,3 +71,21 @@ def demo_shop_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo-shop")
     write_demo_shop(folder, n_events=20_000, seed=1)
     return folder
+
+
+@pytest.fixture
+def prefect_api(tmp_path, monkeypatch):
+    """A real Prefect server (``prefect server start``) whose repossessor checks leases every 5 s.
+
+    Its API URL; the registry lock of a process killed while holding it is freed a lease later.
+    """
+    from tests.test_deploy import start_prefect_server
+    from tests.test_serving import stop_group
+
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "5")
+    (tmp_path / "server").mkdir()
+    proc, api, _ = start_prefect_server(tmp_path / "server")
+    try:
+        yield api
+    finally:
+        stop_group(proc)

@@ -1,16 +1,18 @@
-"""The release on ``engine: dask`` against the local engine's, and a worker killed during it.
+"""The release on ``engine: dask`` against the local engine's; a worker, then the flow, killed.
 
 Every test runs the real ``train`` flow (Prefect test harness, a real MLflow store) twice on the
 built-in shop's sample, with the release on, the dask engine on a real ``distributed.LocalCluster``
 of 2 worker processes on 127.0.0.1 started and stopped here: the first run's model becomes the
 champion (refitted on every event), the second's is judged against the champion's recipe
-refitted on its split.
+refitted on its split. The last test kills ``shoprank train`` itself (SIGKILL) once the engine
+has refitted the winner, and ``shoprank promote`` completes the release on the same cluster.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,9 @@ from flows.config import load_config
 from flows.train import train
 from tasks.release.packaging import load_serving
 from tasks.release.promotion import RELEASE_DECISION_TAG, STATE_TAG
-from tasks.release.registry import DECISION_ID_TAG, alias_version
+from tasks.release.registry import DECISION_ID_TAG, EVALUATED, PROMOTED, alias_version
+from tests.test_release_faults import _shoprank
+from tests.test_release_loop import model_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -132,3 +136,45 @@ def test_a_worker_killed_during_the_release_leaves_the_registry_consistent(
     assert released == [champion]  # one released copy, whatever the worker's tasks redid
     _, serving = load_serving(f"models:/{name}@champion", mlflow_store)
     assert len(serving.lists) > 0
+
+
+def test_a_train_killed_in_the_engines_release_is_completed_by_promote(
+        tmp_path, mlflow_store, demo_shop_dir, prefect_api):
+    import yaml
+
+    settings = {"data": {"path": str(demo_shop_dir), "format": "parquet", "name": "demo"},
+                "engine": "dask", "ranker": {"enabled": False},
+                "transformer": {"enabled": False}, "content": {"enabled": False},
+                "registry": {"model_name": "shoprank", "families": ["buy_again"],
+                             "latency_slack_ms": 1000.0},
+                "output_dir": str(tmp_path / "outputs")}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "TMPDIR": str(tmp_path),
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "MLFLOW_TRACKING_URI": mlflow_store}
+    log = tmp_path / "shoprank.log"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, env={"PREFECT_API_URL": prefect_api}) as cluster:
+        settings["dask"] = {"address": cluster.scheduler_address, "shards": 3}
+        config = tmp_path / "train.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        code = _shoprank(["train", "--config", str(config)], env, tmp_path, log,
+                         kill_at="engine-refitted")
+        assert code == -signal.SIGKILL, log.read_text()[-4000:]
+        client = MlflowClient(mlflow_store)
+        (evaluated,) = client.search_model_versions("name='shoprank'")  # no released copy yet
+        version = str(evaluated.version)
+        assert client.get_model_version("shoprank", version).tags[STATE_TAG] == "pending"
+        assert alias_version(client, "shoprank", "champion") is None
+        assert _shoprank(["promote"], env, tmp_path, log) == 0, log.read_text()[-4000:]
+    tags = client.get_model_version("shoprank", version).tags
+    assert tags[STATE_TAG] == "complete"
+    champion = alias_version(client, "shoprank", "champion")
+    assert champion == tags["promotion.released_version"]
+    released = [str(v.version) for v in client.search_model_versions("name='shoprank'")
+                if v.tags.get(RELEASE_DECISION_TAG) == tags[DECISION_ID_TAG]]
+    assert released == [champion]
+    assert client.get_model_version("shoprank", champion).tags["shoprank.engine"] == "dask"
+    assert len(model_events(version, PROMOTED, api=prefect_api)) == 1
+    assert len(model_events(version, EVALUATED, settle_s=0, api=prefect_api)) == 1
+    outputs = subprocess.run(["find", str(tmp_path / "outputs"), "-path", "*release/*",
+                              "-name", "bundle"], capture_output=True, text=True, check=True)
+    assert outputs.stdout.count("bundle") <= 1  # the killed attempt's folder, not the second
