@@ -6,8 +6,11 @@ each), and ``shoprank train --engine dask --dask-address ...`` runs on it as a c
 table gives each stage's wall time (from the run's log), the CPU time and peak resident memory of
 every process (the demo writer, the flow process, each Dask worker, the scheduler) and the
 test NDCG@10 of co-visitation, the transformer and the ranker (``--ranker-trials N``; left out
-with 0). ``--local`` also runs ``engine: local`` with the same settings on the same shop for the
-quality comparison (``--local-only``: that run alone). Results are appended to
+with 0). ``--release`` turns the release on (registry ``scale-<events>-<workers>``, promoted at
+once): its stage time joins the table, with the released bundle's size and users (then
+``benchmarks/load.py --model-uri models:/scale-<events>-<workers>@champion`` serves it).
+``--local`` also runs ``engine: local`` with the same settings on the same shop for the quality
+comparison (``--local-only``: that run alone). Results are appended to
 ``benchmarks/results/scale.json``.
 
 A run longer than one sitting goes on with ``--resume`` (same command, same ``--workdir``): a
@@ -20,6 +23,7 @@ attempts; the stage an attempt was killed in is charged up to its last sample.
 
     .venv/bin/python benchmarks/scale.py --events 10000000 30000000 100000000 --workdir /tmp/scale
     .venv/bin/python benchmarks/scale.py --events 10000000 --workers 1 2 --local
+    .venv/bin/python benchmarks/scale.py --events 1000000 --ranker-trials 2 --transformer --release
     .venv/bin/python benchmarks/scale.py --events 100000000 --ranker-trials 2 --transformer \
         --keep --workdir /work/scale100 --resume
 """
@@ -44,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
-STAGES = ["load", "validate", "split", "baselines", "transformer", "ranker"]
+STAGES = ["load", "validate", "split", "baselines", "transformer", "ranker", "release"]
 STAGE = re.compile(r"stage (\w+) done in ([\d.]+) s")
 NDCG = re.compile(r"^\| (\w+) \| ([\d.]+)(?: ± [\d.]+)? \|", re.MULTILINE)  # mean ± se
 SAMPLE_EVERY_S = 15.0
@@ -111,7 +115,8 @@ def write_config(path: Path, args: argparse.Namespace, run: str) -> Path:
                         "sample_groups": args.sample_groups}}
     transformer = {"enabled": args.transformer, "candidates": False,
                    "storage": ranker["storage"]}
-    path.write_text(json.dumps({"registry": {"enabled": False}, "ranker": ranker,
+    registry = {"enabled": args.release, "model_name": f"scale-{run}"}
+    path.write_text(json.dumps({"registry": registry, "ranker": ranker,
                                 "transformer": transformer,
                                 "evaluation": {"test_user_share": args.test_user_share}}))
     return path
@@ -213,6 +218,22 @@ def train_local(shop: Path, out: Path, log: Path, config: Path) -> dict:
             "test_ndcg@10": _test_ndcg(text)}
 
 
+def released_bundle(name: str) -> dict:
+    """The champion of ``name``: its version, kind, bundle bytes, users and bytes per user."""
+    from mlflow import MlflowClient
+
+    from tasks.release.packaging import load_serving
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias(name, "champion")
+    _, serving = load_serving(f"models:/{name}@champion", os.environ["MLFLOW_TRACKING_URI"])
+    size = int(float(version.tags["serving.artifact_bytes"]))
+    return {"version": version.version, "kind": version.tags.get("release.kind"),
+            "artifact_bytes": size, "users": len(serving.lists),
+            "lists_bytes": serving.lists.nbytes,
+            "bytes_per_user": size / max(len(serving.lists), 1)}
+
+
 def demo_shop(n: int, shards: int, workdir: Path) -> tuple[Path, dict]:
     """The demo shop of ``n`` events in ``shards`` user shards; one written completely is reused."""
     shop, done = workdir / f"shop-{n}", workdir / f"demo-{n}.json"
@@ -245,6 +266,8 @@ def main() -> None:
                         help="the ranker's training groups (engine dask)")
     parser.add_argument("--transformer", action="store_true",
                         help="also tune and test the transformer (default settings)")
+    parser.add_argument("--release", action="store_true",
+                        help="register, gate and release the best model (engine's release)")
     parser.add_argument("--test-user-share", type=float, default=1.0,
                         help="evaluation.test_user_share: the share of the test users scored")
     args = parser.parse_args()
@@ -267,6 +290,8 @@ def main() -> None:
                         "test_user_share": args.test_user_share,
                         "date": dt.date.today().isoformat(),
                         "machine": f"{platform.machine()}, {os.cpu_count()} cores"})
+            if args.release:
+                row["release"] = released_bundle(f"scale-{n}-{workers}")
             print(json.dumps(row), flush=True)
             results.append(row)
             if not args.keep:
