@@ -28,7 +28,7 @@ import polars as pl
 
 from models.columns import ITEM, RANK, SCORE, USER
 from models.errors import ConfigError, DataError, require_columns
-from models.metrics import ACCURACY_METRICS, evaluate
+from models.metrics import ACCURACY_METRICS, merge_partials, partial_metrics
 from models.user_lists import as_lists_frame, blend
 
 VALID_LISTS = "valid_lists.parquet"
@@ -145,14 +145,42 @@ def choose_session_weight(
         DataError: ``targets`` is empty: no user to score.
         MissingColumnsError: A frame lacks a column it needs.
     """
-    k = _cut_off(metric)
-    if not weights or any(not 0.0 <= float(w) <= 1.0 for w in weights):
-        raise ConfigError(f"weights must be a non-empty list of numbers from 0 to 1; got "
-                          f"{list(weights)}.")
+    check_weights(weights, metric)
     require_columns(targets.columns, (USER, ITEM), "targets")
     if targets.is_empty():
         raise DataError("no validation targets to choose the session weight on: no user has "
                         "events in the validation window after their session.")
+    part = session_weight_parts(lists, neighbours, history, sessions, targets, weights,
+                                metric=metric, session_items=session_items,
+                                session_decay=session_decay)
+    return pick_weight([part], weights, metric)
+
+
+def check_weights(weights: Sequence[float], metric: str) -> None:
+    """Raise :class:`ConfigError` for a weight outside ``[0, 1]``, none, or a bad metric."""
+    _cut_off(metric)
+    if not weights or any(not 0.0 <= float(w) <= 1.0 for w in weights):
+        raise ConfigError(f"weights must be a non-empty list of numbers from 0 to 1; got "
+                          f"{list(weights)}.")
+
+
+WeightParts = tuple[list[dict[str, Any]], int]
+"""Per weight of the grid (in its order) the partial metrics of a part of the users, and how
+many of them were blended (:func:`session_weight_parts`)."""
+
+
+def session_weight_parts(
+    lists: pl.DataFrame, neighbours: pl.DataFrame, history: pl.DataFrame,
+    sessions: pl.DataFrame, targets: pl.DataFrame, weights: Sequence[float] = DEFAULT_WEIGHTS,
+    *, metric: str = "ndcg@10", session_items: int = 5, session_decay: float = 0.5,
+) -> WeightParts:
+    """:func:`choose_session_weight`'s replay for a part of the users (for example a shard).
+
+    The parts of disjoint users give the whole's choice with :func:`pick_weight` (their
+    :func:`models.metrics.partial_metrics` merge exactly); ``neighbours`` must be the whole
+    history's. A part without targets scores no user.
+    """
+    k = _cut_off(metric)
     own = _user_lists(lists)
     depth = max((len(items) for items in own.values()), default=0)
     new = new_session_items(sessions, history)
@@ -168,14 +196,21 @@ def choose_session_weight(
             fused[user] = (mine, session[:depth])
         elif mine is not None or session:
             fixed[user] = mine if mine is not None else session
-    unchanged, rows = _frame(fixed, k), []  # the same lists at every weight
+    unchanged, parts = _frame(fixed, k), []  # the same lists at every weight
     for weight in weights:
         answers = {u: blend(m, s, float(weight)) for u, (m, s) in fused.items()}
-        figures = evaluate(pl.concat([unchanged, _frame(answers, k)]), targets, ks=[k])
-        rows.append({"weight": float(weight), **figures})
-    table = pl.DataFrame(rows)
+        parts.append(partial_metrics(pl.concat([unchanged, _frame(answers, k)]), targets, [k]))
+    return parts, len(fused)
+
+
+def pick_weight(parts: Sequence[WeightParts], weights: Sequence[float], metric: str
+                ) -> SessionChoice:
+    """The weight whose merged ``metric`` is best (the smallest on a tie), and the table."""
+    rows = [{"weight": float(weight), **merge_partials([part[0][i] for part in parts])}
+            for i, weight in enumerate(weights)]
     best = max(rows, key=lambda row: (row[metric], -row["weight"]))
-    return SessionChoice(best["weight"], table, metric, len(fused))
+    return SessionChoice(best["weight"], pl.DataFrame(rows), metric,
+                         sum(part[1] for part in parts))
 
 
 def new_session_items(sessions: pl.DataFrame, history: pl.DataFrame) -> dict[str, list[str]]:

@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 RANKER = {"num_boost_round": 40, "extra_windows": 1}
 TRANSFORMER = {"space": {"epochs": [2, 2], "hidden_size": [32], "max_len": [20]}}
-DECISION_KEYS = ("ndcg_at_10", "coverage_at_10", "users", "cold5.recall_at_20", "cold5.users")
+DECISION_KEYS = ("ndcg_at_10", "coverage_at_10", "users", "cold5.recall_at_20", "cold5.users",
+                 "live.ndcg_at_10", "live.users")
 
 
 @pytest.fixture
@@ -91,6 +92,14 @@ def test_the_engine_releases_what_the_local_engine_releases(tmp_path, mlflow_sto
         if version in ("1", "3"):  # evaluated copies: the engine keeps the test users' lists
             local = {user: local[user] for user in dask}
         assert dask == local, version
+    # served answers with a live session too (the same session weight chosen on validation)
+    _, local = load_serving("models:/shop-local@champion", mlflow_store)
+    _, dask = load_serving("models:/shop-dask@champion", mlflow_store)
+    assert dask.session_weight == local.session_weight
+    users = local.lists.users.to_list()[:200]
+    sessions = [{"user_id": user, "k": 10, "recent_items": [local.lists.get(other)[0][0]]}
+                for user, other in zip(users, users[1:] + users[:1], strict=True)]
+    assert dask.predict(sessions).equals(local.predict(sessions))
     assert alias_version(client, "shop-dask", "champion") == "4"
     released = client.get_model_version("shop-dask", "4").tags
     assert (released["release.kind"], released["shoprank.engine"]) == ("refresh", "dask")

@@ -205,8 +205,9 @@ def evaluate_baselines_sharded(
 
     ``valid`` is on the users of ``selection`` (default: every validation user). With
     ``list_depth``, each baseline's test lists that deep go to ``work/lists/<baseline>/``
-    (every user's of the test history with ``every_user``). ``stages``: those to fit and score
-    (the release's refits: ``("test",)``).
+    (every user's of the test history with ``every_user``), its validation lists (the
+    selection's users, the largest cut-off deep) to ``work/valid-lists/<baseline>/``.
+    ``stages``: those to fit and score (the release's refits: ``("test",)``).
 
     Returns the same ``{name: {stage: metrics}}`` as
     :func:`tasks.evaluation.evaluate.evaluate_baselines`.
@@ -236,7 +237,8 @@ def evaluate_baselines_sharded(
             recent_days=unmapped(recent_days), counts=unmapped(counts_file),
             popularity=unmapped(ordered), neighbours=unmapped(neighbours_file),
             selection=unmapped(selection or Selection()),
-            lists=unmapped(work / "lists" if list_depth and stage == "test" else None),
+            lists=unmapped(None if not list_depth else work / "lists" if stage == "test"
+                           else work / "valid-lists"),
             depth=unmapped(list_depth if stage == "test" else None),
             every_user=unmapped(every_user and stage == "test")))
         for name in [name for name in baseline_factories(recent_days)

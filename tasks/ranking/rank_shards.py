@@ -153,7 +153,8 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
 
     ``test``: the test users from the test history (their lists, ``depth`` deep when given,
     are written; every user of the history with ``every_user``); ``w0``: the selection
-    holdout's validation users from train. ``source``: the saved external candidate source of
+    holdout's validation users from train (their lists written to ``work/lists/w0/`` when
+    ``depth`` is given). ``source``: the saved external candidate source of
     the stage (the model's own, ``model/source``, for the test), asked about this shard's users.
     """
     split = read_split_shard(split_dir, shard)
@@ -174,6 +175,8 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
                        tables.popularity, exclude)
     if stage == TEST:
         write_part(recs, shard_file(work / "lists", shard))
+    elif depth:
+        write_part(recs, shard_file(work / "lists" / stage, shard))
     if targets.is_empty():
         return {"metrics": None, "recall": None}
     recs = recs.filter(pl.col(RANK) <= max(ks))
@@ -253,7 +256,8 @@ def evaluate_ranker_sharded(
     With a ``transformer`` result (:func:`evaluate_transformer_sharded`) and its config asking
     for candidates, the transformer's nearest items join the candidates under the source name
     ``seq``, as with the local engine. The test users' lists are written to
-    ``work/lists/shard-XXXXX.parquet``, ``list_depth`` deep when given (else the largest cut-off).
+    ``work/lists/shard-XXXXX.parquet``, ``list_depth`` deep when given (else the largest cut-off);
+    with ``list_depth``, the selection holdout's (``w0``) too, to ``work/lists/w0/``.
 
     With a ``recipe`` (the release's refit: :mod:`tasks.release.release_shards`), no study: its
     parameters, rounds and offset are refitted on the sample (its selection holdout kept out of
@@ -336,7 +340,8 @@ def evaluate_ranker_sharded(
                                        ordered_only=unmapped(ordered_only), ks=unmapped(ks),
                                        model=unmapped(model), selection=unmapped(tuned_on),
                                        source=unmapped(sources.get(stage, sources["train"])),
-                                       depth=unmapped(list_depth if stage == TEST else None),
+                                       depth=unmapped(list_depth if stage == TEST else
+                                                      max(ks) if list_depth else None),
                                        every_user=unmapped(every_user and stage == TEST),
                                        **common))
         merged[stage] = merge_partials([p["metrics"] for p in parts if p["metrics"]], n_items)

@@ -199,7 +199,8 @@ def release(client: MlflowClient, decision: Decision, kind: str, recipe_uri: str
     weight = chosen_weight_of(weights_of.tags)
     engine = None
     if source.tags.get(ENGINE_TAG) == "dask":
-        bundle, example, n_events, last, engine = release_on_engine(client, source, recipe)
+        bundle, example, n_events, last, engine = release_on_engine(client, source, recipe,
+                                                                    weight)
     else:
         folder = gate_split(client, name, evaluated, split_dir, work)  # the gate's download
         events = pl.read_parquet(folder.parent / "events.parquet")

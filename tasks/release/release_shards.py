@@ -53,15 +53,19 @@ from prefect import task, unmapped
 from models.baselines import baseline_factories
 from models.columns import ITEM, TIMESTAMP, USER
 from models.errors import ConfigError, DataError
-from models.serving import EXCLUDE_SLACK, ServingModel
+from models.metrics import merge_partials, partial_metrics
+from models.serving import EXCLUDE_SLACK, MANIFEST, ServingModel
+from models.session_blend import DEFAULT_WEIGHTS, WeightParts, pick_weight, session_weight_parts
 from models.user_lists import UserItems, UserLists
 from tasks.checks.validate_shards import gather
 from tasks.data.shards import host_cores, shard_file
+from tasks.evaluation.evaluate_shards import read_neighbours
 from tasks.release.packaging import (
     DATA_END_TAG,
     KIND_TAG,
     LAST_EVENT_TAG,
     RECIPE_TAG,
+    SESSION_WEIGHT_TAG,
     SPLIT_DIR_TAG,
     T_TEST_TAG,
     PackagedModel,
@@ -71,8 +75,14 @@ from tasks.release.packaging import (
     select_best,
 )
 from tasks.release.recipes import read_recipe, release_split
+from tasks.release.sessions import validation_sessions
 from tasks.splitting.split import Split
-from tasks.splitting.split_shards import TABLES, shard_number, split_shard_files
+from tasks.splitting.split_shards import (
+    TABLES,
+    read_split_shard,
+    shard_number,
+    split_shard_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +121,64 @@ def list_parts(work: Path, family: str) -> list[Path]:
     return parts
 
 
+def valid_list_part(work: Path, family: str, shard: int) -> Path:
+    """The file of ``family``'s validation lists of one shard (the selection's users)."""
+    folder = {"lgbm_ranker": work / RANKER / "lists" / "w0",
+              "transformer": work / TRANSFORMER / "lists" / "valid"}.get(
+        family, work / BASELINES / "valid-lists" / family)
+    return shard_file(folder, shard)
+
+
+@task(name="session-weight", task_run_name="session-weight-{shard:05d}", retries=1)
+def session_weight_shard(split_dir: Path, events: Path, shard: int, lists: Path,
+                         neighbours: Path, metric: str, session_items: int
+                         ) -> WeightParts | None:
+    """One shard's replay of live sessions on the validation window at every weight.
+
+    As :func:`tasks.release.sessions.chosen_weight` replays the whole split; None without
+    validation lists or sessions with a later target in this shard.
+    """
+    if not lists.is_file():
+        return None
+    split = read_split_shard(split_dir, shard)
+    mine = pl.read_parquet(lists)
+    every = pl.read_parquet(shard_file(events, shard), columns=[USER, ITEM, TIMESTAMP])
+    sessions, targets = validation_sessions(split, every, mine[USER].unique())
+    if targets.is_empty():
+        return None
+    return session_weight_parts(mine, read_neighbours(neighbours, sessions),
+                                split.train.select(USER, ITEM), sessions, targets, DEFAULT_WEIGHTS,
+                                metric=metric, session_items=session_items)
+
+
+def session_weight(run: ReleaseRun, family: str, metric: str) -> dict[str, Any] | None:
+    """The family's session weight chosen on validation shard by shard (call inside a flow).
+
+    The local engine's choice (:func:`tasks.release.sessions.chosen_weight`), from the
+    validation lists the score tasks wrote and the validation stage's co-visitation
+    neighbours; every family, since the engine's bundle blends every live session. None
+    without a time split, or without any session to choose on.
+    """
+    if run.protocol != "time" or run.events is None:
+        return None
+    work, session_items = run.model_root, int(run.config.get("serve", {}).get("session_items", 5))
+    shards = split_shard_files(run.split_dir)
+    parts = gather(session_weight_shard.map(
+        unmapped(run.split_dir), unmapped(run.events), shards,
+        [valid_list_part(work, family, shard) for shard in shards],
+        unmapped(work / BASELINES / "valid" / "neighbours.parquet"), unmapped(metric),
+        unmapped(session_items)))
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return None
+    choice = pick_weight(parts, DEFAULT_WEIGHTS, metric)
+    sessions = int(choice.table["users"][0])
+    logger.info("session weight %.1f chosen on %d validation sessions (%d blended)",
+                choice.weight, sessions, choice.blended)
+    return {"weight": choice.weight, "metric": choice.metric, "blended": choice.blended,
+            "sessions": sessions, "table": choice.table.to_dicts()}
+
+
 def last_of(folder: Path) -> str:
     """The latest timestamp of a folder of Parquet shards, ISO 8601."""
     value = pl.scan_parquet(folder / "*.parquet").select(pl.col(TIMESTAMP).max()).collect().item()
@@ -129,14 +197,16 @@ def _histories(parts: list[Path], split_dir: Path, table: str
 
 def bundle_from_parts(folder: Path, *, family: str, parts: list[Path], split_dir: Path,
                       history_table: str, baselines: Path, items_path: Path | None,
-                      config: dict[str, Any], **settings: Any) -> Path:
+                      config: dict[str, Any], session_weight: float | None = None,
+                      **settings: Any) -> Path:
     """A lists-only serving bundle in ``folder`` from the lists' parts of an engine's stage.
 
     The parts are merged in a scratch folder beside ``folder`` (moved into the bundle).
 
     ``history_table``: the split table each shard's users were scored from (their known items);
     ``baselines``: the work folder of the baselines of the same stage (``test/``: trending
-    items, co-visitation neighbours, every history item).
+    items, co-visitation neighbours, every history item). ``session_weight``: the one chosen
+    on validation (default: ``serve.session_weight``).
     """
     folder = Path(folder)
     scratch = folder.parent / f".{folder.name}-parts"
@@ -157,7 +227,8 @@ def bundle_from_parts(folder: Path, *, family: str, parts: list[Path], split_dir
         neighbours=pl.read_parquet(stage / "neighbours.parquet"), items=items, config=config,
         default_k=serve.get("default_k", 10), max_k=serve.get("max_k", 200),
         session_items=serve.get("session_items", 5),
-        session_weight=serve.get("session_weight", 0.5), **settings)
+        session_weight=session_weight if session_weight is not None else serve.get(
+            "session_weight", 0.5), **settings)
     return bundle
 
 
@@ -208,6 +279,12 @@ def register_evaluated(scores: dict[str, dict[str, dict[str, float]]], run: Rele
             "exclude_seen": str(run.exclude_seen).lower(), EVENTS_TAG: str(run.events or ""),
             ITEMS_TAG: str(run.items or ""), N_ITEMS_TAG: str(run.n_items)}
     client.log_dict(run.run_id, scores[family]["test"], METRICS_PATH)
+    choice = session_weight(run, family, metric)
+    weight = None
+    if choice is not None:
+        client.log_dict(run.run_id, choice, f"session_weight/{family}.json")
+        weight = float(choice["weight"])
+        tags[SESSION_WEIGHT_TAG] = f"{weight:g}"
     recipe = read_recipe(family_folder(work, family))
     if recipe is not None:
         path = f"recipes/{family}.json"
@@ -222,8 +299,8 @@ def register_evaluated(scores: dict[str, dict[str, dict[str, float]]], run: Rele
         bundle = bundle_from_parts(
             Path(tmp) / "bundle", family=family, parts=list_parts(work, family),
             split_dir=run.split_dir, history_table="test_history", baselines=work / BASELINES,
-            items_path=run.items, config=cfg, exclude_seen=run.exclude_seen,
-            model_name=family, run_id=run.run_id)
+            items_path=run.items, config=cfg, session_weight=weight,
+            exclude_seen=run.exclude_seen, model_name=family, run_id=run.run_id)
         packaged = package_and_register(
             run.run_id, bundle, None, family=family, model_name=model_name,
             tracking_uri=run.tracking_uri, tags=tags, description=description,
@@ -346,17 +423,65 @@ def pyfunc_of(bundle: Path, family: str, example: pd.DataFrame) -> Any:
 def latency_requests(run: EngineRun, policy: Any) -> list[dict]:
     """The mix of single-user requests both sides are timed on: the first shard's test users."""
     from tasks.release.gate import request_mix, request_records
-    from tasks.splitting.split_shards import read_split_shard
 
     split = read_split_shard(run.split_dir, split_shard_files(run.split_dir)[0])
     records = request_records(split, policy.session_items, run.exclude_seen, max(run.ks))
     return request_mix(records, run.ks, policy.latency_requests)
 
 
+def version_bundle(client: MlflowClient, model_name: str, version: str, folder: Path) -> Path:
+    """A registered version's serving bundle, downloaded into ``folder`` (a shared path)."""
+    from mlflow.artifacts import download_artifacts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    local = Path(download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(model_name, version),
+        dst_path=str(folder), tracking_uri=client.tracking_uri))
+    return next(path.parent for path in local.rglob(MANIFEST))
+
+
+@task(name="gate-live", task_run_name="gate-live-{shard:05d}", retries=1)
+def live_shard(split_dir: Path, events: Path, shard: int, bundle: Path, ks: list[int],
+               exclude_seen: bool) -> dict[str, Any] | None:
+    """One shard's live sessions on the test window answered by a bundle: partial metrics.
+
+    As :func:`tasks.release.gate.measure` scores them on the whole split; None without any.
+    """
+    from tasks.release.gate import live_sessions, test_window
+
+    split = read_split_shard(split_dir, shard)
+    every = pl.read_parquet(shard_file(events, shard), columns=[USER, ITEM, TIMESTAMP])
+    window = test_window(split, every)
+    live = None if window is None else live_sessions(split, window, exclude_seen, max(ks))
+    if live is None:
+        return None
+    requests, targets = live
+    answers = ServingModel.load(bundle).predict(requests.to_dict("records"))
+    return partial_metrics(answers, targets, ks)
+
+
+def live_figures(run: EngineRun, bundle: Path, keep: tuple[str, ...]) -> dict[str, float]:
+    """The ``live.<metric>`` in ``keep`` of a bundle, shard by shard (call inside a flow)."""
+    parts = gather(live_shard.map(unmapped(run.split_dir), unmapped(run.events),
+                                  split_shard_files(run.split_dir), unmapped(bundle),
+                                  unmapped(run.ks), unmapped(run.exclude_seen)))
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return {}
+    merged = merge_partials(parts, run.n_items)
+    return {f"live.{name}": value for name, value in merged.items() if f"live.{name}" in keep}
+
+
 def compare_on_engine(client: MlflowClient, model_name: str, version: str,
                       champion: str | None, policy: Any) -> Any:
     """The gate for an evaluated copy of the engine (see the module docstring): a Decision."""
-    from tasks.release.gate import champion_refusal, gate_keys, latency_ms, recipe_at
+    from tasks.release.gate import (
+        champion_refusal,
+        chosen_weight_of,
+        gate_keys,
+        latency_ms,
+        recipe_at,
+    )
     from tasks.release.registry import Decision, decide, get_version, load_version
 
     source = get_version(client, model_name, version)
@@ -377,22 +502,28 @@ def compare_on_engine(client: MlflowClient, model_name: str, version: str,
         if refusal is not None:
             return Decision(model_name, version, "incomparable", refusal,
                             policy.primary_metric, policy.margin, ours, None, champion)
-        recipe = recipe_at(client, get_version(client, model_name, champion).tags[RECIPE_TAG])
-        work = attempt_folder(run, f"gate-v{version}")
-        try:
-            fitted = refit_recipe(recipe, run.split_dir, work, run, every_user=False)
+    work = attempt_folder(run, f"gate-v{version}")
+    try:
+        ours.update(live_figures(run, version_bundle(client, model_name, version,
+                                                     work / "challenger"), keep))
+        if champion is not None:
+            tags = get_version(client, model_name, champion).tags
+            recipe = recipe_at(client, tags[RECIPE_TAG])
+            fitted = refit_recipe(recipe, run.split_dir, work / "champion", run,
+                                  every_user=False)
             bundle = bundle_from_parts(
-                work / "bundle", family=recipe["family"], parts=fitted["parts"],
+                work / "champion" / "bundle", family=recipe["family"], parts=fitted["parts"],
                 split_dir=run.split_dir, history_table="test_history",
-                baselines=work / BASELINES, items_path=run.items, config=run.config,
+                baselines=work / "champion" / BASELINES, items_path=run.items,
+                config=run.config, session_weight=chosen_weight_of(tags),
                 exclude_seen=bool(recipe.get("exclude_seen")), model_name=recipe["family"])
-            pyfunc = pyfunc_of(bundle, recipe["family"],
-                               request_example(run.split_dir, "test_history"))
             theirs = {m: fitted["test"][m] for m in keep if m in fitted["test"]}
-            theirs.update(latency_ms(pyfunc, requests))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        how = f"its recipe ({recipe['family']}) refitted on this split on the engine"
+            theirs.update(live_figures(run, bundle, keep))
+            theirs.update(latency_ms(pyfunc_of(bundle, recipe["family"], request_example(
+                run.split_dir, "test_history")), requests))
+            how = f"its recipe ({recipe['family']}) refitted on this split on the engine"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     promote, reason = decide(ours, theirs, policy)
     if theirs is not None:
         reason = f"{reason} (champion v{champion}: {how})"
@@ -422,9 +553,12 @@ def release_shard(split_dir: Path, events: Path, shard: int, end: dt.datetime, o
     return every.height
 
 
-def release_on_engine(client: MlflowClient, source: Any, recipe: dict[str, Any]
+def release_on_engine(client: MlflowClient, source: Any, recipe: dict[str, Any],
+                      session_weight: float | None = None
                       ) -> tuple[Path, pd.DataFrame, int, str, Path]:
     """The winning recipe refitted on every event on the cluster, as a bundle (call in a flow).
+
+    ``session_weight``: the weight chosen for the recipe's version (its tag).
 
     Returns the bundle, the pyfunc's input example, the number of events, the last event's
     time and the attempt's folder (removed by the caller once the bundle is registered).
@@ -440,6 +574,7 @@ def release_on_engine(client: MlflowClient, source: Any, recipe: dict[str, Any]
     bundle = bundle_from_parts(
         work / "bundle", family=recipe["family"], parts=fitted["parts"], split_dir=moved,
         history_table="test_history", baselines=work / BASELINES, items_path=run.items,
-        config=run.config, exclude_seen=bool(recipe.get("exclude_seen")),
-        model_name=recipe["family"], run_id=run.run_id)
+        config=run.config, session_weight=session_weight,
+        exclude_seen=bool(recipe.get("exclude_seen")), model_name=recipe["family"],
+        run_id=run.run_id)
     return bundle, request_example(moved, "test_history"), events, end.isoformat(), work

@@ -223,7 +223,8 @@ def evaluate_transformer_sharded(
 
     ``baselines`` is the baselines' work folder (its ``<stage>/counts.parquet`` give novelty);
     ``primary_metric`` (the run's ``evaluation.primary_metric``) early-stops and ranks the trials.
-    With ``list_depth``, the test users' lists that deep are written to ``work/lists/test/``.
+    With ``list_depth``, the test users' lists that deep are written to ``work/lists/test/``,
+    the validation users' (the largest cut-off deep) to ``work/lists/valid/``.
     Returns ``valid`` and ``test`` metrics like the local engine, with the study's summary,
     ``model_dir`` (the refit) and ``sample_dir`` (the sample's tables).
     """
@@ -249,7 +250,8 @@ def evaluate_transformer_sharded(
                                                                 "counts.parquet"),
                                        unmapped(ks), unmapped(exclude_seen),
                                        unmapped(selection),
-                                       unmapped(list_depth if stage == "test" else None),
+                                       unmapped(list_depth if stage == "test" else
+                                                max(ks) if list_depth else None),
                                        unmapped(every_user)))
         result[stage] = merge_partials([p for p in parts if p is not None], n_items)
     if recipe is None:
