@@ -382,6 +382,45 @@ def registered_of_run(client: MlflowClient, model_name: str, run_id: str) -> Any
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
+def registered_copy(client: MlflowClient, model_name: str, run_id: str
+                    ) -> tuple[str, PackagedModel] | None:
+    """``(family, version)`` of the evaluated copy the run registered already, or None."""
+    done = registered_of_run(client, model_name, run_id)
+    if done is None:
+        return None
+    logger.info("%s version %s was registered by this run already: kept as it is",
+                model_name, done.version)
+    return done.tags["model.family"], PackagedModel(
+        model_name, str(done.version), f"models:/{model_name}/{done.version}",
+        int(float(done.tags.get("serving.artifact_bytes", 0))),
+        float(done.tags.get("serving.load_seconds", 0.0)))
+
+
+def evaluated_tags(client: MlflowClient, scores: dict[str, dict[str, dict[str, float]]],
+                   family: str, run: ReleaseRun, recipe: dict[str, Any] | None, last: str,
+                   data_end: str, t_test: str | None) -> dict[str, str]:
+    """The tags of an evaluated copy (either engine); its recipe is logged to the run.
+
+    ``last``: the last event it was fitted on; ``data_end``: the run's last event; ``t_test``:
+    the test window's start (none for leave-one-out).
+    """
+    metric = run.config.get("evaluation", {}).get("primary_metric", "ndcg@10")
+    key = metric.replace("@", "_at_")
+    tags = {LAST_EVENT_TAG: last, DATA_END_TAG: data_end,
+            T_TEST_TAG: dt.datetime.fromisoformat(t_test).isoformat() if t_test else "",
+            KIND_TAG: "evaluated", "model.family": family, DATA_TAG: run.data_name,
+            "data.fingerprint": run.fingerprint, "protocol": run.protocol,
+            "primary_metric": metric, f"valid.{key}": f"{scores[family]['valid'][metric]:.6g}",
+            f"test.{key}": f"{scores[family]['test'][metric]:.6g}",
+            "ks": ",".join(str(k) for k in run.config.get("evaluation", {}).get("ks", [10, 20])),
+            "exclude_seen": str(run.exclude_seen).lower()}
+    if recipe is not None:
+        path = f"recipes/{family}.json"
+        client.log_dict(run.run_id, recipe, path)
+        tags[RECIPE_TAG] = f"runs:/{run.run_id}/{path}"
+    return tags
+
+
 def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRun
                   ) -> tuple[str, PackagedModel]:
     """Package the best model on validation and register it; returns its family and version.
@@ -391,39 +430,19 @@ def register_best(scores: dict[str, dict[str, dict[str, float]]], run: ReleaseRu
     """
     cfg = run.config
     metric = cfg.get("evaluation", {}).get("primary_metric", "ndcg@10")
-    registry = cfg.get("registry", {})
-    model_name = registry.get("model_name", "shoprank")
+    model_name = cfg.get("registry", {}).get("model_name", "shoprank")
     client = MlflowClient(run.tracking_uri)
-    done = registered_of_run(client, model_name, run.run_id)
+    done = registered_copy(client, model_name, run.run_id)
     if done is not None:
-        logger.info("%s version %s was registered by this run already: kept as it is",
-                    model_name, done.version)
-        return done.tags["model.family"], PackagedModel(
-            model_name, str(done.version), f"models:/{model_name}/{done.version}",
-            int(float(done.tags.get("serving.artifact_bytes", 0))),
-            float(done.tags.get("serving.load_seconds", 0.0)))
-    family = select_best(scores, metric, registry.get("families"))
-    key = metric.replace("@", "_at_")
-    recipe = read_recipe(run.model_root / family)
+        return done
+    family = select_best(scores, metric, cfg.get("registry", {}).get("families"))
     history = pl.read_parquet(run.split_dir / "test_history.parquet", columns=[TIMESTAMP])
     every = run.split_dir.parent / "events.parquet"
     events = pl.read_parquet(every, columns=[TIMESTAMP]) if every.is_file() else history
     info = json.loads((run.split_dir / "info.json").read_text())["summary"]
-    t_test = info.get("t_test")  # none for leave-one-out
-    t_test = dt.datetime.fromisoformat(t_test).isoformat() if t_test else ""
-    release = {LAST_EVENT_TAG: last_event(history), DATA_END_TAG: last_event(events),
-               T_TEST_TAG: t_test, KIND_TAG: "evaluated",
-               GATE_DATA_TAG: log_gate_data(client, run.run_id, run.split_dir)}
-    if recipe is not None:
-        path = f"recipes/{family}.json"
-        client.log_dict(run.run_id, recipe, path)
-        release[RECIPE_TAG] = f"runs:/{run.run_id}/{path}"
-    tags = {**release, "model.family": family, DATA_TAG: run.data_name,
-            "data.fingerprint": run.fingerprint, "protocol": run.protocol,
-            "primary_metric": metric, f"valid.{key}": f"{scores[family]['valid'][metric]:.6g}",
-            f"test.{key}": f"{scores[family]['test'][metric]:.6g}",
-            "ks": ",".join(str(k) for k in cfg.get("evaluation", {}).get("ks", [10, 20])),
-            "exclude_seen": str(run.exclude_seen).lower()}
+    tags = {**evaluated_tags(client, scores, family, run, read_recipe(run.model_root / family),
+                             last_event(history), last_event(events), info.get("t_test")),
+            GATE_DATA_TAG: log_gate_data(client, run.run_id, run.split_dir)}
     description = (
         f"{family} chosen on validation {metric} = {scores[family]['valid'][metric]:.4f} "
         f"(test {scores[family]['test'][metric]:.4f}) among {', '.join(scores)}; data "

@@ -61,17 +61,14 @@ from tasks.checks.validate_shards import gather
 from tasks.data.shards import host_cores, shard_file
 from tasks.evaluation.evaluate_shards import read_neighbours
 from tasks.release.packaging import (
-    DATA_END_TAG,
-    KIND_TAG,
-    LAST_EVENT_TAG,
     RECIPE_TAG,
     SESSION_WEIGHT_TAG,
     SPLIT_DIR_TAG,
-    T_TEST_TAG,
     PackagedModel,
     ReleaseRun,
+    evaluated_tags,
     package_and_register,
-    registered_of_run,
+    registered_copy,
     select_best,
 )
 from tasks.release.recipes import read_recipe, release_split
@@ -253,31 +250,20 @@ def register_evaluated(scores: dict[str, dict[str, dict[str, float]]], run: Rele
     """
     cfg, work = run.config, run.model_root
     metric = cfg.get("evaluation", {}).get("primary_metric", "ndcg@10")
-    registry = cfg.get("registry", {})
-    model_name = registry.get("model_name", "shoprank")
+    model_name = cfg.get("registry", {}).get("model_name", "shoprank")
     client = MlflowClient(run.tracking_uri)
-    done = registered_of_run(client, model_name, run.run_id)
+    done = registered_copy(client, model_name, run.run_id)
     if done is not None:
-        logger.info("%s version %s was registered by this run already: kept as it is",
-                    model_name, done.version)
-        return done.tags["model.family"], PackagedModel(
-            model_name, str(done.version), f"models:/{model_name}/{done.version}",
-            int(float(done.tags.get("serving.artifact_bytes", 0))),
-            float(done.tags.get("serving.load_seconds", 0.0)))
-    family = select_best(scores, metric, registry.get("families"))
-    key = metric.replace("@", "_at_")
+        return done
+    family = select_best(scores, metric, cfg.get("registry", {}).get("families"))
     info = json.loads((run.split_dir / "info.json").read_text())["summary"]
-    tags = {LAST_EVENT_TAG: last_of(run.split_dir / "test_history"),
-            DATA_END_TAG: last_of(run.events or run.split_dir / "test_history"),
-            T_TEST_TAG: info.get("t_test") or "",
-            KIND_TAG: "evaluated", ENGINE_TAG: "dask", SPLIT_DIR_TAG: str(run.split_dir),
-            "model.family": family, "data.name": run.data_name,
-            "data.fingerprint": run.fingerprint, "protocol": run.protocol,
-            "primary_metric": metric, f"valid.{key}": f"{scores[family]['valid'][metric]:.6g}",
-            f"test.{key}": f"{scores[family]['test'][metric]:.6g}",
-            "ks": ",".join(str(k) for k in cfg.get("evaluation", {}).get("ks", [10, 20])),
-            "exclude_seen": str(run.exclude_seen).lower(), EVENTS_TAG: str(run.events or ""),
-            ITEMS_TAG: str(run.items or ""), N_ITEMS_TAG: str(run.n_items)}
+    tags = {**evaluated_tags(client, scores, family, run, read_recipe(family_folder(work, family)),
+                             last_of(run.split_dir / "test_history"),
+                             last_of(run.events or run.split_dir / "test_history"),
+                             info.get("t_test")),
+            ENGINE_TAG: "dask", SPLIT_DIR_TAG: str(run.split_dir),
+            EVENTS_TAG: str(run.events or ""), ITEMS_TAG: str(run.items or ""),
+            N_ITEMS_TAG: str(run.n_items)}
     client.log_dict(run.run_id, scores[family]["test"], METRICS_PATH)
     choice = session_weight(run, family, metric)
     weight = None
@@ -285,11 +271,6 @@ def register_evaluated(scores: dict[str, dict[str, dict[str, float]]], run: Rele
         client.log_dict(run.run_id, choice, f"session_weight/{family}.json")
         weight = float(choice["weight"])
         tags[SESSION_WEIGHT_TAG] = f"{weight:g}"
-    recipe = read_recipe(family_folder(work, family))
-    if recipe is not None:
-        path = f"recipes/{family}.json"
-        client.log_dict(run.run_id, recipe, path)
-        tags[RECIPE_TAG] = f"runs:/{run.run_id}/{path}"
     description = (
         f"{family} chosen on validation {metric} = {scores[family]['valid'][metric]:.4f} "
         f"(test {scores[family]['test'][metric]:.4f}) among {', '.join(scores)}, scored shard "
