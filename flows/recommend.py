@@ -9,6 +9,7 @@ with the model version that produced them: a ``model_version`` column and Parque
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +46,48 @@ def read_users(path: Path) -> pl.Series:
     return frame[USER].cast(pl.String).drop_nulls().unique(maintain_order=True)
 
 
+def recommend_chunks(serving: ServingModel, users: pl.Series, k: int, chunk: int = CHUNK
+                     ) -> Iterator[pl.DataFrame]:
+    """Top-``k`` lists of ``users``, ``chunk`` users at a time (at least one frame)."""
+    if users.is_empty():
+        yield serving.recommend_users([], k)
+    for start in range(0, users.len(), chunk):
+        yield serving.recommend_users(users.slice(start, chunk), k)
+
+
 def recommend_all(serving: ServingModel, users: pl.Series, k: int, chunk: int = CHUNK
                   ) -> pl.DataFrame:
-    """Top-``k`` lists of ``users``, answered ``chunk`` users at a time (the flow's core)."""
-    parts = [serving.recommend_users(users.slice(start, chunk), k)
-             for start in range(0, users.len(), chunk)]
-    return pl.concat(parts) if parts else serving.recommend_users([], k)
+    """Top-``k`` lists of ``users`` in one frame (:func:`recommend_chunks` concatenated)."""
+    return pl.concat(list(recommend_chunks(serving, users, k, chunk)))
 
 
-def write_stamped(frame: pl.DataFrame, path: Path, name: str, version: str, uri: str) -> Path:
-    """Write ``frame`` with a ``model_version`` column and the model in the Parquet metadata."""
-    table = frame.with_columns(pl.lit(version).alias(MODEL_VERSION)).to_arrow()
-    meta = {**(table.schema.metadata or {}), b"shoprank.model_name": name.encode(),
-            b"shoprank.model_version": version.encode(), b"shoprank.model_uri": uri.encode(),
+def write_stamped(frames: pl.DataFrame | Iterable[pl.DataFrame], path: Path, name: str,
+                  version: str, uri: str) -> tuple[Path, int]:
+    """Write the frames with a ``model_version`` column and the model in the Parquet metadata.
+
+    Frame after frame (a row group each): memory holds one frame, whatever the number of users
+    (the lists of an engine's champion: millions of users). Returns the path and the rows.
+    """
+    frames = [frames] if isinstance(frames, pl.DataFrame) else frames
+    meta = {b"shoprank.model_name": name.encode(), b"shoprank.model_version": version.encode(),
+            b"shoprank.model_uri": uri.encode(),
             b"shoprank.created_at": dt.datetime.now(dt.UTC).isoformat().encode()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    writer, rows = None, 0
+    try:
+        for frame in frames:
+            table = frame.with_columns(pl.lit(version).alias(MODEL_VERSION)).to_arrow()
+            if writer is None:
+                schema = table.schema.with_metadata({**(table.schema.metadata or {}), **meta})
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
     tmp.replace(path)
-    return path
+    return path, rows
 
 
 @task(name="batch-recommend", cache_policy=NO_CACHE)
@@ -77,10 +101,9 @@ def batch_recommend(model_uri: str, tracking_uri: str, users_file: str | None, k
         raise ConfigError(f"--k must be from 1 to {serving.max_k}; got {k}.")
     users = read_users(Path(users_file)) if users_file else serving.users
     path = Path(out) if out else Path("outputs") / "recommendations" / f"{name}-v{version}.parquet"
-    frame = recommend_all(serving, users, k)
-    write_stamped(frame, path, name, version, model_uri)
+    _, rows = write_stamped(recommend_chunks(serving, users, k), path, name, version, model_uri)
     return {"path": str(path.resolve()), "model": name, "version": version,
-            "users": users.len(), "rows": frame.height}
+            "users": users.len(), "rows": rows}
 
 
 @flow(name="recommend", log_prints=False)
