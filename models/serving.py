@@ -238,8 +238,8 @@ class ServingModel:
         *,
         family: str,
         lists: Path,
-        trending: pl.DataFrame,
-        neighbours: pl.DataFrame,
+        trending: pl.DataFrame | Path,
+        neighbours: pl.DataFrame | Path,
         items: pl.Series,
         history: Path | None = None,
         config: dict[str, Any] | None = None,
@@ -252,6 +252,7 @@ class ServingModel:
         moved into the bundle. No model is kept: the manifest says ``lists_only`` and every
         request is answered from the lists (see the module docstring); ``settings`` as in
         :meth:`build`, ``max_k`` at most the lists' depth minus :data:`EXCLUDE_SLACK`.
+        ``trending`` and ``neighbours`` may be Parquet files, streamed into the bundle.
         """
         folder = Path(folder)
         if folder.exists():
@@ -263,8 +264,11 @@ class ServingModel:
             raise ConfigError(f"max_k {settings['max_k']} is deeper than the lists ({depth}): "
                               "compute them deeper or lower serve.max_k.")
         folder.mkdir(parents=True)
-        trending.select(ITEM, SCORE, POP_RANK).write_parquet(folder / "trending.parquet")
-        neighbours.select(ITEM, "neighbour", SCORE).write_parquet(folder / "neighbours.parquet")
+        for table, columns, name in ((trending, (ITEM, SCORE, POP_RANK), "trending.parquet"),
+                                     (neighbours, (ITEM, "neighbour", SCORE),
+                                      "neighbours.parquet")):
+            frame = pl.scan_parquet(table) if isinstance(table, Path) else table.lazy()
+            frame.select(columns).sink_parquet(folder / name)
         pl.DataFrame({USER: known.users}).write_parquet(folder / "users.parquet")
         items = pl.concat([items.cast(pl.String), pl.Series(known.vocabulary, dtype=pl.String)])
         pl.DataFrame({ITEM: items.unique(maintain_order=True)}).write_parquet(

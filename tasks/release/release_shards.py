@@ -52,7 +52,7 @@ from prefect import task, unmapped
 
 from models.baselines import baseline_factories
 from models.columns import ITEM, TIMESTAMP, USER
-from models.errors import ConfigError, DataError
+from models.errors import ConfigError, DataError, ShoprankError
 from models.metrics import merge_partials, partial_metrics
 from models.serving import EXCLUDE_SLACK, MANIFEST, ServingModel
 from models.session_blend import DEFAULT_WEIGHTS, WeightParts, pick_weight, session_weight_parts
@@ -220,8 +220,8 @@ def bundle_from_parts(folder: Path, *, family: str, parts: list[Path], split_dir
     serve = config.get("serve", {})
     bundle = ServingModel.build_from_lists(
         folder, family=family, lists=scratch / "lists", history=scratch / "history",
-        trending=pl.read_parquet(stage / "popularity_recent.parquet"),
-        neighbours=pl.read_parquet(stage / "neighbours.parquet"), items=items, config=config,
+        trending=stage / "popularity_recent.parquet", neighbours=stage / "neighbours.parquet",
+        items=items, config=config,
         default_k=serve.get("default_k", 10), max_k=serve.get("max_k", 200),
         session_items=serve.get("session_items", 5),
         session_weight=session_weight if session_weight is not None else serve.get(
@@ -345,6 +345,10 @@ def refit_recipe(recipe: dict[str, Any], split_dir: Path, work: Path, run: Engin
     from tasks.transformer.sequence_shards import evaluate_transformer_sharded
 
     family = recipe["family"]
+    if recipe.get("content") or family == "content":
+        raise ConfigError(f"the {family} recipe reads the catalogue's text (content "
+                          "candidates or the content model), which the engine does not encode "
+                          "yet: release it from an engine local run.")
     depth = list_depth(int(run.config.get("serve", {}).get("max_k", 200)))
     recent = float(run.config.get("baselines", {}).get("recent_days", 7.0))
     baselines = work / BASELINES
@@ -490,8 +494,16 @@ def compare_on_engine(client: MlflowClient, model_name: str, version: str,
         if champion is not None:
             tags = get_version(client, model_name, champion).tags
             recipe = recipe_at(client, tags[RECIPE_TAG])
-            fitted = refit_recipe(recipe, run.split_dir, work / "champion", run,
-                                  every_user=False)
+            try:
+                fitted = refit_recipe(recipe, run.split_dir, work / "champion", run,
+                                      every_user=False)
+            except ShoprankError as err:  # a recipe the engine cannot refit
+                logger.warning("the champion's recipe cannot be refitted", exc_info=True)
+                return Decision(
+                    model_name, version, "incomparable",
+                    f"the recipe of the champion v{champion} ({recipe.get('family', '?')}) "
+                    f"cannot be refitted on the engine: {str(err)[:300]}. Promote with --force "
+                    "to replace it", policy.primary_metric, policy.margin, ours, None, champion)
             bundle = bundle_from_parts(
                 work / "champion" / "bundle", family=recipe["family"], parts=fitted["parts"],
                 split_dir=run.split_dir, history_table="test_history",
