@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "candidates for the ranker)")
     tr.add_argument("--engine", choices=["local", "dask"],
                     help="local (default): one process; dask: the events as user shards, "
-                    "per-shard tasks on a Dask cluster")
+                    "per-shard tasks on a Dask cluster, the release too")
     tr.add_argument("--dask-address", metavar="tcp://HOST:8786",
                     help="scheduler of a running Dask cluster (default: a LocalCluster here)")
     tr.add_argument("--dask-workers", type=int, metavar="N",

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 RANKER = {"num_boost_round": 40, "extra_windows": 1}
 TRANSFORMER = {"space": {"epochs": [2, 2], "hidden_size": [32], "max_len": [20]}}
 DECISION_KEYS = ("ndcg_at_10", "coverage_at_10", "users", "cold5.recall_at_20", "cold5.users",
-                 "live.ndcg_at_10", "live.users")
+                 "live.ndcg_at_10", "live.users", "daily.ndcg_at_10")
 
 
 @pytest.fixture

@@ -8,20 +8,22 @@ tasks wrote:
   shard (:func:`list_parts`); the best family's parts are merged, a part at a time, into the
   memory-mapped lists of a serving bundle (:meth:`models.serving.ServingModel.build_from_lists`),
   with the known users' history items read shard by shard, the test stage's trending items and
-  co-visitation neighbours (the session model) that the baselines' reduce tasks wrote. The
-  bundle holds no model: the lists answer every request. It is registered with alias
+  co-visitation neighbours (the session model) that the baselines' reduce tasks wrote, and the
+  session weight chosen on validation shard by shard (:func:`session_weight`). The bundle
+  holds no model: the lists answer every request. It is registered with alias
   ``challenger`` like the local engine's copy, tagged with the engine (:data:`ENGINE_TAG`) and
   the sharded split's folder (it is not uploaded: the run folder must be on a path every host
   of the release reads).
-
 * **the gate** (:func:`compare_on_engine`): the champion's recipe refitted on the challenger's
   sharded split on the cluster (:func:`refit_recipe`: each family's sharded stage with the
   recipe's settings and no study) and its test users' lists scored shard by shard, against the
   challenger's test metrics of its run, on the same (sampled) test users. A known user whose
   request brings no new session items is answered with its list, so these are the served
-  answers' figures; the p99 latency of both sides is measured through their pyfuncs on the same
-  mix of requests drawn from the first shard's test users. Live-session figures are not
-  measured on the engine yet (the guardrail applies when both sides have them).
+  answers' figures; the test window's live sessions (each test user's first event there) and
+  its daily sessions (as ``shoprank monitor`` scores the days after a release) are answered by
+  each side's bundle shard by shard (:func:`sessions_shard`), and the p99 latency of both sides
+  is measured through their pyfuncs on the same mix of requests drawn from the first shard's
+  test users.
 * **the release** (:func:`release_on_engine`): each shard's split moved on by one window
   (:func:`tasks.release.recipes.release_split`, a task per shard) and the winning recipe
   refitted on it on the cluster, every user's list written per shard and merged into the
@@ -425,36 +427,57 @@ def version_bundle(client: MlflowClient, model_name: str, version: str, folder: 
     return next(path.parent for path in local.rglob(MANIFEST))
 
 
-@task(name="gate-live", task_run_name="gate-live-{shard:05d}", retries=1)
-def live_shard(split_dir: Path, events: Path, shard: int, bundle: Path, ks: list[int],
-               exclude_seen: bool) -> dict[str, Any] | None:
-    """One shard's live sessions on the test window answered by a bundle: partial metrics.
+@task(name="gate-sessions", task_run_name="gate-sessions-{shard:05d}", retries=1)
+def sessions_shard(split_dir: Path, events: Path, shard: int, bundle: Path, ks: list[int],
+                   exclude_seen: bool) -> dict[str, Any] | None:
+    """One shard's live sessions and daily sessions on the test window, answered by a bundle.
 
-    As :func:`tasks.release.gate.measure` scores them on the whole split; None without any.
+    As :func:`tasks.release.gate.measure` scores them on the whole split: ``live``, the partial
+    metrics of each test user's first test-window event as its session; ``daily``, the users-
+    weighted sums of :func:`tasks.monitoring.realised.realised_quality` per metric, with their
+    ``users``. None without a test window.
     """
+    from tasks.monitoring.realised import USERS, realised_quality
     from tasks.release.gate import live_sessions, test_window
 
     split = read_split_shard(split_dir, shard)
     every = pl.read_parquet(shard_file(events, shard), columns=[USER, ITEM, TIMESTAMP])
     window = test_window(split, every)
-    live = None if window is None else live_sessions(split, window, exclude_seen, max(ks))
-    if live is None:
+    if window is None:
         return None
-    requests, targets = live
-    answers = ServingModel.load(bundle).predict(requests.to_dict("records"))
-    return partial_metrics(answers, targets, ks)
+    serving = ServingModel.load(bundle)
+
+    def predict(frame: pd.DataFrame) -> pl.DataFrame:
+        return serving.predict(frame.to_dict("records"))
+
+    live = live_sessions(split, window, exclude_seen, max(ks))
+    daily = realised_quality(predict, window, ks)
+    return {"live": None if live is None else partial_metrics(predict(live[0]), live[1], ks),
+            "daily": {name: float((daily[name] * daily[USERS]).sum())
+                      for name in daily.columns if "@" in name},
+            "users": int(daily[USERS].sum())}
 
 
-def live_figures(run: EngineRun, bundle: Path, keep: tuple[str, ...]) -> dict[str, float]:
-    """The ``live.<metric>`` in ``keep`` of a bundle, shard by shard (call inside a flow)."""
-    parts = gather(live_shard.map(unmapped(run.split_dir), unmapped(run.events),
-                                  split_shard_files(run.split_dir), unmapped(bundle),
-                                  unmapped(run.ks), unmapped(run.exclude_seen)))
+def session_figures(run: EngineRun, bundle: Path, keep: tuple[str, ...]) -> dict[str, float]:
+    """The ``live.*`` and ``daily.*`` figures in ``keep`` of a bundle, shard by shard.
+
+    ``daily.<metric>``: the users-weighted mean over every day and shard (the local gate's
+    figure); both left out, as there, when no test user has a live session. Call inside a flow.
+    """
+    parts = gather(sessions_shard.map(unmapped(run.split_dir), unmapped(run.events),
+                                      split_shard_files(run.split_dir), unmapped(bundle),
+                                      unmapped(run.ks), unmapped(run.exclude_seen)))
     parts = [part for part in parts if part is not None]
-    if not parts:
+    live = [part["live"] for part in parts if part["live"] is not None]
+    if not live:
         return {}
-    merged = merge_partials(parts, run.n_items)
-    return {f"live.{name}": value for name, value in merged.items() if f"live.{name}" in keep}
+    figures = {f"live.{name}": value
+               for name, value in merge_partials(live, run.n_items).items()}
+    users = sum(part["users"] for part in parts)
+    if users:
+        figures.update({f"daily.{name}": sum(part["daily"][name] for part in parts) / users
+                        for name in parts[0]["daily"]})
+    return {name: value for name, value in figures.items() if name in keep}
 
 
 def compare_on_engine(client: MlflowClient, model_name: str, version: str,
@@ -489,8 +512,8 @@ def compare_on_engine(client: MlflowClient, model_name: str, version: str,
                             policy.primary_metric, policy.margin, ours, None, champion)
     work = attempt_folder(run, f"gate-v{version}")
     try:
-        ours.update(live_figures(run, version_bundle(client, model_name, version,
-                                                     work / "challenger"), keep))
+        ours.update(session_figures(run, version_bundle(client, model_name, version,
+                                                        work / "challenger"), keep))
         if champion is not None:
             tags = get_version(client, model_name, champion).tags
             recipe = recipe_at(client, tags[RECIPE_TAG])
@@ -511,7 +534,7 @@ def compare_on_engine(client: MlflowClient, model_name: str, version: str,
                 config=run.config, session_weight=chosen_weight_of(tags),
                 exclude_seen=bool(recipe.get("exclude_seen")), model_name=recipe["family"])
             theirs = {m: fitted["test"][m] for m in keep if m in fitted["test"]}
-            theirs.update(live_figures(run, bundle, keep))
+            theirs.update(session_figures(run, bundle, keep))
             theirs.update(latency_ms(pyfunc_of(bundle, recipe["family"], request_example(
                 run.split_dir, "test_history")), requests))
             how = f"its recipe ({recipe['family']}) refitted on this split on the engine"
