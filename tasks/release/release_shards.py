@@ -416,15 +416,19 @@ def latency_requests(run: EngineRun, policy: Any) -> list[dict]:
     return request_mix(records, run.ks, policy.latency_requests)
 
 
-def version_bundle(client: MlflowClient, model_name: str, version: str, folder: Path) -> Path:
-    """A registered version's serving bundle, downloaded into ``folder`` (a shared path)."""
+def download_version(client: MlflowClient, model_name: str, version: str, folder: Path
+                     ) -> tuple[Path, Path]:
+    """A registered version downloaded once into ``folder`` (a shared path).
+
+    Returns its pyfunc's folder and the serving bundle inside it.
+    """
     from mlflow.artifacts import download_artifacts
 
     folder.mkdir(parents=True, exist_ok=True)
     local = Path(download_artifacts(
         artifact_uri=client.get_model_version_download_uri(model_name, version),
         dst_path=str(folder), tracking_uri=client.tracking_uri))
-    return next(path.parent for path in local.rglob(MANIFEST))
+    return local, next(path.parent for path in local.rglob(MANIFEST))
 
 
 @task(name="gate-sessions", task_run_name="gate-sessions-{shard:05d}", retries=1)
@@ -490,7 +494,7 @@ def compare_on_engine(client: MlflowClient, model_name: str, version: str,
         latency_ms,
         recipe_at,
     )
-    from tasks.release.registry import Decision, decide, get_version, load_version
+    from tasks.release.registry import Decision, decide, get_version, load_pyfunc
 
     source = get_version(client, model_name, version)
     run = EngineRun.of(client, source)
@@ -500,20 +504,21 @@ def compare_on_engine(client: MlflowClient, model_name: str, version: str,
                           .read_text())
     requests = latency_requests(run, policy)
     ours = {m: ours[m] for m in keep if m in ours}
-    ours.update(latency_ms(load_version(client, model_name, version), requests))
     theirs, how = None, "no champion yet"
-    if champion is not None:
-        refusal = champion_refusal(client, model_name, version, champion)
-        if refusal is None and not get_version(client, model_name, champion).tags.get(RECIPE_TAG):
-            refusal = (f"the champion v{champion} has no recipe that the engine could refit on "
-                       "this split. Promote with --force to replace it")
-        if refusal is not None:
-            return Decision(model_name, version, "incomparable", refusal,
-                            policy.primary_metric, policy.margin, ours, None, champion)
     work = attempt_folder(run, f"gate-v{version}")
-    try:
-        ours.update(session_figures(run, version_bundle(client, model_name, version,
-                                                        work / "challenger"), keep))
+    try:  # the challenger downloaded once: timed as a pyfunc, its bundle read by the shards
+        served, bundle = download_version(client, model_name, version, work / "challenger")
+        ours.update(latency_ms(load_pyfunc(str(served)), requests))
+        if champion is not None:
+            refusal = champion_refusal(client, model_name, version, champion)
+            if refusal is None and not get_version(client, model_name, champion).tags.get(
+                    RECIPE_TAG):
+                refusal = (f"the champion v{champion} has no recipe that the engine could "
+                           "refit on this split. Promote with --force to replace it")
+            if refusal is not None:
+                return Decision(model_name, version, "incomparable", refusal,
+                                policy.primary_metric, policy.margin, ours, None, champion)
+        ours.update(session_figures(run, bundle, keep))
         if champion is not None:
             tags = get_version(client, model_name, champion).tags
             recipe = recipe_at(client, tags[RECIPE_TAG])
