@@ -268,6 +268,8 @@ def main() -> None:
                         help="also tune and test the transformer (default settings)")
     parser.add_argument("--release", action="store_true",
                         help="register, gate and release the best model (engine's release)")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="user shards of the demo shop (default: a million events each)")
     parser.add_argument("--test-user-share", type=float, default=1.0,
                         help="evaluation.test_user_share: the share of the test users scored")
     args = parser.parse_args()
@@ -276,7 +278,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for n in args.events:
-        shards = max(2, -(-n // 1_000_000))
+        shards = args.shards or max(2, -(-n // 1_000_000))
         shop, writer = demo_shop(n, shards, args.workdir)
         print(f"{n:,} events: demo shop in {writer['wall_s']:.0f} s, "
               f"{writer['peak_rss_mib']:.0f} MiB", flush=True)

@@ -25,6 +25,7 @@ from models.errors import ConfigError
 from models.metrics import ACCURACY_METRICS
 from tasks.checks.validate import ValidationSettings
 from tasks.data.adapters import FORMATS
+from tasks.data.shards import BUCKETS
 from tasks.monitoring.settings import MonitorSettings
 from tasks.ranking.reranker import RankerConfig
 from tasks.splitting.split import EvalSample, Selection
@@ -298,6 +299,10 @@ class DaskConfig(_Strict):
     shards: int | None = Field(
         None, gt=0, description="User shards of the events; empty means one per million "
         "events, at least 2.")
+    buckets: int = Field(
+        BUCKETS, gt=0, description="Item buckets of the map-reduce stages (baselines, the "
+        "ranker's tables): a reducer sums one bucket of every shard's partials. Fixed, whatever "
+        "the number of shards.")
 
 
 class TrainConfig(_Strict):

@@ -82,7 +82,8 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
     depth = list_depth(config.serve.max_k) if config.registry.enabled else None  # the release's
     scores = evaluate_baselines_sharded(work / "split", config.evaluation.ks, n_items,
                                         exclude_seen, config.baselines.recent_days,
-                                        work / "baselines", selection, depth)
+                                        work / "baselines", selection, depth,
+                                        n_buckets=config.dask.buckets)
     clock.done("baselines")
     uri = tracking.tracking_uri(config.tracking_uri)
     sequence = None
@@ -98,7 +99,8 @@ def sharded_stages(config: TrainConfig, data: DataPaths, run_id: str, work: Path
             work / "split", data.items, config.ranker.settings(config.seed),
             config.evaluation.ks, n_items, exclude_seen, data.ordered_only, work / "ranker",
             config.dask.workers or default_workers(), run_id, uri, work / "baselines",
-            selection, sequence, config.transformer.settings(config.seed), depth)
+            selection, sequence, config.transformer.settings(config.seed), depth,
+            n_buckets=config.dask.buckets)
         scores["lgbm_ranker"] = {"valid": ranker["valid"], "test": ranker["test"]}
         clock.done("ranker")
     release = None

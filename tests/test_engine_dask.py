@@ -77,8 +77,10 @@ def local_result(tmp_path_factory, demo_shop_dir):
 
 def test_dask_engine_gives_the_local_split_and_metrics(tmp_path, mlflow_store, demo_shop_dir,
                                                        cluster, local_result):
+    # the test users scored a few at a time, items in 3 buckets (not the 4 shards): same numbers
     config = _config(tmp_path, demo_shop_dir, "dask", dask__address=cluster.scheduler_address,
-                     dask__shards=4)
+                     dask__shards=4, dask__buckets=3,
+                     ranker__extra={**RANKER, "user_chunk": 7})
     result = train(config)
     _assert_same_scores(local_result["scores"], result["scores"])
     _assert_resumed_from_cache(config, result, mlflow_store)

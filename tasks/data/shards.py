@@ -43,6 +43,11 @@ def shard_file(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:05d}.parquet"
 
 
+BUCKETS = 8
+"""Item buckets of a map-reduce stage (``dask.buckets``): fixed, not the number of shards, so a
+stage writes shards x buckets row groups and a reducer reads one row group of each shard."""
+
+
 def check_shards(n_shards: int) -> None:
     """Raise :class:`ConfigError` unless ``n_shards`` is 1 or more."""
     if n_shards < 1:

@@ -44,7 +44,7 @@ from models.metrics import COUNT, merge_partials, partial_metrics
 from models.partials import all_time_popularity, window_popularity
 from models.user_lists import write_part
 from tasks.checks.validate_shards import gather
-from tasks.data.shards import shard_file, shard_of
+from tasks.data.shards import BUCKETS, shard_file, shard_of
 from tasks.evaluation.evaluate import baseline_factories
 from tasks.release.recipes import baseline_recipe, write_recipe
 from tasks.resume import STAGE_CACHE
@@ -199,7 +199,7 @@ def score_shard(split_dir: Path, shard: int, stage: str, t_max: dt.datetime, ks:
 def evaluate_baselines_sharded(
     split_dir: Path, ks: list[int], n_items: int, exclude_seen: bool, recent_days: float,
     work: Path, selection: Selection | None = None, list_depth: int | None = None,
-    stages: tuple[str, ...] = tuple(STAGES), every_user: bool = False,
+    stages: tuple[str, ...] = tuple(STAGES), every_user: bool = False, n_buckets: int = BUCKETS,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Every baseline's ``valid`` and ``test`` metrics on a sharded split (call inside a flow).
 
@@ -207,14 +207,14 @@ def evaluate_baselines_sharded(
     ``list_depth``, each baseline's test lists that deep go to ``work/lists/<baseline>/``
     (every user's of the test history with ``every_user``), its validation lists (the
     selection's users, the largest cut-off deep) to ``work/valid-lists/<baseline>/``.
-    ``stages``: those to fit and score (the release's refits: ``("test",)``).
+    ``stages``: those to fit and score (the release's refits: ``("test",)``). ``n_buckets``: the
+    item buckets of the reducers (see :data:`BUCKETS`).
 
     Returns the same ``{name: {stage: metrics}}`` as
     :func:`tasks.evaluation.evaluate.evaluate_baselines`.
     """
     log = get_run_logger()
     shards = split_shard_files(split_dir)
-    n_buckets = len(shards)
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for name in baseline_factories(recent_days):  # what the release refits
         write_recipe(work / "models" / name, baseline_recipe(name, recent_days, exclude_seen))

@@ -280,10 +280,16 @@ def recall_counts(cands: pl.DataFrame, targets: pl.DataFrame) -> dict[str, float
             "users": float(cands[USER].n_unique())}
 
 
+def add_counts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The :func:`recall_counts` of disjoint sets of users added into one (absent keys 0)."""
+    keys = dict.fromkeys(key for part in parts for key in part)
+    return {key: sum(part.get(key, 0.0) for part in parts) for key in keys}
+
+
 def merge_recall(parts: list[dict[str, float]]) -> dict[str, float]:
     """:func:`candidate_recall` from the :func:`recall_counts` of disjoint sets of users."""
-    total = {key: sum(part.get(key, 0.0) for part in parts) for key in parts[0]}
-    if not total["targets"]:
+    total = add_counts(parts)
+    if not total.get("targets"):
         raise DataError("candidate recall needs targets; the target table is empty.")
     result = {key: value / total["targets"] for key, value in total.items()
               if key not in ("targets", "pairs", "users")}

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import polars as pl
@@ -214,6 +214,30 @@ def candidate_features(
         The candidate pairs with ``rank_*``, ``cand_rank``, co-visitation evidence, the feature
         columns and, with ``targets``, ``label``.
     """
+    return pl.concat([frame for _, frame in candidate_chunks(
+        history, users, covis, candidate_config, feature_config, items, external, ordered_only,
+        targets, user_chunk, tables, vectors)])
+
+
+def candidate_chunks(
+    history: pl.DataFrame,
+    users: pl.Series | list[str] | pl.DataFrame,
+    covis: CoVisitation,
+    candidate_config: CandidateConfig | None = None,
+    feature_config: FeatureConfig | None = None,
+    items: pl.DataFrame | None = None,
+    external: Mapping[str, pl.DataFrame] | None = None,
+    ordered_only: bool = False,
+    targets: pl.DataFrame | None = None,
+    user_chunk: int = USER_CHUNK,
+    tables: HistoryTables | None = None,
+    vectors: pl.DataFrame | None = None,
+) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    """:func:`candidate_features` a chunk at a time: ``(the chunk's users, their frame)``.
+
+    The history is prepared once for every chunk; a caller that consumes each chunk before the
+    next (scoring, writing) holds one chunk's frame, not every user's.
+    """
     if user_chunk < 1:
         raise ConfigError(f"user_chunk must be a positive number of users; got {user_chunk}.")
     candidate_config = candidate_config or CandidateConfig()
@@ -233,18 +257,16 @@ def candidate_features(
     features = FeatureBuilder(prepared if shared else history, items, covis, ordered_only,
                               feature_config, tables, vectors)
     n_chunks = max(-(-users_df.height // user_chunk), 1)
-    parts = []
     for i in range(n_chunks):
         start = time.perf_counter()
         chunk = users_df.slice(i * user_chunk, user_chunk)
         frame = features.build(candidates.build(chunk, external))
         frame = frame if targets is None else label_candidates(
             frame, targets, candidate_config.new_item_grade)
-        # one chunk per column and part: misaligned chunks would copy the whole frame later
-        parts.append(frame.rechunk())
         logger.info("candidates+features: chunk %d/%d, %d users, %d pairs, %.1f s", i + 1,
                     n_chunks, chunk.height, frame.height, time.perf_counter() - start)
-    return pl.concat(parts)
+        # one chunk per column and part: misaligned chunks would copy the whole frame later
+        yield chunk, frame.rechunk()
 
 
 def _fill_defaults(frame: pl.DataFrame) -> pl.DataFrame:

@@ -55,10 +55,10 @@ from models.lgbm_ranker import LightGBMRanker
 from models.metrics import COUNT, merge_partials, partial_metrics
 from models.user_lists import write_part
 from tasks.checks.validate_shards import gather
-from tasks.data.shards import host_cores, shard_file
+from tasks.data.shards import BUCKETS, host_cores, shard_file
 from tasks.evaluation.evaluate_shards import history_end
-from tasks.ranking.candidates import merge_recall, recall_counts
-from tasks.ranking.features import candidate_features, table_settings
+from tasks.ranking.candidates import add_counts, merge_recall, recall_counts, user_frame
+from tasks.ranking.features import candidate_chunks, table_settings
 from tasks.ranking.history_tables import TableSettings
 from tasks.ranking.rank_sample import (
     draw,
@@ -167,12 +167,19 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
     items = pl.read_parquet(items_path) if items_path else None
     tables, covis = shard_state(work, stage, history, end, config, settings, items)
     external, vectors = external_candidates(source, history, users)
-    frame = candidate_features(history, users, covis, config.candidates, config.features,
-                               items, external, ordered_only, None, config.user_chunk, tables,
-                               vectors)
     exclude = history.select(USER, ITEM).unique() if config.candidates.exclude_seen else None
-    recs = rank_scored(LightGBMRanker.load(model), frame, users, max(max(ks), depth or 0),
-                       tables.popularity, exclude)
+    ranker, parts, recall = LightGBMRanker.load(model), [], []
+    for chunk, frame in candidate_chunks(history, users, covis, config.candidates,
+                                         config.features, items, external, ordered_only, None,
+                                         config.user_chunk, tables, vectors):
+        # a chunk of users at a time: the task holds one chunk's candidates, not the shard's
+        parts.append(rank_scored(ranker, frame, chunk, max(max(ks), depth or 0),
+                                 tables.popularity, exclude))
+        recall.append(recall_counts(frame, targets.join(chunk, on=USER, how="semi")))
+        del frame
+    unasked = targets.join(user_frame(users), on=USER, how="anti").select(USER, ITEM).unique()
+    recall.append({"targets": float(unasked.height)})  # every target counts, found or not
+    recs = pl.concat(parts)
     if stage == TEST:
         write_part(recs, shard_file(work / "lists", shard))
     elif depth:
@@ -183,7 +190,7 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
     counts = pl.read_parquet(work / stage / "items.parquet").select(
         ITEM, pl.col("i_n_events").cast(pl.Int64).alias(COUNT))
     return {"metrics": partial_metrics(recs, targets, ks, counts),
-            "recall": recall_counts(frame, targets)}
+            "recall": add_counts(recall)}
 
 
 def tune(work: Path, split_dir: Path, config: RankerConfig, ks: list[int], tuned_on: Selection,
@@ -248,6 +255,7 @@ def evaluate_ranker_sharded(
     tracking_uri: str, baselines: Path | None = None, selection: Selection | None = None,
     transformer: dict[str, Any] | None = None, transformer_config: SequenceConfig | None = None,
     list_depth: int | None = None, recipe: dict[str, Any] | None = None, every_user: bool = False,
+    n_buckets: int = BUCKETS,
 ) -> dict[str, Any]:
     """Tune, refit and test the re-ranker on a sharded split (call inside a flow).
 
@@ -262,7 +270,7 @@ def evaluate_ranker_sharded(
     With a ``recipe`` (the release's refit: :mod:`tasks.release.release_shards`), no study: its
     parameters, rounds and offset are refitted on the sample (its selection holdout kept out of
     the windows) and only the test stage is scored, every user of the test history with
-    ``every_user``; ``selection`` is then ignored.
+    ``every_user``; ``selection`` is then ignored. ``n_buckets``: the tables' item buckets.
 
     Returns ``valid`` and ``test`` metrics like the local engine, plus ``candidate_recall``,
     ``sample`` (its size), ``best_params``, ``study_name``, ``n_trials`` and ``model_dir``.
@@ -295,7 +303,7 @@ def evaluate_ranker_sharded(
     counts = []
     for stage, end in windows.items():
         build_tables(split_dir, shards, stage, end, config, settings, work,
-                     reused.get(stage))
+                     reused.get(stage), n_buckets)
         counts.append(gather(shard_frames.map(
             unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
             draw=unmapped(drawn), items_path=unmapped(items_path),
@@ -330,7 +338,8 @@ def evaluate_ranker_sharded(
                                  chosen["new_item_offset"])])[0]
 
     stages = {TEST: history_end(split_dir, "test_history")}
-    build_tables(split_dir, shards, TEST, stages[TEST], config, settings, work, reused.get(TEST))
+    build_tables(split_dir, shards, TEST, stages[TEST], config, settings, work, reused.get(TEST),
+                 n_buckets)
     if selection is not None:  # the refitted ranker on the selection holdout, from train
         stages["w0"] = windows["w0"]
     merged = {}

@@ -26,7 +26,7 @@ from models.baselines import (
 )
 from models.columns import ITEM, SCORE
 from tasks.checks.validate_shards import gather
-from tasks.data.shards import shard_file
+from tasks.data.shards import BUCKETS, shard_file
 from tasks.evaluation.evaluate_shards import (
     join_files,
     read_bucket,
@@ -121,13 +121,13 @@ def reduce_neighbours(work: Path, stage: str, bucket: int, config: RankerConfig)
 
 def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetime,
                  config: RankerConfig, settings: TableSettings, work: Path,
-                 neighbours: Path | None = None) -> None:
+                 neighbours: Path | None = None, n_buckets: int = BUCKETS) -> None:
     """Map-reduce the stage's tables into ``work/<stage>/items.parquet`` and ``neighbours``.
 
     ``neighbours``: the same history's co-visitation neighbours, already reduced (by the
-    baselines, with the same settings); the pairs are then not counted again.
+    baselines, with the same settings); the pairs are then not counted again. ``n_buckets``:
+    the item buckets of the reducers.
     """
-    n_buckets = len(shards)
     gather(map_tables.map(unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
                           config=unmapped(config), settings=unmapped(settings),
                           n_buckets=unmapped(n_buckets), work=unmapped(work),

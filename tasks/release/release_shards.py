@@ -60,7 +60,7 @@ from models.serving import EXCLUDE_SLACK, MANIFEST, ServingModel
 from models.session_blend import DEFAULT_WEIGHTS, WeightParts, pick_weight, session_weight_parts
 from models.user_lists import UserItems, UserLists
 from tasks.checks.validate_shards import gather
-from tasks.data.shards import host_cores, shard_file
+from tasks.data.shards import BUCKETS, host_cores, shard_file
 from tasks.evaluation.evaluate_shards import read_neighbours
 from tasks.release.packaging import (
     RECIPE_TAG,
@@ -353,11 +353,12 @@ def refit_recipe(recipe: dict[str, Any], split_dir: Path, work: Path, run: Engin
                           "yet: release it from an engine local run.")
     depth = list_depth(int(run.config.get("serve", {}).get("max_k", 200)))
     recent = float(run.config.get("baselines", {}).get("recent_days", 7.0))
+    buckets = int(run.config.get("dask", {}).get("buckets") or BUCKETS)
     baselines = work / BASELINES
     scores = evaluate_baselines_sharded(
         split_dir, run.ks, run.n_items, run.exclude_seen,
         float(recipe.get("recent_days", recent)) if "recent_days" in recipe else recent,
-        baselines, None, depth, stages=("test",), every_user=every_user)
+        baselines, None, depth, stages=("test",), every_user=every_user, n_buckets=buckets)
     common = {"split_dir": split_dir, "items_path": run.items, "ks": run.ks,
               "n_items": run.n_items, "run_id": None, "tracking_uri": "",
               "list_depth": depth, "every_user": every_user}
@@ -381,7 +382,7 @@ def refit_recipe(recipe: dict[str, Any], split_dir: Path, work: Path, run: Engin
             exclude_seen=bool(recipe["exclude_seen"]),
             ordered_only=bool(recipe.get("ordered_only")), work=work / RANKER,
             workers=run.workers(), baselines=baselines, transformer=sequence,
-            transformer_config=sequence_config, recipe=recipe, **common)
+            transformer_config=sequence_config, recipe=recipe, n_buckets=buckets, **common)
         return {"test": result.get("test", {}), "parts": list_parts(work, family)}
     if family not in baseline_factories(recent):
         raise ConfigError(f"the engine cannot refit a recipe of family {family!r}: expected "
