@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dask-workers", type=int, metavar="N",
                     help="LocalCluster worker processes (one per CPU core)")
     tr.add_argument("--shards", type=int, metavar="N",
-                    help="user shards of the events (one per million events, at least 2)")
+                    help="user shards of the events (default: sized to the cluster, as few "
+                    "as fit half a worker's memory, a multiple of the workers)")
     tr.add_argument("--test-user-share", type=float, metavar="SHARE",
                     help="score a seeded sample of this share of the test users (1: all of "
                     "them); for a shop of millions, e.g. 0.1: the figures are the sample's, each "

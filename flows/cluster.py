@@ -6,6 +6,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.config import DaskConfig
 from flows.serve import default_workers
+from tasks.data.load_shards import ShardSizing
 
 
 def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
@@ -22,6 +23,28 @@ def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
         "n_workers": cfg.workers or default_workers(), "threads_per_worker": 1,
         "processes": True, "memory_limit": cfg.memory_limit, "host": "127.0.0.1",
         "dashboard_address": None, **({"env": {"PREFECT_API_URL": api}} if api else {})})
+
+
+def shard_sizing(cfg: DaskConfig) -> ShardSizing:
+    """The workers and the memory of each that the shards are sized to.
+
+    A running cluster (``address``) is asked (its workers now, the smallest memory limit); a
+    LocalCluster's are those ``dask_runner`` will start ('auto': the machine's memory shared
+    equally).
+    """
+    from dask.utils import parse_bytes
+    from distributed import Client
+    from distributed.system import MEMORY_LIMIT
+
+    if cfg.address:
+        with Client(cfg.address, timeout="30s") as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            limits = [w.get("memory_limit") or 0 for w in workers]
+        return ShardSizing(len(limits), min(limits) if limits and all(limits) else None)
+    workers = cfg.workers or default_workers()
+    memory = (MEMORY_LIMIT // workers if cfg.memory_limit == "auto"
+              else parse_bytes(cfg.memory_limit))
+    return ShardSizing(workers, memory)
 
 
 def prefect_api_url() -> str | None:

@@ -297,8 +297,8 @@ class DaskConfig(_Strict):
         "auto", description="Memory limit of each LocalCluster worker ('auto': the machine's "
         "memory shared equally; or e.g. '6GiB').")
     shards: int | None = Field(
-        None, gt=0, description="User shards of the events; empty means one per million "
-        "events, at least 2.")
+        None, gt=0, description="User shards of the events; empty sizes them to the cluster: "
+        "as few as fit half a worker's memory (about 2 KB per event), a multiple of the workers.")
     buckets: int = Field(
         BUCKETS, gt=0, description="Item buckets of the map-reduce stages (baselines, the "
         "ranker's tables): a reducer sums one bucket of every shard's partials. Fixed, whatever "

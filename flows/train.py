@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from prefect import flow, get_run_logger
 
-from flows.cluster import dask_runner, prefect_api_url  # noqa: F401 (tests use it)
+from flows.cluster import dask_runner, prefect_api_url, shard_sizing  # noqa: F401 (tests use it)
 from flows.config import TrainConfig, config_digest, data_name
 from flows.promote import release_best_model
 from flows.serve import default_workers
@@ -259,7 +259,10 @@ def train(config: TrainConfig | None = None, resume: bool = False) -> dict[str, 
     cfg = config.data
     sharded = config.engine == "dask"
     load = load_sharded if sharded else load_data
-    extra = {"n_shards": config.dask.shards} if sharded else {}
+    extra = {}
+    if sharded:  # the shards sized to the cluster's workers unless their number is set
+        extra = {"n_shards": config.dask.shards,
+                 "sizing": None if config.dask.shards else shard_sizing(config.dask)}
     start = time.perf_counter()
     data = load(cfg.path, cfg.format, cfg.column_map, cfg.event_map, cfg.name, workdir,
                 cfg.demo_events, cfg.demo_seed, **extra)

@@ -225,3 +225,23 @@ def test_a_local_clusters_workers_report_to_the_flows_api():
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
             any_=[child])))
     assert sorted(r.state.type.value for r in runs) == ["COMPLETED"] * 3
+
+
+def test_shards_are_sized_to_the_clusters_workers_and_memory(cluster):
+    """A running cluster is asked for its workers and their memory; the shards follow them."""
+    from flows.cluster import shard_sizing
+    from flows.config import DaskConfig
+    from tasks.data.load_shards import SHARD_BYTES_PER_EVENT, ShardSizing
+
+    with Client(cluster.scheduler_address) as client:
+        limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+    sizing = shard_sizing(DaskConfig(address=cluster.scheduler_address))
+    assert sizing == ShardSizing(2, min(limits))
+    assert sizing.events_per_shard() == min(limits) // 2 // SHARD_BYTES_PER_EVENT
+    # half a worker's memory at 2 KB an event, a multiple of the workers, 2 at least
+    small = ShardSizing(workers=3, worker_memory=4 * SHARD_BYTES_PER_EVENT * 1_000_000)
+    assert [small.shards(n) for n in (1, 3_000_000, 6_000_000, 6_000_001, 14_000_000)] == [
+        3, 3, 3, 6, 9]
+    assert ShardSizing().shards(2_500_000) == 3  # no cluster known: a million events each
+    assert ShardSizing(2, 0).shards(10) == 2  # no memory limit
+    assert DaskConfig().buckets == 8

@@ -44,13 +44,40 @@ from tasks.data.shards import ShardWriter, shard_file, shard_of
 from tasks.resume import LOAD_CACHE
 
 EVENTS_PER_SHARD = 1_000_000
+SHARD_BYTES_PER_EVENT = 2048
+"""A worker's memory planned per event of its shard: the baselines' tasks grow by about 800 bytes
+per shard event (measured: BENCHMARKS.md, "How large a shard"), the lists of every user of the
+shard that the release writes by about 500 more; the rest is margin."""
 SLICE_ROWS = 1_000_000
 _PARQUET = ("*.parquet", "*.pq")
 
 
-def default_shards(events: int) -> int:
-    """Shards for ``events`` events when none are asked for: a million events each, 2 or more."""
-    return max(2, math.ceil(events / EVENTS_PER_SHARD))
+@dataclass(frozen=True)
+class ShardSizing:
+    """What the shards are sized to when their number is not set: the cluster's workers.
+
+    ``workers``: the cluster's worker processes; ``worker_memory``: the smallest worker's memory
+    limit in bytes (None: no limit known).
+    """
+
+    workers: int = 1
+    worker_memory: int | None = None
+
+    def events_per_shard(self) -> int:
+        """The largest shard for one worker: half its memory at :data:`SHARD_BYTES_PER_EVENT`."""
+        if not self.worker_memory:
+            return EVENTS_PER_SHARD
+        return max(100_000, self.worker_memory // 2 // SHARD_BYTES_PER_EVENT)
+
+    def shards(self, events: int) -> int:
+        """Shards for ``events`` events: as few as fit a worker's memory, a multiple of the workers.
+
+        Few: a task's catalogue-sized work (the summed tables, the neighbours) is done once per
+        shard. A multiple of the workers (2 at least): every worker gets as many equal shards.
+        """
+        workers = max(self.workers, 1)
+        needed = max(2, workers, math.ceil(events / self.events_per_shard()))
+        return math.ceil(needed / workers) * workers
 
 
 def demo_shard_source(root: Path, n_events: int, seed: int, n_shards: int) -> Path:
@@ -107,16 +134,18 @@ class _Loaded:
     dropped_item_duplicates: int = 0
 
 
-def _from_demo(workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None) -> _Loaded:
+def _from_demo(workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None,
+               sizing: ShardSizing) -> _Loaded:
     source = demo_shard_source(workdir.parents[1], demo_events, demo_seed,
-                               n_shards or default_shards(demo_events))
+                               n_shards or sizing.shards(demo_events))
     _link_shards(source / "events", workdir / "events")
     shutil.copyfile(source / "items.parquet", workdir / "items.parquet")
     return _Loaded(source)
 
 
 def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
-                         column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
+                         column_map: dict[str, str], event_map: dict[str, str],
+                         sizing: ShardSizing) -> _Loaded:
     events_source, items_source = _generic_files(source, "parquet")  # refuses two event tables
     files = find_files(events_source, _PARQUET)
     if not column_map and not event_map and _sharded_as_ours(files, n_shards):
@@ -127,7 +156,7 @@ def _from_parquet_shards(source: Path, workdir: Path, n_shards: int | None,
         notes = []
     else:
         notes = _reshard_parquet(files, workdir / "events",
-                                 n_shards or default_shards(_rows(files)), column_map, event_map)
+                                 n_shards or sizing.shards(_rows(files)), column_map, event_map)
     dropped = 0
     if items_source is not None:
         items, dropped = read_items(items_source, column_map)
@@ -162,9 +191,10 @@ def _sharded_as_ours(files: list[Path], n_shards: int | None) -> bool:
 
 
 def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
-              column_map: dict[str, str], event_map: dict[str, str]) -> _Loaded:
+              column_map: dict[str, str], event_map: dict[str, str], sizing: ShardSizing
+              ) -> _Loaded:
     stream = stream_raw(source, fmt, column_map or None, event_map or None, SLICE_ROWS)
-    with ShardWriter(workdir / "events", n_shards or default_shards(stream.rows())) as writer:
+    with ShardWriter(workdir / "events", n_shards or sizing.shards(stream.rows())) as writer:
         for events in stream.batches:
             writer.write(events)
     items, notes = stream.finish()
@@ -179,6 +209,7 @@ def _from_raw(source: Path, fmt: str, workdir: Path, n_shards: int | None,
 def load_sharded(
     path: str | None, fmt: str, column_map: dict[str, str], event_map: dict[str, str],
     name: str | None, workdir: Path, demo_events: int, demo_seed: int, n_shards: int | None,
+    sizing: ShardSizing | None = None,
 ) -> DataPaths:
     """Read raw data (or the demo shop) into event shards and an items table under ``workdir``.
 
@@ -193,7 +224,9 @@ def load_sharded(
         workdir: The run's folder for ``events/`` and ``items.parquet``.
         demo_events: The demo shop's number of events.
         demo_seed: The demo shop's seed.
-        n_shards: The number of shards; by default a million events each (2 at least).
+        n_shards: The number of shards; by default sized by ``sizing``.
+        sizing: The cluster the shards are sized to (:class:`ShardSizing`); by default a
+            million events each (2 at least).
 
     Returns:
         The tables, ``events`` being the folder ``workdir/events`` of ``shards`` shard files.
@@ -207,13 +240,14 @@ def load_sharded(
     events_dir.mkdir(parents=True, exist_ok=True)
     for old in [*events_dir.glob("shard-*.parquet"), items_path]:  # of an earlier run
         old.unlink(missing_ok=True)
+    sizing = sizing or ShardSizing()
     if path is None:
-        loaded = _from_demo(workdir, demo_events, demo_seed, n_shards)
+        loaded = _from_demo(workdir, demo_events, demo_seed, n_shards, sizing)
     elif fmt == "parquet" and find_files(Path(path).expanduser() / "events", _PARQUET):
         loaded = _from_parquet_shards(Path(path).expanduser(), workdir, n_shards, column_map,
-                                      event_map)
+                                      event_map, sizing)
     else:
-        loaded = _from_raw(Path(path), fmt, workdir, n_shards, column_map, event_map)
+        loaded = _from_raw(Path(path), fmt, workdir, n_shards, column_map, event_map, sizing)
     for note in loaded.notes:
         logger.warning(note)
     shards = sorted(events_dir.glob("shard-*.parquet"))
