@@ -247,6 +247,15 @@ def demo_shop(n: int, shards: int, workdir: Path) -> tuple[Path, dict]:
     return shop, writer
 
 
+def engine_shards(n: int, workers: int) -> int:
+    """The shards the engine sizes ``n`` events to on a LocalCluster of ``workers`` here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from flows.cluster import shard_sizing
+    from flows.config import DaskConfig
+
+    return shard_sizing(DaskConfig(workers=workers)).shards(n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, nargs="+", default=[10_000_000])
@@ -269,7 +278,8 @@ def main() -> None:
     parser.add_argument("--release", action="store_true",
                         help="register, gate and release the best model (engine's release)")
     parser.add_argument("--shards", type=int, default=None,
-                        help="user shards of the demo shop (default: a million events each)")
+                        help="user shards of the demo shop (default: the engine's, sized to "
+                        "the workers and this machine's memory)")
     parser.add_argument("--test-user-share", type=float, default=1.0,
                         help="evaluation.test_user_share: the share of the test users scored")
     args = parser.parse_args()
@@ -278,7 +288,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
     for n in args.events:
-        shards = args.shards or max(2, -(-n // 1_000_000))
+        shards = args.shards or engine_shards(n, max(args.workers))
         shop, writer = demo_shop(n, shards, args.workdir)
         print(f"{n:,} events: demo shop in {writer['wall_s']:.0f} s, "
               f"{writer['peak_rss_mib']:.0f} MiB", flush=True)
