@@ -58,7 +58,6 @@ from tasks.evaluation.evaluate_shards import (  # noqa: E402
     read_neighbours,
     write_popularity,
 )
-from tasks.ranking.features import table_settings  # noqa: E402
 from tasks.ranking.rank_tables import TEST  # noqa: E402
 from tasks.ranking.reranker import SOURCE_DIR  # noqa: E402
 from tasks.splitting.split import Selection  # noqa: E402
@@ -113,23 +112,47 @@ def same_lists(old: pl.DataFrame, new: pl.DataFrame, what: str) -> None:
     assert (old[SCORE] - new[SCORE]).abs().max() <= 1e-9, what
 
 
-RANKER_PARTS = {"shard_state": "tables s", "candidate_features": "candidates and features s",
+RANKER_PARTS = {"shard_state": "tables s", "candidate_chunks": "candidates and features s",
                 "rank_scored": "predict and rank s"}
 """The functions of :func:`rank_shards.score_shard` timed apart, and their names in the rows."""
 
 
 @contextmanager
 def timed_parts(seconds: dict[str, float], sizes: dict[str, int]) -> Iterator[None]:
-    """Time the :data:`RANKER_PARTS` of ``rank_shards`` while inside; count the candidate rows."""
+    """Time the :data:`RANKER_PARTS` of ``rank_shards`` while inside; count the candidate rows.
+
+    A part called more than once (once per chunk of users) adds up; the chunks' generator is
+    timed chunk by chunk.
+    """
     originals = {name: getattr(rank_shards, name) for name in RANKER_PARTS}
 
+    def add(name: str, start: float) -> None:
+        key = RANKER_PARTS[name]
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def chunks(function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            produced = function(*args, **kwargs)
+            while True:
+                start = time.perf_counter()
+                try:
+                    chunk = next(produced)
+                except StopIteration:
+                    return
+                finally:
+                    add("candidate_chunks", start)
+                sizes["rows"] = sizes.get("rows", 0) + chunk[1].height
+                yield chunk
+        return run
+
     def timer(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        if name == "candidate_chunks":
+            return chunks(function)
+
         def run(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             result = function(*args, **kwargs)
-            seconds[RANKER_PARTS[name]] = time.perf_counter() - start
-            if name == "candidate_features":
-                sizes["rows"] = result.height
+            add(name, start)
             return result
         return run
 
@@ -152,7 +175,6 @@ def ranker_inputs(run: Path) -> dict[str, Any]:
     source = run / "ranker" / "model" / SOURCE_DIR  # the transformer's candidates, when kept
     return {"split_dir": run / "split", "stage": TEST,
             "end": history_end(run / "split", "test_history"), "config": ranker,
-            "settings": table_settings(ranker.candidates, ranker.features, False),
             "items_path": run / "items.parquet", "ordered_only": False,
             "ks": config.evaluation.ks, "model": run / "ranker" / "model",
             "selection": config.evaluation.selection(config.seed),

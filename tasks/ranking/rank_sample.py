@@ -24,9 +24,6 @@ from tasks.data.shards import shard_file, shard_of
 from tasks.ranking.candidate_sources import CAND_RANK, LABEL
 from tasks.ranking.candidates import recall_counts
 from tasks.ranking.features import candidate_features, check_features
-from tasks.ranking.history_tables import (
-    TableSettings,
-)
 from tasks.ranking.rank_tables import (
     GROUP_KEY,
     HELPERS,
@@ -117,7 +114,7 @@ def draw(stats: list[list[dict[str, Any]]], windows: int, config: RankerConfig) 
 @task(name="ranker-frames", task_run_name="ranker-frames-{stage}-{shard:05d}", retries=1,
       persist_result=True, cache_policy=STAGE_CACHE)
 def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw: Draw,
-                 config: RankerConfig, settings: TableSettings, items_path: Path | None,
+                 config: RankerConfig, items_path: Path | None,
                  ordered_only: bool, work: Path, selection: Selection,
                  source: Path | None = None) -> dict[str, Any]:
     """Write one shard's drawn, labelled candidate groups of one window; return their counts.
@@ -141,7 +138,7 @@ def shard_frames(split_dir: Path, shard: int, stage: str, end: dt.datetime, draw
     if targets.is_empty():
         return out
     items = pl.read_parquet(items_path) if items_path else None
-    tables, covis = shard_state(work, stage, history, end, config, settings, items)
+    tables, covis = shard_state(work, stage, history, end, config)
     external, vectors = external_candidates(source, history, keys[USER])
     frame = candidate_features(history, keys[USER], covis, config.candidates,
                                config.features, items, external, ordered_only, targets,

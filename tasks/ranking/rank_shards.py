@@ -59,7 +59,6 @@ from tasks.data.shards import BUCKETS, host_cores, shard_file
 from tasks.evaluation.evaluate_shards import history_end
 from tasks.ranking.candidates import add_counts, merge_recall, recall_counts, user_frame
 from tasks.ranking.features import candidate_chunks, table_settings
-from tasks.ranking.history_tables import TableSettings
 from tasks.ranking.rank_sample import (
     draw,
     kept_windows,
@@ -145,7 +144,7 @@ def refit(work: Path, params: dict[str, Any], rounds: int, config: RankerConfig,
 @task(name="ranker-score", task_run_name="ranker-score-{stage}-{shard:05d}", retries=1,
       persist_result=True, cache_policy=STAGE_CACHE)
 def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, config: RankerConfig,
-                settings: TableSettings, items_path: Path | None, ordered_only: bool,
+                items_path: Path | None, ordered_only: bool,
                 work: Path, ks: list[int], model: Path, selection: Selection,
                 source: Path | None = None, depth: int | None = None, every_user: bool = False
                 ) -> dict[str, Any]:
@@ -165,7 +164,7 @@ def score_shard(split_dir: Path, shard: int, stage: str, end: dt.datetime, confi
     if users.is_empty():
         return {"metrics": None, "recall": None}
     items = pl.read_parquet(items_path) if items_path else None
-    tables, covis = shard_state(work, stage, history, end, config, settings, items)
+    tables, covis = shard_state(work, stage, history, end, config)
     external, vectors = external_candidates(source, history, users)
     exclude = history.select(USER, ITEM).unique() if config.candidates.exclude_seen else None
     ranker, parts, recall = LightGBMRanker.load(model), [], []
@@ -279,8 +278,7 @@ def evaluate_ranker_sharded(
     config = config.seen_excluded(exclude_seen)
     settings = table_settings(config.candidates, config.features, ordered_only)
     shards = split_shard_files(split_dir)
-    common = {"config": unmapped(config), "settings": unmapped(settings),
-              "work": unmapped(work)}
+    common = {"config": unmapped(config), "work": unmapped(work)}
     tuned_on = selection or Selection()
     if recipe is not None:
         tuned_on, selection = Selection(*recipe.get("selection", [0.0, 0])), None
@@ -303,7 +301,7 @@ def evaluate_ranker_sharded(
     counts = []
     for stage, end in windows.items():
         build_tables(split_dir, shards, stage, end, config, settings, work,
-                     reused.get(stage), n_buckets)
+                     reused.get(stage), n_buckets, items_path)
         counts.append(gather(shard_frames.map(
             unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
             draw=unmapped(drawn), items_path=unmapped(items_path),
@@ -339,7 +337,7 @@ def evaluate_ranker_sharded(
 
     stages = {TEST: history_end(split_dir, "test_history")}
     build_tables(split_dir, shards, TEST, stages[TEST], config, settings, work, reused.get(TEST),
-                 n_buckets)
+                 n_buckets, items_path)
     if selection is not None:  # the refitted ranker on the selection holdout, from train
         stages["w0"] = windows["w0"]
     merged = {}

@@ -2,9 +2,12 @@
 
 Per window and for the test history: each shard's item partials and co-visitation pair sums
 (:mod:`tasks.ranking.history_tables`), written by item bucket; summed per bucket; the neighbours
-pruned per bucket. A shard's task then reads the summed item table and only the neighbours of its
-users' items (:func:`shard_state`), and asks the saved external candidate sources about its own
-users only (:func:`external_candidates`). Step 2 of :mod:`tasks.ranking.rank_shards`.
+pruned per bucket; the summed item table finished once per stage into the
+:class:`~tasks.ranking.history_tables.HistoryTables` every task reads (:func:`finish_stage`: a
+task used to finish the catalogue-sized table itself). A shard's task then reads those tables and
+only the neighbours of its users' items (:func:`shard_state`), and asks the saved external
+candidate sources about its own users only (:func:`external_candidates`). Step 2 of
+:mod:`tasks.ranking.rank_shards`.
 """
 
 from __future__ import annotations
@@ -119,14 +122,47 @@ def reduce_neighbours(work: Path, stage: str, bucket: int, config: RankerConfig)
     return out
 
 
+TABLES = "tables"
+_TABLE_NAMES = ("popular", "popularity", "prices", "categories", "item_table")
+_OPTIONAL = ("prices", "categories")
+
+
+@task(name="ranker-tables-finish", task_run_name="ranker-tables-finish-{stage}", retries=1,
+      persist_result=True, cache_policy=STAGE_CACHE)
+def finish_stage(work: Path, stage: str, end: dt.datetime, settings: TableSettings,
+                 items_path: Path | None) -> Path:
+    """The stage's summed item table finished once (:func:`finish_tables`) into ``tables/``."""
+    items = pl.read_parquet(items_path) if items_path else None
+    tables = finish_tables(pl.read_parquet(work / stage / "items.parquet"), end, settings, items)
+    folder = work / stage / TABLES
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _TABLE_NAMES:
+        table = getattr(tables, name)
+        (folder / f"{name}.parquet").unlink(missing_ok=True)
+        if table is not None:
+            table.write_parquet(folder / f"{name}.parquet")
+    return folder
+
+
+def read_tables(folder: Path, end: dt.datetime) -> HistoryTables:
+    """The :class:`HistoryTables` :func:`finish_stage` wrote (no prices, categories: None)."""
+    def read(name: str) -> pl.DataFrame | None:
+        path = folder / f"{name}.parquet"
+        return pl.read_parquet(path) if path.is_file() or name not in _OPTIONAL else None
+
+    return HistoryTables(end, **{name: read(name) for name in _TABLE_NAMES})
+
+
 def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetime,
                  config: RankerConfig, settings: TableSettings, work: Path,
-                 neighbours: Path | None = None, n_buckets: int = BUCKETS) -> None:
+                 neighbours: Path | None = None, n_buckets: int = BUCKETS,
+                 items_path: Path | None = None) -> None:
     """Map-reduce the stage's tables into ``work/<stage>/items.parquet`` and ``neighbours``.
 
     ``neighbours``: the same history's co-visitation neighbours, already reduced (by the
     baselines, with the same settings); the pairs are then not counted again. ``n_buckets``:
-    the item buckets of the reducers.
+    the item buckets of the reducers. The finished tables (``tables/``) need the catalogue,
+    ``items_path``.
     """
     gather(map_tables.map(unmapped(split_dir), shards, stage=unmapped(stage), end=unmapped(end),
                           config=unmapped(config), settings=unmapped(settings),
@@ -135,6 +171,7 @@ def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetim
     items = pl.concat(gather(reduce_items.map(unmapped(work), unmapped(stage),
                                               list(range(n_buckets)))))
     items.write_parquet(work / stage / "items.parquet")
+    gather([finish_stage.submit(work, stage, end, settings, items_path)])
     if neighbours is not None:
         shutil.copyfile(neighbours, work / stage / "neighbours.parquet")
         return
@@ -144,16 +181,15 @@ def build_tables(split_dir: Path, shards: list[int], stage: str, end: dt.datetim
 
 
 def shard_state(work: Path, stage: str, history: pl.DataFrame, end: dt.datetime,
-                config: RankerConfig, settings: TableSettings, items: pl.DataFrame | None
-                ) -> tuple[HistoryTables, CoVisitation]:
-    """The whole history's tables and a co-visitation model of this shard's users."""
-    partials = pl.read_parquet(work / stage / "items.parquet")
+                config: RankerConfig) -> tuple[HistoryTables, CoVisitation]:
+    """The whole history's tables (finished once per stage); a co-visitation model of its users."""
+    partials = pl.read_parquet(work / stage / "items.parquet", columns=[ITEM, COVIS_ALL])
     neighbours = read_neighbours(work / stage / "neighbours.parquet", history)
     counts = partials.select(ITEM, pl.col(COVIS_ALL).alias(SCORE), pl.col(COVIS_ALL)
                              .alias(ALL_TIME))
     covis = CoVisitation(**config.covisitation).fit(
         history, SharedState(end, {"counts": counts, "neighbours": neighbours}))
-    return finish_tables(partials, end, settings, items), covis
+    return read_tables(work / stage / TABLES, end), covis
 
 
 def external_candidates(source: Path | None, history: pl.DataFrame, users: pl.Series
