@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 from distributed import LocalCluster
 from mlflow import MlflowClient
@@ -111,6 +112,25 @@ def test_the_engine_releases_what_the_local_engine_releases(tmp_path, mlflow_sto
     assert deep.height == 200  # deeper than the lists: the list, then trending items
     # the attempt folders of the gate and the release are gone once registered
     assert not list((tmp_path / "dask").rglob("release/*/bundle"))
+    # batch lists of the engine's champion: by parts on its run's cluster, the same file as the
+    # one process writes (and as the local engine's champion gives)
+    from flows.recommend import batch_recommend, recommend
+
+    files = {side: tmp_path / f"recs-{side}.parquet" for side in ("cluster", "one", "local")}
+    on_cluster = recommend(k=20, out=str(files["cluster"]), model_uri="models:/shop-dask@champion",
+                           tracking_uri=mlflow_store)
+    batch_recommend.fn("models:/shop-dask@champion", mlflow_store, None, 20, str(files["one"]))
+    batch_recommend.fn("models:/shop-local@champion", mlflow_store, None, 20,
+                       str(files["local"]))
+    assert on_cluster["parts"] == 4  # two a worker
+    assert on_cluster["users"] == serving.users.len()
+    frames = {side: pl.read_parquet(path) for side, path in files.items()}
+    assert frames["cluster"].equals(frames["one"])
+    assert frames["cluster"].height == 20 * serving.users.len()
+    mine, local = (frames[side].drop("model_version").sort("user_id", "rank")
+                   for side in ("cluster", "local"))  # the bundles order their users apart
+    assert mine.equals(local)
+    assert not list(tmp_path.glob(".recs-cluster.parquet.parts-*"))
 
 
 def test_a_worker_killed_during_the_release_leaves_the_registry_consistent(
