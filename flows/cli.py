@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "recommend", help="write batch top-K recommendations to Parquet",
         description="Run the Prefect flow `recommend`: top-K items for every user the model "
         "knows (or those in --users) from the champion, written to Parquet with a "
-        "model_version column and the model in the file's metadata.")
+        "model_version column and the model in the file's metadata. A version the Dask "
+        "engine made is answered on that run's cluster, its users in parts.")
     rec.add_argument("--users", metavar="FILE",
                      help="user ids: Parquet/CSV with a user_id column or a text file, one a line")
     rec.add_argument("--k", type=int, default=10, help="items per user (10)")
