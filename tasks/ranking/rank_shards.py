@@ -8,9 +8,10 @@ the windows, draw and frames :mod:`tasks.ranking.rank_sample`; this module runs 
    window is kept when it has history and targets in some shard, up to the first that has none
    anywhere (as :func:`tasks.ranking.reranker.training_windows` does in one process).
 2. **tables**, per window and for the test history, by map-reduce: each shard's item partials and
-   co-visitation pair sums (:mod:`tasks.ranking.history_tables`), written by item bucket; summed per
-   bucket; the neighbours pruned per bucket. A shard's task then reads the summed item table and
-   only the neighbours of its users' items.
+   co-visitation pair sums (:mod:`tasks.ranking.history_tables`), written by item bucket
+   (``dask.buckets``); summed per bucket; the neighbours pruned per bucket; the item tables
+   finished once per stage. A shard's task then reads the finished tables and only the
+   neighbours of its users' items.
 3. **draw**: a window's groups are its target users; the groups of users outside the holdout
    are drawn (seeded hash of the group) at the rate ``ranker.sample_groups`` / (such groups in
    every window), the held-out users' groups likewise, bounded by the holdout share of that size.
@@ -27,7 +28,8 @@ the windows, draw and frames :mod:`tasks.ranking.rank_sample`; this module runs 
    workers are on several machines).
 6. **refit and test**: the best parameters refitted on the sample; per shard, the test users'
    candidates, features, scores and top-K lists (``lists/shard-XXXXX.parquet``) and partial
-   metrics, merged exactly (:func:`models.metrics.merge_partials`).
+   metrics, merged exactly (:func:`models.metrics.merge_partials`); a score task takes its users
+   ``ranker.user_chunk`` at a time, so it holds one chunk's candidates.
 
 **sources**: when the transformer feeds the ranker's candidates, its two sources are saved once,
 before the frames (:func:`tasks.transformer.sequence_shards.save_ranker_sources`): the training
