@@ -126,10 +126,13 @@ def checked_k(serving: ServingModel, k: int) -> int:
 
 @task(name="batch-recommend", cache_policy=NO_CACHE)
 def batch_recommend(model_uri: str, tracking_uri: str, users_file: str | None, k: int,
-                    out: str | None) -> dict[str, Any]:
-    """Load the model, answer every user and write the stamped Parquet file."""
+                    out: str | None, resolved: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Load the model, answer every user and write the stamped Parquet file.
+
+    ``resolved``: ``(name, version)`` of ``model_uri`` when the caller has resolved it already.
+    """
     client = MlflowClient(tracking_uri)
-    name, version = resolve_model(model_uri, client)
+    name, version = resolved or resolve_model(model_uri, client)
     serving = load_version(client, name, version).unwrap_python_model().serving
     checked_k(serving, k)
     users = read_users(Path(users_file)) if users_file else serving.users
@@ -153,12 +156,13 @@ def recommend_part(bundle: Path, users_file: Path, part: int, start: int, length
 
 @flow(name="recommend-on-cluster", log_prints=False)
 def recommend_on_cluster(model_uri: str, tracking_uri: str, users_file: str | None, k: int,
-                         out: str | None, workers: int) -> dict[str, Any]:
+                         out: str | None, workers: int, resolved: tuple[str, str]
+                         ) -> dict[str, Any]:
     """:func:`batch_recommend` with the users cut into parts on this subflow's task runner."""
     from tasks.release.release_shards import download_version
 
     client = MlflowClient(tracking_uri)
-    name, version = resolve_model(model_uri, client)
+    name, version = resolved
     path = output_path(out, name, version)
     work = path.parent / f".{path.name}.parts-{uuid.uuid4().hex[:12]}"
     try:
@@ -204,12 +208,13 @@ def recommend(
 
     uri = tracking_uri or tracking.tracking_uri()
     client = MlflowClient(uri)
-    cluster = engine_cluster(client, *resolve_model(model_uri, client))
+    resolved = resolve_model(model_uri, client)  # once: an alias moved meanwhile changes nothing
+    cluster = engine_cluster(client, *resolved)
     if cluster is not None:  # an engine's version: its parts on that run's cluster
         result = recommend_on_cluster.with_options(task_runner=dask_runner(cluster))(
-            model_uri, uri, users_file, k, out, shard_sizing(cluster).workers)
+            model_uri, uri, users_file, k, out, shard_sizing(cluster).workers, resolved)
     else:
-        result = batch_recommend(model_uri, uri, users_file, k, out)
+        result = batch_recommend(model_uri, uri, users_file, k, out, resolved)
     get_run_logger().info("wrote %d rows for %d users from %s v%s to %s", result["rows"],
                           result["users"], result["model"], result["version"], result["path"])
     return result
