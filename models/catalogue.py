@@ -40,7 +40,7 @@ from models.ann import nearest, searcher
 from models.columns import ITEM, SCORE
 from models.errors import DataError
 from models.item_text import VECTOR
-from models.session_blend import NEIGHBOUR
+from models.session_blend import NEIGHBOUR, SessionNeighbours
 from models.user_lists import UserItems, UserLists, blend
 
 FOLDER = "catalogue"
@@ -85,7 +85,7 @@ def update_bundle(bundle: Path, out: Path, vectors: pl.DataFrame,
     if not 0.0 <= new_item_weight <= 1.0:
         raise DataError(f"new_item_weight must lie in [0, 1]; got {new_item_weight}.")
     base = bundle / FOLDER / BASE if (bundle / FOLDER / BASE).is_dir() else bundle
-    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns(FOLDER, "lists",
+    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns(FOLDER, "lists", "session",
                                                                "neighbours.parquet",
                                                                "items.parquet"))
     kept = out / FOLDER / BASE
@@ -108,8 +108,9 @@ def update_bundle(bundle: Path, out: Path, vectors: pl.DataFrame,
                           new_item_weight, bar_depth, out / "lists")
     neighbours = pl.read_parquet(kept / "neighbours.parquet")
     _links(ids, matrix, new_ids, new_matrix, links).write_parquet(out / FOLDER / LINKS)
-    _with_new_items(neighbours, known, ids, matrix, new_ids, new_matrix, links).write_parquet(
-        out / "neighbours.parquet")
+    linked = _with_new_items(neighbours, known, ids, matrix, new_ids, new_matrix, links)
+    linked.write_parquet(out / "neighbours.parquet")
+    SessionNeighbours(linked).save(out / "session")  # what a server opens (models.serving)
     pl.DataFrame({ITEM: pl.concat([known, new_ids])}).write_parquet(out / "items.parquet")
     gone = (unavailable if unavailable is not None else pl.Series([], dtype=pl.String))
     pl.DataFrame({ITEM: gone.cast(pl.String).unique().sort()}).write_parquet(

@@ -7,6 +7,9 @@ A *bundle* is a folder holding everything needed to answer a request without the
 * ``trending.parquet``: the fallback ranking (recent popularity), ``item_id, score, pop_rank``;
 * ``neighbours.parquet``: the session model, co-visitation neighbours ``item_id, neighbour,
   score``, which turns the ``recent_items`` of a user the model does not know into a list;
+  ``session/``: the same as memory-mapped arrays (:class:`models.session_blend.
+  SessionNeighbours`), what a server opens (bundles written before it existed get them built
+  from the Parquet file when opened);
 * ``users.parquet`` and ``items.parquet``: the users the model knows and the known items;
 * ``lists/``: every known user's top ``max_k`` + :data:`EXCLUDE_SLACK` list, computed by the
   model when the bundle is written and memory-mapped when it is opened
@@ -76,6 +79,7 @@ TRENDING_SLACK = 10_000
 """Trending items kept in memory beyond ``max_k`` for the fill of the lists."""
 LISTS = "lists"
 HISTORY = "history"
+SESSION = "session"
 DEFAULT_MAX_K = 200
 """Largest ``k`` a request may ask for, unless the bundle's ``max_k`` says otherwise."""
 EXCLUDE_SLACK = 16
@@ -115,7 +119,9 @@ class ServingModel:
             called on first use only: known users are answered from ``lists``.
         manifest: The bundle's manifest (``family``, ``exclude_seen``, ``default_k``, ...).
         trending: ``item_id, score, pop_rank`` of the fallback ranking.
-        neighbours: ``item_id, neighbour, score`` of the session model.
+        neighbours: ``item_id, neighbour, score`` of the session model, or its arrays already
+            built (:class:`SessionNeighbours`; the table is then read from ``folder`` if asked
+            for: :attr:`neighbours`).
         users: Ids of the users the model knows.
         items: Ids of the known items.
         lists: The known users' precomputed top lists.
@@ -129,7 +135,7 @@ class ServingModel:
         load_model: Callable[[], Any],
         manifest: dict[str, Any],
         trending: pl.DataFrame,
-        neighbours: pl.DataFrame,
+        neighbours: pl.DataFrame | SessionNeighbours,
         users: pl.Series,
         items: pl.Series,
         lists: UserLists,
@@ -145,8 +151,11 @@ class ServingModel:
         self._model: Any = None
         self.manifest = manifest
         self.trending = trending.sort(POP_RANK)
-        self.neighbours = neighbours
-        self._session_neighbours = SessionNeighbours(neighbours)
+        if isinstance(neighbours, SessionNeighbours):
+            self._neighbours, self._session_neighbours = None, neighbours
+        else:
+            self._neighbours = neighbours
+            self._session_neighbours = SessionNeighbours(neighbours)
         self.users = users
         self.items = items
         self.lists = lists
@@ -167,6 +176,15 @@ class ServingModel:
         head = self.trending.head(self.max_k + TRENDING_SLACK)
         self._trend_items = head[ITEM].to_list()
         self._trend_shares = (head[SCORE] * self._trend_scale).to_list()
+
+    @property
+    def neighbours(self) -> pl.DataFrame:
+        """``item_id, neighbour, score`` of the session model (read from the bundle if needed)."""
+        if self._neighbours is None:
+            if self.folder is None:
+                raise DataError("this served model has no neighbours table to read.")
+            self._neighbours = pl.read_parquet(self.folder / "neighbours.parquet")
+        return self._neighbours
 
     @property
     def model(self) -> Any:
@@ -208,6 +226,7 @@ class ServingModel:
         shutil.copytree(model_dir, folder / "model", ignore=shutil.ignore_patterns(VALID_LISTS))
         trending.select(ITEM, SCORE, POP_RANK).write_parquet(folder / "trending.parquet")
         neighbours.select(ITEM, "neighbour", SCORE).write_parquet(folder / "neighbours.parquet")
+        SessionNeighbours(neighbours).save(folder / SESSION)
         users = users.cast(pl.String).unique(maintain_order=True)
         items = items.cast(pl.String).unique(maintain_order=True)
         pl.DataFrame({USER: users}).write_parquet(folder / "users.parquet")
@@ -269,6 +288,7 @@ class ServingModel:
                                       "neighbours.parquet")):
             frame = pl.scan_parquet(table) if isinstance(table, Path) else table.lazy()
             frame.select(columns).sink_parquet(folder / name)
+        SessionNeighbours(pl.read_parquet(folder / "neighbours.parquet")).save(folder / SESSION)
         pl.DataFrame({USER: known.users}).write_parquet(folder / "users.parquet")
         items = pl.concat([items.cast(pl.String), pl.Series(known.vocabulary, dtype=pl.String)])
         pl.DataFrame({ITEM: items.unique(maintain_order=True)}).write_parquet(
@@ -308,9 +328,10 @@ class ServingModel:
             recommend = _recommender(load_model(), bool(manifest.get("exclude_seen", False)))
             lists = UserLists.compute(recommend, users, items, LEGACY_LIST_DEPTH)
         history = UserItems.open(folder / HISTORY) if (folder / HISTORY).is_dir() else None
+        session = (SessionNeighbours.open(folder / SESSION) if (folder / SESSION).is_dir()
+                   else pl.read_parquet(folder / "neighbours.parquet"))
         serving = cls(load_model, manifest, pl.read_parquet(folder / "trending.parquet"),
-                      pl.read_parquet(folder / "neighbours.parquet"), users, items, lists, folder,
-                      history)
+                      session, users, items, lists, folder, history)
         if serving.session_model:  # it answers every live session: load it now, not mid-traffic
             serving.model  # noqa: B018
         return serving

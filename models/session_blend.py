@@ -24,12 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import polars as pl
 
 from models.columns import ITEM, RANK, SCORE, USER
 from models.errors import ConfigError, DataError, require_columns
 from models.metrics import ACCURACY_METRICS, merge_partials, partial_metrics
-from models.user_lists import as_lists_frame, blend
+from models.user_lists import IdIndex, as_lists_frame, blend
 
 VALID_LISTS = "valid_lists.parquet"
 """File name of a family's validation lists, in the folder of its saved model."""
@@ -41,20 +42,57 @@ NEIGHBOUR = "neighbour"
 class SessionNeighbours:
     """The session model as arrays: each item's co-visitation neighbours, best first.
 
+    Compressed sparse rows over one sorted vocabulary of every item and neighbour id
+    (:class:`models.user_lists.IdIndex`): item ``c``'s neighbours are ``codes[starts[c]:
+    starts[c + 1]]`` with their ``scores``. :meth:`save` writes the arrays into a folder and
+    :meth:`open` memory-maps them, so that a server process opening the neighbours of a large
+    catalogue sorts and indexes nothing.
+
     Args:
         neighbours: ``item_id, neighbour, score`` (as ``CoVisitation.neighbours_``).
     """
 
-    def __init__(self, neighbours: pl.DataFrame) -> None:
+    FILES = ("vocabulary.npy", "starts.npy", "codes.npy", "scores.npy")
+
+    def __init__(self, neighbours: pl.DataFrame | None = None, *,
+                 arrays: tuple[np.ndarray, ...] | None = None) -> None:
+        if arrays is None:
+            if neighbours is None:
+                raise ConfigError("SessionNeighbours needs the neighbours or their arrays.")
+            arrays = self._arrays(neighbours)
+        vocabulary, self._starts, self._codes, self._scores = arrays
+        self._index = IdIndex(vocabulary)
+
+    @staticmethod
+    def _arrays(neighbours: pl.DataFrame) -> tuple[np.ndarray, ...]:
         require_columns(neighbours.columns, (ITEM, NEIGHBOUR, SCORE), "neighbours")
-        ordered = neighbours.sort(ITEM, SCORE, NEIGHBOUR, descending=[False, True, False])
-        vocabulary = ordered[NEIGHBOUR].unique().sort()
-        self._ids = vocabulary.to_numpy()
-        self._codes = ordered[NEIGHBOUR].cast(pl.Enum(vocabulary)).to_physical().to_numpy()
-        self._scores = ordered[SCORE].to_numpy()
-        spans = ordered.with_row_index("at").group_by(ITEM).agg(
-            pl.col("at").min().alias("start"), (pl.col("at").max() + 1).alias("end"))
-        self._span = {item: (start, end) for item, start, end in spans.iter_rows()}
+        ids = pl.concat([neighbours[ITEM].cast(pl.String), neighbours[NEIGHBOUR].cast(pl.String)])
+        vocabulary = ids.unique().sort()
+        coder = pl.DataFrame({"id": vocabulary}).with_row_index("code")
+        coded = (neighbours.select(pl.col(ITEM).cast(pl.String), pl.col(NEIGHBOUR).cast(pl.String),
+                                   SCORE)
+                 .join(coder.rename({"id": ITEM, "code": "__item"}), on=ITEM)
+                 .join(coder.rename({"id": NEIGHBOUR, "code": "__neighbour"}), on=NEIGHBOUR)
+                 .sort("__item", SCORE, "__neighbour", descending=[False, True, False]))
+        counts = np.bincount(coded["__item"].to_numpy(), minlength=vocabulary.len())
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return (IdIndex.encode(vocabulary), starts,
+                coded["__neighbour"].to_numpy().astype(np.int32),
+                coded[SCORE].to_numpy().astype(np.float64))
+
+    def save(self, folder: Path) -> None:
+        """Write the arrays into ``folder`` (created)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = (self._index.ids, self._starts, self._codes, self._scores)
+        for name, array in zip(self.FILES, arrays, strict=True):
+            np.save(folder / name, np.asarray(array))
+
+    @classmethod
+    def open(cls, folder: Path) -> SessionNeighbours:
+        """Memory-map arrays written by :meth:`save`."""
+        return cls(arrays=tuple(np.load(Path(folder) / name, mmap_mode="r")
+                                for name in cls.FILES))
 
     def session_list(self, recent: Sequence[str], session_items: int = 5,
                      decay: float = 0.5) -> list[tuple[str, float]]:
@@ -69,15 +107,16 @@ class SessionNeighbours:
             ages.setdefault(item, age)
         scores: dict[int, float] = {}
         for item, age in ages.items():
-            span = self._span.get(item)
-            if span is None:
+            code = self._index.get(item)
+            if code is None:
                 continue
             weight = decay ** age
-            rows = slice(*span)
-            for code, score in zip(self._codes[rows].tolist(), self._scores[rows].tolist(),
-                                   strict=True):
-                scores[code] = scores.get(code, 0.0) + weight * score
-        named = [(self._ids[code], score) for code, score in scores.items()]
+            rows = slice(int(self._starts[code]), int(self._starts[code + 1]))
+            for neighbour, score in zip(self._codes[rows].tolist(), self._scores[rows].tolist(),
+                                        strict=True):
+                scores[neighbour] = scores.get(neighbour, 0.0) + weight * score
+        ids = self._index.ids
+        named = [(ids[code].decode(), score) for code, score in scores.items()]
         return sorted(named, key=lambda pair: (-pair[1], pair[0]))
 
 

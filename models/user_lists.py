@@ -18,6 +18,11 @@ file cache. Memory on disk and in the cache: ``n_entries * 12`` bytes plus the i
 (user, item) pair), in the row order of the users of the lists it goes with; the served model
 reads it to tell a live session's new items from those the model has already seen.
 
+Each folder also holds ``index.npy``: the user ids sorted, as fixed-width UTF-8 bytes, beside
+``index_rows.npy`` (each sorted id's row): :class:`IdIndex` memory-maps them and finds a user by
+binary search, so that opening lists of millions of users builds no table in each server process
+(lists written before the index existed get one built in memory when opened).
+
 Lists computed elsewhere, a part per shard of users (:func:`write_part`), are merged into the same
 files a part at a time (:meth:`UserLists.merge_parts`, :meth:`UserItems.merge_parts`): memory is
 bounded by one part, not by the number of users.
@@ -56,6 +61,63 @@ def as_lists_frame(frame: Any) -> pl.DataFrame:
     )
 
 
+class IdIndex:
+    """Ids found by binary search in a sorted array of fixed-width UTF-8 bytes.
+
+    Args:
+        ids: The ids sorted, as a NumPy bytes array (``S<width>``, memory-mapped or not).
+        rows: The row of each sorted id (None: the row is the position).
+    """
+
+    def __init__(self, ids: np.ndarray, rows: np.ndarray | None = None) -> None:
+        self.ids, self.rows = ids, rows
+        self.width = ids.dtype.itemsize
+
+    @staticmethod
+    def encode(ids: pl.Series) -> np.ndarray:
+        """``ids`` as a NumPy array of fixed-width UTF-8 bytes (their order kept)."""
+        raw = [i.encode() for i in ids.cast(pl.String).fill_null("").to_list()]
+        return np.array(raw, dtype=f"S{max((len(i) for i in raw), default=1) or 1}")
+
+    @classmethod
+    def build(cls, ids: pl.Series) -> IdIndex:
+        """The index of distinct ``ids`` whose rows are their positions in ``ids``."""
+        order = ids.cast(pl.String).arg_sort().to_numpy()
+        return cls(cls.encode(ids.cast(pl.String).gather(order)), order.astype(np.int64))
+
+    def save(self, folder: Path, name: str = "index") -> None:
+        """Write ``<name>.npy`` (and ``<name>_rows.npy``) into ``folder``."""
+        np.save(Path(folder) / f"{name}.npy", self.ids)
+        if self.rows is not None:
+            np.save(Path(folder) / f"{name}_rows.npy", self.rows)
+
+    @classmethod
+    def open(cls, folder: Path, name: str = "index") -> IdIndex | None:
+        """Memory-map an index written by :meth:`save`; None where the folder has none."""
+        folder = Path(folder)
+        if not (folder / f"{name}.npy").is_file():
+            return None
+        rows = folder / f"{name}_rows.npy"
+        return cls(np.load(folder / f"{name}.npy", mmap_mode="r"),
+                   np.load(rows, mmap_mode="r") if rows.is_file() else None)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, key: str) -> int | None:
+        """The row of ``key``; None when it is not indexed."""
+        raw = key.encode() if isinstance(key, str) else None
+        if raw is None or len(raw) > self.width or not len(self.ids):
+            return None
+        at = int(np.searchsorted(self.ids, raw))
+        if at >= len(self.ids) or self.ids[at] != raw:
+            return None
+        return at if self.rows is None else int(self.rows[at])
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+
 class UserLists:
     """Top lists of known users (see the module docstring).
 
@@ -65,17 +127,19 @@ class UserLists:
         codes: Item codes (positions in ``vocabulary``), list after list.
         scores: The model's score of each entry.
         vocabulary: Item ids by code.
+        index: The users' :class:`IdIndex` (built from ``users`` when None).
     """
 
     def __init__(self, users: pl.Series, offsets: np.ndarray, codes: np.ndarray,
-                 scores: np.ndarray, vocabulary: pl.Series) -> None:
+                 scores: np.ndarray, vocabulary: pl.Series, index: IdIndex | None = None
+                 ) -> None:
         self.users = users
         self.offsets = offsets
         self.codes = codes
         self.scores = scores
         self.vocabulary = vocabulary.to_numpy()
         self.depth = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
-        self._rows = dict(zip(users.to_list(), range(users.len()), strict=True))
+        self._rows = index if index is not None else IdIndex.build(users)
 
     def __contains__(self, user: str) -> bool:
         return user in self._rows
@@ -142,10 +206,11 @@ class UserLists:
         pl.DataFrame({USER: self.users}).write_parquet(folder / "users.parquet")
         pl.DataFrame({ITEM: pl.Series(self.vocabulary, dtype=pl.String)}).write_parquet(
             folder / "vocabulary.parquet")
+        self._rows.save(folder)
 
     @classmethod
     def open(cls, folder: Path) -> UserLists:
-        """Memory-map lists written by :meth:`save`."""
+        """Memory-map lists written by :meth:`save` (their user index too, when written)."""
         folder = Path(folder)
         return cls(
             pl.read_parquet(folder / "users.parquet")[USER],
@@ -153,6 +218,7 @@ class UserLists:
             np.load(folder / "codes.npy", mmap_mode="r"),
             np.load(folder / "scores.npy", mmap_mode="r"),
             pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
+            IdIndex.open(folder),
         )
 
     @classmethod
@@ -189,6 +255,7 @@ class UserLists:
                 .astype(np.int64))
         pl.DataFrame({USER: known}).write_parquet(folder / "users.parquet")
         vocab.select(ITEM).write_parquet(folder / "vocabulary.parquet")
+        IdIndex.build(known).save(folder)
         return cls.open(folder)
 
 

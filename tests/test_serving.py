@@ -211,6 +211,30 @@ def test_a_bundle_without_precomputed_lists_still_loads(serving, tmp_path):
     assert old.predict(records).equals(serving.predict(records))
 
 
+def test_the_user_index_and_the_session_model_are_memory_mapped(serving, tmp_path):
+    import numpy as np
+
+    fresh = ServingModel.load(serving.folder)
+    assert isinstance(fresh.lists._rows.ids, np.memmap)
+    assert isinstance(fresh._session_neighbours._codes, np.memmap)
+    assert fresh._neighbours is None  # the table is read only when asked for
+    # a bundle written before the index and the arrays existed builds them when opened
+    older = tmp_path / "older"
+    shutil.copytree(serving.folder, older)
+    shutil.rmtree(older / "session")
+    for name in ("index.npy", "index_rows.npy"):
+        (older / "lists" / name).unlink()
+    old = ServingModel.load(older)
+    assert not isinstance(old.lists._rows.ids, np.memmap)
+    items = fresh.neighbours["item_id"].unique(maintain_order=True).head(6).to_list()
+    records = [{"user_id": u, "k": 20} for u in serving.users.head(5)] + [
+        {"user_id": "visitor", "recent_items": items[:3], "k": 30},
+        {"user_id": serving.users[7], "recent_items": items[3:], "k": 30},
+        {"user_id": "ü-nobody", "k": 5}, {"user_id": "x" * 300, "k": 5}]
+    assert fresh.predict(records).equals(old.predict(records))
+    assert fresh.predict(records).equals(serving.predict(records))
+
+
 def test_a_known_users_session_changes_the_list(serving):
     user = serving.users[3]
     plain = _items(serving.predict([{"user_id": user, "k": 10}]), user)
