@@ -288,7 +288,7 @@ class ServingModel:
                                       "neighbours.parquet")):
             frame = pl.scan_parquet(table) if isinstance(table, Path) else table.lazy()
             frame.select(columns).sink_parquet(folder / name)
-        SessionNeighbours(pl.read_parquet(folder / "neighbours.parquet")).save(folder / SESSION)
+        SessionNeighbours.from_parquet(folder / "neighbours.parquet").save(folder / SESSION)
         pl.DataFrame({USER: known.users}).write_parquet(folder / "users.parquet")
         items = pl.concat([items.cast(pl.String), pl.Series(known.vocabulary, dtype=pl.String)])
         pl.DataFrame({ITEM: items.unique(maintain_order=True)}).write_parquet(

@@ -54,25 +54,37 @@ class SessionNeighbours:
 
     FILES = ("vocabulary.npy", "starts.npy", "codes.npy", "scores.npy")
 
-    def __init__(self, neighbours: pl.DataFrame | None = None, *,
+    def __init__(self, neighbours: pl.DataFrame | pl.LazyFrame | None = None, *,
                  arrays: tuple[np.ndarray, ...] | None = None) -> None:
         if arrays is None:
             if neighbours is None:
                 raise ConfigError("SessionNeighbours needs the neighbours or their arrays.")
-            arrays = self._arrays(neighbours)
+            arrays = self._arrays(neighbours.lazy())
         vocabulary, self._starts, self._codes, self._scores = arrays
         self._index = IdIndex(vocabulary)
 
+    @classmethod
+    def from_parquet(cls, path: Path) -> SessionNeighbours:
+        """The arrays of a Parquet file of neighbours, streamed: its ids are never all in memory.
+
+        Memory: the vocabulary and 16 bytes a row (codes and scores), not the file's strings.
+        """
+        return cls(pl.scan_parquet(path))
+
     @staticmethod
-    def _arrays(neighbours: pl.DataFrame) -> tuple[np.ndarray, ...]:
-        require_columns(neighbours.columns, (ITEM, NEIGHBOUR, SCORE), "neighbours")
-        ids = pl.concat([neighbours[ITEM].cast(pl.String), neighbours[NEIGHBOUR].cast(pl.String)])
-        vocabulary = ids.unique().sort()
-        coder = pl.DataFrame({"id": vocabulary}).with_row_index("code")
+    def _arrays(neighbours: pl.LazyFrame) -> tuple[np.ndarray, ...]:
+        require_columns(neighbours.collect_schema().names(), (ITEM, NEIGHBOUR, SCORE),
+                        "neighbours")
+        ids = pl.concat([neighbours.select(pl.col(column).cast(pl.String).alias("id"))
+                         for column in (ITEM, NEIGHBOUR)])
+        vocabulary = ids.unique().sort("id").collect(engine="streaming")["id"]
+        coder = pl.DataFrame({"id": vocabulary}).with_row_index("code").lazy()
         coded = (neighbours.select(pl.col(ITEM).cast(pl.String), pl.col(NEIGHBOUR).cast(pl.String),
-                                   SCORE)
+                                   pl.col(SCORE).cast(pl.Float64))
                  .join(coder.rename({"id": ITEM, "code": "__item"}), on=ITEM)
                  .join(coder.rename({"id": NEIGHBOUR, "code": "__neighbour"}), on=NEIGHBOUR)
+                 .select("__item", "__neighbour", SCORE)
+                 .collect(engine="streaming")
                  .sort("__item", SCORE, "__neighbour", descending=[False, True, False]))
         counts = np.bincount(coded["__item"].to_numpy(), minlength=vocabulary.len())
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
