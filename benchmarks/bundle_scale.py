@@ -66,10 +66,11 @@ def write_lists(folder: Path, users: int, items: int, depth: int, rng: np.random
     codes.flush()
     scores.flush()
     del codes, scores
-    known = ids("u", 0, users)
+    known, vocabulary = ids("u", 0, users), ids("i", 0, items)
     pl.DataFrame({USER: known}).write_parquet(folder / "users.parquet")
-    pl.DataFrame({ITEM: ids("i", 0, items)}).write_parquet(folder / "vocabulary.parquet")
-    IdIndex.build(known).save(folder)  # as UserLists.merge_parts writes it
+    pl.DataFrame({ITEM: vocabulary}).write_parquet(folder / "vocabulary.parquet")
+    np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))  # as merge_parts writes it
+    IdIndex.build(known).save(folder)
 
 
 def write_history(folder: Path, users: int, items: int, per_user: int,
@@ -84,7 +85,9 @@ def write_history(folder: Path, users: int, items: int, per_user: int,
         codes[start * per_user:(start + n) * per_user] = (first + np.arange(per_user)).ravel()
     codes.flush()
     del codes
-    pl.DataFrame({ITEM: ids("i", 0, items)}).write_parquet(folder / "vocabulary.parquet")
+    vocabulary = ids("i", 0, items)
+    pl.DataFrame({ITEM: vocabulary}).write_parquet(folder / "vocabulary.parquet")
+    np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))
 
 
 def write_neighbours(path: Path, items: int, per_item: int) -> None:

@@ -60,7 +60,8 @@ class SessionNeighbours:
             if neighbours is None:
                 raise ConfigError("SessionNeighbours needs the neighbours or their arrays.")
             arrays = self._arrays(neighbours.lazy())
-        vocabulary, self._starts, self._codes, self._scores = arrays
+        vocabulary, *rest = arrays
+        self._starts, self._codes, self._scores = (np.asarray(a) for a in rest)  # plain views
         self._index = IdIndex(vocabulary)
 
     @classmethod

@@ -70,7 +70,9 @@ class IdIndex:
     """
 
     def __init__(self, ids: np.ndarray, rows: np.ndarray | None = None) -> None:
-        self.ids, self.rows = ids, rows
+        # plain views of memory-maps: indexing a np.memmap costs ~10x more per call
+        self.ids = np.asarray(ids)
+        self.rows = None if rows is None else np.asarray(rows)
         self.width = ids.dtype.itemsize
 
     @staticmethod
@@ -126,20 +128,32 @@ class UserLists:
         offsets: Start of each user's list in ``codes``/``scores`` (length ``len(users) + 1``).
         codes: Item codes (positions in ``vocabulary``), list after list.
         scores: The model's score of each entry.
-        vocabulary: Item ids by code.
+        vocabulary: Item ids by code, or the Parquet file that holds them (read when
+            :attr:`vocabulary` is first asked for).
         index: The users' :class:`IdIndex` (built from ``users`` when None).
+        names: The item ids by code as fixed-width UTF-8 bytes (``vocabulary.npy``,
+            memory-mapped): :meth:`get` reads them instead of holding the ids as Python strings.
     """
 
     def __init__(self, users: pl.Series, offsets: np.ndarray, codes: np.ndarray,
-                 scores: np.ndarray, vocabulary: pl.Series, index: IdIndex | None = None
-                 ) -> None:
+                 scores: np.ndarray, vocabulary: pl.Series | Path,
+                 index: IdIndex | None = None, names: np.ndarray | None = None) -> None:
         self.users = users
         self.offsets = offsets
         self.codes = codes
         self.scores = scores
-        self.vocabulary = vocabulary.to_numpy()
+        self._vocabulary = vocabulary.to_numpy() if isinstance(vocabulary, pl.Series) else None
+        self._vocabulary_file = vocabulary if isinstance(vocabulary, Path) else None
+        self._names = None if names is None else np.asarray(names)  # a view (IdIndex)
         self.depth = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
         self._rows = index if index is not None else IdIndex.build(users)
+
+    @property
+    def vocabulary(self) -> np.ndarray:
+        """Item ids by code (Python strings)."""
+        if self._vocabulary is None:
+            self._vocabulary = pl.read_parquet(self._vocabulary_file)[ITEM].to_numpy()
+        return self._vocabulary
 
     def __contains__(self, user: str) -> bool:
         return user in self._rows
@@ -162,7 +176,9 @@ class UserLists:
         if row is None:
             return []
         start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-        items = self.vocabulary[self.codes[start:end]].tolist()
+        codes = self.codes[start:end]
+        items = (self.vocabulary[codes].tolist() if self._names is None
+                 else [name.decode() for name in self._names[codes].tolist()])
         return list(zip(items, self.scores[start:end].tolist(), strict=True))
 
     # ------------------------------------------------------------------ building and files
@@ -204,21 +220,28 @@ class UserLists:
         np.save(folder / "codes.npy", np.asarray(self.codes))
         np.save(folder / "scores.npy", np.asarray(self.scores))
         pl.DataFrame({USER: self.users}).write_parquet(folder / "users.parquet")
-        pl.DataFrame({ITEM: pl.Series(self.vocabulary, dtype=pl.String)}).write_parquet(
-            folder / "vocabulary.parquet")
+        vocabulary = pl.Series(ITEM, self.vocabulary, dtype=pl.String)
+        vocabulary.to_frame().write_parquet(folder / "vocabulary.parquet")
+        np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))
         self._rows.save(folder)
 
     @classmethod
     def open(cls, folder: Path) -> UserLists:
-        """Memory-map lists written by :meth:`save` (their user index too, when written)."""
+        """Memory-map lists written by :meth:`save`, their user index and item names too.
+
+        Lists written before the index and the names existed get them in memory.
+        """
         folder = Path(folder)
+        names = folder / "vocabulary.npy"
         return cls(
             pl.read_parquet(folder / "users.parquet")[USER],
             np.load(folder / "offsets.npy", mmap_mode="r"),
             np.load(folder / "codes.npy", mmap_mode="r"),
             np.load(folder / "scores.npy", mmap_mode="r"),
-            pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
+            folder / "vocabulary.parquet" if names.is_file()
+            else pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
             IdIndex.open(folder),
+            np.load(names, mmap_mode="r") if names.is_file() else None,
         )
 
     @classmethod
@@ -255,6 +278,7 @@ class UserLists:
                 .astype(np.int64))
         pl.DataFrame({USER: known}).write_parquet(folder / "users.parquet")
         vocab.select(ITEM).write_parquet(folder / "vocabulary.parquet")
+        np.save(folder / "vocabulary.npy", IdIndex.encode(vocab[ITEM]))
         IdIndex.build(known).save(folder)
         return cls.open(folder)
 
@@ -306,13 +330,26 @@ class UserItems:
     Args:
         offsets: Start of each row's items in ``codes`` (length ``n_rows + 1``).
         codes: Item codes (positions in ``vocabulary``), ascending within a row.
-        vocabulary: Item ids, sorted.
+        vocabulary: Item ids, sorted, or the Parquet file that holds them (read when
+            :attr:`vocabulary` is first asked for).
+        names: The same ids as fixed-width UTF-8 bytes (``vocabulary.npy``, memory-mapped):
+            :meth:`unseen` searches them instead of holding the ids as Python strings.
     """
 
-    def __init__(self, offsets: np.ndarray, codes: np.ndarray, vocabulary: pl.Series) -> None:
+    def __init__(self, offsets: np.ndarray, codes: np.ndarray, vocabulary: pl.Series | Path,
+                 names: np.ndarray | None = None) -> None:
         self.offsets = offsets
         self.codes = codes
-        self.vocabulary = vocabulary.to_numpy()  # sorted: looked up by binary search
+        self._vocabulary = vocabulary.to_numpy() if isinstance(vocabulary, pl.Series) else None
+        self._vocabulary_file = vocabulary if isinstance(vocabulary, Path) else None
+        self._names = None if names is None else np.asarray(names)  # a view (IdIndex)
+
+    @property
+    def vocabulary(self) -> np.ndarray:
+        """Item ids, sorted (Python strings): looked up by binary search."""
+        if self._vocabulary is None:
+            self._vocabulary = pl.read_parquet(self._vocabulary_file)[ITEM].to_numpy()
+        return self._vocabulary
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -326,10 +363,17 @@ class UserItems:
         """The ``items`` (order and repeats kept) that are not among row ``row``'s items."""
         if not items:
             return []
-        wanted = np.asarray(items, dtype=object)
-        at = np.searchsorted(self.vocabulary, wanted)  # each item's code, where it is known
-        found = at < len(self.vocabulary)
-        found[found] = self.vocabulary[at[found]] == wanted[found]
+        if self._names is None:
+            known, wanted = self.vocabulary, np.asarray(items, dtype=object)
+            fits = np.ones(len(items), dtype=bool)
+        else:  # bytes of the names' own width (another type would copy the names at each call)
+            known, raw = self._names, [str(item).encode() for item in items]
+            fits = np.array([len(r) <= known.dtype.itemsize for r in raw])  # longer: unknown
+            wanted = np.array([r if ok else b"" for r, ok in zip(raw, fits, strict=True)],
+                              dtype=known.dtype)
+        at = np.searchsorted(known, wanted)  # each item's code, where it is known
+        found = fits & (at < len(known))
+        found[found] = known[at[found]] == wanted[found]
         codes = self.codes[int(self.offsets[row]):int(self.offsets[row + 1])]
         place = np.searchsorted(codes, at)
         found &= place < len(codes)
@@ -362,16 +406,20 @@ class UserItems:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "offsets.npy", np.asarray(self.offsets))
         np.save(folder / "codes.npy", np.asarray(self.codes))
-        pl.DataFrame({ITEM: pl.Series(self.vocabulary, dtype=pl.String)}).write_parquet(
-            folder / "vocabulary.parquet")
+        vocabulary = pl.Series(ITEM, self.vocabulary, dtype=pl.String)
+        vocabulary.to_frame().write_parquet(folder / "vocabulary.parquet")
+        np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))
 
     @classmethod
     def open(cls, folder: Path) -> UserItems:
-        """Memory-map items written by :meth:`save`."""
+        """Memory-map items written by :meth:`save` (their names too, when written)."""
         folder = Path(folder)
+        names = folder / "vocabulary.npy"
         return cls(np.load(folder / "offsets.npy", mmap_mode="r"),
                    np.load(folder / "codes.npy", mmap_mode="r"),
-                   pl.read_parquet(folder / "vocabulary.parquet")[ITEM])
+                   folder / "vocabulary.parquet" if names.is_file()
+                   else pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
+                   np.load(names, mmap_mode="r") if names.is_file() else None)
 
     @classmethod
     def merge_parts(cls, parts: Iterable[tuple[pl.Series, pl.DataFrame]], items: pl.Series,
@@ -401,6 +449,7 @@ class UserItems:
         np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(_concat(counts, np.int64))])
                 .astype(np.int64))
         pl.DataFrame({ITEM: vocab}).write_parquet(folder / "vocabulary.parquet")
+        np.save(folder / "vocabulary.npy", IdIndex.encode(vocab))
         return cls.open(folder)
 
 

@@ -38,7 +38,7 @@ from models.serving import (
     parse_requests,
     register_family,
 )
-from models.user_lists import blend
+from models.user_lists import UserItems, blend
 from tasks.release.packaging import load_serving
 from tests.test_registry import register_version
 
@@ -215,24 +215,35 @@ def test_the_user_index_and_the_session_model_are_memory_mapped(serving, tmp_pat
     import numpy as np
 
     fresh = ServingModel.load(serving.folder)
-    assert isinstance(fresh.lists._rows.ids, np.memmap)
-    assert isinstance(fresh._session_neighbours._codes, np.memmap)
+    assert isinstance(fresh.lists._rows.ids.base, np.memmap)  # views of memory-maps
+    assert isinstance(fresh.lists._names.base, np.memmap)
+    assert isinstance(fresh._session_neighbours._codes.base, np.memmap)
     assert fresh._neighbours is None  # the table is read only when asked for
-    # a bundle written before the index and the arrays existed builds them when opened
+    # a bundle written before the index, the names and the arrays existed builds them in memory
     older = tmp_path / "older"
     shutil.copytree(serving.folder, older)
     shutil.rmtree(older / "session")
-    for name in ("index.npy", "index_rows.npy"):
+    for name in ("index.npy", "index_rows.npy", "vocabulary.npy"):
         (older / "lists" / name).unlink()
     old = ServingModel.load(older)
-    assert not isinstance(old.lists._rows.ids, np.memmap)
+    assert not isinstance(old.lists._rows.ids.base, np.memmap)
+    assert old.lists._names is None
     items = fresh.neighbours["item_id"].unique(maintain_order=True).head(6).to_list()
     records = [{"user_id": u, "k": 20} for u in serving.users.head(5)] + [
         {"user_id": "visitor", "recent_items": items[:3], "k": 30},
         {"user_id": serving.users[7], "recent_items": items[3:], "k": 30},
+        {"user_id": serving.users[8], "recent_items": [items[0], "ü-new", "y" * 300], "k": 30},
         {"user_id": "ü-nobody", "k": 5}, {"user_id": "x" * 300, "k": 5}]
     assert fresh.predict(records).equals(old.predict(records))
     assert fresh.predict(records).equals(serving.predict(records))
+    # the history's item names the same way
+    history = pl.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["x", "ü", "y"]})
+    built = UserItems.build(pl.Series(["a", "b"]), history)
+    built.save(tmp_path / "history")
+    opened = UserItems.open(tmp_path / "history")
+    assert isinstance(opened._names.base, np.memmap)
+    asked = ["ü", "x", "y", "z" * 300, "", "x"]
+    assert opened.unseen(0, asked) == built.unseen(0, asked) == ["y", "z" * 300, ""]
 
 
 def test_a_known_users_session_changes_the_list(serving):
