@@ -37,7 +37,7 @@ from record import append_run  # noqa: E402  (benchmarks/, the script's folder)
 from models.base import POP_RANK  # noqa: E402
 from models.columns import ITEM, SCORE, USER  # noqa: E402
 from models.serving import EXCLUDE_SLACK, ServingModel  # noqa: E402
-from models.user_lists import IdIndex  # noqa: E402
+from models.user_lists import IdIndex, Vocabulary  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bundle_scale.json"
 CHUNK = 100_000
@@ -66,10 +66,9 @@ def write_lists(folder: Path, users: int, items: int, depth: int, rng: np.random
     codes.flush()
     scores.flush()
     del codes, scores
-    known, vocabulary = ids("u", 0, users), ids("i", 0, items)
+    known = ids("u", 0, users)
     pl.DataFrame({USER: known}).write_parquet(folder / "users.parquet")
-    pl.DataFrame({ITEM: vocabulary}).write_parquet(folder / "vocabulary.parquet")
-    np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))  # as merge_parts writes it
+    Vocabulary.write(folder, ids("i", 0, items))  # as UserLists.merge_parts writes them
     IdIndex.build(known).save(folder)
 
 
@@ -85,9 +84,7 @@ def write_history(folder: Path, users: int, items: int, per_user: int,
         codes[start * per_user:(start + n) * per_user] = (first + np.arange(per_user)).ravel()
     codes.flush()
     del codes
-    vocabulary = ids("i", 0, items)
-    pl.DataFrame({ITEM: vocabulary}).write_parquet(folder / "vocabulary.parquet")
-    np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))
+    Vocabulary.write(folder, ids("i", 0, items))
 
 
 def write_neighbours(path: Path, items: int, per_item: int) -> None:

@@ -7,7 +7,8 @@ slack for exclusions, and stored in compressed-sparse-row form in a folder:
 * ``offsets.npy``: ``int64[n_users + 1]``, user ``r``'s list is ``offsets[r]:offsets[r + 1]``;
 * ``codes.npy``: ``int32[n_entries]``, positions in ``vocabulary.parquet``;
 * ``scores.npy``: ``float64[n_entries]``, the model's scores (non-increasing within a list);
-* ``users.parquet`` / ``vocabulary.parquet``: the user ids (row order) and item ids (code order).
+* ``users.parquet`` / ``vocabulary.parquet``: the user ids (row order) and item ids (code order);
+  ``vocabulary.npy``: the item ids again as fixed-width bytes, memory-mapped (:class:`Vocabulary`).
 
 :meth:`UserLists.open` memory-maps the arrays: opening costs the user index only, whatever the
 number of users, and every server worker process shares the same pages of the operating system's
@@ -120,6 +121,49 @@ class IdIndex:
         return self.get(key) is not None
 
 
+class Vocabulary:
+    """Item ids by code, as a lists or history folder keeps them.
+
+    ``vocabulary.parquet`` holds the ids; ``vocabulary.npy`` the same ids as fixed-width UTF-8
+    bytes (:meth:`IdIndex.encode`), memory-mapped by :meth:`open` so that a server process reads
+    the names it needs instead of holding every id as a Python string; the Parquet file is read
+    only when :attr:`strings` is asked for (a folder written before the bytes existed is read
+    whole, and :attr:`names` is None).
+
+    Args:
+        ids: The ids by code, or the Parquet file that holds them.
+        names: The ids as fixed-width bytes, or None.
+    """
+
+    def __init__(self, ids: pl.Series | Path, names: np.ndarray | None = None) -> None:
+        self._strings = ids.to_numpy() if isinstance(ids, pl.Series) else None
+        self._file = ids if isinstance(ids, Path) else None
+        self.names = None if names is None else np.asarray(names)  # a plain view (IdIndex)
+
+    @property
+    def strings(self) -> np.ndarray:
+        """The ids by code as Python strings."""
+        if self._strings is None:
+            self._strings = pl.read_parquet(self._file)[ITEM].to_numpy()
+        return self._strings
+
+    @staticmethod
+    def write(folder: Path, ids: pl.Series) -> None:
+        """Write ``ids`` as ``vocabulary.parquet`` and ``vocabulary.npy`` into ``folder``."""
+        ids = ids.cast(pl.String).alias(ITEM)
+        ids.to_frame().write_parquet(Path(folder) / "vocabulary.parquet")
+        np.save(Path(folder) / "vocabulary.npy", IdIndex.encode(ids))
+
+    @classmethod
+    def open(cls, folder: Path) -> Vocabulary:
+        """The vocabulary :meth:`write` wrote into ``folder`` (its bytes memory-mapped)."""
+        folder = Path(folder)
+        names = folder / "vocabulary.npy"
+        if not names.is_file():
+            return cls(pl.read_parquet(folder / "vocabulary.parquet")[ITEM])
+        return cls(folder / "vocabulary.parquet", np.load(names, mmap_mode="r"))
+
+
 class UserLists:
     """Top lists of known users (see the module docstring).
 
@@ -128,32 +172,30 @@ class UserLists:
         offsets: Start of each user's list in ``codes``/``scores`` (length ``len(users) + 1``).
         codes: Item codes (positions in ``vocabulary``), list after list.
         scores: The model's score of each entry.
-        vocabulary: Item ids by code, or the Parquet file that holds them (read when
-            :attr:`vocabulary` is first asked for).
+        vocabulary: Item ids by code (a :class:`Vocabulary` when read from a folder: :meth:`get`
+            then reads its memory-mapped names).
         index: The users' :class:`IdIndex` (built from ``users`` when None).
-        names: The item ids by code as fixed-width UTF-8 bytes (``vocabulary.npy``,
-            memory-mapped): :meth:`get` reads them instead of holding the ids as Python strings.
     """
 
     def __init__(self, users: pl.Series, offsets: np.ndarray, codes: np.ndarray,
-                 scores: np.ndarray, vocabulary: pl.Series | Path,
-                 index: IdIndex | None = None, names: np.ndarray | None = None) -> None:
+                 scores: np.ndarray, vocabulary: pl.Series | Vocabulary,
+                 index: IdIndex | None = None) -> None:
         self.users = users
         self.offsets = offsets
         self.codes = codes
         self.scores = scores
-        self._vocabulary = vocabulary.to_numpy() if isinstance(vocabulary, pl.Series) else None
-        self._vocabulary_file = vocabulary if isinstance(vocabulary, Path) else None
-        self._names = None if names is None else np.asarray(names)  # a view (IdIndex)
+        self._vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary(vocabulary)
         self.depth = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
         self._rows = index if index is not None else IdIndex.build(users)
 
     @property
     def vocabulary(self) -> np.ndarray:
         """Item ids by code (Python strings)."""
-        if self._vocabulary is None:
-            self._vocabulary = pl.read_parquet(self._vocabulary_file)[ITEM].to_numpy()
-        return self._vocabulary
+        return self._vocab.strings
+
+    @property
+    def _names(self) -> np.ndarray | None:
+        return self._vocab.names
 
     def __contains__(self, user: str) -> bool:
         return user in self._rows
@@ -220,9 +262,7 @@ class UserLists:
         np.save(folder / "codes.npy", np.asarray(self.codes))
         np.save(folder / "scores.npy", np.asarray(self.scores))
         pl.DataFrame({USER: self.users}).write_parquet(folder / "users.parquet")
-        vocabulary = pl.Series(ITEM, self.vocabulary, dtype=pl.String)
-        vocabulary.to_frame().write_parquet(folder / "vocabulary.parquet")
-        np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))
+        Vocabulary.write(folder, pl.Series(ITEM, self.vocabulary, dtype=pl.String))
         self._rows.save(folder)
 
     @classmethod
@@ -232,16 +272,13 @@ class UserLists:
         Lists written before the index and the names existed get them in memory.
         """
         folder = Path(folder)
-        names = folder / "vocabulary.npy"
         return cls(
             pl.read_parquet(folder / "users.parquet")[USER],
             np.load(folder / "offsets.npy", mmap_mode="r"),
             np.load(folder / "codes.npy", mmap_mode="r"),
             np.load(folder / "scores.npy", mmap_mode="r"),
-            folder / "vocabulary.parquet" if names.is_file()
-            else pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
+            Vocabulary.open(folder),
             IdIndex.open(folder),
-            np.load(names, mmap_mode="r") if names.is_file() else None,
         )
 
     @classmethod
@@ -277,8 +314,7 @@ class UserLists:
         np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(_concat(counts, np.int64))])
                 .astype(np.int64))
         pl.DataFrame({USER: known}).write_parquet(folder / "users.parquet")
-        vocab.select(ITEM).write_parquet(folder / "vocabulary.parquet")
-        np.save(folder / "vocabulary.npy", IdIndex.encode(vocab[ITEM]))
+        Vocabulary.write(folder, vocab[ITEM])
         IdIndex.build(known).save(folder)
         return cls.open(folder)
 
@@ -330,26 +366,24 @@ class UserItems:
     Args:
         offsets: Start of each row's items in ``codes`` (length ``n_rows + 1``).
         codes: Item codes (positions in ``vocabulary``), ascending within a row.
-        vocabulary: Item ids, sorted, or the Parquet file that holds them (read when
-            :attr:`vocabulary` is first asked for).
-        names: The same ids as fixed-width UTF-8 bytes (``vocabulary.npy``, memory-mapped):
-            :meth:`unseen` searches them instead of holding the ids as Python strings.
+        vocabulary: Item ids, sorted (a :class:`Vocabulary` when read from a folder:
+            :meth:`unseen` then searches its memory-mapped names).
     """
 
-    def __init__(self, offsets: np.ndarray, codes: np.ndarray, vocabulary: pl.Series | Path,
-                 names: np.ndarray | None = None) -> None:
+    def __init__(self, offsets: np.ndarray, codes: np.ndarray,
+                 vocabulary: pl.Series | Vocabulary) -> None:
         self.offsets = offsets
         self.codes = codes
-        self._vocabulary = vocabulary.to_numpy() if isinstance(vocabulary, pl.Series) else None
-        self._vocabulary_file = vocabulary if isinstance(vocabulary, Path) else None
-        self._names = None if names is None else np.asarray(names)  # a view (IdIndex)
+        self._vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary(vocabulary)
 
     @property
     def vocabulary(self) -> np.ndarray:
         """Item ids, sorted (Python strings): looked up by binary search."""
-        if self._vocabulary is None:
-            self._vocabulary = pl.read_parquet(self._vocabulary_file)[ITEM].to_numpy()
-        return self._vocabulary
+        return self._vocab.strings
+
+    @property
+    def _names(self) -> np.ndarray | None:
+        return self._vocab.names
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -406,20 +440,14 @@ class UserItems:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "offsets.npy", np.asarray(self.offsets))
         np.save(folder / "codes.npy", np.asarray(self.codes))
-        vocabulary = pl.Series(ITEM, self.vocabulary, dtype=pl.String)
-        vocabulary.to_frame().write_parquet(folder / "vocabulary.parquet")
-        np.save(folder / "vocabulary.npy", IdIndex.encode(vocabulary))
+        Vocabulary.write(folder, pl.Series(ITEM, self.vocabulary, dtype=pl.String))
 
     @classmethod
     def open(cls, folder: Path) -> UserItems:
         """Memory-map items written by :meth:`save` (their names too, when written)."""
         folder = Path(folder)
-        names = folder / "vocabulary.npy"
         return cls(np.load(folder / "offsets.npy", mmap_mode="r"),
-                   np.load(folder / "codes.npy", mmap_mode="r"),
-                   folder / "vocabulary.parquet" if names.is_file()
-                   else pl.read_parquet(folder / "vocabulary.parquet")[ITEM],
-                   np.load(names, mmap_mode="r") if names.is_file() else None)
+                   np.load(folder / "codes.npy", mmap_mode="r"), Vocabulary.open(folder))
 
     @classmethod
     def merge_parts(cls, parts: Iterable[tuple[pl.Series, pl.DataFrame]], items: pl.Series,
@@ -448,8 +476,7 @@ class UserItems:
                 counts.append(np.diff(part.offsets))
         np.save(folder / "offsets.npy", np.concatenate([[0], np.cumsum(_concat(counts, np.int64))])
                 .astype(np.int64))
-        pl.DataFrame({ITEM: vocab}).write_parquet(folder / "vocabulary.parquet")
-        np.save(folder / "vocabulary.npy", IdIndex.encode(vocab))
+        Vocabulary.write(folder, vocab)
         return cls.open(folder)
 
 
