@@ -23,6 +23,10 @@ only those are scored by the whole booster. LightGBM's cost is a tree walk per t
 with 150 candidates, 50 kept and 10% of the trees in the first stage the rows x trees fall to
 about 43%.
 
+Scoring many rows at once (``compile_trees``: ``auto`` from :data:`COMPILE_WORK` rows x trees in
+one call) runs the booster compiled to machine code (:mod:`models.compiled_trees`): the same
+scores in about 40% of LightGBM's time. Without a C compiler ``auto`` falls back to LightGBM.
+
 Saved as two files: the booster as LightGBM's text model (``booster.txt``) and ``ranker.json``
 with the feature names, parameters, the offset and training summary.
 """
@@ -40,6 +44,7 @@ import numpy as np
 import polars as pl
 
 from models.columns import ITEM, RANK, SCORE, USER
+from models.compiled_trees import CompiledTrees
 from models.errors import ConfigError, DataError, ShoprankError, require_columns
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,10 @@ NEW_ITEM_FEATURE = "i_n_events"
 BOOSTER_FILE = "booster.txt"
 META_FILE = "ranker.json"
 VALID = "valid"
+COMPILE_MODES = ("auto", "always", "never")
+COMPILE_WORK = 100_000_000
+"""Rows x trees of one scoring call from which ``compile_trees: auto`` compiles the booster
+(about a second of LightGBM on one core; compiling 100 trees takes a few)."""
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "learning_rate": 0.05,
@@ -109,6 +118,9 @@ class LightGBMRanker:
             as the booster has): no cascade, every candidate scored by every tree.
         cascade_keep: Candidates per user the first stage keeps for the whole booster (``k``
             at least).
+        compile_trees: ``auto``: score with the compiled booster once a call scores
+            :data:`COMPILE_WORK` rows x trees (LightGBM when no C compiler is found);
+            ``always``: always compiled (an error without a compiler); ``never``: LightGBM.
     """
 
     def __init__(
@@ -125,6 +137,7 @@ class LightGBMRanker:
         new_item_feature: str = NEW_ITEM_FEATURE,
         cascade_trees: int = 0,
         cascade_keep: int = 50,
+        compile_trees: str = "auto",
     ) -> None:
         self.params = params
         self.num_boost_round = num_boost_round
@@ -138,6 +151,12 @@ class LightGBMRanker:
         self.new_item_feature = new_item_feature
         self.cascade_trees = cascade_trees
         self.cascade_keep = cascade_keep
+        self.compile_trees = compile_trees
+        self._libraries: dict[int, CompiledTrees | None] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the loaded libraries (each process loads its own)."""
+        return {**self.__dict__, "_libraries": {}}
 
     def _lgb_params(self) -> dict[str, Any]:
         return {
@@ -217,6 +236,7 @@ class LightGBMRanker:
             callbacks=[*stop, lgb.record_evaluation(self.evals_result_), *callbacks],
         )
         booster = self.booster_
+        self._libraries = {}
         self.best_iteration_ = int(booster.best_iteration or booster.current_iteration())
         curve = self.evals_result_.get(VALID, {}).get(f"ndcg@{self.eval_at}", [])
         self.best_score_ = float(curve[self.best_iteration_ - 1]) if curve else None
@@ -231,6 +251,9 @@ class LightGBMRanker:
         return self
 
     def _check_params(self) -> None:
+        if self.compile_trees not in COMPILE_MODES:
+            raise ConfigError(f"LightGBMRanker.compile_trees must be one of {COMPILE_MODES}; "
+                              f"got {self.compile_trees!r}.")
         if self.cascade_trees < 0 or self.cascade_keep < 1:
             raise ConfigError(f"LightGBMRanker needs cascade_trees >= 0 and cascade_keep >= 1; "
                               f"got {self.cascade_trees} and {self.cascade_keep}.")
@@ -260,11 +283,33 @@ class LightGBMRanker:
         self._check_fitted()
         require_columns(frame.columns, self.features_, "feature frame")
         x = frame.select(pl.col(self.features_).cast(pl.Float32)).to_numpy()
-        scores = self.booster_.predict(x, num_iteration=trees or self.best_iteration_)
+        trees = trees or self.best_iteration_
+        compiled = self._compiled(trees, x.shape[0])
+        scores = (compiled.predict(x) if compiled is not None
+                  else self.booster_.predict(x, num_iteration=trees))
         if self.new_item_offset:
             self._check_offset()
             scores = scores + self.new_item_offset * self.new_items(frame)
         return scores
+
+    def _compiled(self, trees: int, rows: int) -> CompiledTrees | None:
+        """The booster's first ``trees`` trees compiled, when ``compile_trees`` asks for it."""
+        self._check_params()
+        if self.compile_trees == "never":
+            return None
+        if trees in self._libraries:
+            return self._libraries[trees]
+        if self.compile_trees == "auto" and rows * trees < COMPILE_WORK:
+            return None
+        try:
+            self._libraries[trees] = CompiledTrees(self.booster_, trees, self.num_threads)
+        except (ConfigError, ImportError, OSError) as err:
+            if self.compile_trees == "always":
+                raise ConfigError(f"compile_trees is 'always' but the trees cannot be compiled: "
+                                  f"{err}") from err
+            logger.warning("scoring with LightGBM, not compiled trees: %s", err)
+            self._libraries[trees] = None
+        return self._libraries[trees]
 
     def new_items(self, frame: pl.DataFrame) -> np.ndarray:
         """1.0 on the rows of ``frame`` whose item has no event (``new_item_feature``), else 0."""
@@ -326,6 +371,7 @@ class LightGBMRanker:
                 "new_item_feature",
                 "cascade_trees",
                 "cascade_keep",
+                "compile_trees",
             )
         }
 

@@ -370,3 +370,46 @@ def test_the_ranker_offset_is_the_largest_within_the_loss():
     assert offset == 0.0 == ranker.new_item_offset
     assert grid
     assert all(row["new.recall@5"] == 0.0 for row in grid)
+
+
+def test_the_compiled_trees_score_as_lightgbm(shop, tmp_path, monkeypatch, caplog):
+    from models import lgbm_ranker
+    from models.errors import ConfigError
+
+    monkeypatch.setenv("SHOPRANK_TREES_CACHE", str(tmp_path / "cache"))
+    split, items = shop
+    pipe = RankingPipeline(_config("sqlite://", compile_trees="never"), items).fit(split)
+    ranker = pipe.ranker_
+    frame = pipe.candidate_frame(split.test_targets["user_id"].unique())
+    lightgbm = {trees: ranker.predict(frame, trees) for trees in (None, 3)}
+    lists = pipe.recommend(split.test_targets["user_id"].unique().to_list(), k=10)
+    assert not (tmp_path / "cache").exists()
+
+    ranker.compile_trees = "auto"  # the shop is far below COMPILE_WORK: LightGBM scores it
+    ranker.predict(frame)
+    assert not (tmp_path / "cache").exists()
+    ranker.compile_trees = "always"
+    for trees, expected in lightgbm.items():
+        scores = ranker.predict(frame, trees)
+        assert abs(scores - expected).max() <= 1e-9, trees
+    assert len(list((tmp_path / "cache").glob("trees-*.so"))) == 2  # all the trees, the first 3
+    assert pipe.recommend(split.test_targets["user_id"].unique().to_list(), k=10).equals(lists)
+    pipe.save(tmp_path / "pipeline")
+    loaded = RankingPipeline.load(tmp_path / "pipeline")  # the cached library, not compiled again
+    assert loaded.ranker_.compile_trees == "always"
+    assert abs(loaded.ranker_.predict(frame) - lightgbm[None]).max() <= 1e-9
+    assert len(list((tmp_path / "cache").glob("*"))) == 2  # no partial library left behind
+
+    monkeypatch.setenv("SHOPRANK_TREES_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compiler"))
+    fresh = RankingPipeline.load(tmp_path / "pipeline").ranker_
+    with pytest.raises(ConfigError, match="C compiler"):
+        fresh.predict(frame)
+    fresh.compile_trees = "auto"
+    monkeypatch.setattr(lgbm_ranker, "COMPILE_WORK", 1)
+    assert abs(fresh.predict(frame) - lightgbm[None]).max() <= 1e-9  # LightGBM's, with a warning
+    assert "not compiled trees" in caplog.text
+    assert not list((tmp_path / "other").glob("trees-*.so"))
+    fresh.compile_trees = "fast"
+    with pytest.raises(ConfigError, match="compile_trees must be one of"):
+        fresh.predict(frame)
