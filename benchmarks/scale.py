@@ -10,7 +10,8 @@ with 0). ``--release`` turns the release on (registry ``scale-<events>-<workers>
 once): its stage time joins the table, with the released bundle's size and users (then
 ``benchmarks/load.py --model-uri models:/scale-<events>-<workers>@champion`` serves it).
 ``--local`` also runs ``engine: local`` with the same settings on the same shop for the quality
-comparison (``--local-only``: that run alone). Results are appended to
+comparison (``--local-only``: that run alone). ``--settings FILE`` lays a YAML file of train
+settings over the benchmark's (a cascade, the transformer's graph, ...). Results are appended to
 ``benchmarks/results/scale.json``.
 
 A run longer than one sitting goes on with ``--resume`` (same command, same ``--workdir``): a
@@ -44,6 +45,8 @@ import time
 from collections.abc import Callable
 from itertools import zip_longest
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -116,10 +119,21 @@ def write_config(path: Path, args: argparse.Namespace, run: str) -> Path:
     transformer = {"enabled": args.transformer, "candidates": False,
                    "storage": ranker["storage"]}
     registry = {"enabled": args.release, "model_name": f"scale-{run}"}
-    path.write_text(json.dumps({"registry": registry, "ranker": ranker,
-                                "transformer": transformer,
-                                "evaluation": {"test_user_share": args.test_user_share}}))
+    config = {"registry": registry, "ranker": ranker, "transformer": transformer,
+              "evaluation": {"test_user_share": args.test_user_share}}
+    if args.settings:
+        config = merged(config, yaml.safe_load(args.settings.read_text()) or {})
+    path.write_text(json.dumps(config))
     return path
+
+
+def merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra``'s settings laid over it, section by section."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
 
 
 def train_command(shop: Path, out: Path, config: Path, resume: bool) -> list[str]:
@@ -282,6 +296,9 @@ def main() -> None:
                         "the workers and this machine's memory)")
     parser.add_argument("--test-user-share", type=float, default=1.0,
                         help="evaluation.test_user_share: the share of the test users scored")
+    parser.add_argument("--settings", type=Path, default=None,
+                        help="a YAML file of train settings laid over the benchmark's own (for "
+                        "example ranker: {extra: {cascade_trees: 5}})")
     args = parser.parse_args()
     args.keep = args.keep or args.resume
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.workdir / 'mlflow.db'}"

@@ -23,9 +23,10 @@ only those are scored by the whole booster. LightGBM's cost is a tree walk per t
 with 150 candidates, 50 kept and 10% of the trees in the first stage the rows x trees fall to
 about 43%.
 
-Scoring many rows at once (``compile_trees``: ``auto`` from :data:`COMPILE_WORK` rows x trees in
-one call) runs the booster compiled to machine code (:mod:`models.compiled_trees`): the same
-scores in about 40% of LightGBM's time. Without a C compiler ``auto`` falls back to LightGBM.
+Scoring many rows with many trees (``compile_trees``: ``auto`` from :data:`COMPILE_MIN_TREES`
+trees and :data:`COMPILE_WORK` rows x trees in one call) runs the booster compiled to machine
+code (:mod:`models.compiled_trees`): the same scores in about 40% of LightGBM's time. Without a C
+compiler ``auto`` falls back to LightGBM.
 
 Saved as two files: the booster as LightGBM's text model (``booster.txt``) and ``ranker.json``
 with the feature names, parameters, the offset and training summary.
@@ -55,9 +56,13 @@ BOOSTER_FILE = "booster.txt"
 META_FILE = "ranker.json"
 VALID = "valid"
 COMPILE_MODES = ("auto", "always", "never")
-COMPILE_WORK = 100_000_000
-"""Rows x trees of one scoring call from which ``compile_trees: auto`` compiles the booster
-(about a second of LightGBM on one core; compiling 100 trees takes a few)."""
+COMPILE_MIN_TREES = 100
+"""Below this many trees LightGBM scores as fast as the compiled library, whose fixed cost per
+row (each feature looked up among the thresholds) the few trees do not repay."""
+COMPILE_WORK = 50_000_000
+"""Rows x trees of one scoring call from which ``compile_trees: auto`` compiles the booster:
+about a second of LightGBM on one core, against a few seconds to compile a few hundred trees
+once per machine (a score task's chunks, the test users' lists and the release reuse it)."""
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "learning_rate": 0.05,
@@ -119,7 +124,8 @@ class LightGBMRanker:
         cascade_keep: Candidates per user the first stage keeps for the whole booster (``k``
             at least).
         compile_trees: ``auto``: score with the compiled booster once a call scores
-            :data:`COMPILE_WORK` rows x trees (LightGBM when no C compiler is found);
+            :data:`COMPILE_WORK` rows x trees of at least :data:`COMPILE_MIN_TREES` trees
+            (LightGBM when no C compiler is found);
             ``always``: always compiled (an error without a compiler); ``never``: LightGBM.
     """
 
@@ -282,11 +288,15 @@ class LightGBMRanker:
         """
         self._check_fitted()
         require_columns(frame.columns, self.features_, "feature frame")
-        x = frame.select(pl.col(self.features_).cast(pl.Float32)).to_numpy()
+        features = pl.col(self.features_).cast(pl.Float32)  # the values LightGBM learned from
         trees = trees or self.best_iteration_
-        compiled = self._compiled(trees, x.shape[0])
-        scores = (compiled.predict(x) if compiled is not None
-                  else self.booster_.predict(x, num_iteration=trees))
+        compiled = self._compiled(trees, frame.height)
+        if compiled is not None:  # the same float32 values, as the doubles the library reads
+            scores = compiled.predict(frame.select(features.cast(pl.Float64)).to_numpy(order="c"))
+        else:
+            threads = {"num_threads": self.num_threads} if self.num_threads else {}
+            scores = self.booster_.predict(frame.select(features).to_numpy(),
+                                           num_iteration=trees, **threads)
         if self.new_item_offset:
             self._check_offset()
             scores = scores + self.new_item_offset * self.new_items(frame)
@@ -299,7 +309,8 @@ class LightGBMRanker:
             return None
         if trees in self._libraries:
             return self._libraries[trees]
-        if self.compile_trees == "auto" and rows * trees < COMPILE_WORK:
+        if self.compile_trees == "auto" and (trees < COMPILE_MIN_TREES
+                                             or rows * trees < COMPILE_WORK):
             return None
         try:
             self._libraries[trees] = CompiledTrees(self.booster_, trees, self.num_threads)
