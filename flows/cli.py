@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     tracking_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns)"
+    cluster_help = ("a version the Dask engine made runs its tasks on its training run's "
+                    "cluster; this scheduler instead, or 'local' for a LocalCluster here")
     pro = sub.add_parser(
         "promote", help="promote a registered version if it beats the champion",
         description="Run the Prefect flow `promote`: score the version (default: the one with "
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="YAML file whose registry settings (margin, tolerances) replace those "
                      "of the version's training run")
     pro.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    pro.add_argument("--dask-address", metavar="tcp://HOST:8786", help=cluster_help)
     pro.set_defaults(func=cmd_promote)
 
     mon = sub.add_parser(
@@ -250,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--model-uri", metavar="URI", default="models:/shoprank@champion",
                      help="registered model to use (models:/shoprank@champion)")
     rec.add_argument("--tracking-uri", metavar="URI", help=tracking_help)
+    rec.add_argument("--dask-address", metavar="tcp://HOST:8786", help=cluster_help)
     rec.set_defaults(func=cmd_recommend)
 
     srv = sub.add_parser(

@@ -6,6 +6,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.config import DaskConfig
 from flows.serve import default_workers
+from models.errors import ConfigError
 from tasks.data.load_shards import ShardSizing
 
 
@@ -23,6 +24,20 @@ def dask_runner(cfg: DaskConfig) -> DaskTaskRunner:
         "n_workers": cfg.workers or default_workers(), "threads_per_worker": 1,
         "processes": True, "memory_limit": cfg.memory_limit, "host": "127.0.0.1",
         "dashboard_address": None, **({"env": {"PREFECT_API_URL": api}} if api else {})})
+
+
+def check_reachable(address: str, what: str) -> None:
+    """A :class:`ConfigError` naming the ways out when the scheduler at ``address`` is down."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="10s"):
+            return
+    except OSError as err:
+        raise ConfigError(
+            f"{what}, and its scheduler does not answer ({err}). Start that cluster again, or "
+            "give another: --dask-address tcp://HOST:PORT of a running scheduler, or "
+            "--dask-address local for a LocalCluster on this machine.") from err
 
 
 def shard_sizing(cfg: DaskConfig) -> ShardSizing:

@@ -111,7 +111,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
                      config.registry.model_name,
                      registry=config.registry if args.config else None,  # else the run's own
                      tracking_uri=tracking_uri_of(args, config), split_dir=args.split,
-                     force=args.force)
+                     force=args.force, dask_address=args.dask_address)
     print(f"\n{result['model']} version {result['version']}: {result['decision']} "  # noqa: T201
           f"({result['reason']})")
     return 0
@@ -166,7 +166,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from flows.recommend import recommend
 
     result = recommend(users_file=args.users, k=args.k, out=args.out, model_uri=args.model_uri,
-                       tracking_uri=args.tracking_uri)
+                       tracking_uri=args.tracking_uri, dask_address=args.dask_address)
     print(f"\nwrote {result['rows']} rows for {result['users']} users from "  # noqa: T201
           f"{result['model']} version {result['version']} to {result['path']}")
     return 0

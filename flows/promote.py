@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.cluster import dask_runner
+from flows.cluster import check_reachable, dask_runner
 from flows.config import DaskConfig, RegistryConfig, TrainConfig
 from tasks import tracking
 from tasks.release.gate import run_config
@@ -99,12 +99,24 @@ def release_best_model(scores: dict[str, dict[str, dict[str, float]]], config: T
     return result
 
 
-def engine_cluster(client: MlflowClient, model_name: str, version: str) -> DaskConfig | None:
-    """The Dask settings of the run that made ``version`` when the engine made it, else None."""
+def engine_cluster(client: MlflowClient, model_name: str, version: str,
+                   address: str | None = None) -> DaskConfig | None:
+    """The Dask settings of the run that made ``version`` when the engine made it, else None.
+
+    ``address`` replaces the run's cluster: a scheduler's ``tcp://HOST:PORT``, or ``local``
+    for a LocalCluster here. A recorded or given scheduler that does not answer is a
+    :class:`ConfigError` that names both ways out.
+    """
     found = get_version(client, model_name, version)
     if found.tags.get(ENGINE_TAG) != "dask":
         return None
-    return DaskConfig.model_validate(run_config(client, found.run_id).get("dask", {}))
+    cfg = DaskConfig.model_validate(run_config(client, found.run_id).get("dask", {}))
+    if address:
+        cfg = cfg.model_copy(update={"address": None if address == "local" else address})
+    if cfg.address:
+        check_reachable(cfg.address, f"{model_name} v{version} was made on the Dask cluster at "
+                        f"{cfg.address}" if not address else f"--dask-address {cfg.address}")
+    return cfg
 
 
 @flow(name="promote-on-cluster", log_prints=False)
@@ -123,6 +135,7 @@ def promote(
     tracking_uri: str | None = None,
     split_dir: str | None = None,
     force: bool = False,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Promote a registered version (default: the current challenger) if it beats the champion.
 
@@ -133,6 +146,8 @@ def promote(
         tracking_uri: MLflow store; MLFLOW_TRACKING_URI or ./mlruns when empty.
         split_dir: Test split to compare on; default: the one recorded on the version.
         force: Decide again on a version that already carries a decision.
+        dask_address: For a version the engine made, the cluster to use instead of its run's:
+            ``tcp://HOST:PORT``, or ``local`` for a LocalCluster here.
     """
     logger = get_run_logger()
     uri = tracking_uri or tracking.tracking_uri()
@@ -142,7 +157,7 @@ def promote(
     cluster = None
     if version is not None:
         policy = trained_policy(client, model_name, str(version), registry)
-        cluster = engine_cluster(client, model_name, str(version))
+        cluster = engine_cluster(client, model_name, str(version), dask_address)
     args = (model_name, version, uri, policy, Path(split_dir) if split_dir else None, force)
     if cluster is not None:  # the gate and the refit of an engine's version run on its cluster
         decision = promote_on_cluster.with_options(task_runner=dask_runner(cluster))(*args)

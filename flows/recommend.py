@@ -192,6 +192,7 @@ def recommend(
     out: str | None = None,
     model_uri: str = "models:/shoprank@champion",
     tracking_uri: str | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Write top-``k`` recommendations of all known users (or those of ``users_file``).
 
@@ -202,6 +203,8 @@ def recommend(
         out: Output Parquet path; default ``outputs/recommendations/NAME-vVERSION.parquet``.
         model_uri: Registered model to use (``models:/NAME@ALIAS`` or ``models:/NAME/N``).
         tracking_uri: MLflow store; MLFLOW_TRACKING_URI or ./mlruns when empty.
+        dask_address: For a version the engine made, the cluster to use instead of its run's:
+            ``tcp://HOST:PORT``, or ``local`` for a LocalCluster here.
     """
     from flows.cluster import dask_runner, shard_sizing
     from flows.promote import engine_cluster
@@ -209,7 +212,7 @@ def recommend(
     uri = tracking_uri or tracking.tracking_uri()
     client = MlflowClient(uri)
     resolved = resolve_model(model_uri, client)  # once: an alias moved meanwhile changes nothing
-    cluster = engine_cluster(client, *resolved)
+    cluster = engine_cluster(client, *resolved, dask_address)
     if cluster is not None:  # an engine's version: its parts on that run's cluster
         result = recommend_on_cluster.with_options(task_runner=dask_runner(cluster))(
             model_uri, uri, users_file, k, out, shard_sizing(cluster).workers, resolved)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 
 from flows.config import load_config
 from flows.train import train
+from models.errors import ConfigError
 from tasks.release.packaging import load_serving
 from tasks.release.promotion import RELEASE_DECISION_TAG, STATE_TAG
 from tasks.release.registry import DECISION_ID_TAG, EVALUATED, PROMOTED, alias_version
@@ -131,6 +133,17 @@ def test_the_engine_releases_what_the_local_engine_releases(tmp_path, mlflow_sto
                    for side in ("cluster", "local"))  # the bundles order their users apart
     assert mine.equals(local)
     assert not list(tmp_path.glob(".recs-cluster.parquet.parts-*"))
+    # the training run's cluster replaced: a LocalCluster here, or a scheduler that is down
+    here = recommend(k=20, out=str(tmp_path / "recs-here.parquet"), dask_address="local",
+                     model_uri="models:/shop-dask@champion", tracking_uri=mlflow_store)
+    assert pl.read_parquet(here["path"]).equals(frames["cluster"])
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        down = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    with pytest.raises(ConfigError, match="--dask-address local"):
+        recommend(k=20, out=str(tmp_path / "recs-down.parquet"), dask_address=down,
+                  model_uri="models:/shop-dask@champion", tracking_uri=mlflow_store)
+    assert not (tmp_path / "recs-down.parquet").exists()
 
 
 def test_a_worker_killed_during_the_release_leaves_the_registry_consistent(

@@ -333,8 +333,9 @@ def refit_recipe(recipe: dict[str, Any], split_dir: Path, work: Path, run: Engin
                  every_user: bool) -> dict[str, Any]:
     """Fit ``recipe`` on a sharded split on the cluster, as the engine's training fits it.
 
-    The baselines' test stage always runs (trending items and neighbours of the bundle); then
-    the recipe's family with its settings and no study (:func:`evaluate_transformer_sharded`,
+    The baselines' test stage always runs (trending items and neighbours of the bundle; their
+    lists of every user only when the recipe is a baseline's); then the recipe's family with
+    its settings and no study (:func:`evaluate_transformer_sharded`,
     :func:`evaluate_ranker_sharded`, the ranker's transformer source first). Lists
     ``serve.max_k`` + slack deep are written for the test users, or with ``every_user`` for
     every user of the test history. Returns ``test`` (metrics; empty without targets) and
@@ -358,7 +359,8 @@ def refit_recipe(recipe: dict[str, Any], split_dir: Path, work: Path, run: Engin
     scores = evaluate_baselines_sharded(
         split_dir, run.ks, run.n_items, run.exclude_seen,
         float(recipe.get("recent_days", recent)) if "recent_days" in recipe else recent,
-        baselines, None, depth, stages=("test",), every_user=every_user, n_buckets=buckets)
+        baselines, None, depth, stages=("test",), n_buckets=buckets,
+        every_user=every_user and family in baseline_factories(recent))
     common = {"split_dir": split_dir, "items_path": run.items, "ks": run.ks,
               "n_items": run.n_items, "run_id": None, "tracking_uri": "",
               "list_depth": depth, "every_user": every_user}
