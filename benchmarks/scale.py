@@ -122,18 +122,11 @@ def write_config(path: Path, args: argparse.Namespace, run: str) -> Path:
     config = {"registry": registry, "ranker": ranker, "transformer": transformer,
               "evaluation": {"test_user_share": args.test_user_share}}
     if args.settings:
-        config = merged(config, yaml.safe_load(args.settings.read_text()) or {})
+        from flows.config import merge_settings
+
+        config = merge_settings(config, yaml.safe_load(args.settings.read_text()) or {})
     path.write_text(json.dumps(config))
     return path
-
-
-def merged(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra``'s settings laid over it, section by section."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (merged(out[key], value) if isinstance(value, dict)
-                    and isinstance(out.get(key), dict) else value)
-    return out
 
 
 def train_command(shop: Path, out: Path, config: Path, resume: bool) -> list[str]:

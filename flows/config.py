@@ -371,11 +371,12 @@ def config_digest(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_settings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s settings laid over it, section by section."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_settings(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -417,7 +418,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         for key in keys[:-1]:
             cursor = cursor.setdefault(key, {})
         cursor[keys[-1]] = value
-        raw = _merge(raw, node)
+        raw = merge_settings(raw, node)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
